@@ -1,0 +1,33 @@
+# make demo : install into .venv (created or reused), prepare Shakespeare, train configs/demo.yaml on 4 ranks
+# make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow clean
+
+install: $(STAMP)
+
+# torch first, pinned to the local CPU build, so nothing later resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+datasets/shakespeare/dataset.json: $(STAMP)
+	$(VENV)/bin/v4train prepare-data --source shakespeare --out datasets/shakespeare
+
+demo: $(STAMP) datasets/shakespeare/dataset.json
+	$(VENV)/bin/v4train submit configs/demo.yaml --cluster clusters/local-sim.yaml --run-dir runs/demo --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs datasets

@@ -1,0 +1,286 @@
+"""Job and cluster specifications: YAML files validated with pydantic before anything starts.
+
+A job file has the sections ``model``, ``data``, ``train``, ``parallel`` and ``checkpoint`` (plus ``name``
+and ``seed``); a cluster file describes where the ranks run. Every unknown key is an error, every value is
+type-checked, and the cross-field rules (layout product = device count, global batch divisible by
+micro-batch size x data-parallel size, a dataset that exists, a model config that validates) run in
+:func:`load_job` so that a bad file exits with one line naming the field before Ray or any rank starts
+(DESIGN section 3, "validates JobSpec + ClusterSpec before anything starts").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+__all__ = [
+    "SpecError",
+    "ModelSpec",
+    "DataSpec",
+    "TrainSpec",
+    "ParallelSpec",
+    "CheckpointSpec",
+    "JobSpec",
+    "ClusterSpec",
+    "load_job",
+    "load_cluster",
+    "apply_overrides",
+    "validate_against_cluster",
+]
+
+
+class SpecError(ValueError):
+    """A job or cluster file is invalid; the message is one line naming the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """``model`` section: a preset name plus overrides of any :class:`model.config.ModelConfig` field."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    preset: str = "nano"
+
+    def overrides(self) -> dict[str, Any]:
+        """Fields other than ``preset``, as given in the YAML (validated by :meth:`build`)."""
+        return dict(self.model_extra or {})
+
+    def build(self, vocab_size: int | None = None):
+        """Return the :class:`model.config.ModelConfig`; raises SpecError naming ``model.<field>``."""
+        from model.config import ModelConfig
+
+        overrides = self.overrides()
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in overrides:
+            if key not in known:
+                raise SpecError(f"model.{key}: unknown field of ModelConfig")
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        try:
+            return ModelConfig.preset(self.preset, **overrides)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SpecError(f"model: {exc}") from None
+
+
+class DataSpec(_Strict):
+    """``data`` section: a prepared dataset directory (``v4train prepare-data``) and the sequence length."""
+
+    path: str
+    seq_len: PositiveInt = 256
+    seed: int = 0
+
+
+class TrainSpec(_Strict):
+    """``train`` section: the schedule. Batches are in sequences, the LR schedule in optimizer steps.
+
+    The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
+    at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs
+    ``global_batch / (micro_batch_size * dp)`` micro-batches per step.
+    """
+
+    steps: PositiveInt
+    global_batch: PositiveInt
+    micro_batch_size: PositiveInt
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    eval_batches: int = Field(default=8, ge=0)
+    eval_every: int = Field(default=0, ge=0)
+
+
+class ParallelSpec(_Strict):
+    """``parallel`` section: tensor, pipeline, expert and data parallel sizes."""
+
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    ep: PositiveInt = 1
+    dp: PositiveInt = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class CheckpointSpec(_Strict):
+    """``checkpoint`` section: save every ``every`` steps (0 = only at the end) under ``root``.
+
+    ``root`` defaults to the run directory; ``keep`` (0 = all) limits how many committed checkpoints stay.
+    """
+
+    every: int = Field(default=0, ge=0)
+    root: str | None = None
+    keep: int = Field(default=0, ge=0)
+    at_end: bool = True
+
+
+class JobSpec(_Strict):
+    """A whole training job (the resolved form is written to ``RUN_DIR/job.yaml``)."""
+
+    name: str = "job"
+    seed: int = 1234
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    train: TrainSpec
+    parallel: ParallelSpec = ParallelSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+    @model_validator(mode="after")
+    def _batching(self) -> "JobSpec":
+        t, p = self.train, self.parallel
+        per_step = t.micro_batch_size * p.dp
+        if t.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch: {t.global_batch} is not divisible by "
+                f"train.micro_batch_size x parallel.dp = {per_step}"
+            )
+        if p.tp != 1:
+            raise ValueError("parallel.tp: tensor parallel is not supported yet (issue 5); use tp: 1")
+        if p.ep != 1:
+            raise ValueError("parallel.ep: expert parallel is not supported yet (issue 5); use ep: 1")
+        return self
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.train.global_batch // (self.train.micro_batch_size * self.parallel.dp)
+
+
+class RaySpec(_Strict):
+    """How the embedded local Ray cluster is started (ignored when ``address`` names a running cluster)."""
+
+    num_cpus: PositiveInt | None = None
+    object_store_memory_mb: PositiveInt = 512
+
+
+class ClusterSpec(_Strict):
+    """Where ranks run: ``nodes x devices_per_node`` devices; one rank per device.
+
+    ``simulated: true`` runs every rank as a CPU process on this machine (gloo over 127.0.0.1).
+    ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step.
+    """
+
+    name: str
+    nodes: PositiveInt = 1
+    devices_per_node: PositiveInt
+    device: Literal["cpu", "gpu"] = "cpu"
+    simulated: bool = True
+    backend: Literal["gloo", "nccl"] = "gloo"
+    address: str | None = None
+    threads_per_rank: PositiveInt = 1
+    collective_timeout_s: float = Field(default=300.0, gt=0)
+    ray: RaySpec = RaySpec()
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {loc + ': ' if loc else ''}{msg}"
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) to a nested dict, in place.
+
+    Raises SpecError for a malformed override.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{source} {item!r}: expected dotted.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"{source} {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None, *, check_data: bool = True) -> JobSpec:
+    """Read, override and validate a job file; also builds the model config and opens ``dataset.json``.
+
+    Raises SpecError with one line naming the file and the dotted field.
+    """
+    raw = apply_overrides(_read_yaml(path), overrides or [])
+    try:
+        job = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(str(path), exc)) from None
+    vocab = None
+    if check_data:
+        vocab = _dataset_vocab(job.data.path, str(path))
+    cfg = job.model.build(vocab_size=vocab)
+    if job.parallel.pp > cfg.n_layers:
+        raise SpecError(f"{path}: parallel.pp: {job.parallel.pp} stages for {cfg.n_layers} layers")
+    return job
+
+
+def _dataset_vocab(data_path: str, source: str) -> int:
+    meta = Path(data_path) / "dataset.json"
+    if not Path(data_path).is_dir():
+        raise SpecError(f"{source}: data.path: directory {data_path} not found (run `v4train prepare-data`)")
+    if not meta.is_file():
+        raise SpecError(f"{source}: data.path: {meta} not found (run `v4train prepare-data`)")
+    try:
+        return int(json.loads(meta.read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{source}: data.path: {meta} is not a valid dataset.json ({exc})") from None
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster file; raises SpecError naming the field."""
+    raw = _read_yaml(path)
+    try:
+        return ClusterSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(str(path), exc)) from None
+
+
+def validate_against_cluster(job: JobSpec, cluster: ClusterSpec) -> None:
+    """Raise SpecError if the job's layout does not use exactly the cluster's devices."""
+    p = job.parallel
+    if p.world_size != cluster.world_size:
+        raise SpecError(
+            f"parallel: tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {p.world_size} does not match "
+            f"cluster {cluster.name}'s {cluster.world_size} devices"
+        )
+    if cluster.address is not None:
+        raise SpecError(f"cluster {cluster.name}: address: submitting to a running Ray cluster is issue 8")
+
+
+def dump_job(job: JobSpec) -> str:
+    """The resolved job as YAML (what ``RUN_DIR/job.yaml`` holds)."""
+    data = job.model_dump(mode="json")
+    data["model"] = {"preset": job.model.preset, **job.model.overrides()}
+    return yaml.safe_dump(data, sort_keys=False)

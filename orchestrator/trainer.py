@@ -1,0 +1,229 @@
+"""The per-rank training engine: one process, one rank, no Ray.
+
+:class:`RankTrainer` owns everything a rank holds (its torch.distributed membership, parallel context,
+pipeline stage of the model, optimizer and data loader) and runs one optimizer step per
+:meth:`RankTrainer.train_step` call from a :class:`orchestrator.curriculum.StepPlan`. The Ray actor in
+``orchestrator/worker.py`` is a thin shell around it, so the same engine can be driven by ``torchrun`` or
+a test harness. Activations and gradients move over torch.distributed (the data plane); only the plan and
+the returned metrics cross the control plane.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
+from model import V4Stage
+from model.moe import update_expert_bias
+from orchestrator import checkpoint
+from orchestrator.curriculum import StepPlan
+from orchestrator.spec import JobSpec
+from parallel import groups
+from parallel.data_parallel import all_reduce_gradients
+from parallel.optim import build_optimizer, clip_grad_norm_
+from parallel.schedules import forward_backward
+
+__all__ = ["RankTrainer"]
+
+
+class RankTrainer:
+    """One rank of a training job.
+
+    Args:
+        job: the validated job spec (identical on every rank).
+        rank: global rank in ``[0, world_size)``.
+        world_size: number of ranks, equal to ``tp * pp * dp``.
+        init_method: torch.distributed rendezvous, e.g. ``tcp://127.0.0.1:29500``.
+        timeout_s: bound on every collective (seconds); a stalled peer fails the step instead of hanging.
+        threads: intra-op CPU threads for this rank.
+        backend: ``gloo`` (CPU) or ``nccl`` (GPU).
+    """
+
+    def __init__(
+        self,
+        job: JobSpec,
+        *,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        timeout_s: float,
+        threads: int = 1,
+        backend: str = "gloo",
+    ) -> None:
+        self.job = job
+        self.rank = rank
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            groups.destroy()
+            dist.destroy_process_group()
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        p = job.parallel
+        self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp)
+        self.train_data = TokenDataset.open(job.data.path, "train")
+        self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
+        # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
+        torch.manual_seed(job.seed)
+        self.stage = V4Stage(self.cfg, pp_rank=self.pctx.pp_rank, pp_size=self.pctx.pp)
+        self.stage.init_weights(job.seed)
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        t = job.train
+        self.optimizer = build_optimizer(
+            list(self.stage.named_parameters()),
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            betas=tuple(t.adam_betas),
+            eps=t.adam_eps,
+        )
+        self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
+        self.step = 0
+
+    @property
+    def is_reporter(self) -> bool:
+        """The rank whose metrics the supervisor records: last pipeline stage, data-parallel rank 0."""
+        return self.pctx.is_last_stage and self.pctx.dp_rank == 0
+
+    def describe(self) -> dict:
+        """Rank, layout coordinates and parameter count of this rank's stage."""
+        return {
+            "rank": self.rank,
+            "pp_rank": self.pctx.pp_rank,
+            "dp_rank": self.pctx.dp_rank,
+            "stage_params": sum(p.numel() for p in self.stage.parameters()),
+            "reporter": self.is_reporter,
+        }
+
+    # ---------------------------------------------------------------- training
+    def _micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for i in range(0, batch.input_ids.shape[0], micro_batch_size):
+            sl = slice(i, i + micro_batch_size)
+            out.append(
+                {
+                    "input_ids": torch.from_numpy(np.ascontiguousarray(batch.input_ids[sl])),
+                    "position_ids": torch.from_numpy(np.ascontiguousarray(batch.position_ids[sl])),
+                    "labels": torch.from_numpy(np.ascontiguousarray(batch.labels[sl])),
+                }
+            )
+        return out
+
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        labels = mb["labels"] if self.pctx.is_last_stage else None
+        output = model(mb["input_ids"], mb["position_ids"], labels)
+
+        def loss_func(per_token_loss_BS: torch.Tensor):
+            loss = per_token_loss_BS.mean()
+            return loss, {"lm_loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def _run_schedule(self, micro: list[dict], seq_len: int, micro_batch_size: int, forward_only: bool):
+        return forward_backward(
+            self._forward_step,
+            iter(micro),
+            self.stage,
+            num_microbatches=len(micro),
+            seq_length=seq_len,
+            micro_batch_size=micro_batch_size,
+            hidden_size=self.cfg.hc_mult * self.cfg.dim,
+            pctx=self.pctx,
+            forward_only=forward_only,
+        )
+
+    def _global_mean_loss(self, loss_dicts: list[dict]) -> torch.Tensor:
+        """Mean next-token loss over the global batch, identical on every rank of the last stage."""
+        loss = torch.zeros((), dtype=torch.float64)
+        if self.pctx.is_last_stage:
+            loss = torch.stack([d["lm_loss"].double() for d in loss_dicts]).mean()
+            if self.pctx.dp > 1:
+                dist.all_reduce(loss, group=self.pctx.dp_group)
+                loss /= self.pctx.dp
+        return loss
+
+    def train_step(self, plan: StepPlan) -> dict:
+        """Run optimizer step ``plan.step``; return its metrics (meaningful on the reporter rank).
+
+        Raises RuntimeError if the plan's step is not the next one (the counters must stay global).
+        """
+        if plan.step != self.step + 1:
+            raise RuntimeError(f"rank {self.rank}: asked for step {plan.step} but at step {self.step}")
+        start = time.perf_counter()
+        batch = self.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
+        micro = self._micro_batches(batch, plan.micro_batch_size)
+        self.stage.aux_loss_scale = 1.0 / len(micro)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_dicts = self._run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
+        all_reduce_gradients(self.params, self.pctx.dp_group)
+        update_expert_bias(self.stage, self.pctx.dp_group)
+        grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, self.pctx.pp_group)
+        for group in self.optimizer.param_groups:
+            group["lr"] = plan.lr
+        self.optimizer.step()
+        loss = self._global_mean_loss(loss_dicts)
+        self.step = plan.step
+        elapsed = time.perf_counter() - start
+        metrics = {
+            "step": plan.step,
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "lr": plan.lr,
+            "seq_len": plan.seq_len,
+            "global_batch_tokens": plan.global_batch_tokens,
+            "step_time_s": elapsed,
+            "tokens_per_s": plan.global_batch_tokens / elapsed,
+        }
+        metrics.update(self.stage.pop_aux_metrics())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
+        """Mean next-token loss (nats) over ``num_batches`` fixed validation batches of ``global_batch`` sequences."""
+        val = TokenDataset.open(self.job.data.path, "val")
+        losses = []
+        for batch in eval_batches(val, num_batches, global_batch, seq_len, self.pctx.dp_rank, self.pctx.dp):
+            micro = self._micro_batches(batch, micro_batch_size)
+            losses.append(self._global_mean_loss(self._run_schedule(micro, seq_len, micro_batch_size, True)))
+        self.stage.pop_aux_metrics()
+        return {"val_loss": float(torch.stack(losses).mean()) if losses else float("nan"), "val_batches": len(losses)}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, path: str) -> dict:
+        """Write this rank's shards of the step checkpoint into ``path`` (collective over all ranks).
+
+        Returns the rank-local state recorded in ``train_state.json`` (loader cursor, RNG).
+        """
+        checkpoint.save_shards(path, self.stage, self.optimizer)
+        return {"rank": self.rank, "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
+
+    def load(self, path: str, train_state: dict) -> None:
+        """Restore parameters, optimizer state, loader cursor and RNG from a committed step checkpoint.
+
+        Raises checkpoint.CheckpointError naming any missing state, before any step runs.
+        """
+        checkpoint.load_shards(path, self.stage, self.optimizer)
+        self.loader.load_state_dict(train_state["loader"])
+        self.step = int(train_state["step"])
+        rng = train_state.get("rng", {}).get(str(self.rank))
+        if train_state.get("layout") == self.job.parallel.model_dump() and rng is not None:
+            checkpoint.set_rng_state(rng)
+        else:
+            # Another layout: no per-rank RNG stream to continue; derive one from (seed, step, rank).
+            torch.manual_seed(self.job.seed * 1_000_003 + self.step * 1009 + self.rank)
+
+    def close(self) -> None:
+        """Leave the process group so the rank can join another job."""
+        groups.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()

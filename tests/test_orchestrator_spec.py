@@ -1,0 +1,98 @@
+"""Bad input exits non-zero with one line naming the field, before Ray or any rank starts."""
+
+import json
+
+import pytest
+import yaml
+
+from orchestrator import cli, worker
+from orchestrator.curriculum import lr_at, plan_step
+from orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
+
+
+@pytest.fixture
+def job_files(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"vocab_size": 512}))
+    job = {
+        "name": "t",
+        "model": {"preset": "nano"},
+        "data": {"path": str(data), "seq_len": 64},
+        "train": {"steps": 4, "global_batch": 8, "micro_batch_size": 2, "lr": 1e-3},
+        "parallel": {"pp": 2, "dp": 2},
+    }
+    cluster = {"name": "sim4", "devices_per_node": 4}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+
+    def never_start_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid job")
+
+    monkeypatch.setattr(worker, "start_ray", never_start_ray)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, job
+
+
+def _submit(tmp_path, job, capsys, *extra):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    code = cli.main(["submit", str(path), "--cluster", str(tmp_path / "cluster.yaml"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda j: j["train"].update(bogus=1), "train.bogus: unknown key"),
+        (lambda j: j.update(extra_section={}), "extra_section: unknown key"),
+        (lambda j: j["model"].update(not_a_field=3), "model.not_a_field"),
+        (lambda j: j["train"].update(lr="fast"), "train.lr"),
+        (lambda j: j["parallel"].update(dp=1), "parallel: tp x pp x dp = 1 x 2 x 1 = 2"),
+        (lambda j: j["data"].update(path="/nonexistent/dir"), "data.path: directory /nonexistent/dir not found"),
+        (lambda j: j["train"].update(global_batch=6), "train.global_batch"),
+        (lambda j: j["model"].update(n_layers=0), "model:"),
+    ],
+)
+def test_bad_input_one_line_naming_the_field(job_files, capsys, mutate, field):
+    tmp_path, job = job_files
+    mutate(job)
+    code, err = _submit(tmp_path, job, capsys)
+    assert code == 2
+    assert len(err) == 1, err
+    assert field in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_overrides_are_dotted_and_typed(job_files, capsys):
+    tmp_path, job = job_files
+    code, err = _submit(tmp_path, job, capsys, "--set", "train.lr=abc")
+    assert code == 2 and "train.lr" in err[0]
+    raw = apply_overrides({"train": {"steps": 1}}, ["train.steps=20", "train.lr=3e-3", "parallel.pp=2"])
+    assert raw == {"train": {"steps": 20, "lr": "3e-3"}, "parallel": {"pp": 2}}
+    with pytest.raises(SpecError, match="dotted.key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_scientific_notation_without_dot_is_a_number(job_files):
+    tmp_path, job = job_files
+    job["train"]["lr"] = "3e-3"  # YAML 1.1 reads 3e-3 as a string; the spec must still take it
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
+    assert load_job(tmp_path / "j.yaml").train.lr == pytest.approx(3e-3)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    t = TrainSpec(steps=110, global_batch=8, micro_batch_size=2, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(1, t) == pytest.approx(0.1)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
+
+
+def test_plan_is_a_function_of_the_step(job_files):
+    tmp_path, job = job_files
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
+    spec = load_job(tmp_path / "j.yaml")
+    assert plan_step(spec, 3) == plan_step(spec, 3)
+    assert plan_step(spec, 3).global_batch_tokens == 8 * 64
