@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny real-text dataset and one pool of Ray rank workers per test session.
+
+Starting ranks is the expensive part on a 2-core machine (each imports torch and Megatron-core), so the
+multi-rank tests share one pool of four RankWorker actors; each job re-initialises the process group and
+Megatron's groups on the first `world_size` actors. Every call through the pool is bounded by a timeout,
+so a hang fails the test instead of waiting.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+POOL_SIZE = 4
+CALL_TIMEOUT_S = 180.0
+
+# A tiny V4 (every mechanism of the first cut active): overrides of the nano preset.
+TINY_MODEL = {
+    "preset": "nano",
+    "dim": 64,
+    "n_heads": 2,
+    "head_dim": 32,
+    "rope_head_dim": 8,
+    "q_lora_rank": 32,
+    "o_groups": 2,
+    "o_lora_rank": 32,
+    "window": 16,
+    "n_routed_experts": 4,
+    "n_activated_experts": 2,
+    "moe_inter_dim": 64,
+    "init_std": 0.02,
+}
+
+
+def _stdlib_documents() -> list[str]:
+    """Real English prose available offline: docstrings of the standard library's modules."""
+    import argparse, collections, contextlib, dataclasses, functools, itertools, json as js, logging  # noqa: E401
+    import pathlib, re, subprocess, textwrap, threading, typing, unittest, urllib.request  # noqa: E401
+
+    mods = [argparse, collections, contextlib, dataclasses, functools, itertools, js, logging, pathlib, re,
+            subprocess, textwrap, threading, typing, unittest, urllib.request]
+    docs = []
+    for mod in mods:
+        parts = [inspect.getdoc(mod) or ""]
+        for _, obj in inspect.getmembers(mod):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == mod.__name__:
+                parts.append(inspect.getdoc(obj) or "")
+        docs.append("\n\n".join(p for p in parts if p))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset (vocab 512) of standard-library docstrings, one document per module."""
+    from data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("corpus")
+    inputs = []
+    for i, text in enumerate(_stdlib_documents()):
+        path = root / f"doc{i:02d}.txt"
+        path.write_text(text)
+        inputs.append(path)
+    out = root / "dataset"
+    prepare_dataset(out, inputs=inputs, vocab_size=512, val_fraction=0.1, seed=0)
+    return out
+
+
+def tiny_job(dataset: Path, **sections) -> dict:
+    """A job dict for the tiny model; keyword arguments update whole sections (e.g. parallel={...})."""
+    job = {
+        "name": "tiny",
+        "seed": 7,
+        "model": dict(TINY_MODEL),
+        "data": {"path": str(dataset), "seq_len": 64},
+        "train": {"steps": 3, "global_batch": 8, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1,
+                  "eval_batches": 0},
+        "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
+        "checkpoint": {"every": 0, "at_end": False},
+    }
+    for key, value in sections.items():
+        job[key] = {**job[key], **value} if isinstance(job.get(key), dict) else value
+    return job
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """Four RankWorker actors on an embedded local Ray, shared by every multi-rank test."""
+    import ray
+
+    from orchestrator.worker import WorkerGroup, start_ray
+
+    start_ray(num_cpus=POOL_SIZE * 2, object_store_memory_mb=256)
+    pool = WorkerGroup.create(POOL_SIZE, CALL_TIMEOUT_S)
+    yield pool
+    pool.shutdown()
+    ray.shutdown()
+
+
+def run_job(pool, job: dict, run_dir: Path, resume_from: Path | None = None):
+    """Run `job` through the real Supervisor on the first world_size actors of the pool.
+
+    Returns (metrics records, events, supervisor); fails the test with the rank's root cause if the run fails.
+    """
+    from orchestrator.spec import ClusterSpec, JobSpec
+    from orchestrator.supervisor import Phase, Supervisor
+    from orchestrator.telemetry import Telemetry
+    from orchestrator.worker import WorkerGroup
+
+    spec = JobSpec.model_validate(job)
+    world = spec.parallel.world_size
+    cluster = ClusterSpec(name="pool", devices_per_node=world, collective_timeout_s=120)
+    workers = WorkerGroup(pool.actors[:world], CALL_TIMEOUT_S)
+    telemetry = Telemetry(run_dir, spec.train.steps, live=False)
+    supervisor = Supervisor(spec, cluster, run_dir, workers, telemetry, resume_from=resume_from)
+    try:
+        phase = supervisor.run()
+    finally:
+        telemetry.close()
+    assert phase is Phase.FINISHED, f"run failed: {supervisor.failure}"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return metrics, events, supervisor
