@@ -1,0 +1,130 @@
+"""Manifold-constrained hyper-connections (mHC): spec section 4, R eqs. 1-8, OC ``Block.hc_pre/hc_post``.
+
+The residual is N = hc_mult streams ``X [B, S, N, D]``. Around each sub-layer:
+
+  read  (hc_pre):  mixes = (vec(X) @ fn^T) * rsqrt(mean(vec(X)^2) + norm_eps)        [B, S, (2+N)N]
+                   pre = sigmoid(alpha_pre * mixes[:N] + base[:N]) + hc_eps           A, [B, S, N]
+                   post = 2 * sigmoid(alpha_post * mixes[N:2N] + base[N:2N])          C, [B, S, N]
+                   comb = Sinkhorn(alpha_res * mixes[2N:] + base[2N:])                [B, S, N, N]
+                   x_in = sum_j pre_j X_j                                             [B, S, D]
+  write (hc_post): X'_k = post_k F(x_in) + sum_j comb[j, k] X_j    (B_l = comb^T, spec 0.1 item 4)
+
+``fn`` rows are ordered [pre (N), post (N), res (N*N, row-major comb[j, k] = mixes[2N + N j + k])].
+The head (``hc_head``) collapses the streams with sigmoid weights + eps and no Sinkhorn.
+
+Initialisation (not disclosed by V4; spec 10.2 suggestion, adopted): alpha = 0.01 (mHC paper App. A.1),
+fn ~ N(0, init_std), base_pre = logit(1/N) so the read starts as the stream mean, base_post = 0 so
+C = 1, base_res = 4 I so comb starts near the identity (diagonal ~0.95 for N = 4).
+
+Parameter names map to OC's as ``hc_attn.fn`` <-> ``hc_attn_fn`` (likewise base, scale, and ``hc_head``).
+
+Shape letters: B batch, S sequence, N streams, D model dim, M = (2+N)N mixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["sinkhorn", "split_mixes", "hc_write", "HyperConnection", "HyperHead", "ALPHA_INIT", "RES_DIAG_INIT"]
+
+ALPHA_INIT = 0.01
+RES_DIAG_INIT = 4.0
+
+
+def sinkhorn(logits_NN: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Near doubly stochastic matrix from ``[..., N, N]`` logits, as OC's ``hc_split_sinkhorn``.
+
+    softmax over the last dim (k) + eps, column-normalise (sum over j), then (iters - 1) times
+    row-normalise and column-normalise, each with +eps in the denominator. Column sums end at 1.
+    """
+    comb = logits_NN.softmax(dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+def split_mixes(
+    mixes_BSM: torch.Tensor, scale_3: torch.Tensor, base_M: torch.Tensor, n: int, iters: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pre [.., N], post [.., N], comb [.., N, N])`` from the raw mixes (R eqs. 4-8; all fp32)."""
+    pre = torch.sigmoid(mixes_BSM[..., :n] * scale_3[0] + base_M[:n]) + eps
+    post = 2 * torch.sigmoid(mixes_BSM[..., n : 2 * n] * scale_3[1] + base_M[n : 2 * n])
+    res_logits = mixes_BSM[..., 2 * n :] * scale_3[2] + base_M[2 * n :]
+    comb = sinkhorn(res_logits.unflatten(-1, (n, n)), iters, eps)
+    return pre, post, comb
+
+
+def hc_write(y_BSD: torch.Tensor, X_BSND: torch.Tensor, post_BSN: torch.Tensor, comb_BSNN: torch.Tensor) -> torch.Tensor:
+    """mHC write and mix: ``X'_k = post_k y + sum_j comb[j, k] X_j`` -> ``[B, S, N, D]`` (OC ``hc_post``)."""
+    mixed_BSND = torch.einsum("bsjk,bsjd->bskd", comb_BSNN, X_BSND)
+    return post_BSN.unsqueeze(-1) * y_BSD.unsqueeze(-2) + mixed_BSND
+
+
+def _mixes(X_BSND: torch.Tensor, fn_MF: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    # weightless RMS of the flattened streams only scales the mixes; the read uses the raw streams
+    flat_BSF = X_BSND.flatten(2).float()
+    rsqrt_BS1 = torch.rsqrt(flat_BSF.square().mean(-1, keepdim=True) + norm_eps)
+    return (flat_BSF @ fn_MF.t()) * rsqrt_BS1
+
+
+class HyperConnection(nn.Module):
+    """The mHC parameters around one sub-layer (``fn [M, N*D]``, ``base [M]``, ``scale [3]``, fp32)."""
+
+    def __init__(self, dim: int, n: int, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.n, self.sinkhorn_iters, self.hc_eps, self.norm_eps = n, sinkhorn_iters, hc_eps, norm_eps
+        mix = (2 + n) * n
+        self.fn = nn.Parameter(torch.zeros(mix, n * dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.zeros(mix, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.zeros(3, dtype=torch.float32))
+
+    def read(self, X_BSND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hc_pre: ``(x_in [B, S, D], post [B, S, N], comb [B, S, N, N])`` from the streams."""
+        mixes_BSM = _mixes(X_BSND, self.fn, self.norm_eps)
+        pre_BSN, post_BSN, comb_BSNN = split_mixes(
+            mixes_BSM, self.scale, self.base, self.n, self.sinkhorn_iters, self.hc_eps)
+        x_BSD = torch.einsum("bsj,bsjd->bsd", pre_BSN, X_BSND.float()).to(X_BSND.dtype)
+        return x_BSD, post_BSN, comb_BSNN
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Initialisation hook used by ``V4Stage.init_weights`` (module docstring, "Initialisation")."""
+        if name == "fn":
+            tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
+        elif name == "scale":
+            tensor.fill_(ALPHA_INIT)
+        else:
+            n = self.n
+            base = torch.zeros_like(tensor)
+            base[:n] = math.log(1.0 / (n - 1)) if n > 1 else 0.0  # logit(1/n)
+            base[2 * n :] = (RES_DIAG_INIT * torch.eye(n)).flatten()
+            tensor.copy_(base)
+
+
+class HyperHead(nn.Module):
+    """hc_head: ``[B, S, N, D] -> [B, S, D]`` with weights sigmoid(alpha * mixes + base) + hc_eps (spec 4.1)."""
+
+    def __init__(self, dim: int, n: int, *, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.n, self.hc_eps, self.norm_eps = n, hc_eps, norm_eps
+        self.fn = nn.Parameter(torch.zeros(n, n * dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+
+    def forward(self, X_BSND: torch.Tensor) -> torch.Tensor:
+        mixes_BSN = _mixes(X_BSND, self.fn, self.norm_eps)
+        weights_BSN = torch.sigmoid(mixes_BSN * self.scale + self.base) + self.hc_eps
+        return torch.einsum("bsj,bsjd->bsd", weights_BSN, X_BSND.float()).to(X_BSND.dtype)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Initialisation hook: fn ~ N(0, std), alpha = 0.01, base = logit(1/N) (read starts as the mean)."""
+        if name == "fn":
+            tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
+        elif name == "scale":
+            tensor.fill_(ALPHA_INIT)
+        else:
+            tensor.fill_(math.log(1.0 / (self.n - 1)) if self.n > 1 else 0.0)

@@ -1,0 +1,257 @@
+"""DeepSeekMoE with sqrt-softplus routing, hash layers, aux-loss-free bias and clamped SwiGLU (spec 5.1, 5.2).
+
+Forward of one MoE layer, split so expert parallelism can replace the middle piece later
+(STYLE rule 10; Megatron ``moe_layer.py`` route / dispatch / experts / combine):
+
+  route    ``Router``: s = sqrt(softplus(x e^T)) in fp32; indices = top-K(s + bias) for learned layers or
+           ``tid2eid[token]`` for the first n_hash_layers; weights = s[indices] / sum * route_scale.
+  experts  a ``RoutedExperts`` implementation: ``LocalExperts`` holds every expert in this process and
+           runs a dropless loop over experts (permute, per-expert SwiGLU, un-permute with index_add).
+  combine  routed output + shared expert (no clamp).
+
+Balancing: the selection bias ``gate.bias`` (fp32 buffer, in the state dict, not trained by gradients)
+moves by ``b_i += speed * sign(mean_load - load_i)`` in :func:`update_expert_bias`, from token counts
+accumulated during training forwards. The sequence-wise balance loss (V3 formula, spec 5.2) enters the
+backward through :class:`AuxLossInjector` attached to the MoE output. Hash layers have no bias and no
+balance loss (their selection does not depend on the router), but their gate is trained through the weights.
+
+Shape letters: B batch, S sequence, T tokens (B*S), D model dim, E routed experts, K activated experts,
+F expert hidden dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+__all__ = [
+    "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",
+    "build_hash_table", "sequence_balance_loss", "update_expert_bias",
+]
+
+_HASH_CHUNK_ROWS = 8192  # rows of the hash table drawn per call, bounds memory for a 129K vocab
+
+
+class RouterOutput(NamedTuple):
+    """weights ``[T, K]`` fp32 (route_scale included), indices ``[T, K]`` int64, scores ``[T, E]`` fp32."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+def build_hash_table(vocab_size: int, n_experts: int, k: int, layer_idx: int) -> torch.Tensor:
+    """Token -> K distinct experts ``[V, K]`` int32 for hash layer ``layer_idx`` (spec 5.1).
+
+    V4's hash function is undisclosed; this draws a uniformly random K-subset per token from a
+    generator seeded by crc32 of the layer index, so every rank and layout builds the same table.
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(f"v4train/tid2eid/layer{layer_idx}".encode()))
+    chunks = []
+    for start in range(0, vocab_size, _HASH_CHUNK_ROWS):
+        rows = min(_HASH_CHUNK_ROWS, vocab_size - start)
+        chunks.append(torch.rand(rows, n_experts, generator=gen).argsort(dim=-1)[:, :k])
+    return torch.cat(chunks).to(torch.int32)
+
+
+class Router(nn.Module):
+    """The gate of one MoE layer: ``weight [E, D]``; buffers ``bias [E]`` fp32 (learned layers) or
+    ``tid2eid [V, K]`` int32 (hash layers); non-persistent ``expert_counts [E]`` int64."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_experts, self.k = cfg.n_routed_experts, cfg.n_activated_experts
+        self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
+        self.is_hash = layer_idx < cfg.n_hash_layers
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.dim, dtype=torch.float32))
+        if self.is_hash:
+            table = build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, layer_idx)
+            self.register_buffer("tid2eid", table)
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
+                                 persistent=False)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RouterOutput:
+        """Route T tokens; token_ids_T (int64) is read only by hash layers."""
+        scores_TE = F.softplus(x_TD.float() @ self.weight.float().t()).sqrt()
+        if self.is_hash:
+            indices_TK = self.tid2eid[token_ids_T].long()
+        else:
+            # the bias shifts the selection only; it never enters the weights
+            indices_TK = (scores_TE.detach() + self.bias).topk(self.k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, indices_TK)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.route_scale
+        return RouterOutput(weights_TK, indices_TK, scores_TE)
+
+
+class SwiGLU(nn.Module):
+    """Expert FFN ``w2(silu(w1 x) * w3 x)`` : ``[T, D] -> [T, D]``, computed in fp32 (OC ``Expert``).
+
+    With ``limit > 0`` (routed experts) the gate is clamped above at limit and the up projection to
+    [-limit, limit], so the gradient is zero where clamped (spec 8.2). ``weight_T1`` (the routing weight)
+    multiplies the activation before w2 (spec 0.1 item 11).
+    """
+
+    def __init__(self, dim: int, inter_dim: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None = None) -> torch.Tensor:
+        gate_TF, up_TF = self.w1(x_TD).float(), self.w3(x_TD).float()
+        if self.limit > 0:
+            gate_TF = gate_TF.clamp(max=self.limit)
+            up_TF = up_TF.clamp(-self.limit, self.limit)
+        h_TF = F.silu(gate_TF) * up_TF
+        if weight_T1 is not None:
+            h_TF = h_TF * weight_T1
+        return self.w2(h_TF.to(x_TD.dtype))
+
+
+class RoutedExperts(Protocol):
+    """What the MoE layer needs from its routed experts: ``sum_k weights[t, k] E_{indices[t, k]}(x_t)``.
+
+    ``LocalExperts`` runs every expert in-process; an expert-parallel version dispatches tokens to the
+    ranks owning their experts and combines the results, with the same signature.
+    """
+
+    def __call__(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalExperts(nn.Module):
+    """All routed experts of a layer in one process, keyed by global expert id ("0".."E-1") so the
+    state-dict names survive an expert-parallel split. Dropless: no capacity, no token is skipped."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.n_activated_experts
+        self.experts = nn.ModuleDict({
+            str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit) for e in range(cfg.n_routed_experts)
+        })
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        # permute: group the T*K (token, expert) pairs by expert; a stable sort keeps token order
+        flat_expert = indices_TK.flatten()
+        order = flat_expert.argsort(stable=True)
+        token_of_pair = order // self.k
+        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
+        x_pairs = x_TD.index_select(0, token_of_pair)
+        w_pairs = weights_TK.flatten().index_select(0, order).unsqueeze(-1)
+        # experts: one call per expert on its contiguous slice (the only Python loop). Experts with no
+        # token still run on an empty slice so every parameter gets a (zero) gradient on every rank and
+        # data-parallel gradient buckets line up.
+        y_pairs = torch.cat([
+            self.experts[str(e)](x_chunk, w_chunk)
+            for e, (x_chunk, w_chunk) in enumerate(zip(x_pairs.split(counts), w_pairs.split(counts)))
+        ])
+        # un-permute: sum each token's K weighted expert outputs
+        return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_pairs.to(x_TD.dtype))
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends ``scale`` as d(loss)/d(aux_loss).
+
+    So the auxiliary loss trains the router without being added to the returned loss (Megatron's
+    ``MoEAuxLossAutoScaler``). ``scale`` is the caller's ``aux_loss_scale`` (1/num_microbatches).
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor) -> torch.Tensor:
+    """Sequence-wise balance loss ``sum_i f_i P_i`` averaged over the B sequences (spec 5.2, V3 formula).
+
+    f_i = E/(K S) * #tokens of the sequence selecting i (no gradient); P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+    A perfectly balanced router gives 1. Unweighted (the caller multiplies by balance_loss_weight).
+    """
+    B, S, E = scores_BSE.shape
+    K = indices_BSK.shape[-1]
+    selected_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
+    selected_BE.scatter_add_(1, indices_BSK.reshape(B, S * K), torch.ones_like(indices_BSK.reshape(B, S * K), dtype=scores_BSE.dtype))
+    f_BE = selected_BE * (E / (K * S))
+    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """One MoE FFN: ``gate`` (Router), ``experts`` (LocalExperts), ``shared_experts`` (unclamped SwiGLU
+    of width n_shared_experts * moe_inter_dim, absent when 0). ``[B, S, D] -> [B, S, D]``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.balance_loss_weight = cfg.balance_loss_weight
+        self.gate = Router(cfg, layer_idx)
+        self.experts: RoutedExperts = LocalExperts(cfg)
+        self.shared_experts = (
+            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0) if cfg.n_shared_experts else None
+        )
+        self.aux_log: list[torch.Tensor] = []  # detached weighted balance losses, drained by V4Stage
+
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, aux_loss_scale: float = 1.0) -> torch.Tensor:
+        """x_BSD: the ffn_norm output; token_ids_BS: int64 input ids (hash routing).
+
+        In a training forward (``self.training`` and grad enabled) of a learned layer, adds the token
+        counts to ``gate.expert_counts`` and attaches the balance loss scaled by ``aux_loss_scale``.
+        """
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        route = self.gate(x_TD, token_ids_BS.reshape(-1))
+        y_TD = self.experts(x_TD, route.weights, route.indices)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        y_BSD = y_TD.view(B, S, D)
+        if self.training and torch.is_grad_enabled() and not self.gate.is_hash:
+            with torch.no_grad():
+                self.gate.expert_counts += torch.bincount(route.indices.flatten(), minlength=self.gate.n_experts)
+            if self.balance_loss_weight > 0:
+                aux = self.balance_loss_weight * sequence_balance_loss(
+                    route.scores.view(B, S, -1), route.indices.view(B, S, -1))
+                self.aux_log.append(aux.detach())
+                y_BSD = AuxLossInjector.apply(y_BSD, aux, aux_loss_scale)
+        return y_BSD
+
+
+def update_expert_bias(stage: nn.Module, group: dist.ProcessGroup | None) -> dict[str, float]:
+    """Aux-loss-free balancing step for every learned router in ``stage`` (spec 5.2).
+
+    Sums the counts over ``group`` (one all-reduce of all layers together; skipped when group is None
+    or torch.distributed is not initialised), applies ``b_i += speed * sign(mean_load - load_i)`` and
+    zeroes the counts. Returns ``{"moe_max_violation": mean over layers of max_i load_i / mean_load - 1}``
+    (empty when the stage has no learned router or no token was counted).
+    """
+    routers = [m for m in stage.modules() if isinstance(m, Router) and not m.is_hash]
+    if not routers:
+        return {}
+    counts_LE = torch.stack([r.expert_counts for r in routers])
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM, group=group)
+    load_LE = counts_LE.to(torch.float32)
+    mean_L1 = load_LE.mean(dim=-1, keepdim=True)
+    with torch.no_grad():
+        for router, load_E, mean_1 in zip(routers, load_LE, mean_L1):
+            router.bias += router.bias_update_speed * torch.sign(mean_1 - load_E)
+            router.expert_counts.zero_()
+    counted = mean_L1.squeeze(-1) > 0
+    if not counted.any():
+        return {}
+    violation = load_LE[counted].amax(dim=-1) / mean_L1[counted].squeeze(-1) - 1
+    return {"moe_max_violation": float(violation.mean())}
