@@ -1,0 +1,172 @@
+"""Process groups for a (TP, PP, EP, DP) layout, built by Megatron-core's ``parallel_state``.
+
+This is the only module that reads Megatron's ``parallel_state`` globals (STYLE.md rule 6): it
+builds them once per layout and hands the result out as an explicit, immutable
+:class:`ParallelContext`. Everything else receives the context.
+
+Rank order is Megatron's ``"tp-cp-ep-dp-pp"`` (TP fastest, PP slowest), context parallelism is 1,
+and the expert grid uses expert-tensor-parallel size 1 (ETP·EP·PP), which keeps TP2·PP2·EP2
+feasible on 4 ranks (stack-notes §1). Example on 8 ranks with tp=2, pp=2, dp=2: pp groups
+[[0,4],[1,5],[2,6],[3,7]], dp groups [[0,2],[1,3],[4,6],[5,7]].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.distributed as dist
+
+from parallel import megatron_compat
+
+__all__ = ["ParallelContext", "destroy", "initialize"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelContext:
+    """The parallel layout of one rank: sizes, ranks within each group, and the groups.
+
+    Attributes:
+        tp, pp, ep, dp: tensor-, pipeline-, expert- and data-parallel sizes
+            (tp*pp*dp == world_size).
+        rank, world_size: this process in the default (world) group.
+        tp_rank, pp_rank, dp_rank, ep_rank: this process's rank inside each group.
+        tp_group, pp_group, dp_group, ep_group: torch ProcessGroups (from Megatron's
+            ``parallel_state``); None only in :meth:`single`, where no torch.distributed exists.
+    Raises:
+        ValueError: naming the field, when a size is < 1, tp*pp*dp != world_size, or a rank is
+            outside [0, size).
+    """
+
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    ep_rank: int
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    ep_group: dist.ProcessGroup | None
+
+    def __post_init__(self) -> None:
+        _check_sizes(tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, world_size=self.world_size)
+        if self.tp * self.pp * self.dp != self.world_size:
+            raise ValueError(
+                f"ParallelContext: tp*pp*dp = {self.tp * self.pp * self.dp} differs from "
+                f"world_size={self.world_size}"
+            )
+        for field, size in (
+            ("rank", self.world_size), ("tp_rank", self.tp), ("pp_rank", self.pp),
+            ("dp_rank", self.dp), ("ep_rank", self.ep),
+        ):
+            value = getattr(self, field)
+            if not 0 <= value < size:
+                raise ValueError(f"ParallelContext.{field}={value} is outside [0, {size})")
+
+    @property
+    def is_first_stage(self) -> bool:
+        """True on the first pipeline stage (it owns the embedding)."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True on the last pipeline stage (it owns the head and computes the loss)."""
+        return self.pp_rank == self.pp - 1
+
+    @classmethod
+    def single(cls) -> ParallelContext:
+        """The one-process layout: every size 1, every rank 0, no groups (no torch.distributed)."""
+        return cls(
+            tp=1, pp=1, ep=1, dp=1, rank=0, world_size=1,
+            tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+            tp_group=None, pp_group=None, dp_group=None, ep_group=None,
+        )
+
+
+def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30) -> ParallelContext:
+    """Build Megatron's process groups for a layout over the initialised default group.
+
+    Call after ``torch.distributed.init_process_group``, collectively on every rank with the same
+    arguments. Any previous Megatron state is destroyed first, so a reused pool of ranks can switch
+    layouts by calling this again. On a CPU host the Megatron CPU shim is installed
+    (:func:`parallel.megatron_compat.install`).
+
+    Args:
+        tp, pp, ep, dp: tensor-, pipeline-, expert- and data-parallel sizes.
+        timeout_minutes: timeout of the new subgroups' collectives (Megatron's
+            ``distributed_timeout_minutes``; a hung peer blocks that long).
+    Returns:
+        The :class:`ParallelContext` of this rank.
+    Raises:
+        ValueError: naming the field, when a size is not an int >= 1, tp*pp*dp differs from the
+            world size, or ep does not divide tp*dp (experts are spread over the TP x DP ranks of a
+            stage, with expert-tensor-parallel size 1).
+        RuntimeError: torch.distributed is not initialised.
+    """
+    _check_sizes(tp=tp, pp=pp, ep=ep, dp=dp)
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "parallel.groups.initialize: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first"
+        )
+    world_size = dist.get_world_size()
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} must equal the world size {world_size} "
+            "(fields tp, pp, dp)"
+        )
+    if (tp * dp) % ep != 0:
+        raise ValueError(
+            f"ep={ep} must divide tp*dp={tp * dp}: the expert grid (ETP=1)*EP*PP must divide the "
+            f"world size {world_size}"
+        )
+    megatron_compat.install()
+
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=timeout_minutes,
+        order="tp-cp-ep-dp-pp",
+    )
+    return ParallelContext(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+    )
+
+
+def destroy() -> None:
+    """Forget Megatron's process groups (its ``destroy_model_parallel``); safe to call repeatedly.
+
+    Megatron drops its references and destroys its gloo data-parallel groups; every group is
+    released when the default group is destroyed (``torch.distributed.destroy_process_group()``).
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def _check_sizes(**sizes: int) -> None:
+    for field, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}={value!r} must be an int >= 1")
