@@ -41,10 +41,10 @@ TINY_MODEL = {
 def _stdlib_documents() -> list[str]:
     """Real English prose available offline: docstrings of the standard library's modules."""
     import argparse, collections, contextlib, dataclasses, functools, itertools, json as js, logging  # noqa: E401
-    import pathlib, re, subprocess, textwrap, threading, typing, unittest, urllib.request  # noqa: E401
+    import pathlib, re, subprocess, textwrap, threading, unittest, urllib.request  # noqa: E401
 
     mods = [argparse, collections, contextlib, dataclasses, functools, itertools, js, logging, pathlib, re,
-            subprocess, textwrap, threading, typing, unittest, urllib.request]
+            subprocess, textwrap, threading, unittest, urllib.request]
     docs = []
     for mod in mods:
         parts = [inspect.getdoc(mod) or ""]

@@ -1,0 +1,77 @@
+"""`v4train submit`, Ctrl-C after a committed checkpoint, `v4train resume`: the losses after the
+checkpoint equal the uninterrupted run's bit for bit. Runs the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_job
+
+REPO = Path(__file__).resolve().parents[1]
+V4TRAIN = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _env() -> dict:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 8, "warmup_steps": 2},
+                   checkpoint={"every": 2, "at_end": False})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    cluster = {"name": "sim4", "devices_per_node": 4, "collective_timeout_s": 120, "ray": {"num_cpus": 8}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    run_dir = tmp_path / "run"
+    argv = V4TRAIN + ["submit", str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
+                      "--run-dir", str(run_dir)]
+
+    # Uninterrupted reference.
+    ref_dir = tmp_path / "ref"
+    ref = subprocess.run(argv[:-1] + [str(ref_dir)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    reference = {m["step"]: m for m in _records(ref_dir / "metrics.jsonl")}
+    assert sorted(reference) == list(range(1, 9))
+
+    # Interrupted run: Ctrl-C as soon as step 3 is logged (step 2 is committed by then).
+    proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(m["step"] >= 3 for m in _records(run_dir / "metrics.jsonl")):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run never reached step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "v4train resume" in err
+    stopped = [e for e in _records(run_dir / "events.jsonl") if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["last_committed"] >= 2
+    interrupted_at = max(m["step"] for m in _records(run_dir / "metrics.jsonl"))
+    assert interrupted_at < 8
+
+    resumed = subprocess.run(V4TRAIN + ["resume", str(run_dir)], cwd=REPO, env=_env(), capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    starts = [e for e in _records(run_dir / "events.jsonl") if e["event"] == "start"]
+    resumed_from = starts[-1]["step"]
+    assert resumed_from == stopped[0]["last_committed"]
+    after = [m for m in _records(run_dir / "metrics.jsonl")][-(8 - resumed_from):]
+    assert [m["step"] for m in after] == list(range(resumed_from + 1, 9))
+    for m in after:
+        for key in ("loss", "grad_norm", "lr", "consumed_tokens"):
+            assert m[key] == reference[m["step"]][key], (key, m["step"])
