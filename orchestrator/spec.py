@@ -113,12 +113,12 @@ class ParallelSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    """``checkpoint`` section: save every ``every`` steps (0 = only at the end) under ``root``.
+    """``checkpoint`` section: save every ``every_steps`` steps (0 = only at the end) under ``root``.
 
     ``root`` defaults to the run directory; ``keep`` (0 = all) limits how many committed checkpoints stay.
     """
 
-    every: int = Field(default=0, ge=0)
+    every_steps: int = Field(default=0, ge=0)
     root: str | None = None
     keep: int = Field(default=0, ge=0)
     at_end: bool = True

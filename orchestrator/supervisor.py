@@ -37,8 +37,8 @@ class Phase(enum.Enum):
 
 
 def checkpoint_due(step: int, job: JobSpec) -> bool:
-    """Whether a checkpoint is taken after optimizer ``step`` (every ``checkpoint.every``, and at the end)."""
-    every = job.checkpoint.every
+    """Whether a checkpoint is taken after optimizer ``step`` (every ``checkpoint.every_steps``, and at the end)."""
+    every = job.checkpoint.every_steps
     if every and step % every == 0:
         return True
     return job.checkpoint.at_end and step == job.train.steps

@@ -81,7 +81,7 @@ def tiny_job(dataset: Path, **sections) -> dict:
         "train": {"steps": 3, "global_batch": 8, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1,
                   "eval_batches": 0},
         "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
-        "checkpoint": {"every": 0, "at_end": False},
+        "checkpoint": {"every_steps": 0, "at_end": False},
     }
     for key, value in sections.items():
         job[key] = {**job[key], **value} if isinstance(job.get(key), dict) else value

@@ -33,7 +33,7 @@ def _env() -> dict:
 @pytest.mark.timeout(600)
 def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
     job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 8, "warmup_steps": 2},
-                   checkpoint={"every": 2, "at_end": False})
+                   checkpoint={"every_steps": 2, "at_end": False})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     cluster = {"name": "sim4", "devices_per_node": 4, "collective_timeout_s": 120, "ray": {"num_cpus": 8}}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))

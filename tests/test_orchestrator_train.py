@@ -40,7 +40,7 @@ def test_resume_from_checkpoint_is_bitwise(rank_pool, tiny_dataset, tmp_path):
         tiny_dataset,
         parallel={"pp": 2, "dp": 2},
         train={"steps": 6, "warmup_steps": 2},
-        checkpoint={"every": 3, "at_end": True},
+        checkpoint={"every_steps": 3, "at_end": True},
     )
     straight, events, _ = run_job(rank_pool, job, tmp_path / "straight")
     committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
@@ -65,7 +65,7 @@ def test_resume_from_checkpoint_is_bitwise(rank_pool, tiny_dataset, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_resume_refuses_checkpoint_of_another_model(rank_pool, tiny_dataset, tmp_path):
-    job = tiny_job(tiny_dataset, train={"steps": 1}, checkpoint={"every": 1})
+    job = tiny_job(tiny_dataset, train={"steps": 1}, checkpoint={"every_steps": 1})
     run_job(rank_pool, job, tmp_path / "a")
     other = tiny_job(tiny_dataset, train={"steps": 2})
     other["model"]["moe_inter_dim"] = 32
