@@ -33,7 +33,7 @@ from model.config import ModelConfig
 
 __all__ = [
     "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",
-    "build_hash_table", "sequence_balance_loss", "update_expert_bias",
+    "build_hash_table", "sequence_balance_loss", "update_expert_bias", "pop_moe_stats",
 ]
 
 _HASH_CHUNK_ROWS = 8192  # rows of the hash table drawn per call, bounds memory for a 129K vocab
@@ -205,6 +205,9 @@ class MoE(nn.Module):
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0) if cfg.n_shared_experts else None
         )
         self.aux_log: list[torch.Tensor] = []  # detached weighted balance losses, drained by V4Stage
+        # logging only (pop_moe_stats): tokens per expert and mean router entropy of training forwards
+        self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+        self.entropy_log: list[torch.Tensor] = []
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, aux_loss_scale: float = 1.0) -> torch.Tensor:
         """x_BSD: the ffn_norm output; token_ids_BS: int64 input ids (hash routing).
@@ -219,15 +222,55 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         y_BSD = y_TD.view(B, S, D)
+        if self.training and torch.is_grad_enabled():
+            self._log_routing(route)
         if self.training and torch.is_grad_enabled() and not self.gate.is_hash:
-            with torch.no_grad():
-                self.gate.expert_counts += torch.bincount(route.indices.flatten(), minlength=self.gate.n_experts)
             if self.balance_loss_weight > 0:
                 aux = self.balance_loss_weight * sequence_balance_loss(
                     route.scores.view(B, S, -1), route.indices.view(B, S, -1))
                 self.aux_log.append(aux.detach())
                 y_BSD = AuxLossInjector.apply(y_BSD, aux, aux_loss_scale)
         return y_BSD
+
+    @torch.no_grad()
+    def _log_routing(self, route: RouterOutput) -> None:
+        counts_E = torch.bincount(route.indices.flatten(), minlength=self.gate.n_experts)
+        if not self.gate.is_hash:
+            self.gate.expert_counts += counts_E
+        self.load_counts += counts_E
+        p_TE = route.scores / route.scores.sum(dim=-1, keepdim=True)
+        self.entropy_log.append(-(p_TE * p_TE.clamp(min=1e-30).log()).sum(dim=-1).mean())
+
+
+def pop_moe_stats(stage: nn.Module, *, per_layer: bool = False) -> dict[str, float]:
+    """Routing statistics of the training forwards since the last call, over every MoE layer of ``stage``
+    (hash layers included), then cleared. Local to this rank (not reduced over data parallelism).
+
+    ``moe_dead_experts``: experts that received no token, summed over layers; ``moe_max_load``: the
+    largest max_i load_i / mean_load over layers (1 = perfect balance); ``moe_router_entropy``: the mean
+    over layers and tokens of the entropy (nats) of the normalised router scores s_i / sum_j s_j
+    (ln E = uniform). With ``per_layer`` also ``moe_dead_experts/<layer>`` and ``moe_max_load/<layer>``,
+    keyed by the module name. Empty when no training forward ran.
+    """
+    out: dict[str, float] = {}
+    dead, max_load, entropy = [], [], []
+    for name, module in stage.named_modules():
+        if not isinstance(module, MoE) or not module.entropy_log:
+            continue
+        load_E = module.load_counts.to(torch.float32)
+        dead.append(int((module.load_counts == 0).sum()))
+        max_load.append(float(load_E.max() / load_E.mean().clamp(min=1e-30)))
+        entropy.append(float(torch.stack(module.entropy_log).mean()))
+        if per_layer:
+            out[f"moe_dead_experts/{name}"] = float(dead[-1])
+            out[f"moe_max_load/{name}"] = max_load[-1]
+        module.load_counts.zero_()
+        module.entropy_log.clear()
+    if not dead:
+        return {}
+    out.update(moe_dead_experts=float(sum(dead)), moe_max_load=max(max_load),
+               moe_router_entropy=sum(entropy) / len(entropy))
+    return out
 
 
 def update_expert_bias(stage: nn.Module, group: dist.ProcessGroup | None) -> dict[str, float]:
@@ -255,3 +298,14 @@ def update_expert_bias(stage: nn.Module, group: dist.ProcessGroup | None) -> dic
         return {}
     violation = load_LE[counted].amax(dim=-1) / mean_L1[counted].squeeze(-1) - 1
     return {"moe_max_violation": float(violation.mean())}
+
+
+def discard_expert_counts(stage: nn.Module) -> None:
+    """Zero the per-expert token counts of every router in ``stage`` without touching the biases.
+
+    Used when an optimizer step is skipped (a non-finite gradient): that step's routing must not move the
+    aux-loss-free balancing bias.
+    """
+    for router in stage.modules():
+        if isinstance(router, Router) and not router.is_hash:
+            router.expert_counts.zero_()

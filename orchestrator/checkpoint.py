@@ -1,20 +1,22 @@
 """Step checkpoints: sharded tensors through torch DCP, and the commit protocol around them.
 
-On-disk layout under the checkpoint root (DESIGN section 4)::
+Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``docs/checkpoint-format.md``)::
 
     step_00000050/            a committed checkpoint
-        __0_0.distcp ...      DCP shards: model parameters and buffers ("model.<fqn>") and the optimizer
-        .metadata             state ("optim.<fqn>.<exp_avg|exp_avg_sq|step>"), keyed by global names so a
-                              different pipeline or data-parallel layout can read them
-        train_state.json      counters, loader cursor, per-rank RNG, layout, format version
+        __<rank>_0.distcp     DCP shards: model parameters and buffers ("model.<fqn>") and optimizer state
+        .metadata             ("optim.<fqn>.<exp_avg|exp_avg_sq|step>"), keyed by global names so any
+                              pipeline or data-parallel layout can read them
+        train_state.json      counters, loader cursor, per-rank RNG, layout, curriculum and routing slots
         manifest.json         every other file with its size (bytes) and sha256
         COMMIT                written last; names the step and the manifest's sha256
-    step_00000100.attempt-<id>/   a save in progress or an abandoned one (never read)
-    latest                    the newest committed step directory name, replaced atomically
+    step_00000100.attempt-<id>/   a save in progress, or an abandoned one (never read)
+    latest                    the newest committed step directory name
 
 Commit, then believe (DESIGN principle 4): ranks write into a fresh attempt directory; the coordinator
-hashes every file into the manifest, writes ``COMMIT``, renames the attempt to ``step_<N>`` and only then
-moves ``latest``. Readers ignore anything without a ``COMMIT`` that matches its manifest.
+checks that every shard DCP's metadata references is present and long enough, hashes every file (reading
+it back) into the manifest, publishes the attempt as ``step_<N>`` (an atomic rename locally, a copy on S3),
+writes ``COMMIT`` there and only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that
+matches its manifest, so an aborted attempt is never merged with a later save of the same step.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import shutil
 import uuid
-from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+
+from orchestrator.storage import Storage
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,10 +38,13 @@ __all__ = [
     "load_shards",
     "rng_state",
     "set_rng_state",
+    "step_name",
     "begin_attempt",
     "commit",
     "latest_committed",
+    "list_checkpoints",
     "verify",
+    "inspect",
     "read_train_state",
     "apply_retention",
 ]
@@ -55,7 +59,13 @@ class CheckpointError(RuntimeError):
 
 # ------------------------------------------------------------------ rank side: shards
 def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, *, allocate: bool) -> dict:
-    """Optimizer state keyed ``optim.<param fqn>.<name>``; with ``allocate``, zero tensors to load into."""
+    """Optimizer state keyed ``optim.<param fqn>.<name>``.
+
+    With ``allocate``, a parameter the optimizer has not stepped yet (no gradient so far, e.g. the
+    Lightning Indexer before its warm-up) gets AdamW's initial state (step 0, zero moments): exactly
+    what AdamW would create lazily at its first gradient, so saving it changes nothing and every
+    checkpoint holds state for every parameter.
+    """
     out = {}
     for fqn, param in stage.named_parameters():
         state = optimizer.state.get(param)
@@ -71,20 +81,25 @@ def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     return out
 
 
-def save_shards(path: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write this rank's model and optimizer state into the DCP checkpoint at ``path`` (collective)."""
+def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """This rank's tensors for a checkpoint: model state and optimizer state by global name."""
     state = {f"model.{k}": v for k, v in stage.state_dict().items()}
-    state.update(_optimizer_state(stage, optimizer, allocate=False))
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+    state.update(_optimizer_state(stage, optimizer, allocate=True))
+    return state
 
 
-def load_shards(path: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model and optimizer state for this rank's stage from ``path`` (collective).
+def save_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write this rank's model and optimizer state into the DCP checkpoint at ``rel`` (collective)."""
+    dcp.save(shard_state(stage, optimizer), storage_writer=storage.dcp_writer(rel))
+
+
+def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load model and optimizer state for this rank's stage from ``rel`` (collective).
 
     Raises CheckpointError naming the first tensors the checkpoint lacks or whose shape differs, before
     anything is modified.
     """
-    reader = dcp.FileSystemReader(path)
+    reader = storage.dcp_reader(rel)
     saved = reader.read_metadata().state_dict_metadata
     model_sd = {f"model.{k}": v.detach().clone() for k, v in stage.state_dict().items()}
     optim_sd = _optimizer_state(stage, optimizer, allocate=True)
@@ -92,12 +107,13 @@ def load_shards(path: str, stage: torch.nn.Module, optimizer: torch.optim.Optimi
     missing = sorted(k for k in expected if k not in saved)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing[:3])}{more}")
+        raise CheckpointError(f"{storage.url_of(rel)}: checkpoint lacks {', '.join(missing[:3])}{more}")
     for key, tensor in expected.items():
-        meta = saved[key]
-        size = getattr(meta, "size", None)
+        size = getattr(saved[key], "size", None)
         if size is not None and tuple(size) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: {key} has shape {tuple(size)}, this model expects {tuple(tensor.shape)}")
+            raise CheckpointError(
+                f"{storage.url_of(rel)}: {key} has shape {tuple(size)}, this model expects {tuple(tensor.shape)}"
+            )
     dcp.load(expected, storage_reader=reader)
     stage.load_state_dict({k.removeprefix("model."): v for k, v in model_sd.items()}, strict=True)
 
@@ -109,131 +125,159 @@ def rng_state() -> str:
 
 def set_rng_state(encoded: str) -> None:
     """Restore a state produced by :func:`rng_state`."""
-    raw = base64.b64decode(encoded)
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------ coordinator side: commit protocol
-def _step_name(step: int) -> str:
+def step_name(step: int) -> str:
+    """Directory name of the committed checkpoint of optimizer step ``step``."""
     return f"{_STEP_PREFIX}{step:08d}"
 
 
-def begin_attempt(root: str | Path, step: int) -> Path:
-    """Create and return a fresh attempt directory for ``step`` under ``root``."""
-    attempt = Path(root) / f"{_step_name(step)}.attempt-{uuid.uuid4().hex[:8]}"
-    attempt.mkdir(parents=True)
+def begin_attempt(storage: Storage, step: int) -> str:
+    """Create and return (relative to the root) a fresh attempt directory for ``step``."""
+    attempt = f"{step_name(step)}.attempt-{uuid.uuid4().hex[:8]}"
+    storage.makedirs(attempt)
     return attempt
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_shards(storage: Storage, attempt: str, sizes: dict[str, int]) -> None:
+    """Every file DCP's metadata references exists and holds the bytes it points at."""
+    if ".metadata" not in sizes:
+        raise CheckpointError(f"{storage.url_of(attempt)}: no DCP .metadata (a rank did not finish)")
+    metadata = storage.dcp_reader(attempt).read_metadata()
+    for info in (metadata.storage_data or {}).values():
+        have = sizes.get(info.relative_path)
+        if have is None or have < info.offset + info.length:
+            raise CheckpointError(f"{storage.url_of(attempt)}/{info.relative_path}: shard missing or truncated")
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
+    """Finish a save: verify shards, write train_state.json and manifest.json, publish, COMMIT, ``latest``.
 
-
-def commit(attempt: Path, step: int, train_state: dict) -> Path:
-    """Finish a save: write train_state.json, manifest.json and COMMIT, rename, then move ``latest``.
-
-    Returns the committed ``step_<N>`` directory. Raises CheckpointError if it already exists.
+    Returns the committed directory name. Raises CheckpointError if a shard is missing or a committed
+    checkpoint of ``step`` already exists.
     """
-    root = attempt.parent
-    final = root / _step_name(step)
-    if final.exists():
-        raise CheckpointError(f"{final}: a committed checkpoint for step {step} already exists")
-    _fsync_write(attempt / "train_state.json", json.dumps({"format_version": FORMAT_VERSION, **train_state}))
-    files = sorted(p for p in attempt.rglob("*") if p.is_file())
+    final = step_name(step)
+    if storage.exists(f"{final}/COMMIT"):
+        raise CheckpointError(f"{storage.url_of(final)}: a committed checkpoint for step {step} already exists")
+    storage.write_text(f"{attempt}/train_state.json", json.dumps({"format_version": FORMAT_VERSION, **train_state}))
+    sizes = storage.files(attempt)
+    _check_shards(storage, attempt, sizes)
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "files": {str(p.relative_to(attempt)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {rel: {"bytes": size, "sha256": storage.sha256(f"{attempt}/{rel}")} for rel, size in sorted(sizes.items())},
     }
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
-    _fsync_write(attempt / "manifest.json", manifest_text)
-    commit_record = {"step": step, "manifest_sha256": hashlib.sha256(manifest_text.encode()).hexdigest()}
-    _fsync_write(attempt / "COMMIT", json.dumps(commit_record))
-    os.replace(attempt, final)
-    tmp = root / f"latest.tmp-{uuid.uuid4().hex[:8]}"
-    _fsync_write(tmp, final.name + "\n")
-    os.replace(tmp, root / "latest")
+    storage.write_text(f"{attempt}/manifest.json", manifest_text)
+    storage.remove(final)  # only an interrupted publish can leave one here (it has no COMMIT)
+    storage.publish(attempt, final)
+    record = {"step": step, "manifest_sha256": hashlib.sha256(manifest_text.encode()).hexdigest()}
+    storage.write_text(f"{final}/COMMIT", json.dumps(record))
+    storage.write_text("latest", final + "\n")
     return final
 
 
-def _committed_steps(root: Path) -> list[tuple[int, Path]]:
+def _parse_step(name: str) -> tuple[int, bool] | None:
+    """(step, is_attempt) for a checkpoint directory name, else None."""
+    if not name.startswith(_STEP_PREFIX):
+        return None
+    digits, _, rest = name[len(_STEP_PREFIX):].partition(".")
+    if not digits.isdigit() or (rest and not rest.startswith("attempt-")):
+        return None
+    return int(digits), bool(rest)
+
+
+def _committed(storage: Storage) -> list[tuple[int, str]]:
     out = []
-    for p in root.glob(f"{_STEP_PREFIX}*"):
-        name = p.name[len(_STEP_PREFIX):]
-        if p.is_dir() and name.isdigit() and (p / "COMMIT").is_file():
-            out.append((int(name), p))
+    for name in storage.listdir():
+        parsed = _parse_step(name)
+        if parsed and not parsed[1] and storage.exists(f"{name}/COMMIT"):
+            out.append((parsed[0], name))
     return sorted(out)
 
 
-def latest_committed(root: str | Path) -> Path | None:
-    """The newest committed step directory under ``root`` (``latest`` if it is valid), or None."""
-    root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "COMMIT").is_file():
-            return candidate
-    steps = _committed_steps(root)
+def latest_committed(storage: Storage) -> str | None:
+    """The newest committed step directory (``latest`` if it names a committed one), or None."""
+    if storage.exists("latest"):
+        name = storage.read_text("latest").strip()
+        if storage.exists(f"{name}/COMMIT"):
+            return name
+    steps = _committed(storage)
     return steps[-1][1] if steps else None
 
 
-def verify(step_dir: str | Path) -> dict:
+def list_checkpoints(storage: Storage) -> list[dict]:
+    """Every checkpoint directory under the root: name, step, committed, layout (if known), bytes."""
+    out = []
+    for name in storage.listdir():
+        parsed = _parse_step(name)
+        if parsed is None:
+            continue
+        committed = not parsed[1] and storage.exists(f"{name}/COMMIT")
+        layout = None
+        if storage.exists(f"{name}/train_state.json"):
+            layout = json.loads(storage.read_text(f"{name}/train_state.json")).get("layout")
+        out.append({"name": name, "step": parsed[0], "committed": committed, "layout": layout,
+                    "bytes": sum(storage.files(name).values())})
+    return sorted(out, key=lambda c: (c["step"], c["name"]))
+
+
+def verify(storage: Storage, name: str) -> dict:
     """Check COMMIT, the manifest's own hash, and every file's size and sha256; return train_state.json.
 
     Raises CheckpointError naming the first missing or mismatching file.
     """
-    step_dir = Path(step_dir)
-    commit_path = step_dir / "COMMIT"
-    if not commit_path.is_file():
-        raise CheckpointError(f"{step_dir}: no COMMIT marker (an unfinished save)")
-    manifest_text = (step_dir / "manifest.json").read_text()
-    record = json.loads(commit_path.read_text())
+    where = storage.url_of(name)
+    if not storage.exists(f"{name}/COMMIT"):
+        raise CheckpointError(f"{where}: no COMMIT marker (an unfinished save)")
+    manifest_text = storage.read_text(f"{name}/manifest.json")
+    record = json.loads(storage.read_text(f"{name}/COMMIT"))
     if hashlib.sha256(manifest_text.encode()).hexdigest() != record["manifest_sha256"]:
-        raise CheckpointError(f"{step_dir}/manifest.json: does not match the hash recorded in COMMIT")
+        raise CheckpointError(f"{where}/manifest.json: does not match the hash recorded in COMMIT")
     manifest = json.loads(manifest_text)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{step_dir}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{where}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    sizes = storage.files(name)
     for rel, entry in manifest["files"].items():
-        f = step_dir / rel
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
-            raise CheckpointError(f"{f}: size or sha256 differs from the manifest")
-    return read_train_state(step_dir)
+        if rel not in sizes:
+            raise CheckpointError(f"{where}/{rel}: listed in the manifest but missing")
+        if sizes[rel] != entry["bytes"] or storage.sha256(f"{name}/{rel}") != entry["sha256"]:
+            raise CheckpointError(f"{where}/{rel}: size or sha256 differs from the manifest")
+    state = read_train_state(storage, name)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}/train_state.json: format version {state.get('format_version')}")
+    return state
 
 
-def read_train_state(step_dir: str | Path) -> dict:
+def read_train_state(storage: Storage, name: str) -> dict:
     """The parsed ``train_state.json`` of a step directory."""
-    return json.loads((Path(step_dir) / "train_state.json").read_text())
+    return json.loads(storage.read_text(f"{name}/train_state.json"))
 
 
-def apply_retention(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` committed checkpoints and every abandoned attempt (keep > 0).
+def inspect(storage: Storage, name: str) -> dict:
+    """train_state.json plus the tensor list (name, shape, dtype) from DCP's metadata."""
+    metadata = storage.dcp_reader(name).read_metadata()
+    tensors = []
+    for key, meta in sorted(metadata.state_dict_metadata.items()):
+        size = getattr(meta, "size", None)
+        props = getattr(meta, "properties", None)
+        tensors.append({"name": key, "shape": list(size) if size is not None else None,
+                        "dtype": str(getattr(props, "dtype", "")) if props is not None else None})
+    return {"train_state": read_train_state(storage, name), "tensors": tensors}
 
-    Runs only after a successor has committed; returns the deleted directories.
+
+def apply_retention(storage: Storage, keep: int) -> list[str]:
+    """After a commit: delete every abandoned attempt, and all but the newest ``keep`` committed (keep > 0).
+
+    Saves are serialised by the one coordinator, so any attempt still present when a successor has
+    committed is abandoned. Returns the deleted directory names.
     """
-    if keep <= 0:
-        return []
-    root = Path(root)
-    deleted = [p for _, p in _committed_steps(root)[:-keep]]
-    deleted += [p for p in root.glob(f"{_STEP_PREFIX}*.attempt-*") if p.is_dir()]
-    for p in deleted:
-        shutil.rmtree(p, ignore_errors=True)
+    names = storage.listdir()
+    deleted = [n for n in names if (_parse_step(n) or (0, False))[1]]
+    if keep > 0:
+        deleted += [name for _, name in _committed(storage)[:-keep]]
+    for name in deleted:
+        storage.remove(name)
     return deleted
-
-
-def describe_bytes(step_dir: str | Path) -> int:
-    """Total bytes of a checkpoint directory (for listings)."""
-    return sum(p.stat().st_size for p in Path(step_dir).rglob("*") if p.is_file())
-

@@ -1,7 +1,8 @@
 """The ``v4train`` command line.
 
 Commands: ``prepare-data`` (text to tokenizer to Parquet token shards), ``submit`` (validate a job and a
-cluster, then train), ``resume`` (continue a run from its last committed checkpoint). Every command has
+cluster, then train), ``resume`` (continue a run from a committed checkpoint), ``ckpt list|verify|inspect``
+(recovery tooling over a checkpoint root). Every command has
 ``--help``; errors exit non-zero with one line on stderr: 2 for bad input (before any actor starts),
 1 for a failed run, 130 for an interrupted one.
 """
@@ -37,11 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job field by dotted key, e.g. --set train.steps=20 (repeatable)")
     submit.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    submit.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="KIND@STEP[:rank=R]",
+                        help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
+                             "kill_during_save, kill_during_upload")
 
     resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint")
     resume.add_argument("run_dir", help="the run directory of an earlier submit")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job field, e.g. --set train.steps=400 to train further")
+    resume.add_argument("--step", type=int, help="resume from this committed step (default: the newest)")
+
+    ckpt = sub.add_parser("ckpt", help="list, verify and inspect checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    ls = ckpt_sub.add_parser("list", help="every checkpoint under ROOT: step, committed, layout, size")
+    verify = ckpt_sub.add_parser("verify", help="re-hash a checkpoint against its manifest (exit 1 on any mismatch)")
+    inspect = ckpt_sub.add_parser("inspect", help="train state and tensor list of a checkpoint")
+    for p in (ls, verify, inspect):
+        p.add_argument("root", help="checkpoint root: a directory or s3://bucket/prefix")
+        p.add_argument("--endpoint-url", help="S3 endpoint (non-AWS services); credentials come from the environment")
+    verify.add_argument("--step", type=int, help="the step to verify (default: the newest committed)")
+    inspect.add_argument("--step", type=int, required=True, help="the step to inspect")
     return parser
 
 
@@ -61,13 +77,24 @@ def _submit(args) -> int:
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use `v4train resume {run_dir}` or --overwrite)")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    faults = _parse_faults(args.faults)
     (run_dir / "job.yaml").write_text(dump_job(job))
     shutil.copyfile(args.cluster, run_dir / "cluster.yaml")
-    return _run(job, cluster, run_dir, resume_from=None)
+    return _run(job, cluster, run_dir, resume_from=None, faults=faults)
+
+
+def _parse_faults(texts: list[str]):
+    from orchestrator.faults import parse_fault
+
+    try:
+        return [parse_fault(t) for t in texts]
+    except ValueError as exc:
+        raise SpecError(f"--inject-fault {exc}") from None
 
 
 def _resume(args) -> int:
     from orchestrator import checkpoint
+    from orchestrator.storage import Storage
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "job.yaml").is_file():
@@ -75,20 +102,54 @@ def _resume(args) -> int:
     job = load_job(run_dir / "job.yaml", args.overrides)
     cluster = load_cluster(run_dir / "cluster.yaml")
     validate_against_cluster(job, cluster)
-    root = Path(job.checkpoint.root) if job.checkpoint.root else run_dir
-    latest = checkpoint.latest_committed(root)
-    if latest is None:
-        raise SpecError(f"{root}: no committed checkpoint to resume from")
+    c = job.checkpoint
+    storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
+    if args.step is not None:
+        name = checkpoint.step_name(args.step)
+        if not storage.exists(f"{name}/COMMIT"):
+            raise SpecError(f"--step: {storage.url_of(name)} is not a committed checkpoint")
+    else:
+        name = checkpoint.latest_committed(storage)
+        if name is None:
+            raise SpecError(f"{storage.url}: no committed checkpoint to resume from")
     if args.overrides:
         (run_dir / "job.yaml").write_text(dump_job(job))
-    return _run(job, cluster, run_dir, resume_from=latest)
+    return _run(job, cluster, run_dir, resume_from=name, faults=[])
+
+
+def _ckpt(args) -> int:
+    import json
+
+    from orchestrator import checkpoint
+    from orchestrator.storage import Storage
+
+    storage = Storage(args.root, endpoint_url=args.endpoint_url)
+    if args.ckpt_command == "list":
+        rows = checkpoint.list_checkpoints(storage)
+        print(f"{'step':>10}  {'committed':<9}  {'layout':<24}  {'MB':>9}  name")
+        for r in rows:
+            layout = " ".join(f"{k}{v}" for k, v in (r["layout"] or {}).items()) or "-"
+            print(f"{r['step']:>10}  {'yes' if r['committed'] else 'no':<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
+        return 0
+    name = checkpoint.step_name(args.step) if args.step is not None else checkpoint.latest_committed(storage)
+    if name is None:
+        return _fail(f"{storage.url}: no committed checkpoint", 1)
+    try:
+        if args.ckpt_command == "verify":
+            state = checkpoint.verify(storage, name)
+            print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest)")
+        else:
+            print(json.dumps(checkpoint.inspect(storage, name), indent=1))
+    except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+        return _fail(str(exc), 1)
+    return 0
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run(job, cluster, run_dir: Path, resume_from) -> int:
+def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> int:
     """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code."""
     import ray
 
@@ -101,11 +162,15 @@ def _run(job, cluster, run_dir: Path, resume_from) -> int:
     started = time.perf_counter()
     world = job.parallel.world_size
     telemetry = Telemetry(run_dir, job.train.steps)
-    workers = supervisor = None
+    supervisor = None
+
+    def make_workers() -> WorkerGroup:
+        return WorkerGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"))
+
     try:
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)
-        workers = WorkerGroup.create(world, cluster.collective_timeout_s, log_dir=str(run_dir / "logs"))
-        supervisor = Supervisor(job, cluster, run_dir, workers, telemetry, resume_from=resume_from)
+        supervisor = Supervisor(job, cluster, str(run_dir), make_workers, telemetry,
+                                resume_from=resume_from, faults=faults)
         phase = supervisor.run()
     except KeyboardInterrupt:
         step = supervisor.step_count if supervisor else 0
@@ -115,8 +180,6 @@ def _run(job, cluster, run_dir: Path, resume_from) -> int:
               f"continue with: v4train resume {run_dir}", file=sys.stderr)
         return 130
     finally:
-        if workers is not None:
-            workers.shutdown()
         telemetry.close()
         if ray.is_initialized():
             ray.shutdown()
@@ -124,7 +187,7 @@ def _run(job, cluster, run_dir: Path, resume_from) -> int:
     if phase is Phase.FAILED:
         return _fail(f"run failed: {supervisor.failure} (run dir {run_dir})", 1)
     print(f"v4train: finished {job.name} at step {supervisor.step_count} in {wall:.0f} s; "
-          f"val_loss {supervisor.val_loss}; run dir {run_dir}")
+          f"val_loss {supervisor.val_loss}; restarts {supervisor.restarts}; run dir {run_dir}")
     return 0
 
 
@@ -140,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command == "resume":
             return _resume(args)
+        if args.command == "ckpt":
+            return _ckpt(args)
     except SpecError as exc:
         return _fail(str(exc))
     return _fail(f"unknown command {args.command}")

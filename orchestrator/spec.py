@@ -80,6 +80,10 @@ class DataSpec(_Strict):
 class TrainSpec(_Strict):
     """``train`` section: the schedule. Batches are in sequences, the LR schedule in optimizer steps.
 
+    ``max_restarts`` bounds automatic recoveries from rank failures; a step whose global gradient norm is
+    not finite is skipped (no parameter, optimizer or bias change), and ``max_consecutive_nonfinite`` such
+    steps in a row halt the run.
+
     The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
     at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs
     ``global_batch / (micro_batch_size * dp)`` micro-batches per step.
@@ -97,6 +101,8 @@ class TrainSpec(_Strict):
     grad_clip: float = Field(default=1.0, ge=0)
     eval_batches: int = Field(default=8, ge=0)
     eval_every: int = Field(default=0, ge=0)
+    max_restarts: int = Field(default=3, ge=0)
+    max_consecutive_nonfinite: int = Field(default=3, ge=1)
 
 
 class ParallelSpec(_Strict):
@@ -115,11 +121,16 @@ class ParallelSpec(_Strict):
 class CheckpointSpec(_Strict):
     """``checkpoint`` section: save every ``every_steps`` steps (0 = only at the end) under ``root``.
 
-    ``root`` defaults to the run directory; ``keep`` (0 = all) limits how many committed checkpoints stay.
+    ``root`` is a local directory or ``s3://bucket/prefix`` (default: the run directory); ``endpoint_url``
+    and ``region`` locate a non-AWS S3 service. Credentials are never part of the spec: they come from the
+    environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). ``keep`` (0 = all) limits how many
+    committed checkpoints stay.
     """
 
     every_steps: int = Field(default=0, ge=0)
     root: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
     keep: int = Field(default=0, ge=0)
     at_end: bool = True
 
@@ -134,9 +145,17 @@ class JobSpec(_Strict):
     train: TrainSpec
     parallel: ParallelSpec = ParallelSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    faults: list[str] = []
 
     @model_validator(mode="after")
     def _batching(self) -> "JobSpec":
+        from orchestrator.faults import parse_fault
+
+        for i, text in enumerate(self.faults):
+            try:
+                parse_fault(text)
+            except ValueError as exc:
+                raise ValueError(f"faults.{i}: {exc}") from None
         t, p = self.train, self.parallel
         per_step = t.micro_batch_size * p.dp
         if t.global_batch % per_step:
@@ -166,7 +185,9 @@ class ClusterSpec(_Strict):
     """Where ranks run: ``nodes x devices_per_node`` devices; one rank per device.
 
     ``simulated: true`` runs every rank as a CPU process on this machine (gloo over 127.0.0.1).
-    ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step.
+    ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step;
+    ``heartbeat_timeout_s`` is how long the supervisor waits without any rank making progress before it
+    declares a stall and names the least advanced rank.
     """
 
     name: str
@@ -178,6 +199,7 @@ class ClusterSpec(_Strict):
     address: str | None = None
     threads_per_rank: PositiveInt = 1
     collective_timeout_s: float = Field(default=300.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     ray: RaySpec = RaySpec()
 
     @property

@@ -3,34 +3,41 @@
 ``Supervisor.step()`` advances one transition::
 
     STARTING -> RUNNING -> (CHECKPOINTING -> RUNNING)* -> FINISHING -> FINISHED
-                                   any failure -> FAILED
+        any rank failure -> RECOVERING -> STARTING (from the last committed checkpoint)
+                         -> FAILED once train.max_restarts recoveries are spent
 
-Decisions (is a checkpoint due? what does step N run?) come from pure functions of the spec and the
-global counters (:func:`checkpoint_due`, :func:`orchestrator.curriculum.plan_step`); the supervisor acts on
-them. The worker group is injected, so tests can hand it an existing pool of ranks or a fake.
-Automatic recovery from rank failures (restart from the last commit) is issue 6; here a failure ends the
-run with the rank and root cause, and ``v4train resume`` continues from the last committed checkpoint.
+Decisions come from pure functions of the spec and the global counters (:func:`checkpoint_due`,
+:func:`orchestrator.curriculum.plan_step`, :func:`recovery_decision`); the supervisor acts on them. The
+worker group comes from an injected factory, so tests can hand it an existing pool of ranks or a fake.
+
+On a failure (an exception, a dead actor, or a stall seen through heartbeats) every actor is killed,
+because survivors may be blocked in a collective; a new group starts, restores the newest committed
+checkpoint (verified against its manifest, and the restored step checked on every rank) and continues.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 from orchestrator import checkpoint
 from orchestrator.curriculum import plan_step
+from orchestrator.faults import SUPERVISOR, Fault, die, parse_fault
 from orchestrator.spec import ClusterSpec, JobSpec
+from orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
 from orchestrator.telemetry import Telemetry
 from orchestrator.worker import RankFailure, WorkerGroup, free_port
 
-__all__ = ["Phase", "Supervisor", "checkpoint_due"]
+__all__ = ["Phase", "Supervisor", "checkpoint_due", "recovery_decision"]
 
 
 class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     CHECKPOINTING = "checkpointing"
+    RECOVERING = "recovering"
     FINISHING = "finishing"
     FINISHED = "finished"
     FAILED = "failed"
@@ -44,104 +51,166 @@ def checkpoint_due(step: int, job: JobSpec) -> bool:
     return job.checkpoint.at_end and step == job.train.steps
 
 
+def recovery_decision(restarts_so_far: int, job: JobSpec) -> Phase:
+    """RECOVERING while the restart budget lasts, else FAILED."""
+    return Phase.RECOVERING if restarts_so_far < job.train.max_restarts else Phase.FAILED
+
+
 class Supervisor:
-    """Runs one job on a worker group.
+    """Runs one job.
 
     Args:
         job, cluster: validated specs.
-        run_dir: the run directory (``job.yaml`` and telemetry go there).
-        workers: the rank workers, one per rank of ``job.parallel``; not owned (the caller shuts them down).
+        run_dir: the run directory (telemetry; the default checkpoint root).
+        make_workers: returns a fresh worker group with one rank per device of the layout; called at start
+            and after every failure (the previous group is shut down first).
         telemetry: where metrics and events go.
-        resume_from: a committed step directory to restore before step 1 of this session, or None.
+        resume_from: name of a committed step directory under the checkpoint root to restore at start.
+        faults: injected faults (``orchestrator/faults.py``), in addition to the job's ``faults``.
     """
 
     def __init__(
         self,
         job: JobSpec,
         cluster: ClusterSpec,
-        run_dir: str | Path,
-        workers: WorkerGroup,
+        run_dir: str,
+        make_workers: Callable[[], WorkerGroup],
         telemetry: Telemetry,
-        resume_from: str | Path | None = None,
+        resume_from: str | None = None,
+        faults: list[Fault] = (),
     ) -> None:
         self.job = job
         self.cluster = cluster
-        self.run_dir = Path(run_dir)
-        self.ckpt_root = Path(job.checkpoint.root) if job.checkpoint.root else self.run_dir
-        self.workers = workers
+        c = job.checkpoint
+        self.storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
+        self.make_workers = make_workers
+        self.workers: WorkerGroup | None = None
         self.telemetry = telemetry
-        self.resume_from = Path(resume_from) if resume_from else None
+        self.resume_from = resume_from
+        self.pending_faults = [parse_fault(f) for f in job.faults] + list(faults)
         self.phase = Phase.STARTING
         self.step_count = 0
         self.consumed_tokens = 0
         self.consumed_samples = 0
         self.last_committed: int | None = None
-        self.failure: RankFailure | str | None = None
+        self.restarts = 0
+        self.failure: Exception | None = None
         self.val_loss: float | None = None
+        self.consecutive_nonfinite = 0
 
     # ------------------------------------------------------------------ transitions
     def run(self) -> Phase:
-        """Step until FINISHED or FAILED; returns the terminal phase."""
-        while self.phase not in (Phase.FINISHED, Phase.FAILED):
-            self.step()
+        """Step until FINISHED or FAILED; returns the terminal phase. Always releases the workers."""
+        try:
+            while self.phase not in (Phase.FINISHED, Phase.FAILED):
+                self.step()
+        except BaseException:
+            self._release_workers(abort=True)
+            raise
+        self._release_workers(abort=self.phase is Phase.FAILED)
         return self.phase
 
     def step(self) -> None:
-        """Advance one transition; a RankFailure or CheckpointError moves to FAILED with the cause recorded."""
+        """Advance one transition; a failure moves to RECOVERING or FAILED with the cause recorded."""
         handlers = {
             Phase.STARTING: self._start,
             Phase.RUNNING: self._train_one,
             Phase.CHECKPOINTING: self._checkpoint,
+            Phase.RECOVERING: self._recover,
             Phase.FINISHING: self._finish,
         }
         try:
             handlers[self.phase]()
-        except (RankFailure, checkpoint.CheckpointError) as exc:
+        except RankFailure as exc:
+            self._on_failure(exc, {"rank": exc.rank, "kind": exc.kind})
+        except checkpoint.CheckpointError as exc:
+            # A checkpoint that cannot be restored is not fixed by restarting: stop with its cause.
             self.failure = exc
-            fields = {"cause": str(exc)}
-            if isinstance(exc, RankFailure):
-                fields.update(rank=exc.rank, kind=exc.kind)
-            self.telemetry.event("failure", self.step_count, **fields)
+            self.telemetry.event("failure", self.step_count, cause=str(exc), kind="checkpoint")
             self.phase = Phase.FAILED
+
+    def _on_failure(self, exc: Exception, fields: dict) -> None:
+        self.failure = exc
+        self.pending_faults = [f for f in self.pending_faults if not self._fired(f)]
+        self.telemetry.event("failure", self.step_count, cause=str(exc), restarts=self.restarts, **fields)
+        self._release_workers(abort=True)
+        self.phase = recovery_decision(self.restarts, self.job)
+
+    def _fired(self, fault: Fault) -> bool:
+        """Whether ``fault`` has had its chance in this attempt (so a recovered run must not meet it again)."""
+        in_flight = self.step_count if self.phase is Phase.CHECKPOINTING else self.step_count + 1
+        save_kind = fault.kind in ("kill_during_save", "kill_during_upload")
+        return fault.step < in_flight or (fault.step == in_flight and save_kind == (self.phase is Phase.CHECKPOINTING))
+
+    def _release_workers(self, abort: bool) -> None:
+        if self.workers is not None:
+            self.workers.abort() if abort else self.workers.shutdown()
+            self.workers = None
 
     def _start(self) -> None:
         world = self.job.parallel.world_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
         started = time.perf_counter()
+        self.workers = self.make_workers()
+        job = self.job.model_dump(mode="json")
+        faults = [str(f) for f in self.pending_faults if f.rank != SUPERVISOR]
+        env = {k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ}
+        c = self.cluster
+        # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.
         infos = self.workers.call(
             "setup",
-            per_rank_args=[
-                (self.job.model_dump(mode="json"), r, world, init_method, self.cluster.collective_timeout_s,
-                 self.cluster.threads_per_rank, self.cluster.backend)
-                for r in range(world)
-            ],
+            per_rank_args=[(job, r, world, init_method, c.collective_timeout_s, c.threads_per_rank, c.backend,
+                            faults, env) for r in range(world)],
+            timeout_s=max(c.collective_timeout_s, c.heartbeat_timeout_s),
         )
         self.reporter = next(i["rank"] for i in infos if i["reporter"])
         fields = {"world_size": world, "layout": self.job.parallel.model_dump(),
                   "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:
-            state = checkpoint.verify(self.resume_from)
-            self._check_resumable(state)
-            self.workers.call("load", str(self.resume_from), state)
-            self.step_count = int(state["step"])
-            self.consumed_tokens = int(state["consumed_tokens"])
-            self.consumed_samples = int(state["consumed_samples"])
-            self.last_committed = self.step_count
-            self.telemetry.resume_at(self.step_count)
-            fields["resumed_from"] = str(self.resume_from)
+            fields["resumed_from"] = self._restore(self.resume_from)
         self.telemetry.event("start", self.step_count, **fields)
         self.phase = Phase.RUNNING if self.step_count < self.job.train.steps else Phase.FINISHING
 
-    def _check_resumable(self, state: dict) -> None:
-        """Refuse, before step 1, a checkpoint whose model or data does not match this job."""
-        for key in ("step", "consumed_tokens", "consumed_samples", "ranks", "model", "data_path"):
+    def _restore(self, name: str) -> str:
+        """Verify and load committed checkpoint ``name`` on every rank; returns its URL."""
+        state = checkpoint.verify(self.storage, name)
+        self._check_resumable(name, state)
+        try:
+            steps = self.workers.call("load", self.storage.url, name, state,
+                                      timeout_s=max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s))
+        except RankFailure as exc:
+            if exc.message.startswith("CheckpointError"):  # a rank refused the checkpoint: not recoverable
+                raise checkpoint.CheckpointError(f"rank {exc.rank}: {exc.message}") from None
+            raise
+        if set(steps) != {int(state["step"])}:
+            raise checkpoint.CheckpointError(f"{self.storage.url_of(name)}: ranks restored steps {steps}")
+        self.step_count = int(state["step"])
+        self.consumed_tokens = int(state["consumed_tokens"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.last_committed = self.step_count
+        self.telemetry.resume_at(self.step_count)
+        return self.storage.url_of(name)
+
+    def _check_resumable(self, name: str, state: dict) -> None:
+        """Refuse, before step 1, a checkpoint that lacks state or was saved for another model or dataset."""
+        for key in ("step", "consumed_tokens", "consumed_samples", "loader", "rng", "model", "data_path",
+                    "curriculum", "anticipatory_routing"):
             if key not in state:
-                raise checkpoint.CheckpointError(f"{self.resume_from}/train_state.json: lacks {key!r}")
-        model_now = self.job.model.model_dump()
-        if state["model"] != model_now:
+                raise checkpoint.CheckpointError(f"{self.storage.url_of(name)}/train_state.json: lacks {key!r}")
+        if state["model"] != self.job.model.model_dump():
             raise checkpoint.CheckpointError(
-                f"{self.resume_from}: saved for model {state['model']}, this job has {model_now}"
+                f"{self.storage.url_of(name)}: saved for model {state['model']}, this job has {self.job.model.model_dump()}"
             )
+
+    def _recover(self) -> None:
+        self.restarts += 1
+        latest = checkpoint.latest_committed(self.storage)
+        self.resume_from = latest
+        if latest is None:
+            self.step_count = self.consumed_tokens = self.consumed_samples = 0
+        self.telemetry.event("restart", self.step_count, restart=self.restarts, max_restarts=self.job.train.max_restarts,
+                             from_checkpoint=self.storage.url_of(latest) if latest else None)
+        self.phase = Phase.STARTING
 
     def _train_one(self) -> None:
         plan = plan_step(self.job, self.step_count + 1)
@@ -150,9 +219,20 @@ class Supervisor:
         self.step_count = plan.step
         self.consumed_tokens += plan.global_batch_tokens
         self.consumed_samples += plan.global_batch
-        record["consumed_tokens"] = self.consumed_tokens
-        record["consumed_samples"] = self.consumed_samples
+        record.update(consumed_tokens=self.consumed_tokens, consumed_samples=self.consumed_samples,
+                      restarts=self.restarts)
         self.telemetry.metrics(record)
+        if record["skipped"]:
+            self.consecutive_nonfinite += 1
+            self.telemetry.event("nonfinite_grad", plan.step, grad_norm=record["grad_norm"],
+                                 consecutive=self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.job.train.max_consecutive_nonfinite:
+                self.failure = RuntimeError(f"{self.consecutive_nonfinite} consecutive steps with a non-finite gradient")
+                self.telemetry.event("failure", plan.step, cause=str(self.failure), kind="nonfinite")
+                self.phase = Phase.FAILED
+                return
+        else:
+            self.consecutive_nonfinite = 0
         if self.job.train.eval_every and self.step_count % self.job.train.eval_every == 0:
             self._evaluate()
         if checkpoint_due(self.step_count, self.job):
@@ -163,9 +243,13 @@ class Supervisor:
     def _checkpoint(self) -> None:
         step = self.step_count
         started = time.perf_counter()
-        attempt = checkpoint.begin_attempt(self.ckpt_root, step)
-        self.telemetry.event("checkpoint_requested", step, path=str(attempt))
-        rank_states = self.workers.call("save", str(attempt))
+        attempt = checkpoint.begin_attempt(self.storage, step)
+        self.telemetry.event("checkpoint_requested", step, path=self.storage.url_of(attempt))
+        rank_states = self.workers.call("save", self.storage.url, attempt,
+                                        timeout_s=max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s))
+        self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - started, 2))
+        if any(f.kind == "kill_during_save" and f.rank == SUPERVISOR and f.step == step for f in self.pending_faults):
+            die()
         train_state = {
             "step": step,
             "consumed_tokens": self.consumed_tokens,
@@ -176,13 +260,15 @@ class Supervisor:
             "loader": rank_states[0]["loader"],
             "rng": {str(s["rank"]): s["rng"] for s in rank_states},
             "ranks": len(rank_states),
+            "curriculum": {},  # slots filled by the curriculum and anticipatory-routing issue (issue 7)
+            "anticipatory_routing": {},
         }
-        final = checkpoint.commit(attempt, step, train_state)
+        final = checkpoint.commit(self.storage, attempt, step, train_state)
         self.last_committed = step
-        deleted = checkpoint.apply_retention(self.ckpt_root, self.job.checkpoint.keep)
+        deleted = checkpoint.apply_retention(self.storage, self.job.checkpoint.keep)
         self.telemetry.event(
-            "checkpoint_committed", step, path=str(final), seconds=round(time.perf_counter() - started, 2),
-            bytes=checkpoint.describe_bytes(final), deleted=[p.name for p in deleted],
+            "checkpoint_committed", step, path=self.storage.url_of(final),
+            seconds=round(time.perf_counter() - started, 2), deleted=deleted,
         )
         self.phase = Phase.RUNNING if step < self.job.train.steps else Phase.FINISHING
 
@@ -197,5 +283,6 @@ class Supervisor:
             self.job.train.eval_every and self.step_count % self.job.train.eval_every == 0
         ):
             self._evaluate()
-        self.telemetry.event("finish", self.step_count, val_loss=self.val_loss, last_committed=self.last_committed)
+        self.telemetry.event("finish", self.step_count, val_loss=self.val_loss, last_committed=self.last_committed,
+                             restarts=self.restarts)
         self.phase = Phase.FINISHED

@@ -11,19 +11,22 @@ the returned metrics cross the control plane.
 from __future__ import annotations
 
 import datetime
+import math
 import time
-from pathlib import Path
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import save as dcp_save
 
 from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from model import V4Stage
-from model.moe import update_expert_bias
-from orchestrator import checkpoint
+from model.moe import discard_expert_counts, update_expert_bias
+from orchestrator import checkpoint, faults
 from orchestrator.curriculum import StepPlan
 from orchestrator.spec import JobSpec
+from orchestrator.storage import Storage
 from parallel import groups
 from parallel.data_parallel import all_reduce_gradients
 from parallel.optim import build_optimizer, clip_grad_norm_
@@ -43,6 +46,7 @@ class RankTrainer:
         timeout_s: bound on every collective (seconds); a stalled peer fails the step instead of hanging.
         threads: intra-op CPU threads for this rank.
         backend: ``gloo`` (CPU) or ``nccl`` (GPU).
+        inject: faults (see ``orchestrator/faults.py``) this rank must produce; others are ignored.
     """
 
     def __init__(
@@ -55,9 +59,12 @@ class RankTrainer:
         timeout_s: float,
         threads: int = 1,
         backend: str = "gloo",
+        inject: list[faults.Fault] = (),
     ) -> None:
         self.job = job
         self.rank = rank
+        self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
+        self.heartbeat = {"step": 0, "progress": 0, "phase": "setup"}
         torch.set_num_threads(threads)
         if dist.is_initialized():
             groups.destroy()
@@ -70,7 +77,8 @@ class RankTrainer:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         p = job.parallel
-        self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp)
+        self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp,
+                                      timeout_minutes=max(1, math.ceil(timeout_s / 60)))
         self.train_data = TokenDataset.open(job.data.path, "train")
         self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
         # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
@@ -78,6 +86,10 @@ class RankTrainer:
         self.stage = V4Stage(self.cfg, pp_rank=self.pctx.pp_rank, pp_size=self.pctx.pp)
         self.stage.init_weights(job.seed)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        # Parameters held by both the first and the last stage (the embedding, for MTP): gradients are
+        # summed over the embedding group, and the last stage's copy is left out of the global norm.
+        self.shared = self.stage.shared_embedding_parameters() if self.pctx.embedding_group is not None else []
+        self.norm_excluded = self.shared if self.pctx.is_last_stage else []
         t = job.train
         self.optimizer = build_optimizer(
             list(self.stage.named_parameters()),
@@ -88,6 +100,7 @@ class RankTrainer:
         )
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.step = 0
+        self.heartbeat["phase"] = "ready"
 
     @property
     def is_reporter(self) -> bool:
@@ -118,7 +131,12 @@ class RankTrainer:
             )
         return out
 
+    def _beat(self, phase: str) -> None:
+        """Record progress for the supervisor's heartbeat (read from another thread)."""
+        self.heartbeat = {"step": self.heartbeat["step"], "progress": self.heartbeat["progress"] + 1, "phase": phase}
+
     def _forward_step(self, data_iterator, model):
+        self._beat("forward")
         mb = next(data_iterator)
         labels = mb["labels"] if self.pctx.is_last_stage else None
         output = model(mb["input_ids"], mb["position_ids"], labels)
@@ -155,24 +173,40 @@ class RankTrainer:
     def train_step(self, plan: StepPlan) -> dict:
         """Run optimizer step ``plan.step``; return its metrics (meaningful on the reporter rank).
 
+        A step whose global gradient norm is not finite on any rank is skipped everywhere: no parameter,
+        optimizer-state or expert-bias change (``skipped: true`` in the metrics).
         Raises RuntimeError if the plan's step is not the next one (the counters must stay global).
         """
         if plan.step != self.step + 1:
             raise RuntimeError(f"rank {self.rank}: asked for step {plan.step} but at step {self.step}")
+        self.heartbeat = {"step": plan.step, "progress": 0, "phase": "start"}
+        self._inject_at_step_start(plan.step)
         start = time.perf_counter()
         batch = self.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = self._micro_batches(batch, plan.micro_batch_size)
         self.stage.aux_loss_scale = 1.0 / len(micro)
         self.optimizer.zero_grad(set_to_none=False)
         loss_dicts = self._run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
+        if ("nan_grad", plan.step) in self.faults:
+            next(p for p in self.params if p.grad is not None).grad.view(-1)[0] = float("nan")
+        self._beat("grad_sync")
         all_reduce_gradients(self.params, self.pctx.dp_group)
-        update_expert_bias(self.stage, self.pctx.dp_group)
-        grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, self.pctx.pp_group)
-        for group in self.optimizer.param_groups:
-            group["lr"] = plan.lr
-        self.optimizer.step()
+        if self.shared:
+            all_reduce_gradients(self.shared, self.pctx.embedding_group, average=False)
+        grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, self.pctx.pp_group,
+                                    exclude_from_norm=self.norm_excluded)
+        finite = self._all_finite(grad_norm)
+        moe_metrics = {}
+        if finite:
+            moe_metrics = update_expert_bias(self.stage, self.pctx.dp_group)
+            for group in self.optimizer.param_groups:
+                group["lr"] = plan.lr
+            self.optimizer.step()
+        else:
+            discard_expert_counts(self.stage)
         loss = self._global_mean_loss(loss_dicts)
         self.step = plan.step
+        self._beat("done")
         elapsed = time.perf_counter() - start
         metrics = {
             "step": plan.step,
@@ -183,9 +217,33 @@ class RankTrainer:
             "global_batch_tokens": plan.global_batch_tokens,
             "step_time_s": elapsed,
             "tokens_per_s": plan.global_batch_tokens / elapsed,
+            "data_fingerprint": self._fingerprint(batch),
+            "skipped": not finite,
         }
         metrics.update(self.stage.pop_aux_metrics())
+        metrics.update(moe_metrics)
         return metrics
+
+    def _fingerprint(self, batch) -> int:
+        """crc32 of the global batch's tokens (summed over data-parallel slices): same data iff same value."""
+        crc = torch.tensor([zlib.crc32(np.ascontiguousarray(batch.input_ids).tobytes())], dtype=torch.int64)
+        if self.pctx.dp > 1:
+            dist.all_reduce(crc, group=self.pctx.dp_group)
+        return int(crc.item())
+
+    def _inject_at_step_start(self, step: int) -> None:
+        if ("kill", step) in self.faults:
+            faults.die()
+        if ("stall", step) in self.faults:
+            faults.stall_forever()
+        if ("raise", step) in self.faults:
+            raise RuntimeError(f"injected fault raise@{step} on rank {self.rank}")
+
+    def _all_finite(self, grad_norm: float) -> bool:
+        """Whether every rank saw a finite global gradient norm (one MAX all-reduce over the world)."""
+        bad = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
 
     @torch.no_grad()
     def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
@@ -199,28 +257,42 @@ class RankTrainer:
         return {"val_loss": float(torch.stack(losses).mean()) if losses else float("nan"), "val_batches": len(losses)}
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, path: str) -> dict:
-        """Write this rank's shards of the step checkpoint into ``path`` (collective over all ranks).
+    def _storage(self, root: str) -> Storage:
+        c = self.job.checkpoint
+        return Storage(root, endpoint_url=c.endpoint_url, region=c.region)
+
+    def save(self, root: str, attempt: str) -> dict:
+        """Write this rank's shards of the step checkpoint into ``attempt`` under ``root`` (collective).
 
         Returns the rank-local state recorded in ``train_state.json`` (loader cursor, RNG).
         """
-        checkpoint.save_shards(path, self.stage, self.optimizer)
+        self.heartbeat = {**self.heartbeat, "phase": "save"}
+        storage = self._storage(root)
+        writer = storage.dcp_writer(attempt)
+        if ("kill_during_upload", self.step) in self.faults:
+            writer = faults.dying_writer(writer)
+        dcp_save(checkpoint.shard_state(self.stage, self.optimizer), storage_writer=writer)
+        if ("kill_during_save", self.step) in self.faults:
+            faults.die()
         return {"rank": self.rank, "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
 
-    def load(self, path: str, train_state: dict) -> None:
-        """Restore parameters, optimizer state, loader cursor and RNG from a committed step checkpoint.
+    def load(self, root: str, name: str, train_state: dict) -> int:
+        """Restore parameters, optimizer state, loader cursor and RNG from committed checkpoint ``name``.
 
-        Raises checkpoint.CheckpointError naming any missing state, before any step runs.
+        Returns the restored step. Raises checkpoint.CheckpointError naming any missing state, before any
+        step runs.
         """
-        checkpoint.load_shards(path, self.stage, self.optimizer)
+        checkpoint.load_shards(self._storage(root), name, self.stage, self.optimizer)
         self.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
+        self.heartbeat = {"step": self.step, "progress": 0, "phase": "loaded"}
         rng = train_state.get("rng", {}).get(str(self.rank))
         if train_state.get("layout") == self.job.parallel.model_dump() and rng is not None:
             checkpoint.set_rng_state(rng)
         else:
             # Another layout: no per-rank RNG stream to continue; derive one from (seed, step, rank).
             torch.manual_seed(self.job.seed * 1_000_003 + self.step * 1009 + self.rank)
+        return self.step
 
     def close(self) -> None:
         """Leave the process group so the rank can join another job."""

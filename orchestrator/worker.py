@@ -12,8 +12,11 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import ray
 
 __all__ = ["RankFailure", "RankWorker", "WorkerGroup", "start_ray", "free_port"]
 
@@ -52,17 +55,28 @@ class RankWorker:
         return os.getpid()
 
     def setup(self, job: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
-              threads: int, backend: str) -> dict:
+              threads: int, backend: str, inject: list[str], env: dict[str, str]) -> dict:
+        """Join a job as ``rank``; ``env`` carries credentials (set in this process, never logged)."""
+        from orchestrator.faults import parse_fault
         from orchestrator.spec import JobSpec
         from orchestrator.trainer import RankTrainer
 
+        os.environ.update(env)
         if self.trainer is not None:
             self.trainer.close()
         self.trainer = RankTrainer(
             JobSpec.model_validate(job), rank=rank, world_size=world_size, init_method=init_method,
-            timeout_s=timeout_s, threads=threads, backend=backend,
+            timeout_s=timeout_s, threads=threads, backend=backend, inject=[parse_fault(f) for f in inject],
         )
         return self.trainer.describe()
+
+    @ray.method(concurrency_group="heartbeat")
+    def heartbeat(self) -> dict:
+        """Progress of the running call: step, a counter that moves as work is done, and the phase.
+
+        Answered by the actor's own ``heartbeat`` thread while ``train_step`` runs on the default one.
+        """
+        return dict(self.trainer.heartbeat) if self.trainer is not None else {"step": 0, "progress": 0, "phase": "idle"}
 
     def train_step(self, plan: dict) -> dict:
         from orchestrator.curriculum import StepPlan
@@ -72,12 +86,11 @@ class RankWorker:
     def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
         return self.trainer.evaluate(num_batches, global_batch, micro_batch_size, seq_len)
 
-    def save(self, path: str) -> dict:
-        return self.trainer.save(path)
+    def save(self, root: str, attempt: str) -> dict:
+        return self.trainer.save(root, attempt)
 
-    def load(self, path: str, train_state: dict) -> int:
-        self.trainer.load(path, train_state)
-        return self.trainer.step
+    def load(self, root: str, name: str, train_state: dict) -> int:
+        return self.trainer.load(root, name, train_state)
 
     def close(self) -> None:
         if self.trainer is not None:
@@ -98,7 +111,6 @@ def start_ray(num_cpus: int, object_store_memory_mb: int) -> None:
     Token auth off for the local cluster, logical CPUs >= ranks, a small object store (only small control
     messages travel through Ray), no dashboard, worker logs kept out of the driver's terminal.
     """
-    import ray
 
     if ray.is_initialized():
         return
@@ -118,27 +130,37 @@ class WorkerGroup:
 
     Args:
         actors: one RankWorker actor handle per rank (index = rank).
-        timeout_s: default bound on any call; ranks still running after it are reported as a stall.
+        timeout_s: bound on any call without progress: when no rank's heartbeat moves for this long, the
+            call fails as a stall of the least advanced rank.
+        poll_s: how often heartbeats are read while a call runs.
+        grace_s: after a first failure, how long to wait for the others before naming the root cause.
+        owned: whether :meth:`shutdown` kills the actors (False for actors borrowed from a longer-lived
+            pool); :meth:`abort` kills them either way.
     """
 
-    def __init__(self, actors: list, timeout_s: float) -> None:
+    def __init__(self, actors: list, timeout_s: float, poll_s: float = 1.0, owned: bool = True,
+                 grace_s: float = 3.0) -> None:
         self.actors = actors
         self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.grace_s = grace_s
+        self.owned = owned
+        self.placement_group = None
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None) -> "WorkerGroup":
         """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank)."""
-        import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         pg = placement_group([{"CPU": 1}] * world_size, strategy="PACK")
         ray.get(pg.ready(), timeout=timeout_s)
-        remote_cls = ray.remote(num_cpus=1, max_restarts=0)(RankWorker)
+        # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
+        # would change reduction orders between calls); heartbeats are answered by a second group.
+        remote_cls = ray.remote(num_cpus=1, max_restarts=0, concurrency_groups={"heartbeat": 1})(RankWorker)
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-                name=None,
             ).remote(str(Path(log_dir) / f"rank_{r}.log") if log_dir else None)
             for r in range(world_size)
         ]
@@ -149,10 +171,11 @@ class WorkerGroup:
     def call(self, method: str, *args, per_rank_args: list | None = None, timeout_s: float | None = None) -> list:
         """Run ``method`` on every rank and return the results ordered by rank.
 
-        Raises RankFailure for the first rank that raises or dies, or for the first unfinished rank after
-        ``timeout_s`` (a stall).
+        Raises RankFailure for the first rank that raises or dies (as soon as Ray reports it), or, when no
+        rank has made progress for ``timeout_s`` (default: the group's), a stall of the least advanced
+        unfinished rank.
         """
-        import ray
+        stall_after = self.timeout_s if timeout_s is None else timeout_s
 
         refs = [
             getattr(actor, method).remote(*(per_rank_args[r] if per_rank_args else args))
@@ -160,30 +183,90 @@ class WorkerGroup:
         ]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = list(refs)
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        last_beats, last_change = None, time.monotonic()
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
-            if not done:
-                raise RankFailure(rank_of[pending[0]], "stall", f"no answer within {timeout:.0f} s", method)
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayActorError as exc:
-                raise RankFailure(rank_of[done[0]], "died", _first_line(exc), method) from None
-            except ray.exceptions.RayTaskError as exc:
-                raise RankFailure(rank_of[done[0]], "exception", _root_cause(exc), method) from None
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.poll_s)
+            if done:
+                failure = self._failure_of(done[0], rank_of[done[0]], method)
+                if failure is not None:
+                    raise self._root_failure(failure, pending, rank_of, method)
+                last_change = time.monotonic()
+                continue
+            beats = self._heartbeats(sorted(rank_of[p] for p in pending), method)
+            if beats != last_beats:
+                last_beats, last_change = beats, time.monotonic()
+            elif time.monotonic() - last_change > stall_after:
+                rank = min(beats, key=lambda r: (beats[r]["step"], beats[r]["progress"]))
+                raise RankFailure(rank, "stall", f"no progress for {stall_after:.0f} s "
+                                  f"(step {beats[rank]['step']}, phase {beats[rank]['phase']})", method)
         return ray.get(refs)
 
+    def _failure_of(self, ref, rank: int, method: str) -> RankFailure | None:
+
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            return RankFailure(rank, "died", _first_line(exc), method)
+        except ray.exceptions.RayTaskError as exc:
+            return RankFailure(rank, "exception", _root_cause(exc), method)
+        return None
+
+    def _root_failure(self, first: RankFailure, pending: list, rank_of: dict, method: str) -> RankFailure:
+        """The root cause among the failures seen within ``grace_s`` of the first one.
+
+        When a rank dies, its peers' collectives fail with connection errors, often before Ray reports
+        the death; a dead rank or a rank's own exception outranks such consequences.
+        """
+
+        failures = [first]
+        if pending:
+            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=self.grace_s)
+            failures += [f for ref in finished if (f := self._failure_of(ref, rank_of[ref], method)) is not None]
+        return min(failures, key=_severity)
+
+    def _heartbeats(self, ranks: list[int], method: str) -> dict[int, dict]:
+        """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` keeps its previous value."""
+
+        refs = {r: self.actors[r].heartbeat.remote() for r in ranks}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.poll_s)
+        beats = {}
+        for r, ref in refs.items():
+            if ref in ready:
+                try:
+                    beats[r] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    raise RankFailure(r, "died", _first_line(exc), method) from None
+            else:
+                beats[r] = {"step": -1, "progress": -1, "phase": "unresponsive"}
+        return beats
+
     def shutdown(self) -> None:
+        """End of a job: kill the actors and release the placement group if this group owns them."""
+        if self.owned:
+            self.abort()
+
+    def abort(self) -> None:
         """Kill every actor (survivors may be blocked in a collective) and release the placement group."""
-        import ray
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        pg = getattr(self, "placement_group", None)
-        if pg is not None:
+        if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
 
-            remove_placement_group(pg)
+            remove_placement_group(self.placement_group)
+
+
+# Messages of errors that are consequences of another rank's failure (a peer gone or silent).
+_PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "gloo", "Socket")
+
+
+def _severity(failure: RankFailure) -> int:
+    """Lower is more likely the root cause: a dead rank, a rank's own error, a stall, a peer's collective error."""
+    if failure.kind == "died":
+        return 0
+    if failure.kind == "stall":
+        return 2
+    return 3 if any(p in failure.message for p in _PEER_ERRORS) else 1
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,8 +23,9 @@ def all_reduce_gradients(
     group: dist.ProcessGroup | None,
     *,
     bucket_numel: int = _DEFAULT_BUCKET_NUMEL,
+    average: bool = True,
 ) -> None:
-    """Replace each gradient by its mean over ``group``, in place.
+    """Replace each gradient by its mean (or, with ``average=False``, its sum) over ``group``, in place.
 
     Every rank of the group must pass the same parameters (same order, shapes and dtypes).
     Parameters that do not require grad are skipped. A ``.grad`` that is None on some ranks but not
@@ -39,6 +40,8 @@ def all_reduce_gradients(
         params: the parameters of this rank's stage.
         group: the data-parallel group; None (one process) or a group of size 1 does nothing.
         bucket_numel: the largest number of elements packed into one all-reduce.
+        average: divide the sum by the group size (data parallel); False sums (a parameter held by
+            several pipeline stages, such as the embedding on the first and last stage).
     Raises:
         ValueError: ``bucket_numel`` < 1, or a gradient is sparse.
     """
@@ -64,7 +67,8 @@ def all_reduce_gradients(
     for bucket in _buckets([p.grad for p in synced], bucket_numel):
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(world)
+        if average:
+            flat.div_(world)
         for grad, mean in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             grad.copy_(mean)
 

@@ -32,6 +32,9 @@ class ParallelContext:
         tp_rank, pp_rank, dp_rank, ep_rank: this process's rank inside each group.
         tp_group, pp_group, dp_group, ep_group: torch ProcessGroups (from Megatron's
             ``parallel_state``); None only in :meth:`single`, where no torch.distributed exists.
+        embedding_group: the first and last stage of this rank's pipeline (Megatron's embedding group:
+            parameters both stages hold, such as the embedding MTP needs on the last stage, have their
+            gradients summed over it); None on middle stages and with pp == 1.
     Raises:
         ValueError: naming the field, when a size is < 1, tp*pp*dp != world_size, or a rank is
             outside [0, size).
@@ -51,6 +54,7 @@ class ParallelContext:
     pp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     ep_group: dist.ProcessGroup | None
+    embedding_group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         _check_sizes(tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, world_size=self.world_size)
@@ -152,6 +156,8 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         ep_group=parallel_state.get_expert_model_parallel_group(),
+        embedding_group=(parallel_state.get_embedding_group()
+                         if pp > 1 and parallel_state.is_rank_in_embedding_group() else None),
     )
 
 

@@ -64,7 +64,11 @@ def _decays(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def clip_grad_norm_(
-    params: Iterable[torch.nn.Parameter], max_norm: float, group: dist.ProcessGroup | None
+    params: Iterable[torch.nn.Parameter],
+    max_norm: float,
+    group: dist.ProcessGroup | None,
+    *,
+    exclude_from_norm: Iterable[torch.nn.Parameter] = (),
 ) -> float:
     """Global L2 norm of the gradients of every stage; clip them to ``max_norm`` with one scale.
 
@@ -79,14 +83,18 @@ def clip_grad_norm_(
         params: the parameters of this rank's stage.
         max_norm: clip threshold; <= 0 only measures.
         group: the pipeline group; None for one process (no all-reduce).
+        exclude_from_norm: parameters scaled with the rest but not counted in the norm: a second copy
+            of a parameter another stage also holds (so it is counted once).
     Returns:
         The norm before clipping (float).
     """
     params = list(params)
+    excluded = {id(p) for p in exclude_from_norm}
     grads = [p.grad for p in params if p.grad is not None]
     # Per-tensor norms in fp32, their squares summed in fp64 so the cross-stage sum loses nothing;
     # on the parameters' device, which is the one the group's backend communicates from.
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+             for p in params if p.grad is not None and id(p) not in excluded]
     device = params[0].device if params else torch.device("cpu")
     square_sum = torch.zeros((), dtype=torch.float64, device=device)
     if norms:

@@ -78,7 +78,7 @@ def tiny_job(dataset: Path, **sections) -> dict:
         "seed": 7,
         "model": dict(TINY_MODEL),
         "data": {"path": str(dataset), "seq_len": 64},
-        "train": {"steps": 3, "global_batch": 8, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1,
+        "train": {"steps": 3, "global_batch": 8, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "max_restarts": 0,
                   "eval_batches": 0},
         "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
         "checkpoint": {"every_steps": 0, "at_end": False},
@@ -102,10 +102,12 @@ def rank_pool():
     ray.shutdown()
 
 
-def run_job(pool, job: dict, run_dir: Path, resume_from: Path | None = None):
-    """Run `job` through the real Supervisor on the first world_size actors of the pool.
+def run_job(pool, job: dict, run_dir: Path, resume_from: str | None = None, faults=(), make_workers=None,
+            expect_failure: bool = False):
+    """Run `job` through the real Supervisor, by default on the first world_size actors of the pool.
 
-    Returns (metrics records, events, supervisor); fails the test with the rank's root cause if the run fails.
+    `resume_from` names a committed step directory under the run directory. Returns (metrics records,
+    events, supervisor); fails the test with the rank's root cause if the run fails unexpectedly.
     """
     from orchestrator.spec import ClusterSpec, JobSpec
     from orchestrator.supervisor import Phase, Supervisor
@@ -115,14 +117,45 @@ def run_job(pool, job: dict, run_dir: Path, resume_from: Path | None = None):
     spec = JobSpec.model_validate(job)
     world = spec.parallel.world_size
     cluster = ClusterSpec(name="pool", devices_per_node=world, collective_timeout_s=120)
-    workers = WorkerGroup(pool.actors[:world], CALL_TIMEOUT_S)
+    if make_workers is None:
+        def make_workers():
+            return WorkerGroup(pool.actors[:world], CALL_TIMEOUT_S, owned=False)
     telemetry = Telemetry(run_dir, spec.train.steps, live=False)
-    supervisor = Supervisor(spec, cluster, run_dir, workers, telemetry, resume_from=resume_from)
+    supervisor = Supervisor(spec, cluster, str(run_dir), make_workers, telemetry, resume_from=resume_from,
+                            faults=list(faults))
     try:
         phase = supervisor.run()
     finally:
         telemetry.close()
-    assert phase is Phase.FINISHED, f"run failed: {supervisor.failure}"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if expect_failure:
+        assert phase is Phase.FAILED
+    else:
+        assert phase is Phase.FINISHED, f"run failed: {supervisor.failure}"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").exists() else []
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     return metrics, events, supervisor
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 with one bucket; credentials in the environment."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from orchestrator.worker import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # s3fs's mkdir sends a LocationConstraint moto rejects; create the bucket with boto3 (stack-notes section 4).
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ckpts")
+    yield {"endpoint_url": endpoint, "bucket": "ckpts"}
+    server.stop()

@@ -1,72 +1,143 @@
-"""The commit protocol: COMMIT last, `latest` only after it, readers trust nothing else."""
+"""The commit protocol on local disk and on S3 (a moto server on 127.0.0.1): COMMIT last, `latest` only
+after it, readers trust nothing else; refusal of checkpoints that lack state."""
+
+from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 from orchestrator import checkpoint
 from orchestrator.checkpoint import CheckpointError
+from orchestrator.storage import Storage
 
 
-def _save(root, step, payload=b"shard"):
-    attempt = checkpoint.begin_attempt(root, step)
-    (attempt / "__0_0.distcp").write_bytes(payload)
-    (attempt / ".metadata").write_bytes(b"meta")
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path, s3_server):
+    if request.param == "local":
+        return Storage(str(tmp_path / "ckpt"))
+    return Storage(f"s3://{s3_server['bucket']}/{tmp_path.name}", endpoint_url=s3_server["endpoint_url"])
+
+
+def _save(storage, step, value=1.0):
+    attempt = checkpoint.begin_attempt(storage, step)
+    dcp.save({"w": torch.full((64,), value), "step": torch.tensor(step)}, storage_writer=storage.dcp_writer(attempt))
     return attempt
 
 
-def test_commit_layout_and_latest(tmp_path):
-    final = checkpoint.commit(_save(tmp_path, 50), 50, {"step": 50})
-    assert final.name == "step_00000050"
-    assert sorted(p.name for p in final.iterdir()) == [
-        ".metadata", "COMMIT", "__0_0.distcp", "manifest.json", "train_state.json"
-    ]
-    manifest = json.loads((final / "manifest.json").read_text())
-    assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "train_state.json"}
-    assert (tmp_path / "latest").read_text().strip() == "step_00000050"
-    assert checkpoint.verify(final)["step"] == 50
+def _corrupt_one_byte(storage, rel):
+    path = storage._path(rel)
+    data = bytearray(storage.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    storage.fs.pipe_file(path, bytes(data))
 
 
-def test_uncommitted_attempt_is_never_picked(tmp_path):
-    checkpoint.commit(_save(tmp_path, 50), 50, {"step": 50})
-    _save(tmp_path, 100)  # a save that died before its COMMIT
-    assert checkpoint.latest_committed(tmp_path).name == "step_00000050"
-    (tmp_path / "latest").unlink()  # even without the pointer, a scan finds only committed steps
-    assert checkpoint.latest_committed(tmp_path).name == "step_00000050"
+def test_commit_layout_latest_and_verify(storage):
+    final = checkpoint.commit(storage, _save(storage, 50), 50, {"step": 50})
+    assert final == "step_00000050"
+    files = storage.files(final)
+    assert {"COMMIT", "manifest.json", "train_state.json", ".metadata"} <= set(files)
+    manifest = json.loads(storage.read_text(f"{final}/manifest.json"))
+    assert set(manifest["files"]) == set(files) - {"COMMIT", "manifest.json"}
+    assert storage.read_text("latest").strip() == final
+    assert checkpoint.verify(storage, final)["step"] == 50
+    assert [c["name"] for c in checkpoint.list_checkpoints(storage)] == [final]
+    assert not any(".attempt-" in n for n in storage.listdir())
 
 
-def test_corrupt_or_missing_shard_is_named(tmp_path):
-    final = checkpoint.commit(_save(tmp_path, 10), 10, {"step": 10})
-    (final / "__0_0.distcp").write_bytes(b"shard-but-changed")
-    with pytest.raises(CheckpointError, match="__0_0.distcp: size or sha256"):
-        checkpoint.verify(final)
-    (final / "__0_0.distcp").unlink()
-    with pytest.raises(CheckpointError, match="__0_0.distcp: listed in the manifest but missing"):
-        checkpoint.verify(final)
+def test_uncommitted_attempt_is_never_picked_and_cleaned_after_successor(storage):
+    checkpoint.commit(storage, _save(storage, 50), 50, {"step": 50})
+    aborted = _save(storage, 100, value=7.0)  # a save that died before its COMMIT
+    assert checkpoint.latest_committed(storage) == "step_00000050"
+    listed = {c["name"]: c["committed"] for c in checkpoint.list_checkpoints(storage)}
+    assert listed == {"step_00000050": True, aborted: False}
+    # A later save of the same step is its own attempt: never merged with the aborted one.
+    final = checkpoint.commit(storage, _save(storage, 100, value=2.0), 100, {"step": 100})
+    assert checkpoint.latest_committed(storage) == final
+    deleted = checkpoint.apply_retention(storage, keep=0)
+    assert deleted == [aborted]
+    out = {"w": torch.zeros(64), "step": torch.tensor(0)}
+    dcp.load(out, storage_reader=storage.dcp_reader(final))
+    assert torch.equal(out["w"], torch.full((64,), 2.0))
 
 
-def test_tampered_manifest_and_missing_commit_are_refused(tmp_path):
-    final = checkpoint.commit(_save(tmp_path, 10), 10, {"step": 10})
-    manifest = json.loads((final / "manifest.json").read_text())
-    manifest["files"].pop("__0_0.distcp")
-    (final / "manifest.json").write_text(json.dumps(manifest))
+def test_latest_falls_back_to_scan(storage):
+    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    storage.write_text("latest", "step_00000099\n")  # names something uncommitted
+    assert checkpoint.latest_committed(storage) == "step_00000010"
+
+
+def test_corrupt_or_missing_shard_is_named(storage):
+    final = checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    shard = next(f for f in storage.files(final) if f.endswith(".distcp"))
+    _corrupt_one_byte(storage, f"{final}/{shard}")
+    with pytest.raises(CheckpointError, match=f"{shard}: size or sha256"):
+        checkpoint.verify(storage, final)
+    storage.fs.rm(storage._path(f"{final}/{shard}"))
+    with pytest.raises(CheckpointError, match=f"{shard}: listed in the manifest but missing"):
+        checkpoint.verify(storage, final)
+
+
+def test_commit_refuses_a_missing_shard(storage):
+    attempt = _save(storage, 10)
+    shard = next(f for f in storage.files(attempt) if f.endswith(".distcp"))
+    storage.fs.rm(storage._path(f"{attempt}/{shard}"))
+    with pytest.raises(CheckpointError, match="shard missing or truncated"):
+        checkpoint.commit(storage, attempt, 10, {"step": 10})
+    assert checkpoint.latest_committed(storage) is None
+
+
+def test_tampered_manifest_and_missing_commit_are_refused(storage):
+    final = checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    manifest = json.loads(storage.read_text(f"{final}/manifest.json"))
+    manifest["files"].pop(".metadata")
+    storage.write_text(f"{final}/manifest.json", json.dumps(manifest))
     with pytest.raises(CheckpointError, match="does not match the hash recorded in COMMIT"):
-        checkpoint.verify(final)
-    (final / "COMMIT").unlink()
+        checkpoint.verify(storage, final)
+    storage.fs.rm(storage._path(f"{final}/COMMIT"))
     with pytest.raises(CheckpointError, match="no COMMIT"):
-        checkpoint.verify(final)
+        checkpoint.verify(storage, final)
 
 
-def test_retention_after_successor_commits(tmp_path):
+def test_retention_keeps_newest(storage):
     for step in (10, 20, 30):
-        checkpoint.commit(_save(tmp_path, step), step, {"step": step})
-    abandoned = _save(tmp_path, 40)
-    deleted = checkpoint.apply_retention(tmp_path, keep=2)
-    assert sorted(p.name for p in deleted) == sorted(["step_00000010", abandoned.name])
-    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == ["step_00000020", "step_00000030"]
+        checkpoint.commit(storage, _save(storage, step), step, {"step": step})
+    assert checkpoint.apply_retention(storage, keep=2) == ["step_00000010"]
+    assert [c["step"] for c in checkpoint.list_checkpoints(storage)] == [20, 30]
 
 
-def test_commit_refuses_to_overwrite(tmp_path):
-    checkpoint.commit(_save(tmp_path, 10), 10, {"step": 10})
+def test_commit_refuses_to_overwrite(storage):
+    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
     with pytest.raises(CheckpointError, match="already exists"):
-        checkpoint.commit(_save(tmp_path, 10), 10, {"step": 10})
+        checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+
+
+def test_checkpoint_lacking_optimizer_state_is_refused(tmp_path):
+    """C1: a checkpoint without the optimizer moments is refused, naming the tensor, never filled with zeros."""
+    from model import ModelConfig, V4Stage
+    from parallel.optim import build_optimizer
+
+    from conftest import TINY_MODEL
+
+    cfg = ModelConfig.preset("nano", **{k: v for k, v in TINY_MODEL.items() if k != "preset"}, vocab_size=64)
+    stage = V4Stage(cfg, pp_rank=0, pp_size=1)
+    stage.init_weights(0)
+    optimizer = build_optimizer(list(stage.named_parameters()), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    storage = Storage(str(tmp_path))
+    full = checkpoint.shard_state(stage, optimizer)
+    assert {f"optim.{n}.exp_avg" for n, _ in stage.named_parameters()} <= set(full)  # state for every parameter
+    model_only = {k: v for k, v in full.items() if k.startswith("model.")}
+    dcp.save(model_only, storage_writer=storage.dcp_writer("model-only"))
+    before = {k: v.clone() for k, v in stage.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"checkpoint lacks optim\..*exp_avg"):
+        checkpoint.load_shards(storage, "model-only", stage, optimizer)
+    assert all(torch.equal(before[k], v) for k, v in stage.state_dict().items())  # nothing half-loaded
+
+
+def test_inspect_lists_tensors(storage):
+    final = checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    info = checkpoint.inspect(storage, final)
+    assert info["train_state"]["step"] == 10
+    assert {"name": "w", "shape": [64], "dtype": "torch.float32"} in info["tensors"]

@@ -3,6 +3,8 @@ parity across pipeline/data-parallel layouts, and exact resume from a committed 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -46,8 +48,8 @@ def test_resume_from_checkpoint_is_bitwise(rank_pool, tiny_dataset, tmp_path):
     committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
     assert committed == [3, 6]
 
-    resumed, revents, sup = run_job(rank_pool, job, tmp_path / "resumed",
-                                    resume_from=tmp_path / "straight" / "step_00000003")
+    shutil.copytree(tmp_path / "straight" / "step_00000003", tmp_path / "resumed" / "step_00000003")
+    resumed, revents, sup = run_job(rank_pool, job, tmp_path / "resumed", resume_from="step_00000003")
     assert revents[0]["event"] == "start" and revents[0]["step"] == 3
     assert [m["step"] for m in resumed] == [4, 5, 6]
     for a, b in zip(straight[3:], resumed, strict=True):
@@ -69,5 +71,7 @@ def test_resume_refuses_checkpoint_of_another_model(rank_pool, tiny_dataset, tmp
     run_job(rank_pool, job, tmp_path / "a")
     other = tiny_job(tiny_dataset, train={"steps": 2})
     other["model"]["moe_inter_dim"] = 32
-    with pytest.raises(AssertionError, match="saved for model"):
-        run_job(rank_pool, other, tmp_path / "b", resume_from=tmp_path / "a" / "step_00000001")
+    shutil.copytree(tmp_path / "a" / "step_00000001", tmp_path / "b" / "step_00000001")
+    _, events, sup = run_job(rank_pool, other, tmp_path / "b", resume_from="step_00000001", expect_failure=True)
+    assert "saved for model" in str(sup.failure)
+    assert [e["event"] for e in events] == ["failure"]

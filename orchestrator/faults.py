@@ -1,0 +1,110 @@
+"""Fault injection for tests and recovery drills: ``--inject-fault KIND@STEP[:rank=R]`` (or ``faults:`` in the job).
+
+Kinds (``STEP`` is the 1-based optimizer step; ``rank`` defaults to 0):
+
+==========================  ============================================================================
+``kill``                    the rank SIGKILLs itself at the start of the step (peers block in collectives)
+``raise``                   the rank raises RuntimeError at the start of the step
+``stall``                   the rank sleeps forever at the start of the step, without dying
+``nan_grad``                one gradient element of the rank becomes NaN after the backward of the step
+``kill_during_save``        the rank SIGKILLs itself after writing its shards of the checkpoint taken after
+                            the step; with ``rank=supervisor`` the supervisor kills itself between the
+                            last shard and ``COMMIT``
+``kill_during_upload``      the rank SIGKILLs itself in the middle of writing its shard file of that
+                            checkpoint (half the bytes handed to the storage layer)
+==========================  ============================================================================
+
+Each fault fires once: after a recovery the supervisor passes on only the faults that have not fired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+__all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "die", "stall_forever", "dying_writer"]
+
+KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload")
+SUPERVISOR = -1
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: ``kind`` at optimizer ``step`` on ``rank`` (SUPERVISOR = the supervisor)."""
+
+    kind: str
+    step: int
+    rank: int = 0
+
+    def __str__(self) -> str:
+        who = "supervisor" if self.rank == SUPERVISOR else str(self.rank)
+        return f"{self.kind}@{self.step}:rank={who}"
+
+
+def parse_fault(text: str) -> Fault:
+    """Parse ``KIND@STEP[:rank=R]``; raises ValueError saying what is wrong."""
+    head, _, tail = text.partition(":")
+    kind, at, step = head.partition("@")
+    if kind not in KINDS:
+        raise ValueError(f"{text!r}: unknown fault kind {kind!r} (one of {', '.join(KINDS)})")
+    if not at or not step.isdigit() or int(step) < 1:
+        raise ValueError(f"{text!r}: expected KIND@STEP with STEP >= 1")
+    rank = 0
+    if tail:
+        key, eq, value = tail.partition("=")
+        if key != "rank" or not eq:
+            raise ValueError(f"{text!r}: expected ':rank=R' after the step")
+        if value == "supervisor":
+            if kind != "kill_during_save":
+                raise ValueError(f"{text!r}: only kill_during_save can target the supervisor")
+            rank = SUPERVISOR
+        elif value.isdigit():
+            rank = int(value)
+        else:
+            raise ValueError(f"{text!r}: rank must be a non-negative integer or 'supervisor'")
+    return Fault(kind, int(step), rank)
+
+
+def die() -> None:
+    """SIGKILL this process: no cleanup, no exception, exactly like an OOM kill or a lost node."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall_forever() -> None:
+    """Block without dying and without consuming CPU."""
+    while True:
+        time.sleep(3600)
+
+
+class _HalfThenDie:
+    """A writable stream that passes on half of the first write, then kills the process."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._stream.write(view[: max(1, len(view) // 2)])
+        self._stream.flush()
+        die()
+        return 0  # unreachable
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def dying_writer(writer):
+    """Wrap a DCP fsspec storage writer so the first shard write dies halfway (``kill_during_upload``)."""
+    fs = writer.fs
+    create_stream = fs.create_stream
+
+    @contextlib.contextmanager
+    def patched(path, mode):
+        with create_stream(path, mode) as stream:
+            yield _HalfThenDie(stream) if "w" in mode and not str(path).endswith("metadata") else stream
+
+    fs.create_stream = patched
+    return writer

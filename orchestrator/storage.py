@@ -1,0 +1,144 @@
+"""Checkpoint storage on a local path or ``s3://bucket/prefix``, through fsspec (s3fs for S3).
+
+The one module that knows how files reach a checkpoint root: the commit protocol in
+``orchestrator/checkpoint.py`` calls only these operations, and the DCP shard writers/readers come from
+here too (torch's fsspec writer lives in a private module, ``torch.distributed.checkpoint._fsspec_filesystem``,
+in torch 2.13: imported in this one place).
+
+S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
+credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
+so they never appear in ``job.yaml``, events or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+
+from fsspec.core import url_to_fs
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+__all__ = ["Storage", "CREDENTIAL_ENV_VARS"]
+
+# Variables a rank needs to reach S3; forwarded to rank processes, never logged.
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+
+
+class Storage:
+    """A checkpoint root. Paths passed to methods are relative to the root, ``/``-separated.
+
+    Args:
+        root: a local directory or ``s3://bucket/prefix``.
+        endpoint_url: S3 endpoint (e.g. a MinIO or moto server); None for AWS or local paths.
+        region: S3 region name, or None.
+    """
+
+    def __init__(self, root: str, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+        self.url = root.rstrip("/") if "://" in root else os.path.abspath(root)
+        self.options: dict = {}
+        if self.url.startswith("s3://"):
+            client = {k: v for k, v in (("endpoint_url", endpoint_url), ("region_name", region)) if v}
+            if client:
+                self.options = {"client_kwargs": client}
+        self.fs, self._root = url_to_fs(self.url, **self.options)
+        self.is_local = self.fs.protocol in ("file", ("file", "local"))
+        if self.is_local:
+            os.makedirs(self._root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url})"
+
+    # ---------------------------------------------------------------- paths
+    def _path(self, rel: str = "") -> str:
+        return posixpath.join(self._root, rel) if rel else self._root
+
+    def url_of(self, rel: str) -> str:
+        """The full URL (or absolute local path) of ``rel``, for messages and DCP."""
+        return posixpath.join(self.url, rel)
+
+    # ---------------------------------------------------------------- queries
+    def refresh(self) -> None:
+        """Forget cached listings: other processes (the ranks) write here too."""
+        self.fs.invalidate_cache()
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and directories); empty if it does not exist."""
+        self.refresh()
+        path = self._path(rel)
+        if not self.fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+    def files(self, rel: str) -> dict[str, int]:
+        """Every file under ``rel`` (recursively) as {path relative to ``rel``: size in bytes}."""
+        self.refresh()
+        base = self._path(rel).rstrip("/") + "/"
+        found = self.fs.find(self._path(rel), detail=True)
+        return {p[len(base):] if p.startswith(base) else p: int(info["size"]) for p, info in found.items()}
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open(self._path(rel), "r") as f:
+            return f.read()
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self._path(rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # ---------------------------------------------------------------- writes
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a small file so that readers see the old content or the new, never a torn one.
+
+        Locally: a temporary file, fsync, then an atomic rename. On S3 one PUT is already atomic.
+        """
+        path = self._path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, text.encode())
+
+    def makedirs(self, rel: str) -> None:
+        if self.is_local:
+            os.makedirs(self._path(rel), exist_ok=True)
+
+    def remove(self, rel: str) -> None:
+        """Delete ``rel`` and everything under it (no error if absent)."""
+        path = self._path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.refresh()
+
+    def publish(self, src: str, dst: str) -> None:
+        """Move directory ``src`` to ``dst`` (which must not exist).
+
+        Locally an atomic rename. On S3 a server-side copy of every object, then deletion of ``src``; not
+        atomic, which is why COMMIT is written into ``dst`` only after this returns.
+        """
+        if self.is_local:
+            os.replace(self._path(src), self._path(dst))
+            return
+        for rel in self.files(src):
+            self.fs.copy(self._path(f"{src}/{rel}"), self._path(f"{dst}/{rel}"))
+        self.remove(src)
+
+    # ---------------------------------------------------------------- DCP
+    def dcp_writer(self, rel: str) -> FsspecWriter:
+        """A DCP storage writer into directory ``rel``."""
+        return FsspecWriter(self.url_of(rel), **self.options)
+
+    def dcp_reader(self, rel: str) -> FsspecReader:
+        """A DCP storage reader of directory ``rel``."""
+        return FsspecReader(self.url_of(rel), **self.options)

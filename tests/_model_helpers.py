@@ -1,0 +1,30 @@
+"""Small shared builders for the model tests (not a test module)."""
+
+import torch
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layout import SequenceContext
+
+WINDOW = 4
+
+
+def small_cfg(**overrides):
+    """A tiny config whose layers 0..4 are SWA, CSA (m=4), HCA (m'=8), CSA, SWA (MTP)."""
+    base = dict(dim=32, n_heads=4, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=16,
+                window=WINDOW, index_n_heads=2, index_head_dim=8, index_topk=3, compress_ratios=(0, 4, 8, 4, 0))
+    return ModelConfig.preset("nano", **{**base, **overrides})
+
+
+def make_attention(layer_idx=0, seed=0, **overrides):
+    """Attention of ``small_cfg`` layer ``layer_idx`` with every parameter ~ N(0, 0.3)."""
+    attn = Attention(small_cfg(**overrides), layer_idx=layer_idx)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return attn
+
+
+def run(attn, x, pos, mode="dense"):
+    return attn(x, SequenceContext(pos, torch.zeros_like(pos), attention_mode=mode))

@@ -1,0 +1,44 @@
+"""The ``kernels`` dispatch: cheap import, reference on CPU without the interpreter, mode reloads (issue 4).
+
+Shape letters: B batch, T tokens, H heads, D head dim, N KV entries, K entries per token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import kernels
+from kernels import reference
+
+
+def test_import_is_cheap_and_needs_no_triton():
+    """Every rank imports ``kernels`` through the model: it must not import triton or touch a GPU driver."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert callable(kernels.sparse_attention) and callable(kernels.indexer_topk); "
+            "assert kernels.reference.sparse_attention")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(kernels.__file__))), timeout=120)
+
+
+def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 6, 2, 8, generator=g), torch.randn(1, 9, 8, generator=g)
+    sink, idx = torch.randn(2, generator=g), torch.randint(-1, 9, (1, 6, 5), generator=g, dtype=torch.int32)
+    assert torch.equal(kernels.sparse_attention(q, kv, sink, idx, 0.3), reference.sparse_attention(q, kv, sink, idx, 0.3))
+    qi, ki, w = torch.randn(1, 12, 2, 8, generator=g), torch.randn(1, 3, 8, generator=g), torch.randn(1, 12, 2, generator=g)
+    got, want = kernels.indexer_topk(qi, ki, w, 4, 2), reference.indexer_topk(qi, ki, w, 4, 2)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
+
+
+def test_triton_modules_rebuild_for_the_requested_mode():
+    """Interpreter build for the interpreter tests, JIT build for the sm_90 compile check, in one process."""
+    assert kernels.triton_module("triton_attention", interpret=True).INTERPRETED
+    assert not kernels.triton_module("triton_attention", interpret=False).INTERPRETED
+    assert kernels.triton_module("triton_indexer", interpret=False) is kernels.triton_module(
+        "triton_indexer", interpret=False)

@@ -1,0 +1,363 @@
+"""CSA / HCA layers and the Lightning Indexer: block layout per document, compressor pooling (incl. the
+first block's padding), the visibility rule (j+1)*m <= t+1, causality, a brute-force full masked
+attention reference in both modes, indexer top-k range and KL target (spec 3.2-3.4, 0.1, 10.3)."""
+
+import pytest
+import torch
+
+from model.indexer import indexer_kl, indexer_scores
+from model.layout import SequenceContext, compressed_layout, segment_bounds
+from model.rope import apply_rope, rope_angles
+from model.sparse_core import indexer_topk
+from _model_helpers import make_attention, run
+
+CSA, HCA = 1, 2  # layer indices of small_cfg: ratios 4 and 8
+
+
+def _docs_positions(lengths, B=2):
+    return torch.cat([torch.arange(n) for n in lengths]).repeat(B, 1)
+
+
+def _x(B, T, seed=1):
+    return torch.randn(B, T, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------- layout
+def _brute_entries(pos_row, m):
+    """[(first token, doc start)] of every complete block of every document, in token order."""
+    T = len(pos_row)
+    starts = [t for t in range(T) if t == 0 or pos_row[t] != pos_row[t - 1] + 1]
+    bounds = list(zip(starts, starts[1:] + [T]))
+    return [(s + j * m, s) for s, e in bounds for j in range((e - s) // m)]
+
+
+@pytest.mark.parametrize("m", [4, 8])
+def test_layout_aligns_blocks_to_documents_and_follows_the_visibility_rule(m):
+    pos = torch.stack([_docs_positions([13, 7, 20], 1)[0], _docs_positions([40], 1)[0]])
+    start, end = segment_bounds(pos)
+    lay = compressed_layout(pos, start, end, m)
+    assert lay.n_slots == 40 // m
+    for b in range(2):
+        entries = _brute_entries(pos[b].tolist(), m)
+        n = len(entries)
+        assert lay.starts_BN[b, :n].tolist() == [s for s, _ in entries]
+        assert (lay.starts_BN[b, n:] == 40).all() and lay.valid_BN[b].sum() == n
+        assert lay.positions_BN[b, :n].tolist() == [int(pos[b, s]) for s, _ in entries]  # RoPE restarts per doc
+        assert lay.has_prev_BN[b, :n].tolist() == [s - d >= m for s, d in entries]
+        for t in range(40):
+            doc = int(start[b, t])
+            local = t - doc
+            visible = [i for i, (s, d) in enumerate(entries) if d == doc and ((s - d) // m + 1) * m <= local + 1]
+            got = list(range(int(lay.lo_BT[b, t]), int(lay.hi_BT[b, t])))
+            assert got == visible, (b, t)
+            dense = lay.dense_indices()[b, t]
+            assert dense[dense >= 0].tolist() == visible
+    # a 13-token document at m = 4 keeps 3 blocks; its last token only reaches the window
+    if m == 4:
+        assert lay.starts_BN[0, :4].tolist() == [0, 4, 8, 13]
+
+
+def test_fewer_tokens_than_a_block_means_no_compressed_entries():
+    attn = make_attention(HCA)  # m' = 8
+    x, pos = _x(2, 6), _docs_positions([6])
+    lay = SequenceContext(pos, pos).layout(8)
+    assert lay.n_slots == 0 and lay.dense_indices().shape == (2, 6, 0)
+    swa_like = run(attn, x, pos)
+    assert swa_like.shape == (2, 6, 32) and torch.isfinite(swa_like).all()
+
+
+# ------------------------------------------------------------------------------------ compressor
+def _compressor_inputs(attn, x, pos):
+    ctx = SequenceContext(pos, pos)
+    lay = ctx.layout(attn.ratio)
+    cos, sin = rope_angles(lay.positions_BN, attn.rope_freqs)
+    return lay, attn.compressor(x, lay, cos, sin)
+
+
+def test_hca_entry_pools_exactly_its_own_block():
+    attn = make_attention(HCA)
+    x, pos = _x(1, 24), _docs_positions([24], 1)
+    lay, entries = _compressor_inputs(attn, x, pos)
+    comp = attn.compressor
+    j, m = 1, 8
+    tokens = x[0, j * m:(j + 1) * m]
+    kv, z = comp.wkv(tokens), comp.wgate(tokens) + comp.ape
+    pooled = (kv * z.softmax(dim=0)).sum(0)
+    cos, sin = rope_angles(torch.tensor([[j * m]]), attn.rope_freqs)
+    expected = apply_rope(comp.norm(pooled).view(1, 1, -1), cos, sin)[0, 0]
+    torch.testing.assert_close(entries[0, j], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer, reach", [(HCA, (0, 1)), (CSA, (-1, 1))])
+def test_entry_depends_on_its_block_and_for_csa_the_previous_one(layer, reach):
+    attn = make_attention(layer)
+    m = attn.ratio
+    x, pos = _x(1, 4 * m), _docs_positions([4 * m], 1)
+    _, base = _compressor_inputs(attn, x, pos)
+    for s in range(4 * m):
+        x2 = x.clone()
+        x2[0, s] += 1.0
+        _, moved = _compressor_inputs(attn, x2, pos)
+        changed = [j for j in range(4) if not torch.equal(moved[0, j], base[0, j])]
+        block = s // m
+        expected = [j for j in range(4) if block - reach[1] < j <= block - reach[0]]
+        assert changed == expected, (s, changed)
+
+
+def test_csa_first_block_pads_the_overlap_series():
+    # entry 0 of a document uses only its own block's current (a) series: the b-part is -inf / 0
+    attn = make_attention(CSA)
+    comp = attn.compressor
+    c = comp.head_dim
+    x, pos = _x(1, 16), _docs_positions([16], 1)
+    _, entries = _compressor_inputs(attn, x, pos)
+    tokens = x[0, :4]
+    kv_a, z_a = comp.wkv(tokens)[:, c:], comp.wgate(tokens)[:, c:] + comp.ape[:, c:]
+    cos, sin = rope_angles(torch.zeros(1, 1, dtype=torch.long), attn.rope_freqs)
+    expected = apply_rope(comp.norm((kv_a * z_a.softmax(0)).sum(0)).view(1, 1, -1), cos, sin)[0, 0]
+    torch.testing.assert_close(entries[0, 0], expected, rtol=1e-5, atol=1e-6)
+    # and a second document's first entry does not reach back into the first document
+    pos2 = _docs_positions([6, 10], 1)
+    _, e2 = _compressor_inputs(attn, x, pos2)
+    x3 = x.clone()
+    x3[0, 4:6] += 3.0  # the tail of document 1, directly before document 2's first block
+    _, e3 = _compressor_inputs(attn, x3, pos2)
+    assert torch.equal(e2[0, 1], e3[0, 1])  # document 2, entry 0 (slot 1; document 1 has one block)
+
+
+# ------------------------------------------------------------------------------- visibility, causality
+@pytest.mark.parametrize("layer, mode", [(HCA, "dense"), (CSA, "dense")])
+def test_visibility_rule_through_the_layer_with_a_one_token_window(layer, mode):
+    # window 1: query t sees itself plus the visible compressed entries only, so token s < t can move
+    # output t iff s lies in a block j with (j+1)*m <= t+1 (or, for CSA, in block j-1 of such a j)
+    attn = make_attention(layer, window=1)
+    m, T = attn.ratio, 4 * attn.ratio
+    x, pos = _x(1, T), _docs_positions([T], 1)
+    base = run(attn, x, pos, mode)
+    for s in range(0, T - 1, max(1, m // 4)):
+        x2 = x.clone()
+        x2[0, s] += 2.0
+        moved = run(attn, x2, pos, mode)
+        for t in range(s + 1, T):
+            visible_blocks = range((t + 1) // m)
+            reach = {j for j in visible_blocks} | ({j - 1 for j in visible_blocks if j > 0} if attn.kind == "csa" else set())
+            assert (not torch.equal(moved[0, t], base[0, t])) == (s // m in reach), (s, t)
+
+
+@pytest.mark.parametrize("layer, mode", [(CSA, "dense"), (CSA, "sparse"), (CSA, "indexer_warmup"), (HCA, "dense")])
+def test_compressed_layers_are_causal(layer, mode):
+    attn = make_attention(layer)
+    attn.train()
+    x, pos = _x(2, 40), _docs_positions([17, 23])
+    y = run(attn, x, pos, mode)
+    for t0 in (9, 17, 30):
+        x2 = x.clone()
+        x2[:, t0:] += torch.randn(2, 40 - t0, 32)
+        y2 = run(attn, x2, pos, mode)
+        torch.testing.assert_close(y2[:, :t0], y[:, :t0], rtol=0, atol=1e-6)
+        assert not torch.allclose(y2[:, t0:], y[:, t0:])
+
+
+@pytest.mark.parametrize("layer, mode", [(CSA, "dense"), (CSA, "sparse"), (HCA, "dense")])
+def test_documents_are_compressed_and_attended_on_their_own(layer, mode):
+    attn = make_attention(layer)
+    x, pos = _x(2, 40), _docs_positions([17, 23])
+    y = run(attn, x, pos, mode)
+    x2 = x.clone()
+    x2[:, :17] += torch.randn(2, 17, 32)
+    torch.testing.assert_close(run(attn, x2, pos, mode)[:, 17:], y[:, 17:], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- brute-force reference
+def _reference_entries(comp, x_row, pos_row, m, freqs):
+    """Every complete block of every document, pooled with explicit per-channel softmaxes."""
+    c = comp.head_dim
+    kv_all, z_all = comp.wkv(x_row), comp.wgate(x_row)
+    out = []
+    for s, d in _brute_entries(pos_row.tolist(), m):
+        slots = torch.arange(m)
+        if comp.overlap:
+            kv_cur, z_cur = kv_all[s:s + m, c:], z_all[s:s + m, c:] + comp.ape[:, c:]
+            if s - d >= m:
+                kv_prev, z_prev = kv_all[s - m:s, :c], z_all[s - m:s, :c] + comp.ape[:, :c]
+                kv_cur, z_cur = torch.cat([kv_prev, kv_cur]), torch.cat([z_prev, z_cur])
+        else:
+            kv_cur, z_cur = kv_all[s + slots], z_all[s + slots] + comp.ape
+        pooled = (kv_cur * z_cur.softmax(dim=0)).sum(0)
+        cos, sin = rope_angles(pos_row[s].view(1, 1), freqs)
+        out.append((s, d, apply_rope(comp.norm(pooled).view(1, 1, c), cos, sin)[0, 0]))
+    return out
+
+
+def _reference_layer(attn, x, pos, mode):
+    """The whole layer with a [T, T + entries] masked softmax per row (test-size only)."""
+    B, T, _ = x.shape
+    H, C, W, m = attn.n_heads, attn.head_dim, attn.window, attn.ratio
+    cos, sin = rope_angles(pos, attn.rope_freqs)
+    qr = attn.q_norm(attn.wq_a(x))
+    q = attn.wq_b(qr).unflatten(-1, (H, C))
+    q = apply_rope(q * torch.rsqrt(q.square().mean(-1, keepdim=True) + attn.eps), cos, sin)
+    kv = apply_rope(attn.kv_norm(attn.wkv(x)), cos, sin)
+    out = torch.zeros(B, T, H, C)
+    picked = []
+    for b in range(B):
+        doc = [t - int(pos[b, t]) for t in range(T)]
+        entries = _reference_entries(attn.compressor, x[b], pos[b], m, attn.rope_freqs) if m else []
+        keys = torch.cat([kv[b], torch.stack([e for _, _, e in entries])]) if entries else kv[b]
+        allowed = torch.zeros(T, keys.shape[0], dtype=torch.bool)
+        if attn.kind == "csa" and mode == "sparse":
+            ik = _reference_entries(attn.indexer.compressor, x[b], pos[b], m, attn.rope_freqs)
+            qi = apply_rope(attn.indexer.wq_b(qr[b:b + 1]).unflatten(-1, (-1, attn.indexer.head_dim)),
+                            cos[b:b + 1], sin[b:b + 1])[0]
+            w = attn.indexer.weights_proj(x[b]) * attn.indexer.weight_scale
+        for t in range(T):
+            for j in range(max(0, t - W + 1), t + 1):
+                allowed[t, j] = doc[j] == doc[t]
+            visible = [i for i, (s, d, _) in enumerate(entries) if d == doc[t] and s + m - 1 <= t]
+            if attn.kind == "csa" and mode == "sparse" and visible:
+                scores = torch.stack([(w[t] * (qi[t] @ ik[i][2]).relu()).sum() for i in visible])
+                top = scores.topk(min(attn.indexer.topk, len(visible))).values
+                picked.append((b, t, top, {visible[i]: float(scores[i]) for i in range(len(visible))}))
+                continue  # the selection itself is checked against the efficient path below
+            for i in visible:
+                allowed[t, T + i] = True
+        logits = torch.einsum("thc,nc->thn", q[b], keys) * C ** -0.5
+        out[b] = _masked_softmax_out(logits, allowed, keys, attn.attn_sink)
+    return q, kv, out, picked
+
+
+def _masked_softmax_out(logits, allowed, keys, sink):
+    e = torch.where(allowed.unsqueeze(1), logits.exp(), 0.0)
+    p = e / (e.sum(-1, keepdim=True) + sink.view(1, -1, 1).exp())
+    return torch.einsum("thn,nc->thc", p, keys)
+
+
+def _finish(attn, o, pos):
+    B, T = pos.shape
+    cos, sin = rope_angles(pos, attn.rope_freqs)
+    o = apply_rope(o, cos, sin, inverse=True).reshape(B, T, attn.o_groups, -1)
+    wo_a = attn.wo_a.weight.view(attn.o_groups, attn.o_lora_rank, -1)
+    return attn.wo_b(torch.einsum("btgi,gri->btgr", o, wo_a).flatten(2))
+
+
+@pytest.mark.parametrize("layer", [0, CSA, HCA])
+def test_efficient_layer_equals_brute_force_reference_in_dense_mode(layer):
+    attn = make_attention(layer)
+    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    with torch.no_grad():
+        got = run(attn, x, pos, "dense")
+        _, _, o, _ = _reference_layer(attn, x, pos, "dense")
+        torch.testing.assert_close(got, _finish(attn, o, pos), rtol=1e-5, atol=1e-5)
+
+
+def test_efficient_layer_equals_brute_force_reference_in_sparse_mode():
+    attn = make_attention(CSA, index_topk=3)
+    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    ctx = SequenceContext(pos, pos, attention_mode="sparse")
+    with torch.no_grad():
+        got = attn(x, ctx)
+        # the efficient selection, checked against brute-force scores (values, so ties cannot matter)
+        lay = ctx.layout(4)
+        cos, sin = rope_angles(pos, attn.rope_freqs)
+        cos_n, sin_n = rope_angles(lay.positions_BN, attn.rope_freqs)
+        qr = attn.q_norm(attn.wq_a(x))
+        slots = attn.indexer.select(*attn.indexer.project(x, qr, (cos, sin), lay, (cos_n, sin_n)), lay)
+        q, kv, _, picked = _reference_layer(attn, x, pos, "sparse")
+        for b, t, top, score_of in picked:
+            chosen = [int(s) for s in slots[b, t] if s >= 0]
+            assert len(chosen) == len(top) and len(set(chosen)) == len(chosen)
+            got_scores = sorted((score_of[s] for s in chosen), reverse=True)  # KeyError if invisible
+            torch.testing.assert_close(torch.tensor(got_scores), top, rtol=1e-5, atol=1e-6)
+        # the attention over window + the chosen entries, written out densely
+        out = torch.zeros_like(q)
+        for b in range(2):
+            entries = _reference_entries(attn.compressor, x[b], pos[b], 4, attn.rope_freqs)
+            keys = torch.cat([kv[b], torch.stack([e for _, _, e in entries])])
+            doc = [t - int(pos[b, t]) for t in range(37)]
+            allowed = torch.zeros(37, keys.shape[0], dtype=torch.bool)
+            for t in range(37):
+                for j in range(max(0, t - attn.window + 1), t + 1):
+                    allowed[t, j] = doc[j] == doc[t]
+                for s in slots[b, t]:
+                    if s >= 0:
+                        allowed[t, 37 + int(s)] = True
+            logits = torch.einsum("thc,nc->thn", q[b], keys) * attn.head_dim ** -0.5
+            out[b] = _masked_softmax_out(logits, allowed, keys, attn.attn_sink)
+        torch.testing.assert_close(got, _finish(attn, out, pos), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_equals_dense_when_top_k_covers_every_visible_entry():
+    attn = make_attention(CSA, index_topk=64)
+    x, pos = _x(2, 40), _docs_positions([17, 23])
+    with torch.no_grad():
+        torch.testing.assert_close(run(attn, x, pos, "sparse"), run(attn, x, pos, "dense"), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ indexer
+def test_indexer_topk_stays_in_the_visible_range_and_matches_brute_force():
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, D, N = 2, 50, 3, 8, 12
+    q, k, w = torch.randn(B, T, H, D, generator=gen), torch.randn(B, N, D, generator=gen), torch.rand(B, T, H, generator=gen)
+    lo = torch.randint(0, 4, (B, T), generator=gen)
+    hi = (lo + torch.randint(0, 9, (B, T), generator=gen)).clamp(max=N)
+    picks = indexer_topk(q, k, w, lo, hi, topk=5)
+    assert picks.shape == (B, T, 5)
+    scores = torch.einsum("bthd,bnd->bthn", q, k).relu().mul(w.unsqueeze(-1)).sum(2)
+    for b in range(B):
+        for t in range(T):
+            chosen = [int(s) for s in picks[b, t] if s >= 0]
+            assert all(lo[b, t] <= s < hi[b, t] for s in chosen)
+            n_visible = int(hi[b, t] - lo[b, t])
+            assert len(chosen) == min(5, n_visible) and len(set(chosen)) == len(chosen)
+            want = scores[b, t, lo[b, t]:hi[b, t]].topk(min(5, n_visible)).values
+            torch.testing.assert_close(scores[b, t, chosen].sort(descending=True).values, want)
+    assert indexer_topk(q, k[:, :2], w, lo.clamp(max=2), hi.clamp(max=2), topk=5).shape == (B, T, 2)  # k = min(topk, N)
+
+
+def test_indexer_kl_target_sums_to_one_and_the_loss_is_a_kl():
+    gen = torch.Generator().manual_seed(8)
+    slots = torch.tensor([[[0, 1, 2, -1], [3, -1, -1, -1], [-1, -1, -1, -1]]])
+    mass = torch.rand(1, 3, 4, generator=gen)
+    score = torch.randn(1, 3, 4, generator=gen).masked_fill(slots < 0, float("-inf")).requires_grad_()
+    loss = indexer_kl(score, mass, slots)
+    # by hand: p = mass / sum over valid slots (sums to 1), KL(p || softmax(score)) per row, mean over rows 0-1
+    rows = []
+    for r, n in ((0, 3), (1, 1)):
+        p = mass[0, r, :n] / mass[0, r, :n].sum()
+        assert float(p.sum()) == pytest.approx(1.0)
+        rows.append((p * (p.log() - score[0, r, :n].log_softmax(0))).sum())
+    torch.testing.assert_close(loss, torch.stack(rows).mean())
+    loss.backward()
+    assert torch.isfinite(score.grad).all() and score.grad[0, 1, 0] == 0  # one slot: KL is 0 whatever the score
+    # equal distributions: zero loss
+    same = indexer_kl(mass.log().masked_fill(slots < 0, float("-inf")), mass, slots)
+    assert abs(float(same)) < 1e-6
+
+
+def test_indexer_scores_at_slots_match_the_formula():
+    gen = torch.Generator().manual_seed(9)
+    q, k, w = torch.randn(1, 4, 2, 8, generator=gen), torch.randn(1, 5, 8, generator=gen), torch.randn(1, 4, 2, generator=gen)
+    slots = torch.tensor([[[4, 0], [1, -1], [2, 3], [-1, -1]]])
+    s = indexer_scores(q, k, w, slots)
+    assert s[0, 1, 1] == float("-inf") and s[0, 3].isinf().all()
+    torch.testing.assert_close(s[0, 2, 1], (w[0, 2] * (q[0, 2] @ k[0, 3]).relu()).sum())
+
+
+@pytest.mark.parametrize("mode", ["sparse", "indexer_warmup"])
+def test_indexer_learns_only_from_its_kl_and_the_rest_only_from_the_output(mode):
+    attn = make_attention(CSA)
+    attn.train()
+    x, pos = _x(2, 40), _docs_positions([17, 23])
+    ctx = SequenceContext(pos, pos, attention_mode=mode, aux_loss_scale=0.5)
+    y = attn(x, ctx)
+    kl = attn.aux_log["indexer_loss"][-1]
+    assert kl > 0
+    if mode == "indexer_warmup":
+        assert 0 < float(attn.aux_log["indexer_recall"][-1]) <= 1
+    # d(y)/d(indexer) is zero except through the injected KL: backprop y * 0 -> only the KL's 0.5 remains
+    (y * 0).sum().backward()
+    for name, p in attn.named_parameters():
+        if name.startswith("indexer."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
