@@ -1,5 +1,97 @@
-"""Triton kernels for V4 sparse attention and the Lightning Indexer, with torch references.
+"""Kernels for V4 sparse attention and the Lightning Indexer: one dispatch over Triton and torch references.
 
-Empty until the kernels issue (issue 4) lands: the first-cut model computes sliding-window attention
-with its own torch path in ``model/attention.py``.
+The model calls only the functions here (spec 3.1, 3.3; DESIGN principle 11: every kernel has a torch
+twin and a parity test):
+
+* :func:`sparse_attention` ``(q [B,T,H,D], kv [B,N,D], attn_sink [H], indices [B,T,K], scale) -> [B,T,H,D]``
+* :func:`indexer_topk` ``(q [B,T,HI,DI], k [B,NC,DI], w [B,T,HI], ratio, topk, *, visible_start,
+  visible_end) -> IndexerTopK(indices [B,T,KK] int32, scores [B,T,KK] fp32)``, KK = min(topk, NC)
+
+Dispatch: the Triton kernels run for CUDA tensors, and for any tensors while ``TRITON_INTERPRET`` is
+set true (the interpreter then runs the real kernels on CPU); everything else takes
+``kernels.reference``. Semantics, shapes and errors are documented in :mod:`kernels.reference`.
+
+Importing this package imports only torch and the reference: Triton modules load on the first call
+that needs them. The mode they were built in (``@triton.jit`` picks JIT or interpreter when it runs)
+is checked on every call, and a module built in the other mode is reloaded, so flipping
+``TRITON_INTERPRET`` inside one process (tests) is honoured.
+
+Shape letters: B batch, T tokens, H heads, D head dim, N KV entries, K entries per token, HI indexer
+heads, DI indexer head dim, NC compressed entries, KK picks per token.
 """
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+from kernels.reference import IndexerTopK, causal_bounds, document_bounds
+
+__all__ = ["sparse_attention", "indexer_topk", "reference", "IndexerTopK", "causal_bounds", "document_bounds",
+           "interpret_requested", "triton_module"]
+
+_TRUE = ("1", "true", "on", "yes")
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, indices: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Sparse shared-KV attention with a sink; see :func:`kernels.reference.sparse_attention`."""
+    if q.is_cuda or interpret_requested():
+        return triton_module("triton_attention").sparse_attention(q, kv, attn_sink, indices, scale)
+    return reference.sparse_attention(q, kv, attn_sink, indices, scale)
+
+
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, ratio: int, topk: int, *,
+                 visible_start: torch.Tensor | None = None, visible_end: torch.Tensor | None = None,
+                 ) -> IndexerTopK:
+    """Lightning Indexer scores + top-k; see :func:`kernels.reference.indexer_topk`."""
+    impl = triton_module("triton_indexer") if (q.is_cuda or interpret_requested()) else reference
+    return impl.indexer_topk(q, k, w, ratio, topk, visible_start=visible_start, visible_end=visible_end)
+
+
+def interpret_requested() -> bool:
+    """True while ``TRITON_INTERPRET`` holds a true value (1/true/on/yes, as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def triton_module(name: str, interpret: bool | None = None) -> ModuleType:
+    """``kernels.<name>`` with its kernels built for ``interpret`` (default: the current environment).
+
+    Loads the module on first use; reloads it when it was built in the other mode. Triton's own
+    library is imported in JIT mode if nobody imported it before (so a later sm_90 compile in this
+    process works); building for the interpreter installs ``kernels._interp_patch`` (bf16 ``tl.dot``,
+    and interpreted twins of the library's JIT functions during launches).
+    """
+    interpret = interpret_requested() if interpret is None else interpret
+    full = f"{__name__}.{name}"
+    module = sys.modules.get(full)
+    if module is not None and module.INTERPRETED == interpret:
+        return module
+    if "triton.language" not in sys.modules:
+        with _env("TRITON_INTERPRET", "0"):
+            importlib.import_module("triton.language")
+    with _env("TRITON_INTERPRET", "1" if interpret else "0"):
+        if interpret:
+            from kernels import _interp_patch
+            _interp_patch.apply()
+        return importlib.reload(module) if module is not None else importlib.import_module(full)
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    """Set one environment variable for the duration of the block."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

@@ -203,12 +203,14 @@ class Supervisor:
             )
 
     def _recover(self) -> None:
+        """Count the restart and go back to STARTING from the newest committed checkpoint (or step 0)."""
         self.restarts += 1
         latest = checkpoint.latest_committed(self.storage)
         self.resume_from = latest
+        from_step = int(checkpoint.read_train_state(self.storage, latest)["step"]) if latest else 0
         if latest is None:
             self.step_count = self.consumed_tokens = self.consumed_samples = 0
-        self.telemetry.event("restart", self.step_count, restart=self.restarts, max_restarts=self.job.train.max_restarts,
+        self.telemetry.event("restart", from_step, restart=self.restarts, max_restarts=self.job.train.max_restarts,
                              from_checkpoint=self.storage.url_of(latest) if latest else None)
         self.phase = Phase.STARTING
 

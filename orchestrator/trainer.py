@@ -179,11 +179,12 @@ class RankTrainer:
         """
         if plan.step != self.step + 1:
             raise RuntimeError(f"rank {self.rank}: asked for step {plan.step} but at step {self.step}")
-        self.heartbeat = {"step": plan.step, "progress": 0, "phase": "start"}
         self._inject_at_step_start(plan.step)
+        self.heartbeat = {"step": plan.step, "progress": 0, "phase": "data"}
         start = time.perf_counter()
         batch = self.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = self._micro_batches(batch, plan.micro_batch_size)
+        self._beat("schedule")
         self.stage.aux_loss_scale = 1.0 / len(micro)
         self.optimizer.zero_grad(set_to_none=False)
         loss_dicts = self._run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)

@@ -143,3 +143,35 @@ def test_dispatch_uses_interpreter_here():
     """Under this module's fixture the dispatch runs the interpreter build of the Triton module."""
     assert kernels.interpret_requested()
     assert kernels.triton_module("triton_attention").INTERPRETED
+
+
+def test_triton_path_rejects_what_it_cannot_run():
+    q, kv, sink, idx = _inputs(1, 3, 2, 8, 5, 4, torch.float64, seed=0)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.sparse_attention(q, kv, sink, idx, 1.0)
+    q, kv, sink, idx = _inputs(1, 2, 2, 520, 5, 4, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.sparse_attention(q, kv, sink, idx, 1.0)
+
+
+# ---------------------------------------------------------------- the reference itself (plain torch)
+
+def test_reference_matches_a_per_row_loop():
+    """R eq. 27 with the sink, written out per (b, t, h) in fp64."""
+    q, kv, sink, idx = _inputs(2, 5, 3, 8, 9, 6, torch.float64, seed=2, p_pad=0.3)
+    idx[1, 2] = -1
+    out = reference.sparse_attention(q, kv, sink.double(), idx, 0.4)
+    for b in range(2):
+        for t in range(5):
+            rows = [int(j) for j in idx[b, t] if j >= 0]
+            for h in range(3):
+                z = torch.stack([0.4 * q[b, t, h] @ kv[b, j] for j in rows]) if rows else torch.zeros(0).double()
+                den = z.exp().sum() + sink[h].double().exp()
+                want = sum((z[i].exp() / den) * kv[b, j] for i, j in enumerate(rows)) if rows else torch.zeros(8)
+                assert torch.allclose(out[b, t, h], want.double(), atol=1e-12)
+
+
+def test_reference_gradcheck_fp64():
+    q, kv, sink, idx = _inputs(1, 4, 2, 6, 7, 5, torch.float64, seed=4)
+    leaves = [t.clone().requires_grad_(True) for t in (q, kv, sink.double())]
+    assert torch.autograd.gradcheck(lambda a, b, c: reference.sparse_attention(a, b, c, idx, 0.5), leaves)

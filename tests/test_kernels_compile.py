@@ -7,6 +7,8 @@ kernel (``pytest -s`` shows the table; a failure message carries it too).
 It runs ``python -m kernels.compile_check`` in a fresh process without ``TRITON_INTERPRET``: Triton's
 own library functions are built in whichever mode the first ``import triton.language`` of a process
 saw, and the JIT compiler needs the JIT build.
+
+Shape letters (in the table): H heads, D head dim, HI indexer heads, DI indexer head dim.
 """
 
 from __future__ import annotations

@@ -1,0 +1,89 @@
+"""C9: one rank fails (raises, is SIGKILLed, stalls); the supervisor detects it within a bound, names the
+rank, tears every actor down, restarts from the last committed checkpoint and reaches the same final
+losses as an unfailed run; past train.max_restarts the job ends with a clear error.
+Also C7's first half: a NaN gradient on one rank is caught by every rank and the step changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import run_job, tiny_job
+from orchestrator.faults import parse_fault
+from orchestrator.worker import WorkerGroup
+
+HEARTBEAT_TIMEOUT_S = 8.0
+
+
+def _fresh_workers(world: int):
+    """Each (re)start gets new actors, as in production: the failed group is killed."""
+    return lambda: WorkerGroup.create(world, HEARTBEAT_TIMEOUT_S, log_dir=None)
+
+
+def _job(dataset, **train):
+    return tiny_job(dataset, parallel={"pp": 2, "dp": 2},
+                    train={"steps": 6, "warmup_steps": 2, "max_restarts": 1, **train},
+                    checkpoint={"every_steps": 2, "at_end": False})
+
+
+@pytest.fixture(scope="module")
+def reference(rank_pool, tiny_dataset, tmp_path_factory):
+    metrics, _, _ = run_job(rank_pool, _job(tiny_dataset), tmp_path_factory.mktemp("ref"))
+    return {m["step"]: m for m in metrics}
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("kind, reported", [("raise", "exception"), ("kill", "died"), ("stall", "stall")])
+def test_c09_rank_failure_is_detected_and_recovered(reference, rank_pool, tiny_dataset, tmp_path, kind, reported):
+    metrics, events, sup = run_job(rank_pool, _job(tiny_dataset), tmp_path, faults=[parse_fault(f"{kind}@4:rank=2")],
+                                   make_workers=_fresh_workers(4))
+    names = [e["event"] for e in events]
+    failure = next(e for e in events if e["event"] == "failure")
+    restart = next(e for e in events if e["event"] == "restart")
+    assert (failure["rank"], failure["kind"], failure["step"]) == (2, reported, 3), failure
+    assert restart["step"] == 2 and restart["from_checkpoint"].endswith("step_00000002")
+    assert names.count("start") == 2 and names[-1] == "finish"
+    # Detection is bounded: immediate for an exception or a death, the heartbeat timeout for a stall.
+    last_step_before = max(m["time"] for m in events if m["event"] == "checkpoint_committed" and m["step"] == 2)
+    bound = 10.0 if kind != "stall" else HEARTBEAT_TIMEOUT_S + 10.0
+    assert failure["time"] - last_step_before < bound
+    # The recovered run continues to the same losses, bit for bit.
+    final = {m["step"]: m for m in metrics if m["restarts"] == 1}
+    assert sorted(final) == [3, 4, 5, 6]
+    for step, m in final.items():
+        assert m["loss"] == reference[step]["loss"] and m["grad_norm"] == reference[step]["grad_norm"], step
+    assert sup.restarts == 1
+
+
+@pytest.mark.timeout(420)
+def test_c09_second_failure_past_the_budget_ends_the_job(rank_pool, tiny_dataset, tmp_path):
+    faults = [parse_fault("raise@3:rank=2"), parse_fault("raise@5:rank=1")]
+    _, events, sup = run_job(rank_pool, _job(tiny_dataset), tmp_path, faults=faults,
+                             make_workers=_fresh_workers(4), expect_failure=True)
+    failures = [e for e in events if e["event"] == "failure"]
+    assert [(f["rank"], f["step"]) for f in failures] == [(2, 2), (1, 4)]
+    assert [e["event"] for e in events].count("restart") == 1
+    assert "injected fault raise@5 on rank 1" in str(sup.failure)
+
+
+@pytest.mark.timeout(300)
+def test_c07_nan_gradient_on_one_rank_skips_the_step_everywhere(rank_pool, tiny_dataset, tmp_path):
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 4, "warmup_steps": 2},
+                   checkpoint={"every_steps": 1, "at_end": False})
+    metrics, events, _ = run_job(rank_pool, job, tmp_path, faults=[parse_fault("nan_grad@3:rank=3")])
+    by_step = {m["step"]: m for m in metrics}
+    assert [by_step[s]["skipped"] for s in (1, 2, 3, 4)] == [False, False, True, False]
+    assert [(e["step"], e["consecutive"]) for e in events if e["event"] == "nonfinite_grad"] == [(3, 1)]
+    # No parameter, optimizer moment, step counter or expert bias changed during step 3, on any rank.
+    after2 = _tensors(tmp_path / "step_00000002", tmp_path / "2.pt")
+    after3 = _tensors(tmp_path / "step_00000003", tmp_path / "3.pt")
+    assert after2.keys() == after3.keys() and any(".gate.bias" in k for k in after2)
+    assert all(torch.equal(after2[k], after3[k]) for k in after2)
+    after4 = _tensors(tmp_path / "step_00000004", tmp_path / "4.pt")
+    assert not torch.equal(after3["model.head.weight"], after4["model.head.weight"])
+
+
+def _tensors(step_dir, out):
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=False)
