@@ -226,8 +226,9 @@ class RankTrainer:
         return metrics
 
     def _fingerprint(self, batch) -> int:
-        """crc32 of the global batch's tokens (summed over data-parallel slices): same data iff same value."""
-        crc = torch.tensor([zlib.crc32(np.ascontiguousarray(batch.input_ids).tobytes())], dtype=torch.int64)
+        """Sum over the global batch's sequences of their tokens' crc32: the same data (any layout) gives the same value."""
+        rows = np.ascontiguousarray(batch.input_ids)
+        crc = torch.tensor([sum(zlib.crc32(row.tobytes()) for row in rows)], dtype=torch.int64)
         if self.pctx.dp > 1:
             dist.all_reduce(crc, group=self.pctx.dp_group)
         return int(crc.item())

@@ -159,3 +159,19 @@ def s3_server():
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ckpts")
     yield {"endpoint_url": endpoint, "bucket": "ckpts"}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """A dataset of a few thousand tokens, so that a global batch of 8 x 64 tokens passes an epoch in a few steps."""
+    from data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    inputs = []
+    for i, text in enumerate(_stdlib_documents()[:4]):
+        path = root / f"doc{i}.txt"
+        path.write_text(text[:1200])
+        inputs.append(path)
+    out = root / "dataset"
+    prepare_dataset(out, inputs=inputs, vocab_size=300, val_fraction=0.2, seed=0)
+    return out

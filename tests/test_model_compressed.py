@@ -150,7 +150,7 @@ def test_compressed_layers_are_causal(layer, mode):
     attn.train()
     x, pos = _x(2, 40), _docs_positions([17, 23])
     y = run(attn, x, pos, mode)
-    for t0 in (9, 17, 30):
+    for t0 in (7, 9, 15, 17, 24, 32):  # 7, 15, 24 (= 17 + 7), 32 (= 17 + 15): one token past a block end
         x2 = x.clone()
         x2[:, t0:] += torch.randn(2, 40 - t0, 32)
         y2 = run(attn, x2, pos, mode)

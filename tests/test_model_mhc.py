@@ -95,3 +95,21 @@ def test_init_reads_the_mean_and_mixes_near_identity():
     torch.testing.assert_close(x, X.mean(2), rtol=0, atol=2e-3 * X.abs().max().item())
     torch.testing.assert_close(post, torch.ones_like(post), rtol=0, atol=1e-2)
     assert (comb.diagonal(dim1=-2, dim2=-1) > 0.9).all()
+
+
+def test_sinkhorn_closed_form_backward_equals_autograd_of_the_steps():
+    logits = (torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20, 1e-6), (logits,))
+
+    def plain(x):  # the steps written with autograd-tracked ops
+        c = x.softmax(-1) + 1e-6
+        c = c / (c.sum(-2, keepdim=True) + 1e-6)
+        for _ in range(19):
+            c = c / (c.sum(-1, keepdim=True) + 1e-6)
+            c = c / (c.sum(-2, keepdim=True) + 1e-6)
+        return c
+
+    g = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (ours,) = torch.autograd.grad(sinkhorn(logits, 20, 1e-6), logits, g)
+    (ref,) = torch.autograd.grad(plain(logits), logits, g)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)

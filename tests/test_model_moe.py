@@ -1,5 +1,6 @@
 """MoE: routing formula and bias, hash tables, clamped SwiGLU, dropless experts, balance loss, bias update."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,3 +168,34 @@ def test_an_expert_without_tokens_still_gets_a_zero_gradient():
     moe(x, torch.zeros(1, 4, dtype=torch.long)).sum().backward()
     assert torch.equal(moe.experts.experts["5"].w1.weight.grad, torch.zeros(8, 16))
     assert moe.experts.experts["0"].w1.weight.grad.abs().sum() + moe.experts.experts["1"].w1.weight.grad.abs().sum() > 0
+
+
+def test_routing_statistics_for_logging():
+    from model.moe import pop_moe_stats
+
+    cfg = _cfg(balance_loss_weight=0.0)
+    stage = nn.ModuleDict({"0": MoE(cfg, 0), "1": MoE(cfg, 1)})
+    _randomise(stage)
+    gen = torch.Generator().manual_seed(7)
+    x, tokens = torch.randn(1, 3, 16, generator=gen), torch.randint(0, 50, (1, 3), generator=gen)
+    assert pop_moe_stats(stage) == {}
+    with torch.no_grad():
+        stage["1"].gate.bias.copy_(torch.tensor([9.0, 9.0, 0.0, 0.0, 0.0, 0.0]))  # layer 1 uses experts 0, 1 only
+    stage.train()
+    for moe in stage.values():
+        moe(x, tokens)
+    per = {name: moe.load_counts.clone() for name, moe in stage.items()}
+    stats = pop_moe_stats(stage, per_layer=True)
+    assert stats["moe_dead_experts/1"] == 4 and per["1"].tolist() == [3, 3, 0, 0, 0, 0]
+    dead0 = int((per["0"] == 0).sum())
+    assert stats["moe_dead_experts"] == 4 + dead0
+    assert stats["moe_max_load/1"] == pytest.approx(3 / 1.0)  # 3 tokens on expert 0 vs a mean of 6 / 6
+    assert stats["moe_max_load"] == max(stats["moe_max_load/0"], stats["moe_max_load/1"])
+    with torch.no_grad():
+        route, route0 = (stage[k].gate(x.view(3, 16), tokens.view(3)) for k in ("1", "0"))
+    p = route.scores / route.scores.sum(-1, keepdim=True)
+    entropy1 = float(-(p * p.log()).sum(-1).mean())
+    p0 = route0.scores / route0.scores.sum(-1, keepdim=True)
+    entropy0 = float(-(p0 * p0.log()).sum(-1).mean())
+    assert stats["moe_router_entropy"] == pytest.approx((entropy0 + entropy1) / 2, rel=1e-5)
+    assert pop_moe_stats(stage) == {} and int(stage["1"].load_counts.sum()) == 0
