@@ -124,7 +124,8 @@ class CheckpointSpec(_Strict):
     ``root`` is a local directory or ``s3://bucket/prefix`` (default: the run directory); ``endpoint_url``
     and ``region`` locate a non-AWS S3 service. Credentials are never part of the spec: they come from the
     environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). ``keep`` (0 = all) limits how many
-    committed checkpoints stay.
+    committed checkpoints stay. With ``async_save`` ranks copy their state and write it in the background
+    while training continues; the checkpoint commits once every rank has persisted its shards.
     """
 
     every_steps: int = Field(default=0, ge=0)
@@ -133,6 +134,7 @@ class CheckpointSpec(_Strict):
     region: str | None = None
     keep: int = Field(default=0, ge=0)
     at_end: bool = True
+    async_save: bool = True
 
 
 class JobSpec(_Strict):

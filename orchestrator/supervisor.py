@@ -97,6 +97,7 @@ class Supervisor:
         self.failure: Exception | None = None
         self.val_loss: float | None = None
         self.consecutive_nonfinite = 0
+        self.pending_save: dict | None = None
 
     # ------------------------------------------------------------------ transitions
     def run(self) -> Phase:
@@ -131,6 +132,7 @@ class Supervisor:
 
     def _on_failure(self, exc: Exception, fields: dict) -> None:
         self.failure = exc
+        self.pending_save = None  # its attempt stays uncommitted; retention deletes it after a successor
         self.pending_faults = [f for f in self.pending_faults if not self._fired(f)]
         self.telemetry.event("failure", self.step_count, cause=str(exc), restarts=self.restarts, **fields)
         self._release_workers(abort=True)
@@ -224,6 +226,7 @@ class Supervisor:
         record.update(consumed_tokens=self.consumed_tokens, consumed_samples=self.consumed_samples,
                       restarts=self.restarts)
         self.telemetry.metrics(record)
+        self._commit_pending(wait=False)
         if record["skipped"]:
             self.consecutive_nonfinite += 1
             self.telemetry.event("nonfinite_grad", plan.step, grad_norm=record["grad_norm"],
@@ -243,36 +246,56 @@ class Supervisor:
             self.phase = Phase.FINISHING
 
     def _checkpoint(self) -> None:
+        """Request a save of the state after ``step_count``; commit now, or once persisted if asynchronous."""
+        self._commit_pending(wait=True)
         step = self.step_count
-        started = time.perf_counter()
         attempt = checkpoint.begin_attempt(self.storage, step)
-        self.telemetry.event("checkpoint_requested", step, path=self.storage.url_of(attempt))
-        rank_states = self.workers.call("save", self.storage.url, attempt,
+        asynchronous = self.job.checkpoint.async_save and step < self.job.train.steps
+        self.telemetry.event("checkpoint_requested", step, path=self.storage.url_of(attempt), asynchronous=asynchronous)
+        started = time.perf_counter()
+        rank_states = self.workers.call("save", self.storage.url, attempt, asynchronous,
                                         timeout_s=max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s))
-        self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - started, 2))
+        self.pending_save = {
+            "step": step, "attempt": attempt, "requested": started, "blocked_s": time.perf_counter() - started,
+            "train_state": {
+                "step": step,
+                "consumed_tokens": self.consumed_tokens,
+                "consumed_samples": self.consumed_samples,
+                "layout": self.job.parallel.model_dump(),
+                "model": self.job.model.model_dump(),
+                "data_path": self.job.data.path,
+                "loader": rank_states[0]["loader"],
+                "rng": {str(s["rank"]): s["rng"] for s in rank_states},
+                "ranks": len(rank_states),
+                "curriculum": {},  # slots filled by the curriculum and anticipatory-routing issue (issue 7)
+                "anticipatory_routing": {},
+            },
+        }
+        if not asynchronous:
+            self._commit_pending(wait=True)
+        self.phase = Phase.RUNNING if step < self.job.train.steps else Phase.FINISHING
+
+    def _commit_pending(self, wait: bool) -> None:
+        """Commit the requested save once every rank has persisted its shards (``wait``: block for that)."""
+        pending = self.pending_save
+        if pending is None:
+            return
+        timeout = max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s)
+        if wait:
+            self.workers.call("wait_saved", timeout_s=timeout)
+        elif not all(self.workers.call("save_done", timeout_s=timeout)):
+            return
+        step = pending["step"]
+        self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - pending["requested"], 2),
+                             training_blocked_s=round(pending["blocked_s"], 3))
         if any(f.kind == "kill_during_save" and f.rank == SUPERVISOR and f.step == step for f in self.pending_faults):
             die()
-        train_state = {
-            "step": step,
-            "consumed_tokens": self.consumed_tokens,
-            "consumed_samples": self.consumed_samples,
-            "layout": self.job.parallel.model_dump(),
-            "model": self.job.model.model_dump(),
-            "data_path": self.job.data.path,
-            "loader": rank_states[0]["loader"],
-            "rng": {str(s["rank"]): s["rng"] for s in rank_states},
-            "ranks": len(rank_states),
-            "curriculum": {},  # slots filled by the curriculum and anticipatory-routing issue (issue 7)
-            "anticipatory_routing": {},
-        }
-        final = checkpoint.commit(self.storage, attempt, step, train_state)
+        final = checkpoint.commit(self.storage, pending["attempt"], step, pending["train_state"])
+        self.pending_save = None
         self.last_committed = step
         deleted = checkpoint.apply_retention(self.storage, self.job.checkpoint.keep)
-        self.telemetry.event(
-            "checkpoint_committed", step, path=self.storage.url_of(final),
-            seconds=round(time.perf_counter() - started, 2), deleted=deleted,
-        )
-        self.phase = Phase.RUNNING if step < self.job.train.steps else Phase.FINISHING
+        self.telemetry.event("checkpoint_committed", step, path=self.storage.url_of(final),
+                             seconds=round(time.perf_counter() - pending["requested"], 2), deleted=deleted)
 
     def _evaluate(self) -> None:
         t = self.job.train
@@ -281,6 +304,7 @@ class Supervisor:
         self.telemetry.event("eval", self.step_count, **result[self.reporter])
 
     def _finish(self) -> None:
+        self._commit_pending(wait=True)
         if self.job.train.eval_batches and not (
             self.job.train.eval_every and self.step_count % self.job.train.eval_every == 0
         ):

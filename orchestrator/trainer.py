@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import async_save as dcp_async_save
 from torch.distributed.checkpoint import save as dcp_save
 
 from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
@@ -100,6 +101,10 @@ class RankTrainer:
         )
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.step = 0
+        # Asynchronous checkpoint writes coordinate over their own gloo group, so their collectives never
+        # interleave with the training step's on the default group.
+        self.ckpt_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.pending_save = None
         self.heartbeat["phase"] = "ready"
 
     @property
@@ -263,20 +268,44 @@ class RankTrainer:
         c = self.job.checkpoint
         return Storage(root, endpoint_url=c.endpoint_url, region=c.region)
 
-    def save(self, root: str, attempt: str) -> dict:
+    def save(self, root: str, attempt: str, asynchronous: bool = False) -> dict:
         """Write this rank's shards of the step checkpoint into ``attempt`` under ``root`` (collective).
 
-        Returns the rank-local state recorded in ``train_state.json`` (loader cursor, RNG).
+        With ``asynchronous``, the state is copied now and written by a background thread while training
+        goes on (:meth:`save_done` / :meth:`wait_saved` report when it is persisted). Returns the
+        rank-local state recorded in ``train_state.json`` (loader cursor, RNG), as of this step.
         """
+        self.wait_saved()
         self.heartbeat = {**self.heartbeat, "phase": "save"}
-        storage = self._storage(root)
-        writer = storage.dcp_writer(attempt)
+        writer = self._storage(root).dcp_writer(attempt)
         if ("kill_during_upload", self.step) in self.faults:
             writer = faults.dying_writer(writer)
-        dcp_save(checkpoint.shard_state(self.stage, self.optimizer), storage_writer=writer)
-        if ("kill_during_save", self.step) in self.faults:
-            faults.die()
+        state = checkpoint.shard_state(self.stage, self.optimizer)
+        if asynchronous:
+            response = dcp_async_save(state, storage_writer=writer, process_group=self.ckpt_group)
+            self.pending_save = (self.step, getattr(response, "upload_completion", response))
+        else:
+            dcp_save(state, storage_writer=writer, process_group=self.ckpt_group)
+            self._after_persisted(self.step)
         return {"rank": self.rank, "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
+
+    def save_done(self) -> bool:
+        """Whether the pending asynchronous save (if any) has persisted; re-raises its error."""
+        if self.pending_save is not None and self.pending_save[1].done():
+            self.wait_saved()
+        return self.pending_save is None
+
+    def wait_saved(self) -> None:
+        """Block until the pending asynchronous save has persisted; re-raises its error."""
+        if self.pending_save is not None:
+            step, future = self.pending_save
+            future.result()
+            self.pending_save = None
+            self._after_persisted(step)
+
+    def _after_persisted(self, step: int) -> None:
+        if ("kill_during_save", step) in self.faults:
+            faults.die()
 
     def load(self, root: str, name: str, train_state: dict) -> int:
         """Restore parameters, optimizer state, loader cursor and RNG from committed checkpoint ``name``.

@@ -86,8 +86,14 @@ class RankWorker:
     def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
         return self.trainer.evaluate(num_batches, global_batch, micro_batch_size, seq_len)
 
-    def save(self, root: str, attempt: str) -> dict:
-        return self.trainer.save(root, attempt)
+    def save(self, root: str, attempt: str, asynchronous: bool) -> dict:
+        return self.trainer.save(root, attempt, asynchronous)
+
+    def save_done(self) -> bool:
+        return self.trainer.save_done()
+
+    def wait_saved(self) -> None:
+        self.trainer.wait_saved()
 
     def load(self, root: str, name: str, train_state: dict) -> int:
         return self.trainer.load(root, name, train_state)

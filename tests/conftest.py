@@ -88,15 +88,43 @@ def tiny_job(dataset: Path, **sections) -> dict:
     return job
 
 
+class RankPool:
+    """Long-lived RankWorker actors shared by tests; a job that failed (and so killed its actors) is
+    followed by fresh actors in the dead ones' places."""
+
+    def __init__(self, size: int) -> None:
+        from orchestrator.worker import WorkerGroup
+
+        self.actors = WorkerGroup.create(size, CALL_TIMEOUT_S).actors
+
+    def take(self, world: int):
+        import ray
+
+        from orchestrator.worker import WorkerGroup
+
+        for i, actor in enumerate(self.actors[:world]):
+            try:
+                ray.get(actor.pid.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self.actors[i] = WorkerGroup.create(1, CALL_TIMEOUT_S).actors[0]
+        return WorkerGroup(self.actors[:world], CALL_TIMEOUT_S, owned=False)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
 @pytest.fixture(scope="session")
 def rank_pool():
     """Four RankWorker actors on an embedded local Ray, shared by every multi-rank test."""
     import ray
 
-    from orchestrator.worker import WorkerGroup, start_ray
+    from orchestrator.worker import start_ray
 
-    start_ray(num_cpus=POOL_SIZE * 2, object_store_memory_mb=256)
-    pool = WorkerGroup.create(POOL_SIZE, CALL_TIMEOUT_S)
+    start_ray(num_cpus=POOL_SIZE * 3, object_store_memory_mb=256)
+    pool = RankPool(POOL_SIZE)
     yield pool
     pool.shutdown()
     ray.shutdown()
@@ -112,14 +140,13 @@ def run_job(pool, job: dict, run_dir: Path, resume_from: str | None = None, faul
     from orchestrator.spec import ClusterSpec, JobSpec
     from orchestrator.supervisor import Phase, Supervisor
     from orchestrator.telemetry import Telemetry
-    from orchestrator.worker import WorkerGroup
 
     spec = JobSpec.model_validate(job)
     world = spec.parallel.world_size
     cluster = ClusterSpec(name="pool", devices_per_node=world, collective_timeout_s=120)
     if make_workers is None:
         def make_workers():
-            return WorkerGroup(pool.actors[:world], CALL_TIMEOUT_S, owned=False)
+            return pool.take(world)
     telemetry = Telemetry(run_dir, spec.train.steps, live=False)
     supervisor = Supervisor(spec, cluster, str(run_dir), make_workers, telemetry, resume_from=resume_from,
                             faults=list(faults))

@@ -141,3 +141,41 @@ def test_inspect_lists_tensors(storage):
     info = checkpoint.inspect(storage, final)
     assert info["train_state"]["step"] == 10
     assert {"name": "w", "shape": [64], "dtype": "torch.float32"} in info["tensors"]
+
+
+def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
+    from orchestrator import cli
+
+    storage = Storage(str(tmp_path))
+    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10, "layout": {"tp": 1, "pp": 2, "ep": 1, "dp": 2}})
+    final = checkpoint.commit(storage, _save(storage, 20), 20, {"step": 20})
+    _save(storage, 30)  # an unfinished save
+    assert cli.main(["ckpt", "list", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[:2] for r in rows] == [["10", "yes"], ["20", "yes"], ["30", "no"]]
+    assert "tp1 pp2 ep1 dp2" in rows[0]
+    assert cli.main(["ckpt", "verify", str(tmp_path)]) == 0
+    assert "step_00000020: OK" in capsys.readouterr().out
+    assert cli.main(["ckpt", "inspect", str(tmp_path), "--step", "10"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_state"]["step"] == 10
+    shard = next(f for f in storage.files(final) if f.endswith(".distcp"))
+    _corrupt_one_byte(storage, f"{final}/{shard}")
+    assert cli.main(["ckpt", "verify", str(tmp_path), "--step", "20"]) == 1
+    assert f"{shard}: size or sha256 differs" in capsys.readouterr().err
+    assert cli.main(["ckpt", "verify", str(tmp_path), "--step", "10"]) == 0
+    assert cli.main(["ckpt", "verify", str(tmp_path), "--step", "30"]) == 1
+    assert "no COMMIT" in capsys.readouterr().err
+
+
+def test_python_api_matches_the_cli(tmp_path):
+    from orchestrator import api
+
+    storage = Storage(str(tmp_path))
+    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    checkpoint.commit(storage, _save(storage, 20), 20, {"step": 20})
+    assert api.latest_committed(str(tmp_path)) == 20
+    assert [c["step"] for c in api.list_checkpoints(str(tmp_path))] == [10, 20]
+    assert api.verify(str(tmp_path))["step"] == 20
+    assert api.inspect(str(tmp_path), 10)["train_state"]["step"] == 10
+    with pytest.raises(CheckpointError, match="no COMMIT"):
+        api.verify(str(tmp_path), 15)
