@@ -220,11 +220,12 @@ class Supervisor:
         plan = plan_step(self.job, self.step_count + 1)
         results = self.workers.call("train_step", plan.to_dict())
         record = dict(results[self.reporter])
+        record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
         self.step_count = plan.step
         self.consumed_tokens += plan.global_batch_tokens
         self.consumed_samples += plan.global_batch
         record.update(consumed_tokens=self.consumed_tokens, consumed_samples=self.consumed_samples,
-                      restarts=self.restarts)
+                      restarts=self.restarts, time=time.time())
         self.telemetry.metrics(record)
         self._commit_pending(wait=False)
         if record["skipped"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import resource
 import time
 import zlib
 
@@ -224,6 +225,7 @@ class RankTrainer:
             "step_time_s": elapsed,
             "tokens_per_s": plan.global_batch_tokens / elapsed,
             "data_fingerprint": self._fingerprint(batch),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "skipped": not finite,
         }
         metrics.update(self.stage.pop_aux_metrics())

@@ -225,8 +225,9 @@ class WorkerGroup:
         """
 
         failures = [first]
-        if pending:
-            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=self.grace_s)
+        deadline = time.monotonic() + self.grace_s
+        while pending and min(map(_severity, failures)) > 0 and time.monotonic() < deadline:
+            finished, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             failures += [f for ref in finished if (f := self._failure_of(ref, rank_of[ref], method)) is not None]
         return min(failures, key=_severity)
 
