@@ -25,6 +25,8 @@ __all__ = [
     "TrainSpec",
     "ParallelSpec",
     "CheckpointSpec",
+    "StageSpec",
+    "CurriculumSpec",
     "JobSpec",
     "ClusterSpec",
     "load_job",
@@ -80,7 +82,8 @@ class DataSpec(_Strict):
 class TrainSpec(_Strict):
     """``train`` section: the schedule. Batches are in sequences, the LR schedule in optimizer steps.
 
-    ``max_restarts`` bounds automatic recoveries from rank failures; a step whose global gradient norm is
+    Evaluation runs at ``eval_seq_len`` tokens (default ``data.seq_len``), whatever the current training
+    length. ``max_restarts`` bounds automatic recoveries from rank failures; a step whose global gradient norm is
     not finite is skipped (no parameter, optimizer or bias change), and ``max_consecutive_nonfinite`` such
     steps in a row halt the run.
 
@@ -101,6 +104,7 @@ class TrainSpec(_Strict):
     grad_clip: float = Field(default=1.0, ge=0)
     eval_batches: int = Field(default=8, ge=0)
     eval_every: int = Field(default=0, ge=0)
+    eval_seq_len: PositiveInt | None = None
     max_restarts: int = Field(default=3, ge=0)
     max_consecutive_nonfinite: int = Field(default=3, ge=1)
 
@@ -137,6 +141,42 @@ class CheckpointSpec(_Strict):
     async_save: bool = True
 
 
+class StageSpec(_Strict):
+    """One curriculum stage: ``tokens`` trained at ``seq_len`` in attention mode ``attention``.
+
+    ``tokens`` may be omitted only on the last stage (it runs to the end); ``micro_batch_size`` overrides
+    ``train.micro_batch_size`` (longer sequences usually want fewer per micro-batch).
+    """
+
+    seq_len: PositiveInt
+    tokens: PositiveInt | None = None
+    attention: Literal["dense", "indexer_warmup", "sparse"] = "dense"
+    micro_batch_size: PositiveInt | None = None
+
+
+class CurriculumSpec(_Strict):
+    """``curriculum`` section: V4-style sequence-length stages, batch ramp, token-based LR and MTP weight.
+
+    See ``orchestrator/curriculum.py``. Global batch sizes (sequences) are multiples of ``batch_multiple``.
+    """
+
+    stages: list[StageSpec] = Field(min_length=1)
+    batch_ramp_tokens: int = Field(default=0, ge=0)
+    batch_ramp_start: PositiveInt | None = None
+    batch_multiple: PositiveInt = 8
+    lr_warmup_tokens: int = Field(default=0, ge=0)
+    lr_decay_fraction: float = Field(default=0.1, ge=0, le=1)
+    mtp_weight: float = Field(default=0.3, ge=0)
+    mtp_weight_decay: float = Field(default=0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _stages(self) -> "CurriculumSpec":
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.tokens is None:
+                raise ValueError(f"curriculum.stages.{i}.tokens: required on every stage but the last")
+        return self
+
+
 class JobSpec(_Strict):
     """A whole training job (the resolved form is written to ``RUN_DIR/job.yaml``)."""
 
@@ -147,6 +187,7 @@ class JobSpec(_Strict):
     train: TrainSpec
     parallel: ParallelSpec = ParallelSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    curriculum: CurriculumSpec | None = None
     faults: list[str] = []
 
     @model_validator(mode="after")
@@ -165,6 +206,16 @@ class JobSpec(_Strict):
                 f"train.global_batch: {t.global_batch} is not divisible by "
                 f"train.micro_batch_size x parallel.dp = {per_step}"
             )
+        if self.curriculum is not None:
+            c = self.curriculum
+            if t.global_batch % c.batch_multiple:
+                raise ValueError(f"train.global_batch: {t.global_batch} is not a multiple of "
+                                 f"curriculum.batch_multiple = {c.batch_multiple}")
+            for i, stage in enumerate(c.stages):
+                unit = (stage.micro_batch_size or t.micro_batch_size) * p.dp
+                if c.batch_multiple % unit:
+                    raise ValueError(f"curriculum.stages.{i}: micro-batch size x parallel.dp = {unit} does not "
+                                     f"divide curriculum.batch_multiple = {c.batch_multiple}")
         if p.tp != 1:
             raise ValueError("parallel.tp: tensor parallel is not supported yet (issue 5); use tp: 1")
         if p.ep != 1:

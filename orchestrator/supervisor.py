@@ -7,7 +7,7 @@
                          -> FAILED once train.max_restarts recoveries are spent
 
 Decisions come from pure functions of the spec and the global counters (:func:`checkpoint_due`,
-:func:`orchestrator.curriculum.plan_step`, :func:`recovery_decision`); the supervisor acts on them. The
+:func:`orchestrator.curriculum.plan_at`, :func:`recovery_decision`); the supervisor acts on them. The
 worker group comes from an injected factory, so tests can hand it an existing pool of ranks or a fake.
 
 On a failure (an exception, a dead actor, or a stall seen through heartbeats) every actor is killed,
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from orchestrator import checkpoint
-from orchestrator.curriculum import plan_step
+from orchestrator.curriculum import plan_at
 from orchestrator.faults import SUPERVISOR, Fault, die, parse_fault
 from orchestrator.spec import ClusterSpec, JobSpec
 from orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
@@ -98,6 +98,7 @@ class Supervisor:
         self.val_loss: float | None = None
         self.consecutive_nonfinite = 0
         self.pending_save: dict | None = None
+        self.curriculum_stage: int | None = None
 
     # ------------------------------------------------------------------ transitions
     def run(self) -> Phase:
@@ -217,7 +218,13 @@ class Supervisor:
         self.phase = Phase.STARTING
 
     def _train_one(self) -> None:
-        plan = plan_step(self.job, self.step_count + 1)
+        plan = plan_at(self.job, self.step_count + 1, self.consumed_tokens)
+        if plan.stage != self.curriculum_stage:
+            if self.curriculum_stage is not None or plan.stage:
+                self.telemetry.event("stage_change", self.step_count, stage=plan.stage, seq_len=plan.seq_len,
+                                     global_batch=plan.global_batch, micro_batch_size=plan.micro_batch_size,
+                                     attention_mode=plan.attention_mode)
+            self.curriculum_stage = plan.stage
         results = self.workers.call("train_step", plan.to_dict())
         record = dict(results[self.reporter])
         record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
@@ -268,7 +275,8 @@ class Supervisor:
                 "loader": rank_states[0]["loader"],
                 "rng": {str(s["rank"]): s["rng"] for s in rank_states},
                 "ranks": len(rank_states),
-                "curriculum": {},  # slots filled by the curriculum and anticipatory-routing issue (issue 7)
+                # The plan is a function of (step, consumed_tokens); the stage is recorded for inspection.
+                "curriculum": {"stage": self.curriculum_stage},
                 "anticipatory_routing": {},
             },
         }
@@ -300,7 +308,8 @@ class Supervisor:
 
     def _evaluate(self) -> None:
         t = self.job.train
-        result = self.workers.call("evaluate", t.eval_batches, t.global_batch, t.micro_batch_size, self.job.data.seq_len)
+        result = self.workers.call("evaluate", t.eval_batches, t.global_batch, t.micro_batch_size,
+                                   t.eval_seq_len or self.job.data.seq_len)
         self.val_loss = result[self.reporter]["val_loss"]
         self.telemetry.event("eval", self.step_count, **result[self.reporter])
 

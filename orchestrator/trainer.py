@@ -92,6 +92,7 @@ class RankTrainer:
         # summed over the embedding group, and the last stage's copy is left out of the global norm.
         self.shared = self.stage.shared_embedding_parameters() if self.pctx.embedding_group is not None else []
         self.norm_excluded = self.shared if self.pctx.is_last_stage else []
+        self.frozen_in_warmup = [p for n, p in self.stage.named_parameters() if ".indexer." not in n]
         t = job.train
         self.optimizer = build_optimizer(
             list(self.stage.named_parameters()),
@@ -179,8 +180,9 @@ class RankTrainer:
     def train_step(self, plan: StepPlan) -> dict:
         """Run optimizer step ``plan.step``; return its metrics (meaningful on the reporter rank).
 
-        A step whose global gradient norm is not finite on any rank is skipped everywhere: no parameter,
-        optimizer-state or expert-bias change (``skipped: true`` in the metrics).
+        The plan sets the attention mode and MTP loss weight; in ``indexer_warmup`` only the Lightning
+        Indexer's parameters are updated. A step whose global gradient norm is not finite on any rank is
+        skipped everywhere: no parameter, optimizer-state or expert-bias change (``skipped: true``).
         Raises RuntimeError if the plan's step is not the next one (the counters must stay global).
         """
         if plan.step != self.step + 1:
@@ -192,8 +194,16 @@ class RankTrainer:
         micro = self._micro_batches(batch, plan.micro_batch_size)
         self._beat("schedule")
         self.stage.aux_loss_scale = 1.0 / len(micro)
+        self.stage.attention_mode = plan.attention_mode
+        self.stage.mtp_loss_weight = plan.mtp_loss_weight
         self.optimizer.zero_grad(set_to_none=False)
         loss_dicts = self._run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
+        warmup = plan.attention_mode == "indexer_warmup"
+        if warmup:
+            # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
+            # parameter keeps its value and its optimizer state (AdamW skips a parameter without a grad).
+            for p in self.frozen_in_warmup:
+                p.grad = None
         if ("nan_grad", plan.step) in self.faults:
             next(p for p in self.params if p.grad is not None).grad.view(-1)[0] = float("nan")
         self._beat("grad_sync")
@@ -204,13 +214,14 @@ class RankTrainer:
                                     exclude_from_norm=self.norm_excluded)
         finite = self._all_finite(grad_norm)
         moe_metrics = {}
-        if finite:
+        if finite and not warmup:
             moe_metrics = update_expert_bias(self.stage, self.pctx.dp_group)
+        else:
+            discard_expert_counts(self.stage)
+        if finite:
             for group in self.optimizer.param_groups:
                 group["lr"] = plan.lr
             self.optimizer.step()
-        else:
-            discard_expert_counts(self.stage)
         loss = self._global_mean_loss(loss_dicts)
         self.step = plan.step
         self._beat("done")

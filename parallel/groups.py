@@ -156,8 +156,10 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         ep_group=parallel_state.get_expert_model_parallel_group(),
+        # Membership from the stage index: Megatron's _EMBEDDING_GLOBAL_RANKS survives
+        # destroy_model_parallel(), so is_rank_in_embedding_group() is stale after a layout change.
         embedding_group=(parallel_state.get_embedding_group()
-                         if pp > 1 and parallel_state.is_rank_in_embedding_group() else None),
+                         if pp > 1 and parallel_state.get_pipeline_model_parallel_rank() in (0, pp - 1) else None),
     )
 
 
