@@ -47,6 +47,7 @@ __all__ = [
     "inspect",
     "read_train_state",
     "apply_retention",
+    "supersede_after",
 ]
 
 FORMAT_VERSION = 1
@@ -266,6 +267,27 @@ def inspect(storage: Storage, name: str) -> dict:
         tensors.append({"name": key, "shape": list(size) if size is not None else None,
                         "dtype": str(getattr(props, "dtype", "")) if props is not None else None})
     return {"train_state": read_train_state(storage, name), "tensors": tensors}
+
+
+def supersede_after(storage: Storage, step: int) -> list[str]:
+    """Set aside committed checkpoints newer than ``step`` (a rollback abandoned their trajectory).
+
+    They are renamed ``<name>.superseded-<id>`` (kept for inspection, never read or retained), and
+    ``latest`` is pointed at the newest remaining committed checkpoint. Returns the new names.
+    """
+    moved = []
+    for s, name in _committed(storage):
+        if s > step:
+            target = f"{name}.superseded-{uuid.uuid4().hex[:8]}"
+            storage.publish(name, target)
+            moved.append(target)
+    remaining = _committed(storage)
+    if moved:
+        if remaining:
+            storage.write_text("latest", remaining[-1][1] + "\n")
+        else:
+            storage.remove("latest")
+    return moved
 
 
 def apply_retention(storage: Storage, keep: int) -> list[str]:

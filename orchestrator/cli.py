@@ -1,8 +1,10 @@
 """The ``v4train`` command line.
 
 Commands: ``prepare-data`` (text to tokenizer to Parquet token shards), ``submit`` (validate a job and a
-cluster, then train), ``resume`` (continue a run from a committed checkpoint), ``ckpt list|verify|inspect``
-(recovery tooling over a checkpoint root). Every command has
+cluster, then train, or submit it as a Ray job when the cluster names an ``address``), ``status`` / ``logs``
+/ ``stop`` (a submitted Ray job), ``plan`` (memory, bubble, communication and step time of a layout),
+``report`` (a run's PNG and summary), ``resume`` (continue a run from a committed checkpoint),
+``ckpt list|verify|inspect`` (recovery tooling over a checkpoint root). Every command has
 ``--help``; errors exit non-zero with one line on stderr: 2 for bad input (before any actor starts),
 1 for a failed run, 130 for an interrupted one.
 """
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
                              "kill_during_save, kill_during_upload")
 
+    from orchestrator import jobs, plan, report
+
+    jobs.add_cli_arguments(sub)   # status, logs, stop (Ray Jobs on a running cluster)
+    plan.add_cli_arguments(sub)
+    report.add_cli_arguments(sub)
+
     resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint")
     resume.add_argument("run_dir", help="the run directory of an earlier submit")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,8 +75,12 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _submit(args) -> int:
-    job = load_job(args.job, args.overrides)
     cluster = load_cluster(args.cluster)
+    if cluster.address is not None:  # a running Ray cluster: submit the supervisor there as a Ray job
+        from orchestrator import jobs
+
+        return jobs.submit_from_cli(args, cluster)
+    job = load_job(args.job, args.overrides)
     validate_against_cluster(job, cluster)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{job.name}-{stamp}")
@@ -205,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             return _resume(args)
         if args.command == "ckpt":
             return _ckpt(args)
+        if args.command in ("status", "logs", "stop"):
+            from orchestrator import jobs
+
+            return jobs.run_cli(args)
+        if args.command == "plan":
+            from orchestrator import plan
+
+            return plan.run_cli(args)
+        if args.command == "report":
+            from orchestrator import report
+
+            return report.run_cli(args)
     except SpecError as exc:
         return _fail(str(exc))
     return _fail(f"unknown command {args.command}")

@@ -12,6 +12,8 @@ Kinds (``STEP`` is the 1-based optimizer step; ``rank`` defaults to 0):
                             last shard and ``COMMIT``
 ``kill_during_upload``      the rank SIGKILLs itself in the middle of writing its shard file of that
                             checkpoint (half the bytes handed to the storage layer)
+``spike``                   the step runs at 1000x its learning rate on every rank (the rank is ignored):
+                            a real loss spike at the next steps, for the spike guard
 ==========================  ============================================================================
 
 Each fault fires once: after a recovery the supervisor passes on only the faults that have not fired.
@@ -25,9 +27,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-__all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "die", "stall_forever", "dying_writer"]
+__all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "SPIKE_LR_FACTOR", "die", "stall_forever", "dying_writer"]
 
-KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload")
+KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload", "spike")
+SPIKE_LR_FACTOR = 1000.0
 SUPERVISOR = -1
 
 

@@ -27,8 +27,10 @@ __all__ = [
     "CheckpointSpec",
     "StageSpec",
     "CurriculumSpec",
+    "SpikeGuardSpec",
     "JobSpec",
     "ClusterSpec",
+    "HardwareSpec",
     "load_job",
     "load_cluster",
     "apply_overrides",
@@ -177,6 +179,24 @@ class CurriculumSpec(_Strict):
         return self
 
 
+class SpikeGuardSpec(_Strict):
+    """``spike_guard`` section (``orchestrator/spike_guard.py``): detection rule and rollback policy.
+
+    Ranks keep an in-memory snapshot every ``snapshot_every`` steps (the two newest); on a spike the run
+    rolls back to the newest snapshot at least two steps old (else to the last committed checkpoint),
+    skips the data window that led to the spike when ``skip_data``, and continues.
+    """
+
+    enabled: bool = False
+    warmup_steps: int = Field(default=20, ge=1)
+    beta: float = Field(default=0.9, gt=0, lt=1)
+    sigma: float = Field(default=4.0, gt=0)
+    ratio: float = Field(default=1.2, ge=1)
+    grad_norm_ratio: float = Field(default=0.0, ge=0)
+    snapshot_every: int = Field(default=10, ge=1)
+    skip_data: bool = True
+
+
 class JobSpec(_Strict):
     """A whole training job (the resolved form is written to ``RUN_DIR/job.yaml``)."""
 
@@ -188,6 +208,7 @@ class JobSpec(_Strict):
     parallel: ParallelSpec = ParallelSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     curriculum: CurriculumSpec | None = None
+    spike_guard: SpikeGuardSpec = SpikeGuardSpec()
     faults: list[str] = []
 
     @model_validator(mode="after")
@@ -228,10 +249,33 @@ class JobSpec(_Strict):
 
 
 class RaySpec(_Strict):
-    """How the embedded local Ray cluster is started (ignored when ``address`` names a running cluster)."""
+    """How the embedded local Ray cluster is started (ignored when ``address`` names a running cluster).
+
+    ``excludes`` adds gitignore-style patterns to what ``v4train submit`` leaves out of the working
+    directory it ships to a running cluster (``orchestrator/jobs.py`` lists the defaults).
+    """
 
     num_cpus: PositiveInt | None = None
     object_store_memory_mb: PositiveInt = 512
+    excludes: list[str] = []
+
+
+class HardwareSpec(_Strict):
+    """``hardware`` section: what one device offers, for ``v4train plan`` (never read by training).
+
+    ``memory_gb`` per device (GiB; default: this machine's RAM / devices_per_node for a simulated
+    cluster); ``peak_tflops`` dense BF16 (GPU) or FP32 (CPU) TFLOP/s per device, ``fp8`` whether matmuls
+    run in FP8 through Transformer Engine (twice the BF16 rate); ``intra_node_gbps`` / ``inter_node_gbps``
+    GB/s per device and direction within a node (NVLink) and between nodes (InfiniBand / RoCE);
+    ``mfu`` the fraction of peak the step-time estimate assumes.
+    """
+
+    memory_gb: float | None = Field(default=None, gt=0)
+    peak_tflops: float = Field(default=0.05, gt=0)
+    fp8: bool = False
+    intra_node_gbps: float = Field(default=2.0, gt=0)
+    inter_node_gbps: float = Field(default=2.0, gt=0)
+    mfu: float = Field(default=0.4, gt=0, le=1)
 
 
 class ClusterSpec(_Strict):
@@ -241,6 +285,10 @@ class ClusterSpec(_Strict):
     ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step;
     ``heartbeat_timeout_s`` is how long the supervisor waits without any rank making progress before it
     declares a stall and names the least advanced rank.
+
+    ``address`` names a running Ray cluster's job server (its dashboard, ``http://HEAD:8265``): ``v4train
+    submit`` then submits the supervisor there as a Ray job (``orchestrator/jobs.py``) instead of starting
+    an embedded cluster. ``hardware`` describes one device for ``v4train plan``.
     """
 
     name: str
@@ -254,6 +302,7 @@ class ClusterSpec(_Strict):
     collective_timeout_s: float = Field(default=300.0, gt=0)
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     ray: RaySpec = RaySpec()
+    hardware: HardwareSpec = HardwareSpec()
 
     @property
     def world_size(self) -> int:
@@ -350,8 +399,6 @@ def validate_against_cluster(job: JobSpec, cluster: ClusterSpec) -> None:
             f"parallel: tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {p.world_size} does not match "
             f"cluster {cluster.name}'s {cluster.world_size} devices"
         )
-    if cluster.address is not None:
-        raise SpecError(f"cluster {cluster.name}: address: submitting to a running Ray cluster is issue 8")
 
 
 def dump_job(job: JobSpec) -> str:

@@ -17,6 +17,7 @@ checkpoint (verified against its manifest, and the restored step checked on ever
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import time
@@ -24,7 +25,8 @@ from collections.abc import Callable
 
 from orchestrator import checkpoint
 from orchestrator.curriculum import plan_at
-from orchestrator.faults import SUPERVISOR, Fault, die, parse_fault
+from orchestrator.faults import SPIKE_LR_FACTOR, SUPERVISOR, Fault, die, parse_fault
+from orchestrator.spike_guard import SpikeGuard
 from orchestrator.spec import ClusterSpec, JobSpec
 from orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
 from orchestrator.telemetry import Telemetry
@@ -99,6 +101,8 @@ class Supervisor:
         self.consecutive_nonfinite = 0
         self.pending_save: dict | None = None
         self.curriculum_stage: int | None = None
+        self.guard = SpikeGuard(job.spike_guard) if job.spike_guard.enabled else None
+        self.counters_at: dict[int, tuple[int, int]] = {}  # snapshot step -> (consumed tokens, samples)
 
     # ------------------------------------------------------------------ transitions
     def run(self) -> Phase:
@@ -191,6 +195,8 @@ class Supervisor:
         self.consumed_tokens = int(state["consumed_tokens"])
         self.consumed_samples = int(state["consumed_samples"])
         self.last_committed = self.step_count
+        if self.guard is not None and state.get("spike_guard"):
+            self.guard.load_state_dict(state["spike_guard"])
         self.telemetry.resume_at(self.step_count)
         return self.storage.url_of(name)
 
@@ -225,6 +231,10 @@ class Supervisor:
                                      global_batch=plan.global_batch, micro_batch_size=plan.micro_batch_size,
                                      attention_mode=plan.attention_mode)
             self.curriculum_stage = plan.stage
+        spike = next((f for f in self.pending_faults if f.kind == "spike" and f.step == plan.step), None)
+        if spike is not None:
+            self.pending_faults.remove(spike)
+            plan = dataclasses.replace(plan, lr=plan.lr * SPIKE_LR_FACTOR)
         results = self.workers.call("train_step", plan.to_dict())
         record = dict(results[self.reporter])
         record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
@@ -235,6 +245,8 @@ class Supervisor:
                       restarts=self.restarts, time=time.time())
         self.telemetry.metrics(record)
         self._commit_pending(wait=False)
+        if self.guard is not None and self._guard(record):
+            return
         if record["skipped"]:
             self.consecutive_nonfinite += 1
             self.telemetry.event("nonfinite_grad", plan.step, grad_norm=record["grad_norm"],
@@ -252,6 +264,36 @@ class Supervisor:
             self.phase = Phase.CHECKPOINTING
         elif self.step_count >= self.job.train.steps:
             self.phase = Phase.FINISHING
+
+    def _guard(self, record: dict) -> bool:
+        """Feed the spike guard; on a spike roll back and return True (the step's results are discarded)."""
+        step = record["step"]
+        decision = self.guard.observe(record["loss"], record["grad_norm"])
+        if not decision.spike:
+            if step % self.job.spike_guard.snapshot_every == 0:
+                self.counters_at[step] = (self.consumed_tokens, self.consumed_samples)
+            return False
+        self.telemetry.event("spike", step, loss=record["loss"], ema=decision.ema, reason=decision.reason)
+        self._commit_pending(wait=True)
+        skip = self.job.spike_guard.skip_data
+        restored = set(self.workers.call("rollback", step - 2, skip))
+        if len(restored) == 1 and (target := restored.pop()) >= 0:
+            self.step_count = target
+            self.consumed_tokens, self.consumed_samples = self.counters_at[target]
+            source = "memory"
+        else:
+            latest = checkpoint.latest_committed(self.storage)
+            if latest is None or int(checkpoint.read_train_state(self.storage, latest)["step"]) > step - 2:
+                raise checkpoint.CheckpointError(f"spike at step {step}: no snapshot or checkpoint before step {step - 1}")
+            self._restore(latest)
+            source, skip = "checkpoint", False
+        superseded = checkpoint.supersede_after(self.storage, self.step_count)
+        if superseded:
+            latest = checkpoint.latest_committed(self.storage)
+            self.last_committed = int(checkpoint.read_train_state(self.storage, latest)["step"]) if latest else None
+        self.telemetry.event("rollback", self.step_count, from_step=step, source=source, skipped_data=skip,
+                             superseded=superseded)
+        return True
 
     def _checkpoint(self) -> None:
         """Request a save of the state after ``step_count``; commit now, or once persisted if asynchronous."""
@@ -277,6 +319,7 @@ class Supervisor:
                 "ranks": len(rank_states),
                 # The plan is a function of (step, consumed_tokens); the stage is recorded for inspection.
                 "curriculum": {"stage": self.curriculum_stage},
+                "spike_guard": self.guard.state_dict() if self.guard is not None else {},
                 "anticipatory_routing": {},
             },
         }

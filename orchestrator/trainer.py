@@ -10,6 +10,7 @@ the returned metrics cross the control plane.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import resource
@@ -107,6 +108,7 @@ class RankTrainer:
         # interleave with the training step's on the default group.
         self.ckpt_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.pending_save = None
+        self.snapshots: collections.deque = collections.deque(maxlen=2)  # spike-guard rollback targets
         self.heartbeat["phase"] = "ready"
 
     @property
@@ -241,7 +243,49 @@ class RankTrainer:
         }
         metrics.update(self.stage.pop_aux_metrics())
         metrics.update(moe_metrics)
+        guard = self.job.spike_guard
+        if guard.enabled and plan.step % guard.snapshot_every == 0:
+            self._snapshot()
         return metrics
+
+    # ---------------------------------------------------------------- spike-guard snapshots
+    def _snapshot(self) -> None:
+        """Keep an in-memory copy of this rank's state after the current step (model, optimizer, loader)."""
+        optim = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items()}
+                 for p in self.stage.parameters() if self.optimizer.state.get(p)}
+        self.snapshots.append({
+            "step": self.step,
+            "model": {k: v.clone() for k, v in self.stage.state_dict().items()},
+            "optim": optim,
+            "loader": self.loader.state_dict(),
+        })
+
+    def rollback(self, newest_allowed: int, skip_data: bool) -> int:
+        """Restore the newest snapshot taken at or before step ``newest_allowed``; returns its step (-1: none).
+
+        With ``skip_data`` the data loader keeps its current position, so the batches between the snapshot
+        and now (the window that led to the spike) are not trained on again.
+        """
+        snap = next((s for s in reversed(self.snapshots) if s["step"] <= newest_allowed), None)
+        if snap is None:
+            return -1
+        self.wait_saved()
+        self.stage.load_state_dict(snap["model"])
+        self.optimizer.state.clear()
+        for p in self.stage.parameters():
+            if id(p) in snap["optim"]:
+                self.optimizer.state[p] = {k: v.clone() for k, v in snap["optim"][id(p)].items()}
+        if not skip_data:
+            self.loader.load_state_dict(snap["loader"])
+        self.step = snap["step"]
+        while self.snapshots and self.snapshots[-1]["step"] > self.step:
+            self.snapshots.pop()
+        self.heartbeat = {"step": self.step, "progress": 0, "phase": "rolled_back"}
+        return self.step
+
+    def loader_state(self) -> dict:
+        """The data loader's global cursor (for the supervisor's record after a rollback)."""
+        return self.loader.state_dict()
 
     def _fingerprint(self, batch) -> int:
         """Sum over the global batch's sequences of their tokens' crc32: the same data (any layout) gives the same value."""

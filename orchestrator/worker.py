@@ -98,6 +98,9 @@ class RankWorker:
     def load(self, root: str, name: str, train_state: dict) -> int:
         return self.trainer.load(root, name, train_state)
 
+    def rollback(self, newest_allowed: int, skip_data: bool) -> int:
+        return self.trainer.rollback(newest_allowed, skip_data)
+
     def close(self) -> None:
         if self.trainer is not None:
             self.trainer.close()
@@ -111,18 +114,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray(num_cpus: int, object_store_memory_mb: int) -> None:
+def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = None) -> None:
     """Start (or join) the embedded local Ray cluster as stack-notes section 7 prescribes.
 
     Token auth off for the local cluster, logical CPUs >= ranks, a small object store (only small control
     messages travel through Ray), no dashboard, worker logs kept out of the driver's terminal.
+
+    ``address`` (or ``RAY_ADDRESS``, which Ray sets for a job's entrypoint) joins that running cluster
+    instead; its resources are the cluster's own, so ``num_cpus`` and the object store size are not used.
+    Without either a new local cluster always starts, never one found on this machine by ``ray start``.
     """
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_memory_mb * 1024 * 1024,

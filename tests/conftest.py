@@ -82,6 +82,7 @@ def tiny_job(dataset: Path, **sections) -> dict:
                   "eval_batches": 0},
         "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
         "checkpoint": {"every_steps": 0, "at_end": False},
+        "spike_guard": {"enabled": False},
     }
     for key, value in sections.items():
         job[key] = {**job[key], **value} if isinstance(job.get(key), dict) else value
