@@ -14,6 +14,8 @@ moves by ``b_i += speed * sign(mean_load - load_i)`` in :func:`update_expert_bia
 accumulated during training forwards. The sequence-wise balance loss (V3 formula, spec 5.2) enters the
 backward through :class:`AuxLossInjector` attached to the MoE output. Hash layers have no bias and no
 balance loss (their selection does not depend on the router), but their gate is trained through the weights.
+For logging, every layer also counts its tokens per expert and its router entropy in training forwards
+(:func:`pop_moe_stats`: dead experts, max load, entropy).
 
 Shape letters: B batch, S sequence, T tokens (B*S), D model dim, E routed experts, K activated experts,
 F expert hidden dim, V vocab.
@@ -33,7 +35,8 @@ from model.config import ModelConfig
 
 __all__ = [
     "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",
-    "build_hash_table", "sequence_balance_loss", "update_expert_bias", "pop_moe_stats",
+    "build_hash_table", "sequence_balance_loss", "update_expert_bias", "pop_moe_stats", "discard_expert_counts",
+    "RoutingTape", "set_routing_tape",
 ]
 
 _HASH_CHUNK_ROWS = 8192  # rows of the hash table drawn per call, bounds memory for a 129K vocab
@@ -67,6 +70,8 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
+        self.tape: RoutingTape | None = None  # anticipatory routing (spec 8.1), set by set_routing_tape
         self.n_experts, self.k = cfg.n_routed_experts, cfg.n_activated_experts
         self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
         self.is_hash = layer_idx < cfg.n_hash_layers
@@ -84,12 +89,60 @@ class Router(nn.Module):
         scores_TE = F.softplus(x_TD.float() @ self.weight.float().t()).sqrt()
         if self.is_hash:
             indices_TK = self.tid2eid[token_ids_T].long()
+        elif self.tape is not None and self.tape.mode == "replay" and self.tape.recorded(self.layer_idx):
+            # anticipatory routing: the indices were chosen earlier with older parameters; the weights
+            # still come from the current scores (TK fix_routing_mask semantics)
+            indices_TK = self.tape.pop(self.layer_idx, x_TD.shape[0])
         else:
             # the bias shifts the selection only; it never enters the weights
             indices_TK = (scores_TE.detach() + self.bias).topk(self.k, dim=-1).indices
+            if self.tape is not None:
+                self.tape.push(self.layer_idx, indices_TK)
         weights_TK = scores_TE.gather(1, indices_TK)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.route_scale
         return RouterOutput(weights_TK, indices_TK, scores_TE)
+
+
+class RoutingTape:
+    """Per-layer FIFO of routed top-k indices for anticipatory routing (spec 8.1).
+
+    In ``capture`` mode every learned router appends the indices it selects (one ``[T, K]`` int64 tensor
+    per forward, i.e. per micro-batch); in ``replay`` mode it consumes them in the same order instead of
+    selecting. Hash layers are not recorded (their routing does not depend on parameters).
+    """
+
+    def __init__(self, mode: str, indices: dict[int, list[torch.Tensor]] | None = None):
+        if mode not in ("capture", "replay"):
+            raise ValueError(f"RoutingTape mode {mode!r}: choose capture or replay")
+        self.mode = mode
+        self.indices: dict[int, list[torch.Tensor]] = indices if indices is not None else {}
+
+    def recorded(self, layer: int) -> bool:
+        """Whether the capture ran ``layer`` at all. A layer it did not run (the MTP block, which runs
+        only in training forwards) routes normally during the replay."""
+        return layer in self.indices
+
+    def push(self, layer: int, indices_TK: torch.Tensor) -> None:
+        self.indices.setdefault(layer, []).append(indices_TK.detach().clone())
+
+    def pop(self, layer: int, tokens: int) -> torch.Tensor:
+        """The next recorded ``[T, K]`` indices of ``layer``; raises RuntimeError on a missing or
+        mismatched entry (a replay must see the same micro-batches as its capture)."""
+        queue = self.indices.get(layer)
+        if not queue:
+            raise RuntimeError(f"anticipatory routing: no recorded indices left for layer {layer}")
+        indices_TK = queue.pop(0)
+        if indices_TK.shape[0] != tokens:
+            raise RuntimeError(f"anticipatory routing: layer {layer} recorded {indices_TK.shape[0]} tokens, "
+                               f"replay has {tokens}")
+        return indices_TK
+
+
+def set_routing_tape(stage: nn.Module, tape: RoutingTape | None) -> None:
+    """Attach ``tape`` to every learned router of ``stage`` (None: route normally)."""
+    for module in stage.modules():
+        if isinstance(module, Router) and not module.is_hash:
+            module.tape = tape
 
 
 class SwiGLU(nn.Module):

@@ -48,6 +48,9 @@ __all__ = [
     "read_train_state",
     "apply_retention",
     "supersede_after",
+    "encode_rows",
+    "decode_rows",
+    "merge_routing",
 ]
 
 FORMAT_VERSION = 1
@@ -127,6 +130,30 @@ def rng_state() -> str:
 def set_rng_state(encoded: str) -> None:
     """Restore a state produced by :func:`rng_state`."""
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
+
+
+def encode_rows(t: torch.Tensor) -> dict:
+    """Routed expert indices ``[rows, S, K]`` as JSON for train_state.json: int16 (ids < 32768), base64."""
+    return {"shape": list(t.shape), "data": base64.b64encode(t.to(torch.int16).numpy().tobytes()).decode()}
+
+
+def decode_rows(blob: dict) -> torch.Tensor:
+    """Inverse of :func:`encode_rows` (int64)."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(blob["data"])), dtype=torch.int16)
+    return raw.reshape(blob["shape"]).to(torch.int64)
+
+
+def merge_routing(rank_states: list[dict]) -> dict:
+    """The global anticipatory-routing tape {step: {layer: rows of the whole global batch}} from each rank's
+    slice (rows of its data-parallel rank), so that any layout can take its own rows back."""
+    parts: dict[str, dict[str, dict[int, dict]]] = {}
+    for state in rank_states:
+        for step, layers in state.get("routing", {}).items():
+            for layer, blob in layers.items():
+                parts.setdefault(step, {}).setdefault(layer, {})[state["dp_rank"]] = blob
+    return {step: {layer: encode_rows(torch.cat([decode_rows(by_dp[d]) for d in sorted(by_dp)]))
+                   for layer, by_dp in layers.items()}
+            for step, layers in parts.items()}
 
 
 # ------------------------------------------------------------------ coordinator side: commit protocol

@@ -35,7 +35,9 @@ class StepPlan:
     """What every rank runs for one optimizer step (a small message sent over the control plane).
 
     ``step`` is 1-based; ``global_batch`` and ``micro_batch_size`` are in sequences, ``seq_len`` in tokens;
-    ``stage`` is the index of the curriculum stage (0 without a curriculum).
+    ``stage`` is the index of the curriculum stage (0 without a curriculum). ``anticipatory_routing`` and
+    ``prefetch_routing`` (the next step's plan, whose routing is captured during this step with the
+    parameters before this step's update) are set by the supervisor while anticipatory routing is on.
     """
 
     step: int
@@ -46,6 +48,8 @@ class StepPlan:
     attention_mode: str = "dense"
     mtp_loss_weight: float = 0.3
     stage: int = 0
+    anticipatory_routing: bool = False
+    prefetch_routing: dict | None = None
 
     @property
     def global_batch_tokens(self) -> int:

@@ -14,6 +14,8 @@ Kinds (``STEP`` is the 1-based optimizer step; ``rank`` defaults to 0):
                             checkpoint (half the bytes handed to the storage layer)
 ``spike``                   the step runs at 1000x its learning rate on every rank (the rank is ignored):
                             a real loss spike at the next steps, for the spike guard
+``anticipatory``            anticipatory routing switches on at the step for ``spike_guard.anticipatory_steps``
+                            steps, as after a spike (a drill of the routing path; the rank is ignored)
 ==========================  ============================================================================
 
 Each fault fires once: after a recovery the supervisor passes on only the faults that have not fired.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 __all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "SPIKE_LR_FACTOR", "die", "stall_forever", "dying_writer"]
 
-KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload", "spike")
+KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload", "spike", "anticipatory")
 SPIKE_LR_FACTOR = 1000.0
 SUPERVISOR = -1
 

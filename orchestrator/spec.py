@@ -184,7 +184,9 @@ class SpikeGuardSpec(_Strict):
 
     Ranks keep an in-memory snapshot every ``snapshot_every`` steps (the two newest); on a spike the run
     rolls back to the newest snapshot at least two steps old (else to the last committed checkpoint),
-    skips the data window that led to the spike when ``skip_data``, and continues.
+    skips the data window that led to the spike when ``skip_data``, and continues with anticipatory
+    routing on for ``anticipatory_steps`` steps (spec 8.1: the routing of step t is chosen with the
+    parameters of step t-1, on the prefetched batch; the gate weights use the current parameters).
     """
 
     enabled: bool = False
@@ -195,6 +197,7 @@ class SpikeGuardSpec(_Strict):
     grad_norm_ratio: float = Field(default=0.0, ge=0)
     snapshot_every: int = Field(default=10, ge=1)
     skip_data: bool = True
+    anticipatory_steps: int = Field(default=20, ge=0)
 
 
 class JobSpec(_Strict):

@@ -103,6 +103,7 @@ class Supervisor:
         self.curriculum_stage: int | None = None
         self.guard = SpikeGuard(job.spike_guard) if job.spike_guard.enabled else None
         self.counters_at: dict[int, tuple[int, int]] = {}  # snapshot step -> (consumed tokens, samples)
+        self.ar_remaining = 0  # steps left with anticipatory routing on
 
     # ------------------------------------------------------------------ transitions
     def run(self) -> Phase:
@@ -197,6 +198,7 @@ class Supervisor:
         self.last_committed = self.step_count
         if self.guard is not None and state.get("spike_guard"):
             self.guard.load_state_dict(state["spike_guard"])
+        self.ar_remaining = int(state["anticipatory_routing"].get("remaining", 0))
         self.telemetry.resume_at(self.step_count)
         return self.storage.url_of(name)
 
@@ -235,7 +237,21 @@ class Supervisor:
         if spike is not None:
             self.pending_faults.remove(spike)
             plan = dataclasses.replace(plan, lr=plan.lr * SPIKE_LR_FACTOR)
+        drill = next((f for f in self.pending_faults if f.kind == "anticipatory" and f.step == plan.step), None)
+        if drill is not None:
+            self.pending_faults.remove(drill)
+            self.ar_remaining = self.job.spike_guard.anticipatory_steps
+            self.telemetry.event("anticipatory_routing_on", self.step_count, steps=self.ar_remaining, delay_steps=1)
+        if self.ar_remaining > 0:
+            following = None
+            if self.ar_remaining > 1 and plan.step < self.job.train.steps:
+                following = plan_at(self.job, plan.step + 1, self.consumed_tokens + plan.global_batch_tokens).to_dict()
+            plan = dataclasses.replace(plan, anticipatory_routing=True, prefetch_routing=following)
         results = self.workers.call("train_step", plan.to_dict())
+        if plan.anticipatory_routing:
+            self.ar_remaining -= 1
+            if self.ar_remaining == 0:
+                self.telemetry.event("anticipatory_routing_off", plan.step)
         record = dict(results[self.reporter])
         record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
         self.step_count = plan.step
@@ -293,6 +309,9 @@ class Supervisor:
             self.last_committed = int(checkpoint.read_train_state(self.storage, latest)["step"]) if latest else None
         self.telemetry.event("rollback", self.step_count, from_step=step, source=source, skipped_data=skip,
                              superseded=superseded)
+        self.ar_remaining = self.job.spike_guard.anticipatory_steps
+        if self.ar_remaining:
+            self.telemetry.event("anticipatory_routing_on", self.step_count, steps=self.ar_remaining, delay_steps=1)
         return True
 
     def _checkpoint(self) -> None:
@@ -320,7 +339,8 @@ class Supervisor:
                 # The plan is a function of (step, consumed_tokens); the stage is recorded for inspection.
                 "curriculum": {"stage": self.curriculum_stage},
                 "spike_guard": self.guard.state_dict() if self.guard is not None else {},
-                "anticipatory_routing": {},
+                "anticipatory_routing": {"remaining": self.ar_remaining, "delay_steps": 1,
+                                         "rows": checkpoint.merge_routing(rank_states)},
             },
         }
         if not asynchronous:

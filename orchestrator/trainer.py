@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import save as dcp_save
 
 from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from model import V4Stage
-from model.moe import discard_expert_counts, update_expert_bias
+from model.moe import Router, RoutingTape, discard_expert_counts, set_routing_tape, update_expert_bias
 from orchestrator import checkpoint, faults
 from orchestrator.curriculum import StepPlan
 from orchestrator.spec import JobSpec
@@ -36,6 +36,12 @@ from parallel.optim import build_optimizer, clip_grad_norm_
 from parallel.schedules import forward_backward
 
 __all__ = ["RankTrainer"]
+
+
+def _replay_tape(rows: dict[int, torch.Tensor], micro_batch_size: int) -> RoutingTape:
+    """A replay tape from {layer: [b, S, K]} rows, one entry per micro-batch of ``micro_batch_size`` rows."""
+    return RoutingTape("replay", {layer: [chunk.reshape(-1, t.shape[-1]) for chunk in t.split(micro_batch_size)]
+                                  for layer, t in rows.items()})
 
 
 class RankTrainer:
@@ -109,6 +115,8 @@ class RankTrainer:
         self.ckpt_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.pending_save = None
         self.snapshots: collections.deque = collections.deque(maxlen=2)  # spike-guard rollback targets
+        # Anticipatory routing: step -> {layer: [b, S, K] int64 routed indices of this rank's rows}.
+        self.routing_rows: dict[int, dict[int, torch.Tensor]] = {}
         self.heartbeat["phase"] = "ready"
 
     @property
@@ -199,7 +207,16 @@ class RankTrainer:
         self.stage.attention_mode = plan.attention_mode
         self.stage.mtp_loss_weight = plan.mtp_loss_weight
         self.optimizer.zero_grad(set_to_none=False)
+        routing_fingerprint = None
+        if plan.anticipatory_routing:
+            rows = self.routing_rows.pop(plan.step, None)
+            if rows is None:  # the first step after switching on: route with the current parameters
+                rows = self._capture_routing(micro, plan.seq_len, plan.micro_batch_size)
+            set_routing_tape(self.stage, _replay_tape(rows, plan.micro_batch_size))
+            routing_fingerprint = self._routing_fingerprint(rows)
         loss_dicts = self._run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
+        set_routing_tape(self.stage, None)
+        aux_metrics = self.stage.pop_aux_metrics()
         warmup = plan.attention_mode == "indexer_warmup"
         if warmup:
             # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
@@ -215,6 +232,9 @@ class RankTrainer:
         grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, self.pctx.pp_group,
                                     exclude_from_norm=self.norm_excluded)
         finite = self._all_finite(grad_norm)
+        if plan.prefetch_routing is not None:
+            # Before this step's update: the next step's routing comes from these (older) parameters.
+            self.routing_rows[plan.step + 1] = self._prefetch_routing(StepPlan(**plan.prefetch_routing))
         moe_metrics = {}
         if finite and not warmup:
             moe_metrics = update_expert_bias(self.stage, self.pctx.dp_group)
@@ -241,12 +261,51 @@ class RankTrainer:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "skipped": not finite,
         }
-        metrics.update(self.stage.pop_aux_metrics())
+        if routing_fingerprint is not None:
+            metrics["routing_fingerprint"] = routing_fingerprint
+        metrics.update(aux_metrics)
         metrics.update(moe_metrics)
         guard = self.job.spike_guard
         if guard.enabled and plan.step % guard.snapshot_every == 0:
             self._snapshot()
         return metrics
+
+    # ---------------------------------------------------------------- anticipatory routing
+    @torch.no_grad()
+    def _capture_routing(self, micro: list[dict], seq_len: int, micro_batch_size: int) -> dict[int, torch.Tensor]:
+        """A routing-only forward (no gradients, no balancing counts) over ``micro``: {layer: [b, S, K]}."""
+        tape = RoutingTape("capture")
+        set_routing_tape(self.stage, tape)
+        try:
+            self._run_schedule(micro, seq_len, micro_batch_size, forward_only=True)
+        finally:
+            set_routing_tape(self.stage, None)
+            self.stage.pop_aux_metrics()
+        b = sum(m["input_ids"].shape[0] for m in micro)
+        return {layer: torch.cat(chunks).view(b, seq_len, -1) for layer, chunks in tape.indices.items()}
+
+    def _my_routing_rows(self, saved: dict) -> dict[int, dict[int, torch.Tensor]]:
+        """This rank's rows of the saved global routing tape ({step: {layer: [G, S, K]}}), any layout."""
+        mine = {m.layer_idx for m in self.stage.modules() if isinstance(m, Router) and not m.is_hash}
+        out = {}
+        for step, layers in saved.items():
+            rows = {}
+            for layer, blob in layers.items():
+                if int(layer) in mine:
+                    full = checkpoint.decode_rows(blob)
+                    b = full.shape[0] // self.pctx.dp
+                    rows[int(layer)] = full[self.pctx.dp_rank * b:(self.pctx.dp_rank + 1) * b].clone()
+            out[int(step)] = rows
+        return out
+
+    def _prefetch_routing(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        """Capture the routing of the batch ``plan`` will train on, without moving the data cursor."""
+        cursor = self.loader.state_dict()
+        batch = self.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
+        self.loader.load_state_dict(cursor)
+        self.stage.attention_mode = plan.attention_mode
+        return self._capture_routing(self._micro_batches(batch, plan.micro_batch_size), plan.seq_len,
+                                     plan.micro_batch_size)
 
     # ---------------------------------------------------------------- spike-guard snapshots
     def _snapshot(self) -> None:
@@ -278,6 +337,7 @@ class RankTrainer:
         if not skip_data:
             self.loader.load_state_dict(snap["loader"])
         self.step = snap["step"]
+        self.routing_rows.clear()  # captured on the abandoned trajectory
         while self.snapshots and self.snapshots[-1]["step"] > self.step:
             self.snapshots.pop()
         self.heartbeat = {"step": self.step, "progress": 0, "phase": "rolled_back"}
@@ -294,6 +354,13 @@ class RankTrainer:
         if self.pctx.dp > 1:
             dist.all_reduce(crc, group=self.pctx.dp_group)
         return int(crc.item())
+
+    def _routing_fingerprint(self, rows: dict[int, torch.Tensor]) -> int:
+        """Sum over layers and sequences of crc32 of the routed indices replayed this step (all ranks)."""
+        crc = sum(zlib.crc32(r.to(torch.int16).numpy().tobytes()) for t in rows.values() for r in t)
+        total = torch.tensor([crc], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def _inject_at_step_start(self, step: int) -> None:
         if ("kill", step) in self.faults:
@@ -344,7 +411,10 @@ class RankTrainer:
         else:
             dcp_save(state, storage_writer=writer, process_group=self.ckpt_group)
             self._after_persisted(self.step)
-        return {"rank": self.rank, "loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
+        return {"rank": self.rank, "dp_rank": self.pctx.dp_rank, "loader": self.loader.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "routing": {str(step): {str(layer): checkpoint.encode_rows(t) for layer, t in rows.items()}
+                            for step, rows in self.routing_rows.items()}}
 
     def save_done(self) -> bool:
         """Whether the pending asynchronous save (if any) has persisted; re-raises its error."""
@@ -373,6 +443,7 @@ class RankTrainer:
         checkpoint.load_shards(self._storage(root), name, self.stage, self.optimizer)
         self.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
+        self.routing_rows = self._my_routing_rows(train_state.get("anticipatory_routing", {}).get("rows", {}))
         self.heartbeat = {"step": self.step, "progress": 0, "phase": "loaded"}
         rng = train_state.get("rng", {}).get(str(self.rank))
         if train_state.get("layout") == self.job.parallel.model_dump() and rng is not None:

@@ -1,0 +1,488 @@
+"""Layout planner: per-rank memory, pipeline bubble, communication and step time before any rank starts.
+
+``v4train plan JOB.yaml --cluster CLUSTER.yaml`` evaluates the job's layout (or ``--layout``) on the cluster's
+devices and, when it does not fit, searches layouts that do. Nothing is trained; the model is never built
+(parameter counts come from the real modules instantiated on the meta device, so they are exact).
+
+**Memory of one rank** (pipeline stage ``r`` of ``pp``), in bytes:
+
+- ``baseline``: the process before any model exists. CPU: :data:`RUNTIME_BASELINE_MB` measured here (a Ray
+  rank worker after ``import orchestrator.trainer`` is 517 MiB of resident memory: Python 3.11, Ray 2.60,
+  torch 2.13 CPU, Megatron-core 0.16.1, pyarrow; ``RankTrainer`` setup adds about 80 MiB besides its
+  parameters: gloo and Megatron groups, the opened dataset). GPU: an assumed allowance for the CUDA
+  context, cuBLAS and NCCL workspaces (not measured here: no GPU).
+- ``parameters``, ``gradients``, ``optimizer``: the stage's parameters (dense ones split over TP, routed
+  experts over EP). CPU runs fp32 everything with torch AdamW (4 + 4 + 8 bytes per parameter, unsharded);
+  GPU assumes Megatron's recipe: bf16 parameters, fp32 main gradients, and the distributed optimizer's fp32
+  master weights and two moments (12 bytes) sharded over the data-parallel group (experts: over the
+  expert-data-parallel group of size tp*dp/ep).
+- ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
+  saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
+  micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``recompute="full"`` keeps only
+  each layer's input (the N-stream residual) and rebuilds one layer at a time in the backward.
+- ``kv_compressor``: the part of the activations that is the attention's key/value entries (window and
+  compressed) and the compressor's buffers at the job's sequence length, shown on its own line.
+- ``workspace``: the backward's transient peak: one layer's activations again, plus the logits' gradient
+  on the last stage.
+- ``checkpoint staging``: an asynchronous save copies parameters and optimizer state between steps, when
+  activations are free: the CPU peak is ``state + max(activations + workspace, staging)``; on GPU the copy
+  is in host memory and is reported, not counted.
+
+**Pipeline bubble** (1F1B): ``(pp - 1) / (m + pp - 1)`` with ``m`` micro-batches per data-parallel rank.
+**Communication per step per rank**: DP gradient all-reduce (or reduce-scatter + all-gather), TP
+all-gathers/reduce-scatters (4 per layer per micro-batch, forward and backward), EP all-to-all (dispatch
+and combine, forward and backward), PP activations and their gradients at each stage boundary.
+**Step time**: ``(m + pp - 1)`` times the slowest stage's micro-batch time (6 x active parameters x tokens
+plus attention FLOPs from :mod:`model.budget`, over ``peak_tflops x mfu``, plus its TP/EP/PP transfers over
+the link bandwidths) plus the unoverlapped data-parallel gradient sync. An estimate: good for ranking
+layouts and spotting what dominates, not a promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
+           "stage_parameters", "activation_elements", "plan_layout", "plan_job", "suggest", "format_plan",
+           "load_job_for_plan", "add_cli_arguments", "run_cli"]
+
+# Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
+# gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
+RUNTIME_BASELINE_MB = {"cpu": 595.0, "gpu": 4096.0}
+# Bytes per saved activation element on GPU: bf16 tensors, with the fp32 mHC, router and SwiGLU
+# intermediates this code keeps (an estimate); CPU runs fp32 (4).
+GPU_ACTIVATION_BYTES = 2.5
+# A layout fits when its peak rank uses at most this share of the device's memory (allocator fragmentation,
+# transient spikes the model does not count).
+FIT_FRACTION = 0.9
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout plus the per-rank choices that change memory: micro-batch size and recompute."""
+
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    micro_batch_size: int
+    recompute: str = "none"  # "none" | "full"
+
+    def __str__(self) -> str:
+        return f"tp{self.tp} pp{self.pp} ep{self.ep} dp{self.dp} mbs{self.micro_batch_size} recompute={self.recompute}"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One training shape of the job: a curriculum stage (or the whole run without a curriculum)."""
+
+    seq_len: int
+    global_batch: int
+    micro_batch_size: int
+    attention: str = "dense"
+
+
+@dataclass
+class StageMemory:
+    """Bytes one rank of pipeline stage ``pp_rank`` holds (module docstring), and what it is made of."""
+
+    pp_rank: int
+    layers: range
+    dense_params: int
+    expert_params: int
+    parts: dict[str, float] = field(default_factory=dict)
+    host_staging: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    shape: Shape
+    stages: list[StageMemory]
+    capacity: float
+    bubble: float
+    comm_bytes: dict[str, float]
+    step_time_s: float
+    time_parts: dict[str, float]
+    tokens_per_step: int
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= FIT_FRACTION * self.capacity
+
+
+# ------------------------------------------------------------------ parameters (exact, from the modules)
+def _count(module) -> tuple[int, int]:
+    dense = expert = 0
+    for name, p in module.named_parameters():
+        if ".experts." in f".{name}":
+            expert += p.numel()
+        else:
+            dense += p.numel()
+    return dense, expert
+
+
+@functools.lru_cache(maxsize=64)
+def _block_params(cfg, layer_idx: int, mtp: bool) -> tuple[int, int]:
+    """(dense, routed-expert) parameters of one Block (or MTP block), built on the meta device."""
+    import torch
+
+    from model.block import Block
+    from model.mtp import MTPBlock
+
+    with torch.device("meta"):
+        return _count((MTPBlock if mtp else Block)(cfg, layer_idx))
+
+
+@functools.lru_cache(maxsize=16)
+def _head_params(cfg) -> int:
+    import torch
+
+    from model.mhc import HyperHead
+
+    with torch.device("meta"):
+        hc = sum(p.numel() for p in HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps).parameters())
+    return hc + cfg.dim + cfg.vocab_size * cfg.dim  # hc_head, norm, head
+
+
+def _layer_key(cfg, i: int) -> int:
+    """A representative layer index with the same modules as layer ``i`` (same ratio, hash or learned routing)."""
+    ratio, hashed = cfg.compress_ratios[i], i < cfg.n_hash_layers
+    return next(j for j in range(cfg.n_layers) if cfg.compress_ratios[j] == ratio and (j < cfg.n_hash_layers) == hashed)
+
+
+def stage_parameters(cfg, pp: int) -> list[tuple[range, int, int]]:
+    """``[(layers, dense, routed_expert)]`` parameter counts of every pipeline stage (as ``V4Stage`` builds them)."""
+    from model.transformer import stage_layer_ranges
+
+    out = []
+    for r, layers in enumerate(stage_layer_ranges(cfg.n_layers, pp)):
+        dense = expert = 0
+        for i in layers:
+            d, e = _block_params(cfg, _layer_key(cfg, i), False)
+            dense, expert = dense + d, expert + e
+        if r == 0 or (r == pp - 1 and cfg.mtp_depth > 0):
+            dense += cfg.vocab_size * cfg.dim  # the embedding (the last stage's copy feeds MTP)
+        if r == pp - 1:
+            dense += _head_params(cfg)
+            for k in range(cfg.mtp_depth):
+                d, e = _block_params(cfg, cfg.n_layers + k, True)
+                dense, expert = dense + d, expert + e
+        out.append((layers, dense, expert))
+    return out
+
+
+# ------------------------------------------------------------------ activations (fitted element counts)
+def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: int = 1) -> tuple[float, float]:
+    """``(other, kv_compressor)`` saved elements per token of one layer (block ``layer_idx``).
+
+    Fitted to autograd's saved tensors (unique storages, parameters excluded) of this code's layers over 14
+    random configurations (nano-sized: D 64-192, H 2-8, head_dim 32-128, window 16-64, K 1-3) and checked
+    against nano and small in ``tests/test_plan.py``. Terms: mHC (two reads with Sinkhorn, which saves every
+    iteration, and two writes) and norms; attention (projections, per-head query norm and RoPE, the sparse
+    core's q/out, the slot indices); CSA/HCA compressor entries and their slot indices (every visible entry
+    in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router, K routed
+    expert SwiGLUs in fp32, the shared expert).
+    """
+    D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
+    HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
+    W = min(cfg.window, seq_len)
+    block = 5.5 * N * D + 2 * ((2 * it - 1) * (N * N + N) + N * N) + 162
+    attn = 4 * HC / tp + 3 * L + D + W + cfg.o_groups * cfg.o_lora_rank / tp + 35
+    kv = 3 * C
+    ratio = cfg.compress_ratios[layer_idx]
+    if ratio == 4:  # CSA: overlapping compressor, indexer
+        slots = seq_len / ratio if attention == "dense" else min(cfg.index_topk, seq_len / ratio)
+        kv += 4.75 * C + slots + 12
+        if attention != "dense":
+            attn += cfg.index_n_heads * (cfg.index_head_dim + 1) / tp + cfg.index_head_dim / ratio
+    elif ratio:  # HCA
+        kv += 2.1 * C + seq_len / ratio + 5
+    F, K = cfg.moe_inter_dim, cfg.n_activated_experts
+    ffn = K * (7 * F + 2 * D + 8) + 4 * F * cfg.n_shared_experts / tp + D + cfg.n_routed_experts + 9
+    if layer_idx >= cfg.n_layers:  # an MTP block: its projections of the embedding and the streams
+        block += 4.3 * N * D
+    return block + attn + ffn, kv
+
+
+def _head_elements(cfg, tp: int) -> float:
+    """Last stage, per token: hc_head, norm, and the log-softmax of every head (main + MTP) over the vocab."""
+    return cfg.vocab_size / tp * (1 + cfg.mtp_depth) + 2 * cfg.hc_mult * cfg.dim + 24
+
+
+# ------------------------------------------------------------------ one layout
+def _bytes(device: str) -> dict[str, float]:
+    if device == "gpu":
+        return {"param": 2, "grad": 4, "optim": 12, "act": GPU_ACTIVATION_BYTES, "comm": 2, "staging": 14}
+    return {"param": 4, "grad": 4, "optim": 8, "act": 4, "comm": 4, "staging": 12}
+
+
+def _capacity(cluster) -> float:
+    if cluster.hardware.memory_gb is not None:
+        return cluster.hardware.memory_gb * 1e9
+    import psutil
+
+    return psutil.virtual_memory().total / cluster.devices_per_node
+
+
+def _link_gbps(cluster, span: int) -> float:
+    """Bandwidth (GB/s per rank) of a group whose ranks lie within ``span`` consecutive ranks."""
+    hw = cluster.hardware
+    return hw.intra_node_gbps if span <= cluster.devices_per_node else hw.inter_node_gbps
+
+
+def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
+    """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
+    from model.budget import attention_flops_per_token
+
+    device = cluster.device
+    b = _bytes(device)
+    tp, pp, ep, dp, mbs = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size
+    m = max(1, shape.global_batch // (mbs * dp))
+    tokens_mb = mbs * shape.seq_len
+    edp = max(1, tp * dp // ep)
+    stages = []
+    stage_flops = []
+    asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
+    for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp)):
+        local = dense / tp + expert / ep
+        parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
+                 "gradients": local * b["grad"]}
+        parts["optimizer"] = (dense / tp / dp + expert / ep / edp) * b["optim"] if device == "gpu" else local * b["optim"]
+        ids = list(layers) + ([cfg.n_layers + k for k in range(cfg.mtp_depth)] if r == pp - 1 else [])
+        per_layer = [activation_elements(cfg, i, shape.seq_len, shape.attention, tp) for i in ids]
+        head = _head_elements(cfg, tp) if r == pp - 1 else 0.0
+        in_flight = min(pp - r, m)
+        if layout.recompute == "full":
+            kept_other = cfg.hc_mult * cfg.dim * len(ids) + head
+            kept_kv = 0.0
+        else:
+            kept_other = sum(o for o, _ in per_layer) + head
+            kept_kv = sum(k for _, k in per_layer)
+        biggest = max((o + k for o, k in per_layer), default=0.0)
+        parts["activations"] = in_flight * tokens_mb * kept_other * b["act"]
+        parts["kv_compressor"] = in_flight * tokens_mb * kept_kv * b["act"]
+        parts["workspace"] = tokens_mb * (biggest + (cfg.vocab_size / tp if r == pp - 1 else 0)) * b["act"]
+        stage = StageMemory(r, layers, dense, expert, parts)
+        staging = local * b["staging"] if asynchronous else 0.0
+        if device == "cpu":
+            # the staged copy is taken between steps, when activations are free
+            transient = parts["activations"] + parts["kv_compressor"] + parts["workspace"]
+            parts["checkpoint_staging"] = max(0.0, staging - transient)
+        else:
+            stage.host_staging = staging
+        stages.append(stage)
+        active = dense - (cfg.vocab_size * cfg.dim if r == 0 else 0) + expert * cfg.n_activated_experts / cfg.n_routed_experts
+        attn = attention_flops_per_token(cfg, max(1, shape.seq_len // 2)) * len(layers) / cfg.n_layers
+        flops = tokens_mb * (6 * active + 3 * attn) * (4 / 3 if layout.recompute == "full" else 1)
+        stage_flops.append(flops / tp)
+
+    hw = cluster.hardware
+    rate = hw.peak_tflops * 1e12 * hw.mfu * (2 if hw.fp8 and device == "gpu" else 1)
+    n_moe_max = max(len(s.layers) for s in stages) + cfg.mtp_depth
+    comm = {}
+    comm["tp"] = 0.0 if tp == 1 else m * n_moe_max * 4 * 2 * (tp - 1) / tp * tokens_mb * cfg.dim * b["comm"]
+    comm["ep"] = 0.0 if ep == 1 else m * n_moe_max * 4 * (ep - 1) / ep * tokens_mb * cfg.n_activated_experts * cfg.dim * b["comm"]
+    comm["pp"] = 0.0 if pp == 1 else m * 2 * tokens_mb * cfg.hc_mult * cfg.dim * b["comm"]
+    peak = max(stages, key=lambda s: s.dense_params / tp + s.expert_params / ep)
+    grad_elems = [peak.dense_params / tp, peak.expert_params / ep]
+    comm["dp"] = sum(2 * (g_dp - 1) / g_dp * g * b["grad"] for g, g_dp in zip(grad_elems, (dp, edp)) if g_dp > 1)
+    span = {"tp": tp, "ep": tp * ep, "dp": tp * dp, "pp": tp * dp * pp}
+    link = {k: _link_gbps(cluster, v) * 1e9 for k, v in span.items()}
+    t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]) / m
+    time_parts = {"compute": (m + pp - 1) * max(stage_flops) / rate,
+                  "tp_ep_pp_comm": (m + pp - 1) * (t_mb - max(stage_flops) / rate),
+                  "dp_sync": comm["dp"] / link["dp"]}
+    return Plan(layout=layout, shape=shape, stages=stages, capacity=_capacity(cluster),
+                bubble=(pp - 1) / (m + pp - 1), comm_bytes=comm, step_time_s=sum(time_parts.values()),
+                time_parts=time_parts, tokens_per_step=shape.global_batch * shape.seq_len)
+
+
+def job_shapes(job) -> list[Shape]:
+    """The training shapes of ``job``: one per curriculum stage (at the full global batch), else one."""
+    cur = getattr(job, "curriculum", None)
+    if cur is None:
+        return [Shape(job.data.seq_len, job.train.global_batch, job.train.micro_batch_size)]
+    return [Shape(s.seq_len, job.train.global_batch, s.micro_batch_size or job.train.micro_batch_size, s.attention)
+            for s in cur.stages]
+
+
+def plan_job(cfg, job, cluster, layout: Layout) -> Plan:
+    """The plan of the job's most memory-hungry shape under ``layout`` (its step time is that shape's)."""
+    plans = []
+    for shape in job_shapes(job):
+        mbs = layout.micro_batch_size if len(job_shapes(job)) == 1 else shape.micro_batch_size
+        plans.append(plan_layout(cfg, job, cluster, dataclasses.replace(layout, micro_batch_size=mbs), shape))
+    return max(plans, key=lambda p: p.peak.total)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggest(cfg, job, cluster, limit: int = 5) -> list[Plan]:
+    """Layouts of the cluster's devices that fit, fastest first (at most ``limit``).
+
+    Searched: tp among the divisors of devices_per_node that divide n_heads, pp up to n_layers, ep dividing
+    tp*dp and n_routed_experts, micro-batch sizes dividing the per-rank batch (up to 8), recompute none/full.
+    """
+    world = cluster.world_size
+    found = []
+    for tp in [t for t in _divisors(cluster.devices_per_node) if cfg.n_heads % t == 0]:
+        for pp in [p for p in _divisors(world // tp) if p <= cfg.n_layers]:
+            dp = world // (tp * pp)
+            eps = [e for e in _divisors(tp * dp) if cfg.n_routed_experts % e == 0]
+            for ep, recompute in itertools.product(eps, ("none", "full")):
+                for mbs in [x for x in (1, 2, 4, 8) if job.train.global_batch % (x * dp) == 0]:
+                    plan = plan_job(cfg, job, cluster, Layout(tp, pp, ep, dp, mbs, recompute))
+                    if plan.fits:
+                        found.append(plan)
+    found.sort(key=lambda p: (p.step_time_s, p.peak.total))
+    return found[:limit]
+
+
+# ------------------------------------------------------------------ loading and printing
+def load_job_for_plan(path: str, overrides: list[str]):
+    """``(job, model config, parallel section)``: a job whose layout may use tp/ep > 1 (which the trainer
+    does not run yet) and whose dataset need not exist here (the preset's vocabulary is used then)."""
+    from pydantic import ValidationError
+
+    from orchestrator.spec import JobSpec, ParallelSpec, SpecError, _read_yaml, apply_overrides, _dataset_vocab, \
+        _format_validation_error
+    from pathlib import Path
+
+    raw = apply_overrides(_read_yaml(path), overrides)
+    par = dict(raw.get("parallel") or {})
+    try:
+        parallel = ParallelSpec.model_validate(par)
+        job = JobSpec.model_validate({**raw, "parallel": {**par, "tp": 1, "ep": 1}})
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(str(path), exc)) from None
+    vocab = _dataset_vocab(job.data.path, str(path)) if (Path(job.data.path) / "dataset.json").is_file() else None
+    return job, job.model.build(vocab_size=vocab), parallel
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB" if x >= GiB else f"{x / MiB:.0f} MiB"
+
+
+def format_plan(plan: Plan, title: str = "") -> str:
+    """The plan as a table: memory per stage by part, bubble, communication and step time."""
+    lay, sh = plan.layout, plan.shape
+    lines = [title or f"layout {lay}", f"  shape: seq_len {sh.seq_len}, global batch {sh.global_batch} sequences, "
+             f"micro-batch {lay.micro_batch_size}, attention {sh.attention}; "
+             f"{max(1, sh.global_batch // (lay.micro_batch_size * lay.dp))} micro-batches per data-parallel rank"]
+    names = list(plan.stages[0].parts)
+    show = plan.stages if len(plan.stages) <= 4 else [plan.stages[0], plan.stages[1], plan.stages[-2], plan.stages[-1]]
+    header = f"  {'per rank':<20}" + "".join(f"{'stage ' + str(s.pp_rank):>14}" for s in show)
+    lines.append(header)
+    lines.append(f"  {'  layers':<20}" + "".join(f"{f'{s.layers.start}-{s.layers.stop - 1}':>14}" for s in show))
+    lines.append(f"  {'  params (dense/exp)':<20}" + "".join(f"{f'{s.dense_params / 1e6:.0f}M/{s.expert_params / 1e6:.0f}M':>14}" for s in show))
+    for name in names:
+        lines.append(f"  {name:<20}" + "".join(f"{_gib(s.parts.get(name, 0)):>14}" for s in show))
+    lines.append(f"  {'TOTAL':<20}" + "".join(f"{_gib(s.total):>14}" for s in show))
+    if any(s.host_staging for s in plan.stages):
+        lines.append(f"  {'host ckpt staging':<20}" + "".join(f"{_gib(s.host_staging):>14}" for s in show))
+    peak = plan.peak
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"  peak: stage {peak.pp_rank} {_gib(peak.total)} of {_gib(plan.capacity)} per device "
+                 f"({100 * peak.total / plan.capacity:.0f}%; a layout fits up to {100 * FIT_FRACTION:.0f}%): {verdict}")
+    lines.append(f"  pipeline bubble (1F1B): {100 * plan.bubble:.1f}%")
+    comm = "  ".join(f"{k.upper()} {_gib(v)}" for k, v in plan.comm_bytes.items() if v)
+    lines.append(f"  communication per step per rank: {comm or 'none'}")
+    t = plan.time_parts
+    lines.append(f"  estimated step time: {plan.step_time_s:.3g} s (compute {t['compute']:.3g} s, TP/EP/PP "
+                 f"{t['tp_ep_pp_comm']:.3g} s, DP sync {t['dp_sync']:.3g} s); "
+                 f"{plan.tokens_per_step / max(plan.step_time_s, 1e-12):,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def _plan_dict(plan: Plan) -> dict:
+    return {"layout": dataclasses.asdict(plan.layout), "shape": dataclasses.asdict(plan.shape), "fits": plan.fits,
+            "capacity_bytes": plan.capacity, "bubble": plan.bubble, "comm_bytes": plan.comm_bytes,
+            "step_time_s": plan.step_time_s, "time_parts": plan.time_parts,
+            "stages": [{"pp_rank": s.pp_rank, "layers": [s.layers.start, s.layers.stop], "dense_params": s.dense_params,
+                        "expert_params": s.expert_params, "parts": s.parts, "total_bytes": s.total,
+                        "host_staging_bytes": s.host_staging} for s in plan.stages]}
+
+
+def add_cli_arguments(sub) -> None:
+    """Add ``plan`` to the ``v4train`` subcommands."""
+    p = sub.add_parser("plan", help="per-rank memory, bubble, communication and step time of a layout; "
+                                    "suggests layouts that fit")
+    p.add_argument("job", help="job YAML")
+    p.add_argument("--cluster", required=True, help="cluster YAML (its hardware section: memory, TFLOP/s, bandwidth)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a job field")
+    p.add_argument("--layout", help="plan this layout instead of the job's, e.g. tp=1,pp=16,ep=64,dp=64,mbs=1")
+    p.add_argument("--recompute", choices=("none", "full"), default="none",
+                   help="activation recomputation assumed for the job's layout (default none: what ranks do today)")
+    p.add_argument("--suggest", type=int, default=3, metavar="N", help="layouts that fit to list (0: none)")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+
+
+def _parse_layout(text: str, default) -> Layout:
+    from orchestrator.spec import SpecError
+
+    values = {"tp": default.tp, "pp": default.pp, "ep": default.ep, "dp": default.dp, "mbs": default.micro_batch_size}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in values or not value.strip().isdigit() or int(value) < 1:
+            raise SpecError(f"--layout {item!r}: expected tp|pp|ep|dp|mbs=<positive int>")
+        values[key.strip()] = int(value)
+    return Layout(values["tp"], values["pp"], values["ep"], values["dp"], values["mbs"], default.recompute)
+
+
+def run_cli(args) -> int:
+    """``v4train plan``: exit 0 when the planned layout fits, 1 when it does not (suggestions are printed)."""
+    from orchestrator.spec import SpecError, load_cluster
+
+    job, cfg, par = load_job_for_plan(args.job, args.overrides)
+    cluster = load_cluster(args.cluster)
+    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size, args.recompute)
+    if args.layout:
+        layout = _parse_layout(args.layout, layout)
+    world = layout.tp * layout.pp * layout.dp
+    if world != cluster.world_size:
+        raise SpecError(f"layout {layout}: tp x pp x dp = {world} does not match cluster {cluster.name}'s "
+                        f"{cluster.world_size} devices")
+    if (layout.tp * layout.dp) % layout.ep or cfg.n_routed_experts % layout.ep or layout.pp > cfg.n_layers:
+        raise SpecError(f"layout {layout}: ep must divide tp x dp and n_routed_experts; pp at most n_layers")
+    plan = plan_job(cfg, job, cluster, layout)
+    others = suggest(cfg, job, cluster, args.suggest) if args.suggest else []
+    if args.json:
+        print(json.dumps({"plan": _plan_dict(plan), "suggestions": [_plan_dict(p) for p in others]}, indent=1))
+        return 0 if plan.fits else 1
+    from model.budget import param_counts
+
+    counts = param_counts(cfg)
+    print(f"{job.name}: model {job.model.preset} ({counts['total_with_mtp'] / 1e9:.3g}B parameters with MTP, "
+          f"{counts['active'] / 1e9:.3g}B active) on {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} "
+          f"{cluster.device} devices")
+    print(format_plan(plan, f"layout {layout} (the job's)" if not args.layout else f"layout {layout}"))
+    if not plan.fits and layout.recompute == "none":
+        full = plan_job(cfg, job, cluster, dataclasses.replace(layout, recompute="full"))
+        print(f"  with --recompute full: peak {_gib(full.peak.total)}, {'fits' if full.fits else 'does not fit either'}, "
+              f"step {full.step_time_s:.3g} s")
+    if others:
+        print(f"\nlayouts that fit, fastest first (tp or ep > 1 needs issue 5's tensor/expert parallelism):")
+        for p in others:
+            print(f"  {str(p.layout):<44} peak {_gib(p.peak.total):>10}  bubble {100 * p.bubble:4.1f}%  "
+                  f"step {p.step_time_s:.3g} s")
+    elif not plan.fits and args.suggest:
+        print("\nno layout of this cluster fits: more devices, a shorter sequence or a smaller model")
+    return 0 if plan.fits else 1

@@ -1,0 +1,2 @@
+def add_cli_arguments(sub):
+    pass
