@@ -75,3 +75,19 @@ def test_c04_pipeline_shapes_follow_a_changing_sequence_length(rank_pool, tiny_d
         for ref, got in zip(results[1], results[pp], strict=True):
             assert got["data_fingerprint"] == ref["data_fingerprint"]
             assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (pp, got["step"])
+
+
+@pytest.mark.timeout(600)
+def test_resume_mid_ramp_continues_the_same_stages_lr_and_data(rank_pool, tiny_dataset, tmp_path):
+    import shutil
+
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2},
+                   train={"steps": 9, "global_batch": 8, "micro_batch_size": 1, "warmup_steps": 0},
+                   curriculum={**CURRICULUM, "stages": [{**s, "micro_batch_size": 1} for s in CURRICULUM["stages"]]},
+                   checkpoint={"every_steps": 3, "at_end": False})
+    straight, _, _ = run_job(rank_pool, job, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight" / "step_00000003", tmp_path / "resumed" / "step_00000003")
+    resumed, events, _ = run_job(rank_pool, job, tmp_path / "resumed", resume_from="step_00000003")
+    keys = ("step", "seq_len", "global_batch_tokens", "lr", "data_fingerprint", "loss", "consumed_tokens")
+    assert [tuple(m[k] for k in keys) for m in resumed] == [tuple(m[k] for k in keys) for m in straight[3:]]
+    assert [(e["step"], e["seq_len"]) for e in events if e["event"] == "stage_change"] == [(4, 64), (6, 128)]
