@@ -1,2 +1,229 @@
-def add_cli_arguments(sub):
-    pass
+"""A run at a glance: ``v4train report RUN_DIR`` writes ``RUN_DIR/report.png`` and prints a summary table.
+
+The PNG has four panels over optimizer steps, sharing the x axis: loss (and the validation loss of ``eval``
+events), learning rate, sequence length with the global batch in tokens, and tokens/s. Events are drawn
+across every panel: restarts and failures (red), spikes and rollbacks (orange), curriculum stage changes
+(blue), committed checkpoints (grey ticks along the top of the loss panel). The table summarises steps,
+tokens, wall time, losses, throughput, peak resident memory and event counts.
+
+With ``--tensorboard`` the same scalars are also written as TensorBoard event files in ``RUN_DIR/tb/``
+(needs the ``tensorboard`` package: ``pip install 'v4train[tensorboard]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+__all__ = ["read_run", "summary", "format_summary", "plot", "write_tensorboard", "add_cli_arguments", "run_cli"]
+
+_RED_EVENTS = ("restart", "failure")
+_ORANGE_EVENTS = ("spike", "rollback", "nonfinite_grad")
+_BLUE_EVENTS = ("stage_change",)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a killed writer
+    return out
+
+
+def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """``(metrics, events)`` of a run directory; the metrics keep the last record of each step (a step
+    replayed after a restart or rollback overwrites the earlier one). Raises FileNotFoundError when the
+    directory has no ``metrics.jsonl``."""
+    run = Path(run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl (not a run directory, or no step finished yet)")
+    by_step = {}
+    for record in _jsonl(run / "metrics.jsonl"):
+        if "step" in record:
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)], _jsonl(run / "events.jsonl")
+
+
+def summary(metrics: list[dict], events: list[dict]) -> dict:
+    """The numbers of the summary table (None where the run has none)."""
+    def count(*names):
+        return sum(1 for e in events if e.get("event") in names)
+
+    losses = [m["loss"] for m in metrics if m.get("loss") is not None]
+    evals = [e for e in events if e.get("event") == "eval"]
+    times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
+    stamps = [e["time"] for e in events if "time" in e] + [m["time"] for m in metrics if "time" in m]
+    committed = [e["step"] for e in events if e.get("event") == "checkpoint_committed"]
+    finish = next((e for e in reversed(events) if e.get("event") in ("finish", "stopped", "failure")), None)
+    return {
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "tokens": metrics[-1].get("consumed_tokens") if metrics else 0,
+        "wall_s": (max(stamps) - min(stamps)) if len(stamps) > 1 else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "val_loss": evals[-1].get("val_loss") if evals else None,
+        "median_step_s": statistics.median(times) if times else None,
+        "mean_tokens_per_s": statistics.fmean(m["tokens_per_s"] for m in metrics) if metrics else None,
+        "peak_rss_mb": max((m["peak_rss_mb"] for m in metrics if "peak_rss_mb" in m), default=None),
+        "checkpoints": len(committed),
+        "last_committed": committed[-1] if committed else None,
+        "restarts": count("restart"),
+        "failures": count("failure"),
+        "spikes": count("spike"),
+        "rollbacks": count("rollback"),
+        "stage_changes": count("stage_change"),
+        "state": finish["event"] if finish else "running (or killed)",
+    }
+
+
+def format_summary(run_dir: str | Path, s: dict) -> str:
+    """The summary as an aligned two-column table."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [
+        ("run", str(run_dir)),
+        ("state", s["state"]),
+        ("steps", str(s["steps"])),
+        ("tokens", num(s["tokens"], ",")),
+        ("wall time", "-" if s["wall_s"] is None else f"{s['wall_s'] / 60:.1f} min"),
+        ("loss first / last / min", f"{num(s['first_loss'], '.4f')} / {num(s['last_loss'], '.4f')} / {num(s['min_loss'], '.4f')}"),
+        ("validation loss", num(s["val_loss"], ".4f")),
+        ("step time (median)", "-" if s["median_step_s"] is None else f"{s['median_step_s']:.3f} s"),
+        ("tokens/s (mean)", num(s["mean_tokens_per_s"], ",.0f")),
+        ("peak RSS (largest rank)", "-" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:.0f} MiB"),
+        ("checkpoints (last)", f"{s['checkpoints']} ({num(s['last_committed'], 'd')})"),
+        ("restarts / failures", f"{s['restarts']} / {s['failures']}"),
+        ("spikes / rollbacks", f"{s['spikes']} / {s['rollbacks']}"),
+        ("curriculum stage changes", str(s["stage_changes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str | Path) -> Path:
+    """Write the four-panel PNG to ``out``; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True, gridspec_kw={"height_ratios": [3, 1.3, 1.3, 1.3]})
+    loss_ax, lr_ax, seq_ax, tps_ax = axes
+    loss_ax.plot(steps, [m["loss"] for m in metrics], color="#1f77b4", lw=1.2, label="train loss")
+    evals = [e for e in events if e.get("event") == "eval" and e.get("val_loss") is not None]
+    if evals:
+        loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o", color="#2ca02c", ms=7,
+                     label="validation loss")
+    loss_ax.set_ylabel("loss (nats)")
+    lr_ax.plot(steps, [m["lr"] for m in metrics], color="#9467bd", lw=1.2)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    seq_ax.step(steps, [m["seq_len"] for m in metrics], where="post", color="#8c564b", lw=1.5, label="sequence length")
+    seq_ax.set_ylabel("seq length (tokens)")
+    seq_ax.set_ylim(0, 1.25 * max(m["seq_len"] for m in metrics))
+    handles = seq_ax.get_legend_handles_labels()
+    if any("global_batch_tokens" in m for m in metrics):
+        batch_ax = seq_ax.twinx()
+        batch = [m.get("global_batch_tokens", 0) / 1e3 for m in metrics]
+        batch_ax.step(steps, batch, where="post", color="#7f7f7f", lw=1.2, ls="--", label="global batch (k tokens)")
+        batch_ax.set_ylabel("batch (k tokens)", color="#7f7f7f")
+        batch_ax.set_ylim(0, 1.6 * max(batch))
+        more = batch_ax.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    seq_ax.legend(*handles, loc="lower right", fontsize=9, ncol=2)
+    tps_ax.plot(steps, [m["tokens_per_s"] for m in metrics], color="#ff7f0e", lw=0.8, alpha=0.5, label="per step")
+    window = max(1, len(steps) // 50)
+    if window > 1:
+        tps = [m["tokens_per_s"] for m in metrics]
+        smooth = [statistics.fmean(tps[max(0, i - window + 1): i + 1]) for i in range(len(tps))]
+        tps_ax.plot(steps, smooth, color="#d62728", lw=1.5, label=f"mean of {window}")
+    tps_ax.set_ylabel("tokens/s")
+    tps_ax.set_xlabel("optimizer step")
+    tps_ax.set_ylim(bottom=0)
+    tps_ax.legend(loc="lower right", fontsize=9, ncol=2)
+
+    labelled = set()
+    for e in events:
+        name, step = e.get("event"), e.get("step")
+        if step is None:
+            continue
+        if name in _RED_EVENTS + _ORANGE_EVENTS + _BLUE_EVENTS:
+            color = "#d62728" if name in _RED_EVENTS else "#ff7f0e" if name in _ORANGE_EVENTS else "#17becf"
+            for ax in axes:
+                ax.axvline(step, color=color, lw=1.2, ls="--" if name in _BLUE_EVENTS else "-", alpha=0.8,
+                           label=name if ax is loss_ax and name not in labelled else None)
+            labelled.add(name)
+        elif name == "checkpoint_committed":
+            loss_ax.plot([step], [1.0], marker="v", color="#555555", ms=7, transform=loss_ax.get_xaxis_transform(),
+                         clip_on=False, label="checkpoint" if "ckpt" not in labelled else None, ls="none")
+            labelled.add("ckpt")
+    loss_ax.legend(loc="upper right", fontsize=9, ncol=2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    s = summary(metrics, events)
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {s['steps']} steps, {s['tokens'] or 0:,} tokens, last loss "
+                 f"{s['last_loss']:.3f}" + (f", val {s['val_loss']:.3f}" if s["val_loss"] is not None else "")
+                 + f", {s['restarts']} restarts", fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_tensorboard(run_dir: str | Path, metrics: list[dict], events: list[dict]) -> Path:
+    """Scalars of every step (and the events' validation losses) as TensorBoard event files in ``RUN_DIR/tb``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise RuntimeError(f"--tensorboard needs the tensorboard package ({exc}); pip install 'v4train[tensorboard]'") from None
+    out = Path(run_dir) / "tb"
+    writer = SummaryWriter(str(out))
+    for m in metrics:
+        for key, value in m.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"train/{key}", value, m["step"])
+    for e in events:
+        if e.get("event") == "eval" and e.get("val_loss") is not None:
+            writer.add_scalar("eval/val_loss", e["val_loss"], e["step"])
+    writer.close()
+    return out
+
+
+def add_cli_arguments(sub) -> None:
+    """Add ``report`` to the ``v4train`` subcommands."""
+    p = sub.add_parser("report", help="a run at a glance: PNG of loss, LR, sequence length, tokens/s and events; summary table")
+    p.add_argument("run_dir", help="run directory (holds metrics.jsonl and events.jsonl)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to RUN_DIR/tb")
+
+
+def run_cli(args) -> int:
+    """``v4train report``: exit 2 when the directory holds no metrics."""
+    try:
+        metrics, events = read_run(args.run_dir)
+    except FileNotFoundError as exc:
+        print(f"v4train: error: {exc}", file=sys.stderr)
+        return 2
+    if not metrics:
+        print(f"v4train: error: {args.run_dir}/metrics.jsonl holds no step", file=sys.stderr)
+        return 2
+    out = plot(args.run_dir, metrics, events, args.out or Path(args.run_dir) / "report.png")
+    print(format_summary(args.run_dir, summary(metrics, events)))
+    print(f"{'plot':<24}  {out}")
+    if args.tensorboard:
+        try:
+            print(f"{'tensorboard':<24}  {write_tensorboard(args.run_dir, metrics, events)}")
+        except RuntimeError as exc:
+            print(f"v4train: error: {exc}", file=sys.stderr)
+            return 1
+    return 0

@@ -266,8 +266,8 @@ class RaySpec(_Strict):
 class HardwareSpec(_Strict):
     """``hardware`` section: what one device offers, for ``v4train plan`` (never read by training).
 
-    ``memory_gb`` per device (GiB; default: this machine's RAM / devices_per_node for a simulated
-    cluster); ``peak_tflops`` dense BF16 (GPU) or FP32 (CPU) TFLOP/s per device, ``fp8`` whether matmuls
+    ``memory_gb`` per device (GB = 10^9 bytes, as vendors quote it; default: this machine's RAM /
+    devices_per_node); ``peak_tflops`` dense BF16 (GPU) or FP32 (CPU) TFLOP/s per device, ``fp8`` whether matmuls
     run in FP8 through Transformer Engine (twice the BF16 rate); ``intra_node_gbps`` / ``inter_node_gbps``
     GB/s per device and direction within a node (NVLink) and between nodes (InfiniBand / RoCE);
     ``mfu`` the fraction of peak the step-time estimate assumes.

@@ -1,0 +1,133 @@
+"""Acceptance: a real Ray head on 127.0.0.1, the demo job submitted through `v4train submit`, followed with
+`v4train status`, its logs read with `v4train logs`, a second job stopped with `v4train stop`.
+
+The head runs as `ray start --head --block` in its own session and temp directory, with every port chosen
+free and the dashboard on loopback; it is shut down afterwards, even on failure, by signalling exactly that
+process group (SIGTERM to `ray start`, whose reaper ends the head's processes, then SIGKILL to the group).
+Not `ray stop`: that ends every Ray process on the machine, including other test sessions' clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.worker import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 400
+
+
+def _ray_cli() -> list[str]:
+    script = Path(sys.executable).parent / "ray"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(job server address, environment) of a Ray head started for this module and always shut down."""
+    from ray.job_submission import JobSubmissionClient
+
+    temp = tempfile.mkdtemp(prefix="v4r", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python`
+    env.pop("RAY_ADDRESS", None)
+    dash = free_port()
+    ports = {f"--{name}": free_port() for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "runtime-env-agent-port", "metrics-export-port",
+                                                   "ray-client-server-port", "node-manager-port", "object-manager-port")}
+    cmd = _ray_cli() + ["start", "--head", "--block", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
+                        f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    cmd += [f"{k}={v}" for k, v in ports.items()]
+    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed in the finaliser
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while True:
+            try:
+                JobSubmissionClient(address)
+                break
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray head did not come up: {(Path(temp) / 'head.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield address, env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of the head's session still alive
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dataset, tmp_path):
+    address, env = ray_head
+    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
+    cluster = yaml.safe_load((ROOT / "clusters/local-ray.yaml").read_text()) | {"address": address}
+    cluster_file = tmp_path / "local-ray.yaml"
+    cluster_file.write_text(yaml.safe_dump(cluster))
+    common = ["--cluster", str(cluster_file), "--set", f"data.path={tiny_dataset}", "--set", "train.eval_batches=0",
+              "--set", "checkpoint.every_steps=0"]
+
+    run = tmp_path / "run"
+    sub = _v4train("submit", "configs/demo.yaml", *common, "--set", "train.steps=3", "--run-dir", str(run), env=env)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("v4train-demo-")
+
+    status = _v4train("status", job_id, "--cluster", str(cluster_file), "--wait", "--timeout", str(JOB_TIMEOUT_S), env=env)
+    logs = _v4train("logs", job_id, "--cluster", str(cluster_file), env=env).stdout
+    assert status.returncode == 0, status.stdout + logs[-3000:]
+    assert "status    SUCCEEDED" in status.stdout and f"run dir   {run}" in status.stdout
+    assert "progress  step 3" in status.stdout
+    assert "v4train: finished demo at step 3" in logs
+    followed = _v4train("logs", job_id, "--address", address, "--follow", env=env)  # a finished job: all, then exit
+    assert followed.returncode == 0 and "v4train: finished demo at step 3" in followed.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (run / "latest").read_text().strip() == "step_00000003"  # the final checkpoint committed on the cluster
+
+    # A second job, stopped while it runs: its supervisor tears its ranks down.
+    run2 = tmp_path / "run2"
+    sub2 = _v4train("submit", "configs/demo.yaml", *common, "--set", "train.steps=100000", "--run-dir", str(run2), env=env)
+    assert sub2.returncode == 0, sub2.stderr
+    job2 = sub2.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "status    RUNNING" not in (state := _v4train("status", job2, "--address", address, env=env).stdout):
+        assert time.monotonic() < deadline and "status    PENDING" in state, f"second job never ran: {state}"
+        time.sleep(1)
+    stopped = _v4train("stop", job2, "--address", address, env=env)
+    assert stopped.returncode == 0 and "status    STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 60
+    while any(a.class_name == "RankWorker" for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])):
+        assert time.monotonic() < deadline, "rank actors outlived the stopped job"
+        time.sleep(1)

@@ -1,0 +1,84 @@
+"""`python -m orchestrator.launch` under torchrun: the same losses as the Ray supervisor, checkpoints that
+commit and resume, and one-line errors outside torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_job, tiny_job
+from orchestrator.launch import rank_env
+from orchestrator.worker import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_TIMEOUT_S = 300
+
+
+def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+    """torchrun in its own session, killed as a group if it outlives the timeout (no orphaned ranks)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), "-m", "orchestrator.launch", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(900)
+def test_torchrun_matches_the_ray_supervisor_and_resumes(rank_pool, tiny_dataset, tmp_path):
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 1}, checkpoint={"every_steps": 0, "at_end": True})
+    ray_metrics, _, _ = run_job(rank_pool, job, tmp_path / "ray")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+
+    run = tmp_path / "torchrun"
+    first = _torchrun(2, str(job_file), "--run-dir", str(run), "--set", "checkpoint.every_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _losses(run) == [m["loss"] for m in ray_metrics]  # bit-identical to the Ray-driven run
+    assert (run / "latest").read_text().strip() == "step_00000003" and (run / "step_00000002" / "COMMIT").is_file()
+    # as if the job had died after step 2: only that checkpoint exists; --resume replays step 3 exactly
+    shutil.rmtree(run / "step_00000003")
+    (run / "latest").write_text("step_00000002")
+    resumed = _torchrun(2, str(job_file), "--run-dir", str(run), "--resume", "--set", "checkpoint.every_steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(run)[3:] == [ray_metrics[2]["loss"]]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("start", "checkpoint_committed", "finish")] == \
+        ["start", "checkpoint_committed", "checkpoint_committed", "finish", "start", "checkpoint_committed", "finish"]
+    restart = [e for e in events if e["event"] == "start"][1]
+    assert restart["step"] == 2 and restart["launcher"] == "torchrun"
+
+
+def test_rank_env_reads_torchrun_and_slurm():
+    assert rank_env({"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}) == \
+        (3, 8, "tcp://10.0.0.1:29500")
+    assert rank_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "1"})[:2] == (1, 2)
+    with pytest.raises(ValueError, match="torchrun or srun"):
+        rank_env({})
+
+
+def test_launch_outside_torchrun_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                            "SLURM_PROCID", "SLURM_NTASKS")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun or srun" in proc.stderr
