@@ -177,7 +177,8 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     supervisor = None
 
     def make_workers() -> WorkerGroup:
-        return WorkerGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"))
+        return WorkerGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
+                                  gpus_per_rank=1 if cluster.device == "gpu" else 0)
 
     try:
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)

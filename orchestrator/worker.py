@@ -166,16 +166,21 @@ class WorkerGroup:
         self.placement_group = None
 
     @classmethod
-    def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None) -> "WorkerGroup":
-        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank)."""
+    def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None, gpus_per_rank: int = 0) -> "WorkerGroup":
+        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank).
+
+        ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs.
+        """
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = placement_group([{"CPU": 1}] * world_size, strategy="PACK")
+        bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        pg = placement_group([bundle] * world_size, strategy="PACK")
         ray.get(pg.ready(), timeout=timeout_s)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
-        remote_cls = ray.remote(num_cpus=1, max_restarts=0, concurrency_groups={"heartbeat": 1})(RankWorker)
+        remote_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,
+                                concurrency_groups={"heartbeat": 1})(RankWorker)
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
