@@ -48,12 +48,12 @@ def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
     reference = {m["step"]: m for m in _records(ref_dir / "metrics.jsonl")}
     assert sorted(reference) == list(range(1, 9))
 
-    # Interrupted run: Ctrl-C as soon as step 3 is logged (step 2 is committed by then).
+    # Interrupted run: Ctrl-C as soon as the step-2 checkpoint (saved asynchronously) has committed.
     proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not any(m["step"] >= 3 for m in _records(run_dir / "metrics.jsonl")):
+    while not any(e["event"] == "checkpoint_committed" for e in _records(run_dir / "events.jsonl")):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "the run never reached step 3"
+        assert time.monotonic() < deadline, "the run never committed a checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -24,7 +24,7 @@ def _fresh_workers(world: int):
 def _job(dataset, **train):
     return tiny_job(dataset, parallel={"pp": 2, "dp": 2},
                     train={"steps": 6, "warmup_steps": 2, "max_restarts": 1, **train},
-                    checkpoint={"every_steps": 2, "at_end": False})
+                    checkpoint={"every_steps": 2, "at_end": False, "async_save": False})
 
 
 @pytest.fixture(scope="module")

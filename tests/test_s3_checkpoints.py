@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _job(dataset, s3, prefix, **train):
     return tiny_job(dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 6, "warmup_steps": 2, "max_restarts": 1, **train},
                     checkpoint={"every_steps": 2, "at_end": False, "root": f"s3://{s3['bucket']}/{prefix}",
-                                "endpoint_url": s3["endpoint_url"], "keep": 0})
+                                "endpoint_url": s3["endpoint_url"], "keep": 0, "async_save": False})
 
 
 @pytest.fixture(scope="module")
