@@ -1,4 +1,11 @@
-"""DeepSeek-V4 model modules: config and presets, attention, mHC, MoE, pipeline stages (DESIGN section 5)."""
+"""DeepSeek-V4 model modules: config and presets, hybrid CSA/HCA/SWA attention with the Lightning Indexer,
+mHC, DeepSeekMoE, MTP, pipeline stages and the size calculator (DESIGN section 5).
+
+Files: ``config`` (ModelConfig, presets), ``layout`` (visibility rules: windows, documents, compressed
+blocks), ``sparse_core`` (the single-softmax sparse attention and the indexer top-k), ``compressor``,
+``indexer``, ``attention``, ``rope``, ``norm``, ``mhc``, ``moe``, ``block``, ``mtp``, ``transformer``
+(V4Stage), ``budget`` (parameter counts, KV cache, attention FLOPs, V3.2 baseline).
+"""
 
 from model.config import ModelConfig
 from model.transformer import V4Stage, stage_layer_ranges

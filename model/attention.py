@@ -1,40 +1,80 @@
-"""DeepSeek-V4 attention, first cut: sliding-window shared-KV MQA (spec 3.1, 3.5; OC ``Attention``).
+"""DeepSeek-V4 hybrid attention: SWA, CSA and HCA layers on shared-KV MQA (spec 3; OC ``Attention``).
 
-Structure per layer: low-rank query (wq_a -> q_norm -> wq_b) with a weightless per-head RMS norm; one
-shared KV head (wkv -> kv_norm) that is both key and value; partial RoPE on the last rope_head_dim dims;
-one softmax per head over the window plus a per-head sink logit that enters only the denominator
-(unscaled, spec 0.1 item 2); output de-rotation; grouped output projection (wo_a per group as an
-einsum, then wo_b). CSA/HCA compressed entries and the indexer come in a later issue; every layer is
-SWA here whatever its compress ratio.
+Per layer (type from ``compress_ratios[layer]``: 0 = SWA only, 4 = CSA, any other m' = HCA; OC ties
+the overlap and the indexer to ratio 4):
 
-Visibility (contracts): key j is visible to query t iff t - window < j <= t and
-position_ids[t] - position_ids[j] == t - j, i.e. same packed document. No [S, S] tensor is built: the
-window is unfolded into ``[B, S, C, W]`` views.
+1. Low-rank query ``wq_a -> q_norm -> wq_b``, then a weightless per-head RMS norm ("query
+   normalisation") and RoPE on the last rope_head_dim dims. ``c^Q`` (``qr``) feeds the indexer too.
+2. One shared KV head ``wkv -> kv_norm`` (key *and* value) with RoPE: the window entries.
+3. CSA/HCA: the compressor's entries (``model/compressor.py``), appended after the T window entries:
+   kv = [window KV (T) | compressed slots (N)].
+4. Indices per query: the window slots (``model/layout.py``), then the compressed entries: *all*
+   visible ones for HCA and for CSA in ``dense``/``indexer_warmup`` mode, the indexer's top-k for CSA
+   in ``sparse`` mode (-1 = none). In ``dense`` mode the indexer is idle (no compute, no gradient).
+5. One softmax over all of them with the per-head sink (:func:`model.sparse_core.sparse_attention`,
+   called in exactly one place, :meth:`Attention._core`), then de-rotation of the output's RoPE dims at
+   the query position ("position -t"), and the grouped output projection (``wo_a`` per contiguous
+   group of heads as an einsum, then ``wo_b``).
+6. CSA in ``indexer_warmup``/``sparse`` training forwards: the indexer KL loss (``model/indexer.py``)
+   enters the backward through :class:`model.moe.AuxLossInjector` on this layer's output.
 
-Shape letters: B batch, S sequence, D model dim, L q_lora_rank, H heads, C head_dim, P rope pairs,
-W window slots, G output groups, R o_lora_rank, I = H*C/G per-group input.
+Visibility (windows, documents, compressed blocks) is defined in ``model/layout.py``. Precision: fp32
+throughout on CPU; QAT fake-quant (FP8 KV, FP4 indexer) is not applied. No ``[T, T]`` tensor is built.
+
+Shape letters: B batch, T tokens, D model dim, L q_lora_rank, H heads, C head_dim, P rope pairs,
+W window slots, N compressed slots, X = T + N kv rows, K attended slots, G output groups, R o_lora_rank,
+I = H*C/G.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.compressor import Compressor
 from model.config import ModelConfig
+from model.indexer import Indexer, indexer_kl, indexer_recall, indexer_scores
+from model.layout import SequenceContext
+from model.moe import AuxLossInjector
 from model.norm import RMSNorm
 from model.rope import apply_rope, layer_rope_frequencies, rope_angles
+from model.sparse_core import attention_probabilities, sparse_attention
 
-__all__ = ["Attention", "window_attention"]
+__all__ = ["Attention", "CSA_RATIO", "layer_type"]
+
+CSA_RATIO = 4
+
+
+class _IndexerState(NamedTuple):
+    """What the indexer's KL loss needs from a forward: projections, chosen compressed slots, window width."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    w: torch.Tensor
+    slots: torch.Tensor
+    n_window: int
+
+
+def layer_type(ratio: int) -> str:
+    """``"swa"``, ``"csa"`` or ``"hca"`` for a compress ratio (spec 3.7)."""
+    return "swa" if ratio == 0 else "csa" if ratio == CSA_RATIO else "hca"
 
 
 class Attention(nn.Module):
-    """Sliding-window attention of global layer ``layer_idx``: ``[B, S, D] -> [B, S, D]`` (spec 3.1)."""
+    """Attention of global layer ``layer_idx``: ``[B, T, D] -> [B, T, D]`` (module docstring).
+
+    ``aux_log`` collects detached ``indexer_loss`` / ``indexer_recall`` values of training forwards,
+    drained by ``V4Stage.pop_aux_metrics``.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.window
         self.o_groups, self.o_lora_rank, self.eps = cfg.o_groups, cfg.o_lora_rank, cfg.norm_eps
+        self.ratio = cfg.compress_ratios[layer_idx]
+        self.kind = layer_type(self.ratio)
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
         self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
@@ -44,55 +84,74 @@ class Attention(nn.Module):
         self.wo_a = nn.Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads, dtype=torch.float32))
+        if self.ratio:
+            self.compressor = Compressor(cfg.dim, cfg.head_dim, self.ratio, overlap=self.kind == "csa",
+                                         norm_eps=cfg.norm_eps)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg, self.ratio)
         self.register_buffer("rope_freqs", layer_rope_frequencies(cfg, layer_idx), persistent=False)
+        self.aux_log: dict[str, list[torch.Tensor]] = {"indexer_loss": [], "indexer_recall": []}
 
-    def forward(self, x_BSD: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:
-        """x_BSD: the attn_norm output; position_ids_BS: int64 positions (restarting per document)."""
-        B, S, _ = x_BSD.shape
-        cos_BSP, sin_BSP = rope_angles(position_ids_BS, self.rope_freqs)
-        # 1. low-rank query, per-head weightless RMS norm ("query normalisation"), RoPE
-        q_BSHC = self.wq_b(self.q_norm(self.wq_a(x_BSD))).unflatten(-1, (self.n_heads, self.head_dim))
-        q_BSHC = q_BSHC * torch.rsqrt(q_BSHC.square().mean(-1, keepdim=True) + self.eps)
-        q_BSHC = apply_rope(q_BSHC, cos_BSP, sin_BSP)
-        # 2. single shared KV head, used as key and value
-        kv_BSC = apply_rope(self.kv_norm(self.wkv(x_BSD)), cos_BSP, sin_BSP)
-        # 3. windowed softmax with sink, then undo the value rotation at the query position
-        o_BSHC = window_attention(q_BSHC, kv_BSC, self.attn_sink, position_ids_BS,
-                                  window=self.window, scale=self.head_dim ** -0.5)
-        o_BSHC = apply_rope(o_BSHC, cos_BSP, sin_BSP, inverse=True)
-        # 4. grouped output projection
-        o_BSGI = o_BSHC.reshape(B, S, self.o_groups, -1)
+    def forward(self, x_BTD: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """x_BTD: the attn_norm output; ``ctx`` carries positions, layouts, mode and the aux scale."""
+        rope_T = rope_angles(ctx.position_ids, self.rope_freqs)
+        # 1-2. query (low-rank, per-head RMS norm, RoPE) and the shared window KV entry
+        qr_BTL = self.q_norm(self.wq_a(x_BTD))
+        q_BTHC = self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim))
+        q_BTHC = apply_rope(q_BTHC * torch.rsqrt(q_BTHC.square().mean(-1, keepdim=True) + self.eps), *rope_T)
+        kv_BTC = apply_rope(self.kv_norm(self.wkv(x_BTD)), *rope_T)
+        # 3-4. compressed entries and the slots each query attends to
+        kv_BXC, idx_BTK, trained = self._entries_and_slots(x_BTD, qr_BTL, kv_BTC, rope_T, ctx)
+        # 5. one softmax over window + compressed entries, de-rotation, grouped output projection
+        o_BTHC = apply_rope(self._core(q_BTHC, kv_BXC, idx_BTK), *rope_T, inverse=True)
+        B, T, _ = x_BTD.shape
         wo_a_GRI = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        o_BSGR = torch.einsum("bsgi,gri->bsgr", o_BSGI, wo_a_GRI)
-        return self.wo_b(o_BSGR.flatten(2))
+        y_BTD = self.wo_b(torch.einsum("btgi,gri->btgr", o_BTHC.reshape(B, T, self.o_groups, -1), wo_a_GRI).flatten(2))
+        # 6. the indexer's KL loss rides on the layer output into the backward
+        if trained is not None:
+            loss = self._indexer_loss(q_BTHC, kv_BXC, idx_BTK, trained, ctx.attention_mode)
+            y_BTD = AuxLossInjector.apply(y_BTD, loss, ctx.aux_loss_scale)
+        return y_BTD
+
+    def _entries_and_slots(self, x_BTD, qr_BTL, kv_BTC, rope_T, ctx: SequenceContext):
+        """``(kv [B, T+N, C], indices [B, T, K] int32, trained)``: ``trained`` holds the indexer's
+        projections and chosen slots when this forward trains the indexer, else None."""
+        T = x_BTD.shape[1]
+        idx_BTW = ctx.window_indices(self.window)
+        if self.ratio == 0:
+            return kv_BTC, idx_BTW, None
+        layout = ctx.layout(self.ratio)
+        rope_N = rope_angles(layout.positions_BN, self.rope_freqs)
+        kv_BXC = torch.cat((kv_BTC, self.compressor(x_BTD, layout, *rope_N)), dim=1)
+        mode, trained = ctx.attention_mode, None
+        sparse = self.kind == "csa" and mode == "sparse"
+        slots_BTK = None if sparse else layout.dense_indices()
+        train_indexer = self.kind == "csa" and mode != "dense" and self.training and torch.is_grad_enabled()
+        if sparse or train_indexer:
+            # the indexer sees detached inputs: only its KL loss trains it (spec 3.3)
+            q_I, k_I, w_I = self.indexer.project(x_BTD.detach(), qr_BTL.detach(), rope_T, layout, rope_N)
+            if sparse:
+                slots_BTK = self.indexer.select(q_I, k_I, w_I, layout)
+            if train_indexer:
+                trained = _IndexerState(q_I, k_I, w_I, slots_BTK, idx_BTW.shape[-1])
+        shifted_BTK = torch.where(slots_BTK >= 0, slots_BTK.to(torch.int32) + T, -1).to(torch.int32)
+        return kv_BXC, torch.cat((idx_BTW, shifted_BTK), dim=-1), trained
+
+    def _core(self, q_BTHC: torch.Tensor, kv_BXC: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+        """The single call of the sparse-attention core (the kernels dispatch replaces it here)."""
+        return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5)
+
+    def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: "_IndexerState", mode: str) -> torch.Tensor:
+        mass_BTK = attention_probabilities(q_BTHC.detach(), kv_BXC.detach(), self.attn_sink.detach(), idx_BTK,
+                                           self.head_dim ** -0.5, first_slot=st.n_window)
+        score_BTK = indexer_scores(st.q, st.k, st.w, st.slots)
+        loss = indexer_kl(score_BTK, mass_BTK, st.slots)
+        self.aux_log["indexer_loss"].append(loss.detach())
+        if mode == "indexer_warmup":
+            self.aux_log["indexer_recall"].append(indexer_recall(score_BTK.detach(), mass_BTK, st.slots, self.indexer.topk))
+        return loss
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook used by ``V4Stage.init_weights`` for the one direct parameter,
         ``attn_sink``: sink logits start at 0 (spec 10.2)."""
         tensor.zero_()
-
-
-def window_attention(
-    q_BSHC: torch.Tensor, kv_BSC: torch.Tensor, sink_H: torch.Tensor, position_ids_BS: torch.Tensor,
-    *, window: int, scale: float,
-) -> torch.Tensor:
-    """Softmax(scale * q.k) over the visible window entries with a sink in the denominator, times kv.
-
-    Returns ``[B, S, H, C]`` in q's dtype; logits and softmax in fp32. Masked slots are -inf; the
-    query itself is always visible, so no row is empty. Source: R eq. 27, OC ``sparse_attn``.
-    """
-    B, S, H, _ = q_BSHC.shape
-    W = min(window, S)
-    # slot w of query t holds key j = t - (W - 1) + w; left padding stands in for j < 0
-    kv_win_BSCW = F.pad(kv_BSC, (0, 0, W - 1, 0)).unfold(1, W, 1)
-    pos_win_BSW = F.pad(position_ids_BS, (W - 1, 0)).unfold(1, W, 1)
-    offset_W = torch.arange(W - 1, -1, -1, device=q_BSHC.device)  # t - j per slot
-    t_S = torch.arange(S, device=q_BSHC.device)
-    visible_BSW = ((position_ids_BS.unsqueeze(-1) - pos_win_BSW) == offset_W) & (t_S.unsqueeze(-1) >= offset_W)
-
-    logits_BSHW = torch.matmul(q_BSHC.float(), kv_win_BSCW.float()) * scale
-    logits_BSHW = logits_BSHW.masked_fill(~visible_BSW.unsqueeze(2), float("-inf"))
-    sink_BSH1 = sink_H.float().view(1, 1, H, 1).expand(B, S, H, 1)
-    probs_BSHW = torch.cat((logits_BSHW, sink_BSH1), dim=-1).softmax(dim=-1)[..., :W]
-    o_BSHC = torch.matmul(probs_BSHW, kv_win_BSCW.float().transpose(-1, -2))
-    return o_BSHC.to(q_BSHC.dtype)

@@ -32,7 +32,7 @@ class ModelConfig:
     dim: int
     n_layers: int
     mtp_depth: int
-    compress_ratios: tuple[int, ...]  # one per layer, then one per MTP block; 0 = SWA only
+    compress_ratios: tuple[int, ...]  # one per layer, then one per MTP block; 0 = SWA, 4 = CSA, other = HCA
     # attention (spec 3.1)
     n_heads: int
     head_dim: int
@@ -41,7 +41,7 @@ class ModelConfig:
     o_groups: int
     o_lora_rank: int
     window: int
-    # lightning indexer (spec 3.3; used by CSA layers, not built in the first cut)
+    # lightning indexer (spec 3.3; built in CSA layers, i.e. compress ratio 4)
     index_n_heads: int
     index_head_dim: int
     index_topk: int

@@ -18,7 +18,7 @@ C = 1, base_res = 4 I so comb starts near the identity (diagonal ~0.95 for N = 4
 
 Parameter names map to OC's as ``hc_attn.fn`` <-> ``hc_attn_fn`` (likewise base, scale, and ``hc_head``).
 
-Shape letters: B batch, S sequence, N streams, D model dim, M = (2+N)N mixes.
+Shape letters: B batch, S sequence, N streams, D model dim, M = (2+N)N mixes, X = N+1 write sources.
 """
 
 from __future__ import annotations
@@ -39,13 +39,42 @@ def sinkhorn(logits_NN: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
     softmax over the last dim (k) + eps, column-normalise (sum over j), then (iters - 1) times
     row-normalise and column-normalise, each with +eps in the denominator. Column sums end at 1.
+    Autograd runs through :class:`_Sinkhorn`'s closed-form backward (the same derivative as
+    differentiating these steps, with a fraction of the small ops).
     """
-    comb = logits_NN.softmax(dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return comb
+    return _Sinkhorn.apply(logits_NN, iters, eps)
+
+
+def _normalisations(iters: int) -> list[int]:
+    # the dim summed by each normalisation step: columns (over j, dim -2) first, then rows/columns
+    return [-2] + [-1, -2] * (iters - 1)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """Each step y = x / (sum_dim x + eps) has the backward dx = (dy - sum_dim(dy * y)) / (sum_dim x + eps);
+    the softmax's is dz = M * (dM - sum_k dM M). Saves every step's output and normaliser (N*N each)."""
+
+    @staticmethod
+    def forward(ctx, logits, iters, eps):
+        soft = logits.softmax(dim=-1)
+        y = soft + eps
+        saved = [soft]
+        for dim in _normalisations(iters):
+            denom = y.sum(dim=dim, keepdim=True).add_(eps)
+            y = y / denom
+            saved += [y, denom]
+        ctx.save_for_backward(*saved)
+        ctx.iters = iters
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        soft, *steps = ctx.saved_tensors
+        g = grad
+        for i, dim in reversed(list(enumerate(_normalisations(ctx.iters)))):
+            y, denom = steps[2 * i], steps[2 * i + 1]
+            g = (g - (g * y).sum(dim=dim, keepdim=True)) / denom
+        return soft * (g - (g * soft).sum(dim=-1, keepdim=True)), None, None
 
 
 def split_mixes(
@@ -61,8 +90,10 @@ def split_mixes(
 
 def hc_write(y_BSD: torch.Tensor, X_BSND: torch.Tensor, post_BSN: torch.Tensor, comb_BSNN: torch.Tensor) -> torch.Tensor:
     """mHC write and mix: ``X'_k = post_k y + sum_j comb[j, k] X_j`` -> ``[B, S, N, D]`` (OC ``hc_post``)."""
-    mixed_BSND = torch.einsum("bsjk,bsjd->bskd", comb_BSNN, X_BSND)
-    return post_BSN.unsqueeze(-1) * y_BSD.unsqueeze(-2) + mixed_BSND
+    # one batched matmul over the X = N+1 sources (y is source 0): [post; comb]^T [y; X]
+    weights_BSXN = torch.cat((post_BSN.unsqueeze(-2), comb_BSNN), dim=-2).to(X_BSND.dtype)
+    sources_BSXD = torch.cat((y_BSD.unsqueeze(-2).to(X_BSND.dtype), X_BSND), dim=-2)
+    return torch.matmul(weights_BSXN.transpose(-1, -2), sources_BSXD)
 
 
 def _mixes(X_BSND: torch.Tensor, fn_MF: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -88,7 +119,7 @@ class HyperConnection(nn.Module):
         mixes_BSM = _mixes(X_BSND, self.fn, self.norm_eps)
         pre_BSN, post_BSN, comb_BSNN = split_mixes(
             mixes_BSM, self.scale, self.base, self.n, self.sinkhorn_iters, self.hc_eps)
-        x_BSD = torch.einsum("bsj,bsjd->bsd", pre_BSN, X_BSND.float()).to(X_BSND.dtype)
+        x_BSD = (pre_BSN.unsqueeze(-1) * X_BSND.float()).sum(dim=2).to(X_BSND.dtype)
         return x_BSD, post_BSN, comb_BSNN
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
@@ -118,7 +149,7 @@ class HyperHead(nn.Module):
     def forward(self, X_BSND: torch.Tensor) -> torch.Tensor:
         mixes_BSN = _mixes(X_BSND, self.fn, self.norm_eps)
         weights_BSN = torch.sigmoid(mixes_BSN * self.scale + self.base) + self.hc_eps
-        return torch.einsum("bsj,bsjd->bsd", weights_BSN, X_BSND.float()).to(X_BSND.dtype)
+        return (weights_BSN.unsqueeze(-1) * X_BSND.float()).sum(dim=2).to(X_BSND.dtype)
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook: fn ~ N(0, std), alpha = 0.01, base = logit(1/N) (read starts as the mean)."""

@@ -54,8 +54,8 @@ def layer_rope_frequencies(cfg: ModelConfig, layer_idx: int) -> torch.Tensor:
     """Frequencies ``[P]`` for global layer ``layer_idx``: SWA-only layers (ratio 0) use ``rope_theta``
     without YaRN; compressed layers use ``compress_rope_theta`` with YaRN (spec 3.5, 3.8).
 
-    The first cut runs every layer as SWA but keeps each layer's official table, so adding the
-    compressed branches later does not change a trained model's window attention.
+    A compressed layer's window, its compressed entries (RoPE at each block's first token) and its
+    indexer all use the same table.
     """
     if cfg.compress_ratios[layer_idx] == 0:
         return rope_frequencies(cfg.rope_head_dim, cfg.rope_theta)
@@ -75,8 +75,14 @@ def apply_rope(x: torch.Tensor, cos_BSP: torch.Tensor, sin_BSP: torch.Tensor, *,
     """Rotate the last 2P dims of ``x`` ``[B, S, ..., C]`` by the per-position angles (out of place).
 
     ``inverse=True`` rotates by the negated angle (OC ``apply_rotary_emb(..., inverse=True)``).
-    Returns a tensor of x's shape and dtype; the first C - 2P dims pass through unchanged.
+    Returns a tensor of x's shape and dtype; the first C - 2P dims pass through unchanged. The rotation
+    is orthogonal, so the backward is the opposite rotation of the gradient: autograd saves only the
+    angles (no intermediate products). Angles get no gradient.
     """
+    return _Rope.apply(x, cos_BSP, sin_BSP, inverse)
+
+
+def _rotate(x: torch.Tensor, cos_BSP: torch.Tensor, sin_BSP: torch.Tensor, inverse: bool) -> torch.Tensor:
     n_pairs = cos_BSP.shape[-1]
     view = (*cos_BSP.shape[:2], *([1] * (x.dim() - 3)), n_pairs)
     cos, sin = cos_BSP.view(view), sin_BSP.view(view)
@@ -87,3 +93,16 @@ def apply_rope(x: torch.Tensor, cos_BSP: torch.Tensor, sin_BSP: torch.Tensor, *,
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
     return torch.cat((x_pass, rotated.to(x.dtype)), dim=-1)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos_BSP, sin_BSP, inverse):
+        ctx.save_for_backward(cos_BSP, sin_BSP)
+        ctx.inverse = inverse
+        return _rotate(x, cos_BSP, sin_BSP, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos_BSP, sin_BSP = ctx.saved_tensors
+        return _rotate(grad, cos_BSP, sin_BSP, not ctx.inverse), None, None, None

@@ -1,17 +1,21 @@
-"""DeepSeek-V4 transformer block and pipeline stage (spec section 2; OC ``Block``, ``Transformer``).
+"""DeepSeek-V4 pipeline stage: embedding, blocks, head, MTP (spec section 2, 5.3; OC ``Transformer``).
 
   tokens -> embed -> repeat to N streams                                    (first stage)
-  per layer:  X = hc_write(attn(attn_norm(hc_attn.read(X))), X)             (spec 2, 3.1, 4)
-              X = hc_write(moe(ffn_norm(hc_ffn.read(X)), tokens), X)        (spec 5.1)
-  hc_head -> norm -> head -> per-token cross-entropy (fp32)                  (last stage)
+  per layer:  Block (mHC read -> attention -> mHC write; mHC read -> MoE -> mHC write)
+  hc_head -> norm -> head -> per-token cross-entropy (fp32)                 (last stage)
+  MTP blocks on the final streams -> shared head -> MTP loss (injected)     (last stage, training)
 
 A ``V4Stage`` is one pipeline stage; with pp_size = 1 it is the whole model. Layers live in a
 ModuleDict keyed by the global layer index, so parameter names (``layers.3.attn.wq_a.weight``) are the
 same in every pipeline layout, and ``init_weights(seed)`` seeds every parameter from (seed, name): any
-split of the model starts from bit-identical weights.
+split of the model starts from bit-identical weights. MTP blocks live under ``mtp.<k>`` on the last
+stage; with pp_size > 1 the last stage holds its own copy of the embedding under the same name
+``embed.weight`` (identical init; the trainer sums the two copies' gradients every step, Megatron's
+embedding group, via :meth:`V4Stage.shared_embedding_parameters`).
 
-Not in this first cut: MTP (``cfg.mtp_depth`` is kept but no MTP block is built; issue 3) and the
-CSA/HCA compressed attention branches (every layer is sliding-window attention).
+Auxiliary losses (MoE sequence balance loss, indexer KL, MTP) never enter the returned loss: each
+rides into the backward through :class:`model.moe.AuxLossInjector` with the gradient scale
+``aux_loss_scale`` (the trainer sets 1/num_microbatches), and is reported by :meth:`pop_aux_metrics`.
 
 Shape letters: B batch, S sequence, N hc streams, D model dim, V vocab.
 """
@@ -25,9 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention
+from model.block import Block
 from model.config import ModelConfig
-from model.mhc import HyperConnection, HyperHead, hc_write
-from model.moe import MoE, Router
+from model.layout import ATTENTION_MODES, SequenceContext
+from model.mhc import HyperHead
+from model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
+from model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from model.norm import RMSNorm
 
 __all__ = ["Block", "V4Stage", "stage_layer_ranges"]
@@ -35,7 +42,7 @@ __all__ = ["Block", "V4Stage", "stage_layer_ranges"]
 
 def stage_layer_ranges(n_layers: int, pp_size: int) -> list[range]:
     """Contiguous, balanced global layer ranges per pipeline stage; earlier stages take the remainder
-    (the last stage also runs the output head). Raises ValueError unless 1 <= pp_size <= n_layers."""
+    (the last stage also runs the output head and MTP). Raises ValueError unless 1 <= pp_size <= n_layers."""
     if not 1 <= pp_size <= n_layers:
         raise ValueError(f"pp_size {pp_size} must be between 1 and n_layers ({n_layers}): each stage needs a layer")
     base, extra = divmod(n_layers, pp_size)
@@ -47,35 +54,17 @@ def stage_layer_ranges(n_layers: int, pp_size: int) -> list[range]:
     return ranges
 
 
-class Block(nn.Module):
-    """One V4 layer on the N-stream residual: ``[B, S, N, D] -> [B, S, N, D]`` (spec 2)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        hc = dict(sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
-        self.hc_attn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx)
-        self.hc_ffn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg, layer_idx)
-
-    def forward(self, X_BSND: torch.Tensor, position_ids_BS: torch.Tensor, input_ids_BS: torch.Tensor,
-                aux_loss_scale: float) -> torch.Tensor:
-        x_BSD, post, comb = self.hc_attn.read(X_BSND)
-        X_BSND = hc_write(self.attn(self.attn_norm(x_BSD), position_ids_BS), X_BSND, post, comb)
-        x_BSD, post, comb = self.hc_ffn.read(X_BSND)
-        y_BSD = self.ffn(self.ffn_norm(x_BSD), input_ids_BS, aux_loss_scale)
-        return hc_write(y_BSD, X_BSND, post, comb)
-
-
 class V4Stage(nn.Module):
     """Pipeline stage ``pp_rank`` of ``pp_size`` (contracts, ``model/``).
 
-    First stage: ``embed``. Last stage: ``hc_head``, ``norm``, ``head`` (untied). Between stages the
-    streams travel as ``[S, B, N*D]`` fp32 (Megatron's p2p layout) through :meth:`set_input_tensor`.
-    ``aux_loss_scale`` (default 1.0, read at forward time) scales the MoE balance-loss gradient; the
-    caller sets it to 1/num_microbatches. Raises ValueError for a bad pp_rank/pp_size.
+    First stage: ``embed``. Last stage: ``hc_head``, ``norm``, ``head`` (untied), ``mtp`` (cfg.mtp_depth
+    blocks) and, when pp_size > 1 and MTP is on, its own ``embed``. Between stages the streams travel
+    as ``[S, B, N*D]`` fp32 (Megatron's p2p layout) through :meth:`set_input_tensor`.
+
+    Attributes read at forward time, set by the trainer: ``aux_loss_scale`` (default 1.0) scales the
+    gradients of the auxiliary losses; ``attention_mode`` (default "dense") is one of "dense",
+    "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
+    weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
     """
 
     def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int):
@@ -87,14 +76,42 @@ class V4Stage(nn.Module):
         self.layer_range = ranges[pp_rank]
         self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp_size - 1
         self.aux_loss_scale = 1.0
+        self.mtp_loss_weight = 0.3
+        self._attention_mode = "dense"
         self._input_tensor: torch.Tensor | None = None
-        if self.is_first_stage:
+        self._mtp_log: list[torch.Tensor] = []
+        if self.is_first_stage or (self.is_last_stage and cfg.mtp_depth > 0):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_range})
         if self.is_last_stage:
             self.hc_head = HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.mtp = nn.ModuleDict({str(k): MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)})
+
+    @property
+    def attention_mode(self) -> str:
+        return self._attention_mode
+
+    @attention_mode.setter
+    def attention_mode(self, mode: str) -> None:
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
+        self._attention_mode = mode
+
+    def shared_embedding_parameters(self) -> list[nn.Parameter]:
+        """The embedding parameters whose gradients the trainer sums across the first and last stage.
+
+        ``[embed.weight]`` on the first and the last stage when pp_size > 1 and MTP is on; ``[]`` on
+        middle stages, with pp_size == 1 (one embedding, nothing to tie) and without MTP.
+        """
+        if self.pp_size == 1 or self.cfg.mtp_depth == 0 or not (self.is_first_stage or self.is_last_stage):
+            return []
+        return [self.embed.weight]
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        """Parameters of this stage's Lightning Indexers (the only ones trained in the indexer warm-up)."""
+        return [p for name, p in self.named_parameters() if ".indexer." in name]
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
         """Megatron pipeline hook: the previous stage's ``[S, B, N*D]`` output (a 1-element list or None)."""
@@ -109,13 +126,16 @@ class V4Stage(nn.Module):
         """Run this stage on ``input_ids``/``position_ids`` ``[B, S]`` int64 (every stage needs both).
 
         Returns the streams ``[S, B, N*D]`` fp32 on a non-last stage; on the last stage the per-token
-        next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``), or the logits
-        ``[B, S, V]`` when ``labels`` is None. Raises RuntimeError on a non-first stage with no input
-        tensor set.
+        main next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``; MTP and auxiliary
+        losses excluded), or the logits ``[B, S, V]`` when ``labels`` is None. In a training forward
+        with labels the MTP loss is attached to the returned tensor's backward. Raises RuntimeError on
+        a non-first stage with no input tensor set.
         """
+        ctx = SequenceContext(position_ids, input_ids, attention_mode=self._attention_mode,
+                              aux_loss_scale=self.aux_loss_scale)
         X_BSND = self._embed(input_ids) if self.is_first_stage else self._received_streams(input_ids)
         for block in self.layers.values():
-            X_BSND = block(X_BSND, position_ids, input_ids, self.aux_loss_scale)
+            X_BSND = block(X_BSND, ctx)
         if not self.is_last_stage:
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
             # storage of sent outputs and refuses views
@@ -124,7 +144,26 @@ class V4Stage(nn.Module):
         if labels is None:
             return logits_BSV
         B, S, V = logits_BSV.shape
-        return F.cross_entropy(logits_BSV.view(B * S, V), labels.reshape(B * S), reduction="none").view(B, S)
+        loss_BS = F.cross_entropy(logits_BSV.view(B * S, V), labels.reshape(B * S), reduction="none").view(B, S)
+        if len(self.mtp) and self.mtp_loss_weight > 0 and self.training and torch.is_grad_enabled():
+            mtp_loss = self._mtp_loss(X_BSND, labels, ctx)
+            self._mtp_log.append(mtp_loss.detach())
+            loss_BS = AuxLossInjector.apply(loss_BS, self.mtp_loss_weight * mtp_loss, self.aux_loss_scale)
+        return loss_BS
+
+    def _mtp_loss(self, H_BSND: torch.Tensor, labels_BS: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """Mean over MTP depths of the mean CE over valid positions (``model/mtp.py``)."""
+        losses = []
+        for k, block in enumerate(self.mtp.values()):
+            inputs_BS, targets_BS = shift_left(labels_BS, k), shift_left(labels_BS, k + 1)
+            valid_BS = (inputs_BS != IGNORE_INDEX) & (targets_BS != IGNORE_INDEX)
+            tokens_BS = inputs_BS.clamp(min=0)
+            H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
+            logits_BSV = self.head(h_BSD).float()
+            ce_BS = F.cross_entropy(logits_BSV.flatten(0, 1), torch.where(valid_BS, targets_BS, IGNORE_INDEX).flatten(),
+                                    reduction="none").view_as(valid_BS)
+            losses.append(ce_BS.sum() / valid_BS.sum().clamp(min=1))
+        return torch.stack(losses).mean()
 
     def _embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         e_BSD = self.embed(input_ids_BS)
@@ -144,9 +183,10 @@ class V4Stage(nn.Module):
         """Initialise every parameter from a generator seeded by crc32("{seed}/{name}") (layout-free).
 
         A module's direct parameters go through its ``init_parameter(name, tensor, generator, std)``
-        hook when it has one (norm scales 1, sink 0, mHC per spec 10.2); all other weights (linears,
-        embedding, router) are N(0, init_std). Values are drawn on the CPU and copied, so they are
-        the same on every device. Router biases and load counts are reset to 0.
+        hook when it has one (norm scales 1, sink 0, ``ape`` 0, mHC per spec 10.2); all other weights
+        (linears, embedding, router) are N(0, init_std). Values are drawn on the CPU and copied, so
+        they are the same on every device, and both embedding copies start equal. Router biases and
+        load counts are reset to 0.
         """
         std = self.cfg.init_std
         for module_name, module in self.named_modules():
@@ -163,14 +203,34 @@ class V4Stage(nn.Module):
                 module.bias.zero_()
                 module.expert_counts.zero_()
 
-    def pop_aux_metrics(self) -> dict[str, float]:
-        """``{"balance_loss": ...}``: over this stage's MoE layers, the sum of each layer's mean weighted
-        balance loss across the training forwards since the last call; ``{}`` if none ran. Clears the log."""
-        per_layer = []
-        for module in self.modules():
-            if isinstance(module, MoE) and module.aux_log:
-                per_layer.append(torch.stack(module.aux_log).mean())
-                module.aux_log.clear()
-        if not per_layer:
-            return {}
-        return {"balance_loss": float(torch.stack(per_layer).sum())}
+    def pop_aux_metrics(self, *, per_layer: bool = False) -> dict[str, float]:
+        """Auxiliary metrics of the training forwards since the last call (then cleared); keys present
+        only when something was measured on this stage:
+
+        ``balance_loss``: sum over MoE layers of each layer's mean *weighted* sequence balance loss;
+        ``mtp_loss``: mean *unweighted* MTP cross-entropy (nats); ``indexer_loss``: mean over CSA layers
+        and forwards of the indexer KL; ``indexer_recall``: share of the attention mass on compressed
+        entries that the indexer's top-k keeps (warm-up mode only); ``moe_dead_experts``,
+        ``moe_max_load``, ``moe_router_entropy`` (and per-layer keys with ``per_layer``): see
+        :func:`model.moe.pop_moe_stats`.
+        """
+        out: dict[str, float] = {}
+        balance = [torch.stack(m.aux_log).mean() for m in self.modules() if isinstance(m, MoE) and m.aux_log]
+        if balance:
+            out["balance_loss"] = float(torch.stack(balance).sum())
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.aux_log.clear()
+        if self._mtp_log:
+            out["mtp_loss"] = float(torch.stack(self._mtp_log).mean())
+            self._mtp_log.clear()
+        for key in ("indexer_loss", "indexer_recall"):
+            values = []
+            for m in self.modules():
+                if isinstance(m, Attention) and m.aux_log[key]:
+                    values.append(torch.stack(m.aux_log[key]).mean())
+                    m.aux_log[key].clear()
+            if values:
+                out[key] = float(torch.stack(values).mean())
+        out.update(pop_moe_stats(self, per_layer=per_layer))
+        return out

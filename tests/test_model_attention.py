@@ -7,6 +7,7 @@ import torch
 from _model_helpers import WINDOW, make_attention, run
 from model.layout import segment_bounds, window_indices
 from model.rope import apply_rope, rope_angles, rope_frequencies
+from model import sparse_core
 from model.sparse_core import attention_probabilities, sparse_attention
 
 def _inputs(B=2, S=16, D=32, seed=1):
@@ -42,7 +43,9 @@ def _random_case(seed, B=2, T=70, H=3, D=8, N=90, K=7, dtype=torch.float32):
     return q, kv, sink, idx.to(torch.int32)
 
 
-def test_sparse_core_matches_dense_reference_values_and_gradients():
+@pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])  # every chunk gathered / every chunk on shared rows
+def test_sparse_core_matches_dense_reference_values_and_gradients(shared_ratio, monkeypatch):
+    monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)
     q, kv, sink, idx = _random_case(0, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, kv, sink)]
     ref_leaves = [t.clone().requires_grad_() for t in (q, kv, sink)]
@@ -57,7 +60,9 @@ def test_sparse_core_matches_dense_reference_values_and_gradients():
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_sparse_core_fp32_and_head_summed_probabilities():
+@pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])
+def test_sparse_core_fp32_and_head_summed_probabilities(shared_ratio, monkeypatch):
+    monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)
     q, kv, sink, idx = _random_case(1)
     torch.testing.assert_close(sparse_attention(q, kv, sink, idx, 0.3), dense_core_reference(q, kv, sink, idx, 0.3),
                                rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ attention reference in both modes, indexer top-k range and KL target (spec 3.2-3
 import pytest
 import torch
 
+from model import sparse_core
 from model.indexer import indexer_kl, indexer_scores
 from model.layout import SequenceContext, compressed_layout, segment_bounds
 from model.rope import apply_rope, rope_angles
@@ -240,8 +241,10 @@ def _finish(attn, o, pos):
     return attn.wo_b(torch.einsum("btgi,gri->btgr", o, wo_a).flatten(2))
 
 
+@pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])
 @pytest.mark.parametrize("layer", [0, CSA, HCA])
-def test_efficient_layer_equals_brute_force_reference_in_dense_mode(layer):
+def test_efficient_layer_equals_brute_force_reference_in_dense_mode(layer, shared_ratio, monkeypatch):
+    monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)  # both ways of computing a chunk
     attn = make_attention(layer)
     x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
     with torch.no_grad():
@@ -250,7 +253,9 @@ def test_efficient_layer_equals_brute_force_reference_in_dense_mode(layer):
         torch.testing.assert_close(got, _finish(attn, o, pos), rtol=1e-5, atol=1e-5)
 
 
-def test_efficient_layer_equals_brute_force_reference_in_sparse_mode():
+@pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])
+def test_efficient_layer_equals_brute_force_reference_in_sparse_mode(shared_ratio, monkeypatch):
+    monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)
     attn = make_attention(CSA, index_topk=3)
     x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
     ctx = SequenceContext(pos, pos, attention_mode="sparse")
@@ -361,3 +366,21 @@ def test_indexer_learns_only_from_its_kl_and_the_rest_only_from_the_output(mode)
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None or p.grad.abs().sum() == 0, name
+
+
+def test_indexer_scores_gradients_match_autograd_of_the_formula():
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 6, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    slots = torch.randint(-1, 5, (2, 6, 3), generator=gen)
+    g = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64).masked_fill(slots < 0, 0.0)
+
+    def formula(q, k, w):
+        kg = k[torch.arange(2).view(2, 1, 1), slots.clamp(min=0)]
+        return (w.unsqueeze(-1) * torch.einsum("bthe,btke->bthk", q, kg).relu()).sum(2)
+
+    got = torch.autograd.grad(indexer_scores(q, k, w, slots).masked_fill(slots < 0, 0.0), (q, k, w), g)
+    want = torch.autograd.grad(formula(q, k, w), (q, k, w), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-6, atol=1e-6)

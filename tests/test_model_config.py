@@ -98,3 +98,23 @@ def test_rope_rotates_interleaved_pairs_of_the_tail():
     expected = torch.tensor([[[7.0, -1.0, a0.cos(), a0.sin(), -2 * a1.sin(), 2 * a1.cos()]]])
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x)
+
+
+def test_rope_backward_is_the_opposite_rotation():
+    freqs = rope_frequencies(8, 10000.0)
+    cos, sin = rope_angles(torch.tensor([[0, 5, 9]]), freqs)
+    x = torch.randn(1, 3, 2, 12, dtype=torch.float64, requires_grad=True)
+    for inverse in (False, True):
+        assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double(), inverse=inverse), (x,))
+
+
+def test_rmsnorm_backward_matches_autograd_of_the_formula():
+    from model.norm import RMSNorm, _RMSNorm
+
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, v: _RMSNorm.apply(t, v, 1e-6), (x, w))
+    norm = RMSNorm(6, 1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (6,), w, 1e-6))

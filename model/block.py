@@ -1,0 +1,44 @@
+"""One DeepSeek-V4 layer on the mHC residual (spec section 2; OC ``Block``).
+
+  X = hc_write(attn(attn_norm(hc_attn.read(X))), X)       attention: SWA / CSA / HCA (spec 3)
+  X = hc_write(moe(ffn_norm(hc_ffn.read(X)), tokens), X)  DeepSeekMoE, hash or learned routing (spec 5)
+
+Shape letters: B batch, S sequence, N hc streams, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layout import SequenceContext
+from model.mhc import HyperConnection, hc_write
+from model.moe import MoE
+from model.norm import RMSNorm
+
+__all__ = ["Block"]
+
+
+class Block(nn.Module):
+    """One V4 layer of global index ``layer_idx``: ``[B, S, N, D] -> [B, S, N, D]``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        hc = dict(sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        self.hc_attn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.hc_ffn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg, layer_idx)
+
+    def forward(self, X_BSND: torch.Tensor, ctx: SequenceContext, token_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_ids_BS`` (hash routing) defaults to ``ctx.input_ids``."""
+        tokens_BS = ctx.input_ids if token_ids_BS is None else token_ids_BS
+        x_BSD, post, comb = self.hc_attn.read(X_BSND)
+        X_BSND = hc_write(self.attn(self.attn_norm(x_BSD), ctx), X_BSND, post, comb)
+        x_BSD, post, comb = self.hc_ffn.read(X_BSND)
+        y_BSD = self.ffn(self.ffn_norm(x_BSD), tokens_BS, ctx.aux_loss_scale)
+        return hc_write(y_BSD, X_BSND, post, comb)

@@ -1,0 +1,72 @@
+"""Token-level KV compressor of CSA and HCA layers (spec 3.2, R eqs. 9-12 and 20-23, OC ``Compressor``).
+
+For each compressed entry (a block of ``ratio`` tokens of one document, ``model/layout.py``):
+
+* HCA (no overlap): C = x W^KV, Z = x W^Z (both d -> c); entry = sum_j softmax_j(Z_j + B_j) * C_j,
+  the softmax over the block's token slots j separately for every channel; B = ``ape`` [m, c].
+* CSA (``overlap``, OC: ratio == 4): W^KV and W^Z output 2c channels; the first half is the overlap
+  series b, the second half the current series a. Entry i pools the a-series of block i with the
+  b-series of block i-1 in one joint per-channel softmax over 2m slots. ``ape`` is [m, 2c], added to
+  the gate logits before the overlap shift, so block i-1's b-slots use ``ape[:, :c]`` and block i's
+  a-slots ``ape[:, c:]`` (spec 0.1 item 5). Entry 0 of a document pads the b-part (Z = -inf, C = 0).
+
+Then RMSNorm (learnable, dim c) and RoPE on the last ``rope_head_dim`` dims at the position of the
+block's first token. The compressor reads the attn_norm output (spec 0.1 item 11) and computes in
+fp32 ("compression need fp32"). FP8 fake-quantisation of the non-RoPE dims (QAT) is not applied.
+
+Shape letters: B batch, T tokens, D model dim, N entry slots, M slots pooled per entry, C entry dim,
+F = (1 + overlap) * C projected channels, P rope pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.layout import CompressedLayout
+from model.norm import RMSNorm
+from model.rope import apply_rope
+from model.sparse_core import gather_rows
+
+__all__ = ["Compressor"]
+
+
+class Compressor(nn.Module):
+    """``[B, T, D]`` -> ``[B, N, C]`` compressed entries of one layout (HCA, or CSA when ``overlap``)."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, *, overlap: bool, norm_eps: float):
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        width = (1 + overlap) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
+        self.wkv = nn.Linear(dim, width, bias=False)
+        self.wgate = nn.Linear(dim, width, bias=False)
+        self.norm = RMSNorm(head_dim, norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, layout: CompressedLayout, cos_BNP: torch.Tensor,
+                sin_BNP: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        m, C, N = self.ratio, self.head_dim, layout.n_slots
+        if N == 0:  # fewer tokens than one block: no compressed entries (spec 0.1 item 11)
+            return x_BTD.new_zeros(B, 0, C)
+        x32 = x_BTD.float()
+        kv_BTF, score_BTF = self.wkv(x32), self.wgate(x32)
+        slots_M = torch.arange(m, device=x_BTD.device)
+        # tokens of each entry's own block (unused slots read token T-1; they are never attended)
+        own_BNM = (layout.starts_BN.unsqueeze(-1) + slots_M).clamp(max=T - 1)
+        kv_BNMF = gather_rows(kv_BTF, own_BNM)
+        score_BNMF = gather_rows(score_BTF, own_BNM) + self.ape
+        if self.overlap:
+            prev_BNM = (layout.starts_BN.unsqueeze(-1) - m + slots_M).clamp(0, T - 1)
+            pad_BN11 = ~layout.has_prev_BN.view(B, N, 1, 1)
+            kv_prev_BNMC = gather_rows(kv_BTF[..., :C].contiguous(), prev_BNM).masked_fill(pad_BN11, 0.0)
+            score_prev_BNMC = (gather_rows(score_BTF[..., :C].contiguous(), prev_BNM) + self.ape[:, :C]
+                               ).masked_fill(pad_BN11, float("-inf"))
+            kv_BNMF = torch.cat((kv_prev_BNMC, kv_BNMF[..., C:]), dim=2)          # [B, N, 2M, C]
+            score_BNMF = torch.cat((score_prev_BNMC, score_BNMF[..., C:]), dim=2)
+        pooled_BNC = (kv_BNMF * score_BNMF.softmax(dim=2)).sum(dim=2)
+        return apply_rope(self.norm(pooled_BNC), cos_BNP, sin_BNP).to(x_BTD.dtype)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Initialisation hook used by ``V4Stage.init_weights`` for ``ape``: 0 (spec 10.2)."""
+        tensor.zero_()
