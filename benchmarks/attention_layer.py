@@ -9,7 +9,7 @@ Measured side by side in one run, on CPU with one thread, batch 1, fp32, for T i
 * ``sdpa mha``: an attention layer with the same model dim, heads and head size (4 x 64): q, k, v, o
   projections around ``F.scaled_dot_product_attention(is_causal=True)``.
 * ``sdpa core`` and ``v4 core``: the attention cores alone (SDPA on q/k/v ``[1, 4, T, 64]``;
-  :func:`model.sparse_core.sparse_attention` on the CSA layer's own sparse-mode indices).
+  :func:`kernels.torch_cores.sparse_attention` on the CSA layer's own sparse-mode indices).
 
 Each (variant, T) runs in a fresh subprocess (glibc told to mmap every buffer over 64 KiB, so freed
 memory leaves the resident set at once): a warm-up step at T = 256, then the first forward+backward
@@ -60,7 +60,7 @@ def _build(variant: str, T: int):
     from model import ModelConfig
     from model.attention import Attention
     from model.layout import SequenceContext
-    from model.sparse_core import sparse_attention
+    from kernels.torch_cores import sparse_attention
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("nano")

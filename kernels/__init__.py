@@ -8,8 +8,9 @@ twin and a parity test):
   visible_end) -> IndexerTopK(indices [B,T,KK] int32, scores [B,T,KK] fp32)``, KK = min(topk, NC)
 
 Dispatch: the Triton kernels run for CUDA tensors, and for any tensors while ``TRITON_INTERPRET`` is
-set true (the interpreter then runs the real kernels on CPU); everything else takes
-``kernels.reference``. Semantics, shapes and errors are documented in :mod:`kernels.reference`.
+set true (the interpreter then runs the real kernels on CPU). Elsewhere ``sparse_attention`` takes the
+chunked, memory-efficient torch path ``kernels.torch_cores`` (the model's CPU path) and ``indexer_topk``
+takes ``kernels.reference``. Semantics, shapes and errors are documented in :mod:`kernels.reference`.
 
 Importing this package imports only torch and the reference: Triton modules load on the first call
 that needs them. The mode they were built in (``@triton.jit`` picks JIT or interpreter when it runs)
@@ -30,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import reference, torch_cores
 from kernels.reference import IndexerTopK, causal_bounds, document_bounds
 
 __all__ = ["sparse_attention", "indexer_topk", "reference", "IndexerTopK", "causal_bounds", "document_bounds",
@@ -44,7 +45,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
     """Sparse shared-KV attention with a sink; see :func:`kernels.reference.sparse_attention`."""
     if q.is_cuda or interpret_requested():
         return triton_module("triton_attention").sparse_attention(q, kv, attn_sink, indices, scale)
-    return reference.sparse_attention(q, kv, attn_sink, indices, scale)
+    return torch_cores.sparse_attention(q, kv, attn_sink, indices, scale)
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, ratio: int, topk: int, *,

@@ -2,7 +2,7 @@
 mHC, DeepSeekMoE, MTP, pipeline stages and the size calculator (DESIGN section 5).
 
 Files: ``config`` (ModelConfig, presets), ``layout`` (visibility rules: windows, documents, compressed
-blocks), ``sparse_core`` (the single-softmax sparse attention and the indexer top-k), ``compressor``,
+blocks), ``compressor``,
 ``indexer``, ``attention``, ``rope``, ``norm``, ``mhc``, ``moe``, ``block``, ``mtp``, ``transformer``
 (V4Stage), ``budget`` (parameter counts, KV cache, attention FLOPs, V3.2 baseline).
 """

@@ -11,7 +11,7 @@ the overlap and the indexer to ratio 4):
 4. Indices per query: the window slots (``model/layout.py``), then the compressed entries: *all*
    visible ones for HCA and for CSA in ``dense``/``indexer_warmup`` mode, the indexer's top-k for CSA
    in ``sparse`` mode (-1 = none). In ``dense`` mode the indexer is idle (no compute, no gradient).
-5. One softmax over all of them with the per-head sink (:func:`model.sparse_core.sparse_attention`,
+5. One softmax over all of them with the per-head sink (:func:`kernels.sparse_attention`, the kernels dispatch,
    called in exactly one place, :meth:`Attention._core`), then de-rotation of the output's RoPE dims at
    the query position ("position -t"), and the grouped output projection (``wo_a`` per contiguous
    group of heads as an einsum, then ``wo_b``).
@@ -40,7 +40,8 @@ from model.layout import SequenceContext
 from model.moe import AuxLossInjector
 from model.norm import RMSNorm
 from model.rope import apply_rope, layer_rope_frequencies, rope_angles
-from model.sparse_core import attention_probabilities, sparse_attention
+from kernels import sparse_attention
+from kernels.torch_cores import attention_probabilities
 
 __all__ = ["Attention", "CSA_RATIO", "layer_type"]
 

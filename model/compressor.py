@@ -26,7 +26,7 @@ from torch import nn
 from model.layout import CompressedLayout
 from model.norm import RMSNorm
 from model.rope import apply_rope
-from model.sparse_core import gather_rows
+from kernels.torch_cores import gather_rows
 
 __all__ = ["Compressor"]
 

@@ -6,7 +6,7 @@ Queries share the main low-rank latent: q^I = c^Q W^IUQ (n^I heads of c^I), RoPE
 rope_head_dim dims with the layer's compressed-RoPE table, *no* per-head RMS norm (spec 0.1 item 7).
 Head weights w^I = x W^w * c^I^-1/2 * n^I^-1/2 (OC ``weights_proj`` times its scale). Score:
 I[t, s] = sum_h w^I[t, h] ReLU(q^I[t, h] . K^I[s]) over visible entries; top-k by
-:func:`model.sparse_core.indexer_topk`. The Hadamard rotation and FP4 fake-quant are omitted: the
+:func:`kernels.torch_cores.indexer_topk`. The Hadamard rotation and FP4 fake-quant are omitted: the
 rotation is orthogonal on both q and k, so in full precision it changes nothing.
 
 Training (V3.2 DSA recipe adapted to compressed entries, spec 3.3 and 11.1 - inherited, not restated
@@ -30,7 +30,7 @@ from model.compressor import Compressor
 from model.config import ModelConfig
 from model.layout import CompressedLayout
 from model.rope import apply_rope
-from model.sparse_core import gather_rows, indexer_topk
+from kernels.torch_cores import gather_rows, indexer_topk
 
 __all__ = ["Indexer", "indexer_scores", "indexer_kl"]
 

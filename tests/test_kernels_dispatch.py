@@ -12,7 +12,7 @@ import sys
 import torch
 
 import kernels
-from kernels import reference
+from kernels import reference, torch_cores
 
 
 def test_import_is_cheap_and_needs_no_triton():
@@ -25,13 +25,14 @@ def test_import_is_cheap_and_needs_no_triton():
         os.path.abspath(kernels.__file__))), timeout=120)
 
 
-def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
+def test_cpu_without_interpreter_takes_the_torch_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     g = torch.Generator().manual_seed(0)
     q, kv = torch.randn(1, 6, 2, 8, generator=g), torch.randn(1, 9, 8, generator=g)
     sink, idx = torch.randn(2, generator=g), torch.randint(-1, 9, (1, 6, 5), generator=g, dtype=torch.int32)
     got = kernels.sparse_attention(q, kv, sink, idx, 0.3)
-    assert torch.equal(got, reference.sparse_attention(q, kv, sink, idx, 0.3))
+    assert torch.equal(got, torch_cores.sparse_attention(q, kv, sink, idx, 0.3))
+    torch.testing.assert_close(got, reference.sparse_attention(q, kv, sink, idx, 0.3), rtol=1e-5, atol=1e-5)
     qi, ki = torch.randn(1, 12, 2, 8, generator=g), torch.randn(1, 3, 8, generator=g)
     w = torch.randn(1, 12, 2, generator=g)
     got, want = kernels.indexer_topk(qi, ki, w, 4, 2), reference.indexer_topk(qi, ki, w, 4, 2)

@@ -5,11 +5,11 @@ attention reference in both modes, indexer top-k range and KL target (spec 3.2-3
 import pytest
 import torch
 
-from model import sparse_core
+from kernels import torch_cores as sparse_core
 from model.indexer import indexer_kl, indexer_scores
 from model.layout import SequenceContext, compressed_layout, segment_bounds
 from model.rope import apply_rope, rope_angles
-from model.sparse_core import indexer_topk
+from kernels.torch_cores import indexer_topk
 from _model_helpers import make_attention, run
 
 CSA, HCA = 1, 2  # layer indices of small_cfg: ratios 4 and 8

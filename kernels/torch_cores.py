@@ -17,13 +17,15 @@ indexer's scattered top-k picks) it gathers each query's K rows. It saves only q
 the log-normaliser and recomputes the probabilities in the backward (the flash-attention recipe).
 Memory: O(T * K) indices, O(T * H * D) activations and ``[c, |U|]`` or ``[c, K, D]`` per chunk,
 never ``[T, T]``. Everything is computed in fp32 (fp64 for
-fp64 inputs) and returned in q's dtype. ``kernels.sparse_attention`` (issue 4) has the same signature.
+fp64 inputs) and returned in q's dtype. This is the CPU path of the ``kernels.sparse_attention``
+dispatch (Triton on CUDA and under ``TRITON_INTERPRET``); ``kernels.reference`` is the plain reference
+both are tested against.
 
 ``indexer_topk(q, k, weights, lo, hi, topk)`` scores I[t, s] = sum_h w[t, h] ReLU(q[t, h] . k[s]) over
 the compressed entries visible to each query (slot range ``[lo[t], hi[t])``, see ``model/layout.py``)
 and returns the top-k slots, OC's ``Indexer.forward`` (spec 3.3, 0.1 item 6): one k = min(topk, N)
 for the whole batch, invisible scores masked to -inf before the top-k and any invisible pick
-returned as -1. Computed in chunks of queries without gradient (top-k is not differentiable; the
+returned as -1 (see ``model/layout.py`` for the slot ranges). Computed in chunks of queries without gradient (top-k is not differentiable; the
 indexer learns from its KL loss, ``model/indexer.py``).
 
 Shape letters: B batch, T queries, H heads, D head dim, N kv entries, K attended slots, c chunk.
