@@ -58,6 +58,24 @@ def recovery_decision(restarts_so_far: int, job: JobSpec) -> Phase:
     return Phase.RECOVERING if restarts_so_far < job.train.max_restarts else Phase.FAILED
 
 
+def _model_wide(stage_metrics) -> dict:
+    """Auxiliary metrics of the whole model from one rank per pipeline stage (each reports its own layers):
+    losses and dead experts summed, the worst load kept, router entropy averaged over stages."""
+    rows = list(stage_metrics)
+    out = {}
+    for key in ("balance_loss", "moe_dead_experts"):
+        if any(key in r for r in rows):
+            out[key] = sum(r.get(key, 0.0) for r in rows)
+    for key, combine in (("moe_max_load", max), ("moe_max_violation", max)):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = combine(values)
+    entropy = [r["moe_router_entropy"] for r in rows if "moe_router_entropy" in r]
+    if entropy:
+        out["moe_router_entropy"] = sum(entropy) / len(entropy)
+    return out
+
+
 class Supervisor:
     """Runs one job.
 
@@ -172,6 +190,8 @@ class Supervisor:
             timeout_s=max(c.collective_timeout_s, c.heartbeat_timeout_s),
         )
         self.reporter = next(i["rank"] for i in infos if i["reporter"])
+        # one rank per pipeline stage (data-parallel rank 0) for the model-wide auxiliary metrics
+        self.stage_heads = [i["rank"] for i in sorted(infos, key=lambda i: i["pp_rank"]) if i["dp_rank"] == 0]
         fields = {"world_size": world, "layout": self.job.parallel.model_dump(),
                   "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:
@@ -254,6 +274,7 @@ class Supervisor:
                 self.telemetry.event("anticipatory_routing_off", plan.step)
         record = dict(results[self.reporter])
         record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
+        record.update(_model_wide(results[r] for r in self.stage_heads))
         self.step_count = plan.step
         self.consumed_tokens += plan.global_batch_tokens
         self.consumed_samples += plan.global_batch

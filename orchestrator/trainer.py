@@ -99,7 +99,8 @@ class RankTrainer:
         # summed over the embedding group, and the last stage's copy is left out of the global norm.
         self.shared = self.stage.shared_embedding_parameters() if self.pctx.embedding_group is not None else []
         self.norm_excluded = self.shared if self.pctx.is_last_stage else []
-        self.frozen_in_warmup = [p for n, p in self.stage.named_parameters() if ".indexer." not in n]
+        indexer = {id(p) for p in self.stage.indexer_parameters()}
+        self.frozen_in_warmup = [p for p in self.params if id(p) not in indexer]
         t = job.train
         self.optimizer = build_optimizer(
             list(self.stage.named_parameters()),
