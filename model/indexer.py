@@ -6,7 +6,7 @@ Queries share the main low-rank latent: q^I = c^Q W^IUQ (n^I heads of c^I), RoPE
 rope_head_dim dims with the layer's compressed-RoPE table, *no* per-head RMS norm (spec 0.1 item 7).
 Head weights w^I = x W^w * c^I^-1/2 * n^I^-1/2 (OC ``weights_proj`` times its scale). Score:
 I[t, s] = sum_h w^I[t, h] ReLU(q^I[t, h] . K^I[s]) over visible entries; top-k by
-:func:`kernels.torch_cores.indexer_topk`. The Hadamard rotation and FP4 fake-quant are omitted: the
+:func:`kernels.indexer_topk` (the kernels dispatch). The Hadamard rotation and FP4 fake-quant are omitted: the
 rotation is orthogonal on both q and k, so in full precision it changes nothing.
 
 Training (V3.2 DSA recipe adapted to compressed entries, spec 3.3 and 11.1 - inherited, not restated
@@ -30,7 +30,8 @@ from model.compressor import Compressor
 from model.config import ModelConfig
 from model.layout import CompressedLayout
 from model.rope import apply_rope
-from kernels.torch_cores import gather_rows, indexer_topk
+import kernels
+from kernels.torch_cores import gather_rows
 
 __all__ = ["Indexer", "indexer_scores", "indexer_kl"]
 
@@ -58,8 +59,11 @@ class Indexer(nn.Module):
 
     def select(self, q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor,
                layout: CompressedLayout) -> torch.Tensor:
-        """Top-k visible compressed slots per query ``[B, T, min(topk, N)]`` int64, -1 = none."""
-        return indexer_topk(q_BTHE, k_BNE, w_BTH, layout.lo_BT, layout.hi_BT, self.topk)
+        """Top-k visible compressed slots per query ``[B, T, min(topk, N)]`` int64, -1 = none (in increasing
+        slot order; ties to the lower slot), through the kernels dispatch (Triton on CUDA)."""
+        picks = kernels.indexer_topk(q_BTHE, k_BNE, w_BTH, 1, self.topk,
+                                     visible_start=layout.lo_BT, visible_end=layout.hi_BT)
+        return picks.indices.long()
 
 
 def indexer_scores(q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor, slots_BTK: torch.Tensor) -> torch.Tensor:
