@@ -124,16 +124,28 @@ class HyperConnection(nn.Module):
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook used by ``V4Stage.init_weights`` (module docstring, "Initialisation")."""
-        if name == "fn":
-            tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
-        elif name == "scale":
-            tensor.fill_(ALPHA_INIT)
-        else:
+        if not _init_fn_or_scale(name, tensor, generator, std):
             n = self.n
             base = torch.zeros_like(tensor)
-            base[:n] = math.log(1.0 / (n - 1)) if n > 1 else 0.0  # logit(1/n)
+            base[:n] = _logit_uniform(n)
             base[2 * n :] = (RES_DIAG_INIT * torch.eye(n)).flatten()
             tensor.copy_(base)
+
+
+def _logit_uniform(n: int) -> float:
+    """logit(1/n) = log(1/(n-1)): the pre-activation whose sigmoid weighs each of n streams 1/n."""
+    return math.log(1.0 / (n - 1)) if n > 1 else 0.0
+
+
+def _init_fn_or_scale(name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> bool:
+    """Shared init of ``fn`` (N(0, std)) and ``scale`` (alpha); False for any other parameter."""
+    if name == "fn":
+        tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
+    elif name == "scale":
+        tensor.fill_(ALPHA_INIT)
+    else:
+        return False
+    return True
 
 
 class HyperHead(nn.Module):
@@ -153,9 +165,5 @@ class HyperHead(nn.Module):
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook: fn ~ N(0, std), alpha = 0.01, base = logit(1/N) (read starts as the mean)."""
-        if name == "fn":
-            tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
-        elif name == "scale":
-            tensor.fill_(ALPHA_INIT)
-        else:
-            tensor.fill_(math.log(1.0 / (self.n - 1)) if self.n > 1 else 0.0)
+        if not _init_fn_or_scale(name, tensor, generator, std):
+            tensor.fill_(_logit_uniform(self.n))

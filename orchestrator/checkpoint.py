@@ -62,10 +62,10 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------ rank side: shards
-def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, *, allocate: bool) -> dict:
+def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed ``optim.<param fqn>.<name>``.
 
-    With ``allocate``, a parameter the optimizer has not stepped yet (no gradient so far, e.g. the
+    A parameter the optimizer has not stepped yet (no gradient so far, e.g. the
     Lightning Indexer before its warm-up) gets AdamW's initial state (step 0, zero moments): exactly
     what AdamW would create lazily at its first gradient, so saving it changes nothing and every
     checkpoint holds state for every parameter.
@@ -73,14 +73,14 @@ def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     out = {}
     for fqn, param in stage.named_parameters():
         state = optimizer.state.get(param)
-        if allocate and not state:
+        if not state:
             state = {
                 "step": torch.zeros((), dtype=torch.float32),
                 "exp_avg": torch.zeros_like(param),
                 "exp_avg_sq": torch.zeros_like(param),
             }
             optimizer.state[param] = state
-        for name, value in (state or {}).items():
+        for name, value in state.items():
             out[f"optim.{fqn}.{name}"] = value
     return out
 
@@ -88,7 +88,7 @@ def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, *
 def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """This rank's tensors for a checkpoint: model state and optimizer state by global name."""
     state = {f"model.{k}": v for k, v in stage.state_dict().items()}
-    state.update(_optimizer_state(stage, optimizer, allocate=True))
+    state.update(_optimizer_state(stage, optimizer))
     return state
 
 
@@ -106,7 +106,7 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
     reader = storage.dcp_reader(rel)
     saved = reader.read_metadata().state_dict_metadata
     model_sd = {f"model.{k}": v.detach().clone() for k, v in stage.state_dict().items()}
-    optim_sd = _optimizer_state(stage, optimizer, allocate=True)
+    optim_sd = _optimizer_state(stage, optimizer)
     expected = {**model_sd, **optim_sd}
     missing = sorted(k for k in expected if k not in saved)
     if missing:

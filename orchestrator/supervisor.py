@@ -187,7 +187,7 @@ class Supervisor:
             "setup",
             per_rank_args=[(job, r, world, init_method, c.collective_timeout_s, c.threads_per_rank, c.backend,
                             faults, env) for r in range(world)],
-            timeout_s=max(c.collective_timeout_s, c.heartbeat_timeout_s),
+            timeout_s=self._io_timeout_s,
         )
         self.reporter = next(i["rank"] for i in infos if i["reporter"])
         # one rank per pipeline stage (data-parallel rank 0) for the model-wide auxiliary metrics
@@ -204,8 +204,7 @@ class Supervisor:
         state = checkpoint.verify(self.storage, name)
         self._check_resumable(name, state)
         try:
-            steps = self.workers.call("load", self.storage.url, name, state,
-                                      timeout_s=max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s))
+            steps = self.workers.call("load", self.storage.url, name, state, timeout_s=self._io_timeout_s)
         except RankFailure as exc:
             if exc.message.startswith("CheckpointError"):  # a rank refused the checkpoint: not recoverable
                 raise checkpoint.CheckpointError(f"rank {exc.rank}: {exc.message}") from None
@@ -233,6 +232,18 @@ class Supervisor:
                 f"{self.storage.url_of(name)}: saved for model {state['model']}, this job has {self.job.model.model_dump()}"
             )
 
+    @property
+    def _io_timeout_s(self) -> float:
+        """Bound on calls that make no step progress (setup, load, save): rendezvous and I/O, not heartbeats."""
+        return max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s)
+
+    def _take_fault(self, kind: str, step: int) -> bool:
+        """Remove and report a pending supervisor-side fault (``spike``, ``anticipatory``) for ``step``."""
+        fault = next((f for f in self.pending_faults if f.kind == kind and f.step == step), None)
+        if fault is not None:
+            self.pending_faults.remove(fault)
+        return fault is not None
+
     def _recover(self) -> None:
         """Count the restart and go back to STARTING from the newest committed checkpoint (or step 0)."""
         self.restarts += 1
@@ -253,13 +264,9 @@ class Supervisor:
                                      global_batch=plan.global_batch, micro_batch_size=plan.micro_batch_size,
                                      attention_mode=plan.attention_mode)
             self.curriculum_stage = plan.stage
-        spike = next((f for f in self.pending_faults if f.kind == "spike" and f.step == plan.step), None)
-        if spike is not None:
-            self.pending_faults.remove(spike)
+        if self._take_fault("spike", plan.step):
             plan = dataclasses.replace(plan, lr=plan.lr * SPIKE_LR_FACTOR)
-        drill = next((f for f in self.pending_faults if f.kind == "anticipatory" and f.step == plan.step), None)
-        if drill is not None:
-            self.pending_faults.remove(drill)
+        if self._take_fault("anticipatory", plan.step):
             self.ar_remaining = self.job.spike_guard.anticipatory_steps
             self.telemetry.event("anticipatory_routing_on", self.step_count, steps=self.ar_remaining, delay_steps=1)
         if self.ar_remaining > 0:
@@ -343,8 +350,7 @@ class Supervisor:
         asynchronous = self.job.checkpoint.async_save and step < self.job.train.steps
         self.telemetry.event("checkpoint_requested", step, path=self.storage.url_of(attempt), asynchronous=asynchronous)
         started = time.perf_counter()
-        rank_states = self.workers.call("save", self.storage.url, attempt, asynchronous,
-                                        timeout_s=max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s))
+        rank_states = self.workers.call("save", self.storage.url, attempt, asynchronous, timeout_s=self._io_timeout_s)
         self.pending_save = {
             "step": step, "attempt": attempt, "requested": started, "blocked_s": time.perf_counter() - started,
             "train_state": {
@@ -373,10 +379,9 @@ class Supervisor:
         pending = self.pending_save
         if pending is None:
             return
-        timeout = max(self.cluster.collective_timeout_s, self.cluster.heartbeat_timeout_s)
         if wait:
-            self.workers.call("wait_saved", timeout_s=timeout)
-        elif not all(self.workers.call("save_done", timeout_s=timeout)):
+            self.workers.call("wait_saved", timeout_s=self._io_timeout_s)
+        elif not all(self.workers.call("save_done", timeout_s=self._io_timeout_s)):
             return
         step = pending["step"]
         self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - pending["requested"], 2),
