@@ -18,6 +18,13 @@ the overlap and the indexer to ratio 4):
 6. CSA in ``indexer_warmup``/``sparse`` training forwards: the indexer KL loss (``model/indexer.py``)
    enters the backward through :class:`model.moe.AuxLossInjector` on this layer's output.
 
+Tensor parallelism (``tp``, :mod:`parallel.tensor_parallel`): query heads, their sinks and the output
+groups are split over the TP ranks (``wq_b`` and ``wo_a`` column-parallel, ``wo_b`` row-parallel, so the
+layer output is summed over ranks); the low-rank query ``wq_a``, the shared KV head and the compressors
+are replicated, and the KV entries pass through Megatron's *f* operator so their gradient is the sum
+over all heads. The indexer splits its heads the same way (``model/indexer.py``). Requires tp to divide
+n_heads, o_groups and index_n_heads (ValueError naming the field).
+
 Visibility (windows, documents, compressed blocks) is defined in ``model/layout.py``. Precision: fp32
 throughout on CPU; QAT fake-quant (FP8 KV, FP4 indexer) is not applied. No ``[T, T]`` tensor is built.
 
@@ -42,6 +49,8 @@ from model.norm import RMSNorm
 from model.rope import apply_rope, layer_rope_frequencies, rope_angles
 from kernels import sparse_attention
 from kernels.torch_cores import attention_probabilities
+from parallel.tensor_parallel import (TensorParallel, column_linear, copy_to_region, mark_sharded,
+                                      reduce_from_region, row_linear)
 
 __all__ = ["Attention", "CSA_RATIO", "layer_type"]
 
@@ -70,26 +79,35 @@ class Attention(nn.Module):
     drained by ``V4Stage.pop_aux_metrics``.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.window
-        self.o_groups, self.o_lora_rank, self.eps = cfg.o_groups, cfg.o_lora_rank, cfg.norm_eps
+        self.tp = tp
+        # local (this TP rank's) heads and output groups; heads of a group are contiguous, so a rank's
+        # heads are exactly its groups' heads
+        self.n_heads = tp.split(cfg.n_heads, "n_heads")
+        self.o_groups = tp.split(cfg.o_groups, "o_groups")
+        self.head_dim, self.window = cfg.head_dim, cfg.window
+        self.o_lora_rank, self.eps = cfg.o_lora_rank, cfg.norm_eps
         self.ratio = cfg.compress_ratios[layer_idx]
         self.kind = layer_type(self.ratio)
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wq_b = column_linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, tp, what="n_heads*head_dim")
         self.wkv = nn.Linear(cfg.dim, cfg.head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        # OC layout: wo_a.weight is [G*R, I], read as G blocks of [R, I] (contiguous head groups)
-        self.wo_a = nn.Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads, dtype=torch.float32))
+        # OC layout: wo_a.weight is [G*R, I], read as G blocks of [R, I] (contiguous head groups); only
+        # its weight is used (an einsum), so a column-parallel layer just holds this rank's groups
+        self.wo_a = column_linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, tp,
+                                  what="o_groups*o_lora_rank")
+        self.wo_b = row_linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, tp, what="o_groups*o_lora_rank")
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
+        if tp.active:
+            mark_sharded(self.attn_sink, 0)
         if self.ratio:
             self.compressor = Compressor(cfg.dim, cfg.head_dim, self.ratio, overlap=self.kind == "csa",
                                          norm_eps=cfg.norm_eps)
         if self.kind == "csa":
-            self.indexer = Indexer(cfg, self.ratio)
+            self.indexer = Indexer(cfg, self.ratio, tp)
         self.register_buffer("rope_freqs", layer_rope_frequencies(cfg, layer_idx), persistent=False)
         self.aux_log: dict[str, list[torch.Tensor]] = {"indexer_loss": [], "indexer_recall": []}
 
@@ -103,6 +121,7 @@ class Attention(nn.Module):
         kv_BTC = apply_rope(self.kv_norm(self.wkv(x_BTD)), *rope_T)
         # 3-4. compressed entries and the slots each query attends to
         kv_BXC, idx_BTK, trained = self._entries_and_slots(x_BTD, qr_BTL, kv_BTC, rope_T, ctx)
+        kv_BXC = copy_to_region(kv_BXC, self.tp)  # replicated entries, read by this rank's heads only
         # 5. one softmax over window + compressed entries, de-rotation, grouped output projection
         o_BTHC = apply_rope(self._core(q_BTHC, kv_BXC, idx_BTK), *rope_T, inverse=True)
         B, T, _ = x_BTD.shape
@@ -143,9 +162,11 @@ class Attention(nn.Module):
         return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5)
 
     def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: "_IndexerState", mode: str) -> torch.Tensor:
-        mass_BTK = attention_probabilities(q_BTHC.detach(), kv_BXC.detach(), self.attn_sink.detach(), idx_BTK,
-                                           self.head_dim ** -0.5, first_slot=st.n_window)
-        score_BTK = indexer_scores(st.q, st.k, st.w, st.slots)
+        # both sums over heads are partial on a TP rank: summed over the ranks (the mass without gradient)
+        mass_BTK = reduce_from_region(
+            attention_probabilities(q_BTHC.detach(), kv_BXC.detach(), self.attn_sink.detach(), idx_BTK,
+                                    self.head_dim ** -0.5, first_slot=st.n_window), self.tp)
+        score_BTK = reduce_from_region(indexer_scores(st.q, copy_to_region(st.k, self.tp), st.w, st.slots), self.tp)
         loss = indexer_kl(score_BTK, mass_BTK, st.slots)
         self.aux_log["indexer_loss"].append(loss.detach())
         if mode == "indexer_warmup":

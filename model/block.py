@@ -17,22 +17,24 @@ from model.layout import SequenceContext
 from model.mhc import HyperConnection, hc_write
 from model.moe import MoE
 from model.norm import RMSNorm
+from parallel.tensor_parallel import TensorParallel
 
 __all__ = ["Block"]
 
 
 class Block(nn.Module):
-    """One V4 layer of global index ``layer_idx``: ``[B, S, N, D] -> [B, S, N, D]``."""
+    """One V4 layer of global index ``layer_idx``: ``[B, S, N, D] -> [B, S, N, D]``; ``tp`` and
+    ``experts`` as in :class:`model.moe.MoE` (the mHC, norms and residual streams are replicated)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = TensorParallel(), experts=None):
         super().__init__()
         hc = dict(sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
         self.hc_attn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = Attention(cfg, layer_idx, tp)
         self.hc_ffn = HyperConnection(cfg.dim, cfg.hc_mult, **hc)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg, layer_idx)
+        self.ffn = MoE(cfg, layer_idx, tp, experts)
 
     def forward(self, X_BSND: torch.Tensor, ctx: SequenceContext, token_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """``token_ids_BS`` (hash routing) defaults to ``ctx.input_ids``."""

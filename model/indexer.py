@@ -32,18 +32,27 @@ from model.layout import CompressedLayout
 from model.rope import apply_rope
 import kernels
 from kernels.torch_cores import gather_rows
+from parallel.tensor_parallel import TensorParallel, column_linear, gather_heads
 
 __all__ = ["Indexer", "indexer_scores", "indexer_kl"]
 
 
 class Indexer(nn.Module):
-    """Indexer of one CSA layer: ``wq_b [H*E, L]``, ``weights_proj [H, D]``, ``compressor`` (overlap)."""
+    """Indexer of one CSA layer: ``wq_b [H*E, L]``, ``weights_proj [H, D]``, ``compressor`` (overlap).
 
-    def __init__(self, cfg: ModelConfig, ratio: int):
+    Under tensor parallelism ``wq_b`` and ``weights_proj`` are column-parallel (this rank's H/tp heads);
+    :meth:`select` gathers every rank's heads first, so the top-k is the whole model's and identical on
+    every rank; the KL scores are summed over ranks by the caller (``model/attention.py``).
+    """
+
+    def __init__(self, cfg: ModelConfig, ratio: int, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
-        self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
+        self.tp = tp
+        self.n_heads = tp.split(cfg.index_n_heads, "index_n_heads")
+        self.head_dim, self.topk = cfg.index_head_dim, cfg.index_topk
+        self.wq_b = column_linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, tp,
+                                  what="index_n_heads*index_head_dim")
+        self.weights_proj = column_linear(cfg.dim, cfg.index_n_heads, tp, what="index_n_heads")
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, ratio, overlap=True, norm_eps=cfg.norm_eps)
         self.weight_scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
 
@@ -61,6 +70,7 @@ class Indexer(nn.Module):
                layout: CompressedLayout) -> torch.Tensor:
         """Top-k visible compressed slots per query ``[B, T, min(topk, N)]`` int64, -1 = none (in increasing
         slot order; ties to the lower slot), through the kernels dispatch (Triton on CUDA)."""
+        q_BTHE, w_BTH = gather_heads(q_BTHE, self.tp, dim=2), gather_heads(w_BTH, self.tp, dim=2)
         picks = kernels.indexer_topk(q_BTHE, k_BNE, w_BTH, 1, self.topk,
                                      visible_start=layout.lo_BT, visible_end=layout.hi_BT)
         return picks.indices.long()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from parallel.tensor_parallel import TensorParallel, column_linear, gather_tokens, row_linear, scatter_tokens
 
 __all__ = [
     "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",
@@ -146,19 +147,21 @@ def set_routing_tape(stage: nn.Module, tape: RoutingTape | None) -> None:
 
 
 class SwiGLU(nn.Module):
-    """Expert FFN ``w2(silu(w1 x) * w3 x)`` : ``[T, D] -> [T, D]``, computed in fp32 (OC ``Expert``).
+    """Expert FFN ``w2(silu(w1 x) * w3 x)`` : ``[..., D] -> [..., D]``, computed in fp32 (OC ``Expert``).
 
     With ``limit > 0`` (routed experts) the gate is clamped above at limit and the up projection to
     [-limit, limit], so the gradient is zero where clamped (spec 8.2). ``weight_T1`` (the routing weight)
-    multiplies the activation before w2 (spec 0.1 item 11).
+    multiplies the activation before w2 (spec 0.1 item 11). With an active ``tp`` (the shared expert) the
+    hidden units are split over the TP ranks (w1, w3 column-parallel, w2 row-parallel; the input must be
+    ``[B, S, D]``, Megatron's layers are 3-D), exact because SwiGLU is elementwise in the hidden units.
     """
 
-    def __init__(self, dim: int, inter_dim: int, limit: float):
+    def __init__(self, dim: int, inter_dim: int, limit: float, tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = column_linear(dim, inter_dim, tp, what="n_shared_experts*moe_inter_dim")
+        self.w2 = row_linear(inter_dim, dim, tp, what="n_shared_experts*moe_inter_dim")
+        self.w3 = column_linear(dim, inter_dim, tp, what="n_shared_experts*moe_inter_dim")
 
     def forward(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None = None) -> torch.Tensor:
         gate_TF, up_TF = self.w1(x_TD).float(), self.w3(x_TD).float()
@@ -247,15 +250,24 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor) -
 
 class MoE(nn.Module):
     """One MoE FFN: ``gate`` (Router), ``experts`` (LocalExperts), ``shared_experts`` (unclamped SwiGLU
-    of width n_shared_experts * moe_inter_dim, absent when 0). ``[B, S, D] -> [B, S, D]``."""
+    of width n_shared_experts * moe_inter_dim, absent when 0). ``[B, S, D] -> [B, S, D]``.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    Tensor parallelism: the router runs on every token on every TP rank (replicated: the sequence-wise
+    balance loss and the expert counts need whole sequences); the routed experts see this rank's 1/tp of
+    the tokens (:func:`parallel.tensor_parallel.scatter_tokens`, Megatron's sequence-parallel region
+    around the experts only) and the results are gathered back; the shared expert splits its hidden
+    units. ``experts`` defaults to :class:`LocalExperts`; the trainer passes an expert-parallel one.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = TensorParallel(),
+                 experts: RoutedExperts | None = None):
         super().__init__()
+        self.tp = tp
         self.balance_loss_weight = cfg.balance_loss_weight
         self.gate = Router(cfg, layer_idx)
-        self.experts: RoutedExperts = LocalExperts(cfg)
+        self.experts: RoutedExperts = experts if experts is not None else LocalExperts(cfg)
         self.shared_experts = (
-            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0) if cfg.n_shared_experts else None
+            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0, tp=tp) if cfg.n_shared_experts else None
         )
         self.aux_log: list[torch.Tensor] = []  # detached weighted balance losses, drained by V4Stage
         # logging only (pop_moe_stats): tokens per expert and mean router entropy of training forwards
@@ -271,10 +283,15 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         route = self.gate(x_TD, token_ids_BS.reshape(-1))
-        y_TD = self.experts(x_TD, route.weights, route.indices)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        rows = slice(None)
+        if self.tp.active:
+            n = self.tp.split(B * S, "tokens per micro-batch (micro_batch_size x seq_len)")
+            rows = slice(self.tp.rank * n, (self.tp.rank + 1) * n)
+        y_TD = gather_tokens(self.experts(scatter_tokens(x_TD, self.tp), scatter_tokens(route.weights, self.tp),
+                                          route.indices[rows]), self.tp)
         y_BSD = y_TD.view(B, S, D)
+        if self.shared_experts is not None:
+            y_BSD = y_BSD + self.shared_experts(x_BSD)
         if self.training and torch.is_grad_enabled():
             self._log_routing(route)
         if self.training and torch.is_grad_enabled() and not self.gate.is_hash:

@@ -29,6 +29,7 @@ from model.config import ModelConfig
 from model.layout import SequenceContext
 from model.mhc import HyperHead
 from model.norm import RMSNorm
+from parallel.tensor_parallel import TensorParallel
 
 __all__ = ["MTPBlock", "mtp_loss_weight", "shift_left", "IGNORE_INDEX"]
 
@@ -52,8 +53,8 @@ class MTPBlock(Block):
     """One MTP module: a :class:`Block` plus ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, ``hc_head``, ``norm``
     (OC names), keyed ``mtp.<k>`` in the stage."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__(cfg, layer_idx)
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = TensorParallel(), experts=None):
+        super().__init__(cfg, layer_idx, tp, experts)
         self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention
@@ -36,6 +35,8 @@ from model.mhc import HyperHead
 from model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
 from model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from model.norm import RMSNorm
+from parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
+                                      vocab_cross_entropy, vocab_embedding)
 
 __all__ = ["Block", "V4Stage", "stage_layer_ranges"]
 
@@ -65,10 +66,19 @@ class V4Stage(nn.Module):
     gradients of the auxiliary losses; ``attention_mode`` (default "dense") is one of "dense",
     "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
+
+    Parallel context (DESIGN principle 1): ``tp`` splits heads, output groups, the shared expert's hidden
+    units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-parallel layers) over
+    the tensor-parallel ranks (ValueError naming the field tp does not divide); ``experts_factory(layer)``
+    returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`, every expert here), the
+    hook through which the trainer installs expert parallelism. With the defaults the stage is the
+    single-process reference.
     """
 
-    def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int):
+    def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, tp: TensorParallel = TensorParallel(),
+                 experts_factory=None):
         super().__init__()
+        self.tp = tp
         ranges = stage_layer_ranges(cfg.n_layers, pp_size)
         if not 0 <= pp_rank < pp_size:
             raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
@@ -81,13 +91,15 @@ class V4Stage(nn.Module):
         self._input_tensor: torch.Tensor | None = None
         self._mtp_log: list[torch.Tensor] = []
         if self.is_first_stage or (self.is_last_stage and cfg.mtp_depth > 0):
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_range})
+            self.embed = vocab_embedding(cfg.vocab_size, cfg.dim, tp)
+        make_experts = experts_factory or (lambda _layer: None)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp, make_experts(i)) for i in self.layer_range})
         if self.is_last_stage:
             self.hc_head = HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-            self.mtp = nn.ModuleDict({str(k): MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)})
+            self.head = column_linear(cfg.dim, cfg.vocab_size, tp, what="vocab_size")
+            self.mtp = nn.ModuleDict({str(k): MTPBlock(cfg, cfg.n_layers + k, tp, make_experts(cfg.n_layers + k))
+                                      for k in range(cfg.mtp_depth)})
 
     @property
     def attention_mode(self) -> str:
@@ -140,11 +152,10 @@ class V4Stage(nn.Module):
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
             # storage of sent outputs and refuses views
             return X_BSND.flatten(2).transpose(0, 1).clone(memory_format=torch.contiguous_format)
-        logits_BSV = self.head(self.norm(self.hc_head(X_BSND))).float()
+        logits_BSV = self.head(self.norm(self.hc_head(X_BSND))).float()  # this TP rank's vocabulary rows
         if labels is None:
-            return logits_BSV
-        B, S, V = logits_BSV.shape
-        loss_BS = F.cross_entropy(logits_BSV.view(B * S, V), labels.reshape(B * S), reduction="none").view(B, S)
+            return gather_heads(logits_BSV, self.tp, dim=-1)
+        loss_BS = vocab_cross_entropy(logits_BSV, labels, self.tp)
         if len(self.mtp) and self.mtp_loss_weight > 0 and self.training and torch.is_grad_enabled():
             mtp_loss = self._mtp_loss(X_BSND, labels, ctx)
             self._mtp_log.append(mtp_loss.detach())
@@ -159,9 +170,7 @@ class V4Stage(nn.Module):
             valid_BS = (inputs_BS != IGNORE_INDEX) & (targets_BS != IGNORE_INDEX)
             tokens_BS = inputs_BS.clamp(min=0)
             H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
-            logits_BSV = self.head(h_BSD).float()
-            ce_BS = F.cross_entropy(logits_BSV.flatten(0, 1), torch.where(valid_BS, targets_BS, IGNORE_INDEX).flatten(),
-                                    reduction="none").view_as(valid_BS)
+            ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), torch.where(valid_BS, targets_BS, IGNORE_INDEX), self.tp)
             losses.append(ce_BS.sum() / valid_BS.sum().clamp(min=1))
         return torch.stack(losses).mean()
 
@@ -186,19 +195,20 @@ class V4Stage(nn.Module):
         hook when it has one (norm scales 1, sink 0, ``ape`` 0, mHC per spec 10.2); all other weights
         (linears, embedding, router) are N(0, init_std). Values are drawn on the CPU and copied, so
         they are the same on every device, and both embedding copies start equal. Router biases and
-        load counts are reset to 0.
+        load counts are reset to 0. A tensor-parallel shard draws the whole tensor and keeps its slice,
+        so every TP size starts from the same values.
         """
         std = self.cfg.init_std
         for module_name, module in self.named_modules():
             for name, param in module.named_parameters(recurse=False):
                 fqn = f"{module_name}.{name}" if module_name else name
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{fqn}".encode()))
+                value = torch.empty(full_shape(param, self.tp), dtype=param.dtype)
                 if hasattr(module, "init_parameter"):
-                    value = torch.empty(param.shape, dtype=param.dtype)
                     module.init_parameter(name, value, gen, std)
                 else:
-                    value = torch.empty(param.shape, dtype=param.dtype).normal_(0.0, std, generator=gen)
-                param.copy_(value)
+                    value.normal_(0.0, std, generator=gen)
+                param.copy_(shard_of(value, param, self.tp))
             if isinstance(module, Router) and not module.is_hash:
                 module.bias.zero_()
                 module.expert_counts.zero_()
