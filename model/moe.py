@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from parallel.expert_parallel import ExpertParallelExperts, local_expert_ids
 from parallel.tensor_parallel import TensorParallel, column_linear, gather_tokens, row_linear, scatter_tokens
 
 __all__ = [
     "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",
     "build_hash_table", "sequence_balance_loss", "update_expert_bias", "pop_moe_stats", "discard_expert_counts",
-    "RoutingTape", "set_routing_tape",
+    "RoutingTape", "set_routing_tape", "expert_parallel_experts",
 ]
 
 _HASH_CHUNK_ROWS = 8192  # rows of the hash table drawn per call, bounds memory for a 129K vocab
@@ -212,6 +213,17 @@ class LocalExperts(nn.Module):
         ])
         # un-permute: sum each token's K weighted expert outputs
         return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_pairs.to(x_TD.dtype))
+
+
+def expert_parallel_experts(cfg: ModelConfig, *, ep_group: dist.ProcessGroup | None, ep_rank: int,
+                            ep_size: int) -> ExpertParallelExperts:
+    """This EP rank's E/ep routed experts (clamped SwiGLU, global ids as keys) behind the all-to-all
+    dispatch of :class:`parallel.expert_parallel.ExpertParallelExperts`; ValueError naming ``ep`` when
+    ep_size does not divide n_routed_experts."""
+    ids = local_expert_ids(cfg.n_routed_experts, ep_rank, ep_size)
+    experts = nn.ModuleDict({str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit) for e in ids})
+    return ExpertParallelExperts(experts, n_experts=cfg.n_routed_experts, k=cfg.n_activated_experts,
+                                 ep_group=ep_group, ep_rank=ep_rank, ep_size=ep_size)
 
 
 class AuxLossInjector(torch.autograd.Function):

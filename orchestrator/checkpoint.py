@@ -30,6 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from orchestrator.storage import Storage
+from parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = [
     "FORMAT_VERSION",
@@ -85,11 +86,27 @@ def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return out
 
 
-def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """This rank's tensors for a checkpoint: model state and optimizer state by global name."""
-    state = {f"model.{k}": v for k, v in stage.state_dict().items()}
-    state.update(_optimizer_state(stage, optimizer))
-    return state
+def _entries(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+    """``(global key, the parameter whose TP sharding the tensor shares or None, the live tensor)`` for
+    every model and optimizer tensor of this rank, in the same order on every rank of a stage."""
+    params = dict(stage.named_parameters())
+    out = [(f"model.{k}", params.get(k), v) for k, v in stage.state_dict().items()]
+    for key, value in _optimizer_state(stage, optimizer).items():
+        param = params[key.removeprefix("optim.").rsplit(".", 1)[0]]  # optim.<fqn>.<state name>
+        out.append((key, param if value.shape == param.shape else None, value))
+    return out
+
+
+def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                tp: TensorParallel = TensorParallel()) -> dict[str, torch.Tensor]:
+    """This rank's tensors for a checkpoint: model state and optimizer state by global name.
+
+    Tensor-parallel shards are gathered into whole tensors (a collective over the TP group, same order
+    on every rank), so the checkpoint holds one layout-free copy (DCP writes a key held by several ranks
+    once) and any TP size can load it.
+    """
+    return {key: gather_full(value, param, tp) if param is not None else value
+            for key, param, value in _entries(stage, optimizer)}
 
 
 def save_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -97,17 +114,20 @@ def save_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
     dcp.save(shard_state(stage, optimizer), storage_writer=storage.dcp_writer(rel))
 
 
-def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                tp: TensorParallel = TensorParallel()) -> None:
     """Load model and optimizer state for this rank's stage from ``rel`` (collective).
 
-    Raises CheckpointError naming the first tensors the checkpoint lacks or whose shape differs, before
-    anything is modified.
+    Whole tensors are read and this rank's tensor-parallel slice kept, so a checkpoint of any (TP, PP, EP,
+    DP) layout loads into any other. Raises CheckpointError naming the first tensors the checkpoint
+    lacks or whose shape differs, before anything is modified.
     """
     reader = storage.dcp_reader(rel)
     saved = reader.read_metadata().state_dict_metadata
-    model_sd = {f"model.{k}": v.detach().clone() for k, v in stage.state_dict().items()}
-    optim_sd = _optimizer_state(stage, optimizer)
-    expected = {**model_sd, **optim_sd}
+    entries = _entries(stage, optimizer)
+    expected = {key: torch.empty(full_shape(param, tp) if param is not None and is_sharded(param) else value.shape,
+                                 dtype=value.dtype)
+                for key, param, value in entries}
     missing = sorted(k for k in expected if k not in saved)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -119,7 +139,9 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
                 f"{storage.url_of(rel)}: {key} has shape {tuple(size)}, this model expects {tuple(tensor.shape)}"
             )
     dcp.load(expected, storage_reader=reader)
-    stage.load_state_dict({k.removeprefix("model."): v for k, v in model_sd.items()}, strict=True)
+    with torch.no_grad():
+        for key, param, value in entries:
+            value.copy_(shard_of(expected[key], param, tp) if param is not None else expected[key])
 
 
 def rng_state() -> str:

@@ -479,7 +479,7 @@ def run_cli(args) -> int:
         print(f"  with --recompute full: peak {_gib(full.peak.total)}, {'fits' if full.fits else 'does not fit either'}, "
               f"step {full.step_time_s:.3g} s")
     if others:
-        print(f"\nlayouts that fit, fastest first (tp or ep > 1 needs issue 5's tensor/expert parallelism):")
+        print("\nlayouts that fit, fastest first:")
         for p in others:
             print(f"  {str(p.layout):<44} peak {_gib(p.peak.total):>10}  bubble {100 * p.bubble:4.1f}%  "
                   f"step {p.step_time_s:.3g} s")

@@ -240,10 +240,9 @@ class JobSpec(_Strict):
                 if c.batch_multiple % unit:
                     raise ValueError(f"curriculum.stages.{i}: micro-batch size x parallel.dp = {unit} does not "
                                      f"divide curriculum.batch_multiple = {c.batch_multiple}")
-        if p.tp != 1:
-            raise ValueError("parallel.tp: tensor parallel is not supported yet (issue 5); use tp: 1")
-        if p.ep != 1:
-            raise ValueError("parallel.ep: expert parallel is not supported yet (issue 5); use ep: 1")
+        if (p.tp * p.dp) % p.ep:
+            raise ValueError(f"parallel.ep: {p.ep} must divide tp x dp = {p.tp * p.dp} (the experts of a stage "
+                             "are spread over its tensor- and data-parallel ranks)")
         return self
 
     @property
@@ -368,9 +367,35 @@ def load_job(path: str | Path, overrides: list[str] | None = None, *, check_data
     if check_data:
         vocab = _dataset_vocab(job.data.path, str(path))
     cfg = job.model.build(vocab_size=vocab)
-    if job.parallel.pp > cfg.n_layers:
-        raise SpecError(f"{path}: parallel.pp: {job.parallel.pp} stages for {cfg.n_layers} layers")
+    problem = _layout_problem(job, cfg)
+    if problem:
+        raise SpecError(f"{path}: {problem}")
     return job
+
+
+def _layout_problem(job: JobSpec, cfg) -> str | None:
+    """What makes the (TP, PP, EP) layout impossible for this model and schedule, naming the fields."""
+    p = job.parallel
+    if p.pp > cfg.n_layers:
+        return f"parallel.pp: {p.pp} stages for {cfg.n_layers} layers"
+    split_by_tp = {"n_heads": cfg.n_heads, "o_groups": cfg.o_groups, "index_n_heads": cfg.index_n_heads,
+                   "vocab_size": cfg.vocab_size, "n_shared_experts x moe_inter_dim": cfg.n_shared_experts * cfg.moe_inter_dim}
+    for name, value in split_by_tp.items():
+        if value % p.tp:
+            return f"parallel.tp: {p.tp} does not divide model.{name} = {value}"
+    if cfg.n_routed_experts % p.ep:
+        return f"parallel.ep: {p.ep} does not divide model.n_routed_experts = {cfg.n_routed_experts}"
+    if p.tp > 1:
+        # the routed experts run on a 1/tp split of each micro-batch's tokens
+        shapes = {(job.train.micro_batch_size, job.data.seq_len),
+                  (job.train.micro_batch_size, job.train.eval_seq_len or job.data.seq_len)}
+        for stage in job.curriculum.stages if job.curriculum is not None else ():
+            shapes.add((stage.micro_batch_size or job.train.micro_batch_size, stage.seq_len or job.data.seq_len))
+        for mbs, seq in sorted(shapes):
+            if (mbs * seq) % p.tp:
+                return (f"parallel.tp: {p.tp} does not divide the {mbs} x {seq} tokens of a micro-batch "
+                        "(train.micro_batch_size x sequence length)")
+    return None
 
 
 def _dataset_vocab(data_path: str, source: str) -> int:

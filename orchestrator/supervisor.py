@@ -191,7 +191,7 @@ class Supervisor:
         )
         self.reporter = next(i["rank"] for i in infos if i["reporter"])
         # one rank per pipeline stage (data-parallel rank 0) for the model-wide auxiliary metrics
-        self.stage_heads = [i["rank"] for i in sorted(infos, key=lambda i: i["pp_rank"]) if i["dp_rank"] == 0]
+        self.stage_heads = [i["rank"] for i in sorted(infos, key=lambda i: i["pp_rank"]) if i["dp_rank"] == 0 and i["tp_rank"] == 0]
         fields = {"world_size": world, "layout": self.job.parallel.model_dump(),
                   "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:

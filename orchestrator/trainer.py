@@ -25,7 +25,8 @@ from torch.distributed.checkpoint import save as dcp_save
 
 from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from model import V4Stage
-from model.moe import Router, RoutingTape, discard_expert_counts, set_routing_tape, update_expert_bias
+from model.moe import (Router, RoutingTape, discard_expert_counts, expert_parallel_experts, set_routing_tape,
+                       update_expert_bias)
 from orchestrator import checkpoint, faults
 from orchestrator.curriculum import StepPlan
 from orchestrator.spec import JobSpec
@@ -34,6 +35,7 @@ from parallel import groups
 from parallel.data_parallel import all_reduce_gradients
 from parallel.optim import build_optimizer, clip_grad_norm_
 from parallel.schedules import forward_backward
+from parallel.tensor_parallel import TensorParallel, is_sharded
 
 __all__ = ["RankTrainer"]
 
@@ -92,13 +94,34 @@ class RankTrainer:
         self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
         # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
         torch.manual_seed(job.seed)
-        self.stage = V4Stage(self.cfg, pp_rank=self.pctx.pp_rank, pp_size=self.pctx.pp)
+        pctx = self.pctx
+        self.tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp) if pctx.tp > 1 else TensorParallel()
+        experts = None
+        if pctx.ep > 1:
+            def experts(_layer):
+                return expert_parallel_experts(self.cfg, ep_group=pctx.ep_group, ep_rank=pctx.ep_rank, ep_size=pctx.ep)
+        self.stage = V4Stage(self.cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, tp=self.tp, experts_factory=experts)
         self.stage.init_weights(job.seed)
-        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.stage.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        # Routed experts: their gradients are summed over the expert-data-parallel group (the ranks holding
+        # the same experts), the rest averaged over the data-parallel group (Megatron DDP's two buckets).
+        self.expert_params = [p for n, p in named if ".ffn.experts." in n]
+        expert_ids = {id(p) for p in self.expert_params}
+        self.dense_params = [p for p in self.params if id(p) not in expert_ids]
         # Parameters held by both the first and the last stage (the embedding, for MTP): gradients are
         # summed over the embedding group, and the last stage's copy is left out of the global norm.
-        self.shared = self.stage.shared_embedding_parameters() if self.pctx.embedding_group is not None else []
-        self.norm_excluded = self.shared if self.pctx.is_last_stage else []
+        self.shared = self.stage.shared_embedding_parameters() if pctx.embedding_group is not None else []
+        # The global gradient norm counts every distinct tensor once over the whole world: a dense
+        # parameter on data-parallel rank 0 (and TP rank 0 unless it is a TP shard), an expert on
+        # expert-data-parallel rank 0, never the last stage's embedding copy.
+        last_copy = {id(p) for p in self.shared} if pctx.is_last_stage else set()
+        self.norm_excluded = [
+            p for p in self.params
+            if id(p) in last_copy
+            or (id(p) in expert_ids and pctx.expert_dp_rank != 0)
+            or (id(p) not in expert_ids and (pctx.dp_rank != 0 or (pctx.tp_rank != 0 and not is_sharded(p))))
+        ]
         indexer = {id(p) for p in self.stage.indexer_parameters()}
         self.frozen_in_warmup = [p for p in self.params if id(p) not in indexer]
         t = job.train
@@ -122,8 +145,8 @@ class RankTrainer:
 
     @property
     def is_reporter(self) -> bool:
-        """The rank whose metrics the supervisor records: last pipeline stage, data-parallel rank 0."""
-        return self.pctx.is_last_stage and self.pctx.dp_rank == 0
+        """The rank whose metrics the supervisor records: last pipeline stage, data- and tensor-parallel rank 0."""
+        return self.pctx.is_last_stage and self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0
 
     def describe(self) -> dict:
         """Rank, layout coordinates and parameter count of this rank's stage."""
@@ -131,6 +154,7 @@ class RankTrainer:
             "rank": self.rank,
             "pp_rank": self.pctx.pp_rank,
             "dp_rank": self.pctx.dp_rank,
+            "tp_rank": self.pctx.tp_rank,
             "stage_params": sum(p.numel() for p in self.stage.parameters()),
             "reporter": self.is_reporter,
         }
@@ -177,6 +201,19 @@ class RankTrainer:
             pctx=self.pctx,
             forward_only=forward_only,
         )
+
+    def _sync_gradients(self) -> None:
+        """Dense gradients: mean over data parallel; routed experts: sum over the expert-data-parallel
+        group (each expert's rank already holds the gradient of every token dispatched to it), divided by
+        dp; the embedding copies of the first and last stage: summed."""
+        all_reduce_gradients(self.dense_params, self.pctx.dp_group)
+        all_reduce_gradients(self.expert_params, self.pctx.expert_dp_group, average=False)
+        if self.pctx.dp > 1:
+            for p in self.expert_params:
+                if p.grad is not None:
+                    p.grad.div_(self.pctx.dp)
+        if self.shared:
+            all_reduce_gradients(self.shared, self.pctx.embedding_group, average=False)
 
     def _global_mean_loss(self, loss_dicts: list[dict]) -> torch.Tensor:
         """Mean next-token loss over the global batch, identical on every rank of the last stage."""
@@ -227,10 +264,8 @@ class RankTrainer:
         if ("nan_grad", plan.step) in self.faults:
             next(p for p in self.params if p.grad is not None).grad.view(-1)[0] = float("nan")
         self._beat("grad_sync")
-        all_reduce_gradients(self.params, self.pctx.dp_group)
-        if self.shared:
-            all_reduce_gradients(self.shared, self.pctx.embedding_group, average=False)
-        grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, self.pctx.pp_group,
+        self._sync_gradients()
+        grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, dist.group.WORLD,
                                     exclude_from_norm=self.norm_excluded)
         finite = self._all_finite(grad_norm)
         if plan.prefetch_routing is not None:
@@ -358,7 +393,9 @@ class RankTrainer:
 
     def _routing_fingerprint(self, rows: dict[int, torch.Tensor]) -> int:
         """Sum over layers and sequences of crc32 of the routed indices replayed this step (all ranks)."""
-        crc = sum(zlib.crc32(r.to(torch.int16).numpy().tobytes()) for t in rows.values() for r in t)
+        # TP ranks replay the same rows: count them once
+        crc = 0 if self.pctx.tp_rank else sum(zlib.crc32(r.to(torch.int16).numpy().tobytes())
+                                              for t in rows.values() for r in t)
         total = torch.tensor([crc], dtype=torch.int64)
         dist.all_reduce(total)
         return int(total.item())
@@ -405,7 +442,7 @@ class RankTrainer:
         writer = self._storage(root).dcp_writer(attempt)
         if ("kill_during_upload", self.step) in self.faults:
             writer = faults.dying_writer(writer)
-        state = checkpoint.shard_state(self.stage, self.optimizer)
+        state = checkpoint.shard_state(self.stage, self.optimizer, self.tp)
         if asynchronous:
             response = dcp_async_save(state, storage_writer=writer, process_group=self.ckpt_group)
             self.pending_save = (self.step, getattr(response, "upload_completion", response))
@@ -441,7 +478,7 @@ class RankTrainer:
         Returns the restored step. Raises checkpoint.CheckpointError naming any missing state, before any
         step runs.
         """
-        checkpoint.load_shards(self._storage(root), name, self.stage, self.optimizer)
+        checkpoint.load_shards(self._storage(root), name, self.stage, self.optimizer, self.tp)
         self.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
         self.routing_rows = self._my_routing_rows(train_state.get("anticipatory_routing", {}).get("rows", {}))

@@ -35,6 +35,9 @@ class ParallelContext:
         embedding_group: the first and last stage of this rank's pipeline (Megatron's embedding group:
             parameters both stages hold, such as the embedding MTP needs on the last stage, have their
             gradients summed over it); None on middle stages and with pp == 1.
+        expert_dp_group, expert_dp_rank: the ranks of this stage that hold the same routed experts
+            (Megatron's expert-data-parallel group, tp*dp/ep ranks with expert-tensor-parallel 1); expert
+            gradients are summed over it. None / 0 in :meth:`single`.
     Raises:
         ValueError: naming the field, when a size is < 1, tp*pp*dp != world_size, or a rank is
             outside [0, size).
@@ -55,6 +58,8 @@ class ParallelContext:
     dp_group: dist.ProcessGroup | None
     ep_group: dist.ProcessGroup | None
     embedding_group: dist.ProcessGroup | None = None
+    expert_dp_group: dist.ProcessGroup | None = None
+    expert_dp_rank: int = 0
 
     def __post_init__(self) -> None:
         _check_sizes(tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, world_size=self.world_size)
@@ -160,6 +165,8 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
         # destroy_model_parallel(), so is_rank_in_embedding_group() is stale after a layout change.
         embedding_group=(parallel_state.get_embedding_group()
                          if pp > 1 and parallel_state.get_pipeline_model_parallel_rank() in (0, pp - 1) else None),
+        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
+        expert_dp_rank=parallel_state.get_expert_data_parallel_rank(),
     )
 
 
