@@ -90,7 +90,8 @@ def _entries(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[t
     """``(global key, the parameter whose TP sharding the tensor shares or None, the live tensor)`` for
     every model and optimizer tensor of this rank, in the same order on every rank of a stage."""
     params = dict(stage.named_parameters())
-    out = [(f"model.{k}", params.get(k), v) for k, v in stage.state_dict().items()]
+    # tensors only: Megatron's TP layers add an ``_extra_state`` entry that is None (a TE hook)
+    out = [(f"model.{k}", params.get(k), v) for k, v in stage.state_dict().items() if isinstance(v, torch.Tensor)]
     for key, value in _optimizer_state(stage, optimizer).items():
         param = params[key.removeprefix("optim.").rsplit(".", 1)[0]]  # optim.<fqn>.<state name>
         out.append((key, param if value.shape == param.shape else None, value))

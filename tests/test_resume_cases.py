@@ -43,10 +43,13 @@ def saved_pp2_dp2(rank_pool, tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("pp, dp", [(1, 1), (2, 1), (1, 2)])
-def test_c03_resume_on_another_pipeline_or_data_parallel_layout(rank_pool, saved_pp2_dp2, tmp_path, pp, dp):
+@pytest.mark.parametrize("tp, pp, ep, dp", [(1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 1, 2), (1, 1, 2, 2), (2, 2, 1, 1),
+                                            (2, 1, 2, 1)])
+def test_c03_resume_on_another_parallel_layout(rank_pool, saved_pp2_dp2, tmp_path, tp, pp, ep, dp):
+    """Saved under (TP, PP, EP, DP) = (1, 2, 1, 2), resumed under tensor, pipeline, expert and data parallel
+    layouts: same data, losses within fp32 reduction noise of the uninterrupted run."""
     job, root, straight = saved_pp2_dp2
-    other = {**job, "parallel": {**job["parallel"], "pp": pp, "dp": dp}}
+    other = {**job, "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp}}
     shutil.copytree(root / "straight" / "step_00000003", tmp_path / "step_00000003")
     resumed, events, _ = run_job(rank_pool, other, tmp_path, resume_from="step_00000003")
     assert events[0]["event"] == "start" and events[0]["step"] == 3
