@@ -49,6 +49,7 @@ from model.norm import RMSNorm
 from model.rope import apply_rope, layer_rope_frequencies, rope_angles
 from kernels import sparse_attention
 from kernels.torch_cores import attention_probabilities
+from parallel.muon import MuonSplit
 from parallel.tensor_parallel import (TensorParallel, column_linear, copy_to_region, mark_sharded,
                                       reduce_from_region, row_linear)
 
@@ -99,6 +100,8 @@ class Attention(nn.Module):
         # its weight is used (an einsum), so a column-parallel layer just holds this rank's groups
         self.wo_a = column_linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, tp,
                                   what="o_groups*o_lora_rank")
+        # Muon orthogonalises each group's [R, I] block on its own (spec 6, "logically independent")
+        self.wo_a.weight.muon_split = MuonSplit(0, (cfg.o_lora_rank,) * cfg.o_groups)
         self.wo_b = row_linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, tp, what="o_groups*o_lora_rank")
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
         if tp.active:

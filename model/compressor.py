@@ -26,6 +26,7 @@ from torch import nn
 from model.layout import CompressedLayout
 from model.norm import RMSNorm
 from model.rope import apply_rope
+from parallel.muon import MuonSplit
 from kernels.torch_cores import gather_rows
 
 __all__ = ["Compressor"]
@@ -42,6 +43,10 @@ class Compressor(nn.Module):
         self.wkv = nn.Linear(dim, width, bias=False)
         self.wgate = nn.Linear(dim, width, bias=False)
         self.norm = RMSNorm(head_dim, norm_eps)
+        if overlap:
+            # the overlap (b) and current (a) series are two matrices for Muon (spec 6)
+            for linear in (self.wkv, self.wgate):
+                linear.weight.muon_split = MuonSplit(0, (head_dim, head_dim))
 
     def forward(self, x_BTD: torch.Tensor, layout: CompressedLayout, cos_BNP: torch.Tensor,
                 sin_BNP: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from parallel.muon import MuonSplit
+
 __all__ = ["sinkhorn", "split_mixes", "hc_write", "HyperConnection", "HyperHead", "ALPHA_INIT", "RES_DIAG_INIT"]
 
 ALPHA_INIT = 0.01
@@ -111,6 +113,7 @@ class HyperConnection(nn.Module):
         self.n, self.sinkhorn_iters, self.hc_eps, self.norm_eps = n, sinkhorn_iters, hc_eps, norm_eps
         mix = (2 + n) * n
         self.fn = nn.Parameter(torch.zeros(mix, n * dim, dtype=torch.float32))
+        self.fn.muon_split = MuonSplit(0, (n, n, n * n))  # pre, post, res: three matrices for Muon (spec 6)
         self.base = nn.Parameter(torch.zeros(mix, dtype=torch.float32))
         self.scale = nn.Parameter(torch.zeros(3, dtype=torch.float32))
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from orchestrator.storage import Storage
+from parallel.optim import initial_state
 from parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = [
@@ -63,23 +64,20 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------ rank side: shards
-def _optimizer_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Optimizer state keyed ``optim.<param fqn>.<name>``.
+def _optimizer_state(stage: torch.nn.Module, optimizer) -> dict:
+    """Optimizer state keyed ``optim.<param fqn>.<name>`` (AdamW: step, exp_avg, exp_avg_sq; Muon: step,
+    momentum_buffer).
 
-    A parameter the optimizer has not stepped yet (no gradient so far, e.g. the
-    Lightning Indexer before its warm-up) gets AdamW's initial state (step 0, zero moments): exactly
-    what AdamW would create lazily at its first gradient, so saving it changes nothing and every
+    A parameter the optimizer has not stepped yet (no gradient so far, e.g. the Lightning Indexer before
+    its warm-up) gets its optimizer's initial state (:func:`parallel.optim.initial_state`): exactly what
+    the optimizer would create lazily at its first gradient, so saving it changes nothing and every
     checkpoint holds state for every parameter.
     """
     out = {}
     for fqn, param in stage.named_parameters():
         state = optimizer.state.get(param)
         if not state:
-            state = {
-                "step": torch.zeros((), dtype=torch.float32),
-                "exp_avg": torch.zeros_like(param),
-                "exp_avg_sq": torch.zeros_like(param),
-            }
+            state = initial_state(optimizer, param)
             optimizer.state[param] = state
         for name, value in state.items():
             out[f"optim.{fqn}.{name}"] = value

@@ -89,6 +89,11 @@ class TrainSpec(_Strict):
     not finite is skipped (no parameter, optimizer or bias change), and ``max_consecutive_nonfinite`` such
     steps in a row halt the run.
 
+    ``optimizer: muon`` is V4's split (spec 6): Muon with hybrid Newton-Schulz on the hidden matrices
+    (Nesterov momentum ``muon_momentum``, update RMS 0.18), AdamW (``adam_betas``, ``adam_eps``) on the
+    embedding, head, norms, sinks and mHC scalars, one LR schedule and ``weight_decay`` for both;
+    ``adamw`` puts every parameter under AdamW.
+
     The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
     at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs
     ``global_batch / (micro_batch_size * dp)`` micro-batches per step.
@@ -101,6 +106,8 @@ class TrainSpec(_Strict):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.1, ge=0)
+    optimizer: Literal["muon", "adamw"] = "muon"
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = Field(default=1e-8, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 from orchestrator import checkpoint
@@ -101,6 +102,7 @@ class Supervisor:
     ) -> None:
         self.job = job
         self.cluster = cluster
+        self.run_dir = Path(run_dir)
         c = job.checkpoint
         self.storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
         self.make_workers = make_workers
@@ -173,6 +175,21 @@ class Supervisor:
             self.workers.abort() if abort else self.workers.shutdown()
             self.workers = None
 
+    def _record_optimizer_assignment(self, infos: list[dict]) -> None:
+        """Write every stage's parameter-to-optimizer-group table to ``RUN_DIR/optimizer.txt`` and print
+        each stage's group summary (the table's head) with the file's path."""
+        tables = [(i["pp_rank"], i["optimizer_assignment"]) for i in infos if i.get("optimizer_assignment")]
+        text = "\n\n".join(f"pipeline stage {pp}\n{table}" for pp, table in sorted(tables))
+        path = self.run_dir / "optimizer.txt"
+        path.write_text(text + "\n")
+        for pp, table in sorted(tables):
+            lines = table.splitlines()
+            summary = [line for line in lines[1:] if line.startswith("  ") and "params" in line]
+            self.telemetry.console.print(f"stage {pp}: {lines[0]}", highlight=False, markup=False)
+            for line in summary:
+                self.telemetry.console.print(line, highlight=False, markup=False)
+        self.telemetry.console.print(f"every parameter's group: {path}", highlight=False, markup=False)
+
     def _start(self) -> None:
         world = self.job.parallel.world_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -192,6 +209,7 @@ class Supervisor:
         self.reporter = next(i["rank"] for i in infos if i["reporter"])
         # one rank per pipeline stage (data-parallel rank 0) for the model-wide auxiliary metrics
         self.stage_heads = [i["rank"] for i in sorted(infos, key=lambda i: i["pp_rank"]) if i["dp_rank"] == 0 and i["tp_rank"] == 0]
+        self._record_optimizer_assignment(infos)
         fields = {"world_size": world, "layout": self.job.parallel.model_dump(),
                   "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:

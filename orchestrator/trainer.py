@@ -33,7 +33,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage import Storage
 from parallel import groups
 from parallel.data_parallel import all_reduce_gradients
-from parallel.optim import build_optimizer, clip_grad_norm_
+from parallel.optim import build_optimizer, clip_grad_norm_, describe_assignment
 from parallel.schedules import forward_backward
 from parallel.tensor_parallel import TensorParallel, is_sharded
 
@@ -127,10 +127,13 @@ class RankTrainer:
         t = job.train
         self.optimizer = build_optimizer(
             list(self.stage.named_parameters()),
+            algorithm=t.optimizer,
             lr=t.lr,
             weight_decay=t.weight_decay,
             betas=tuple(t.adam_betas),
             eps=t.adam_eps,
+            momentum=t.muon_momentum,
+            tp_group=pctx.tp_group if pctx.tp > 1 else None,  # Muon gathers whole matrices of TP shards
         )
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.step = 0
@@ -157,6 +160,9 @@ class RankTrainer:
             "tp_rank": self.pctx.tp_rank,
             "stage_params": sum(p.numel() for p in self.stage.parameters()),
             "reporter": self.is_reporter,
+            # one table per pipeline stage (the same on every TP/DP replica of it)
+            "optimizer_assignment": (describe_assignment(self.optimizer, self.stage.named_parameters())
+                                     if self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0 else None),
         }
 
     # ---------------------------------------------------------------- training
