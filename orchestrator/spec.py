@@ -87,12 +87,17 @@ class TrainSpec(_Strict):
     Evaluation runs at ``eval_seq_len`` tokens (default ``data.seq_len``), whatever the current training
     length. ``max_restarts`` bounds automatic recoveries from rank failures; a step whose global gradient norm is
     not finite is skipped (no parameter, optimizer or bias change), and ``max_consecutive_nonfinite`` such
-    steps in a row halt the run.
+    steps in a row escalate by ``nonfinite_policy``: ``halt`` stops the run with the cause; ``rollback``
+    restores the last committed checkpoint and skips the data window since it (the loader keeps its
+    position), then trains on.
 
     ``optimizer: muon`` is V4's split (spec 6): Muon with hybrid Newton-Schulz on the hidden matrices
     (Nesterov momentum ``muon_momentum``, update RMS 0.18), AdamW (``adam_betas``, ``adam_eps``) on the
     embedding, head, norms, sinks and mHC scalars, one LR schedule and ``weight_decay`` for both;
-    ``adamw`` puts every parameter under AdamW.
+    ``adamw`` puts every parameter under AdamW. ``fp8`` runs the attention, expert and MTP projections in
+    FP8 (``parallel/fp8.py``: Transformer Engine's blockwise recipe on GPU, an e4m3 1x128 / 128x128
+    quantise-dequantise emulation on CPU); the embedding, head, router, mHC, compressors and indexer stay
+    in full precision.
 
     The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
     at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs
@@ -107,6 +112,7 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.1, ge=0)
     optimizer: Literal["muon", "adamw"] = "muon"
+    fp8: bool = False
     muon_momentum: float = Field(default=0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = Field(default=1e-8, gt=0)
@@ -116,6 +122,7 @@ class TrainSpec(_Strict):
     eval_seq_len: PositiveInt | None = None
     max_restarts: int = Field(default=3, ge=0)
     max_consecutive_nonfinite: int = Field(default=3, ge=1)
+    nonfinite_policy: Literal["halt", "rollback"] = "halt"
 
 
 class ParallelSpec(_Strict):

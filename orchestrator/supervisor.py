@@ -314,6 +314,9 @@ class Supervisor:
             self.telemetry.event("nonfinite_grad", plan.step, grad_norm=record["grad_norm"],
                                  consecutive=self.consecutive_nonfinite)
             if self.consecutive_nonfinite >= self.job.train.max_consecutive_nonfinite:
+                if self.job.train.nonfinite_policy == "rollback":
+                    self._rollback_nonfinite(plan.step)
+                    return
                 self.failure = RuntimeError(f"{self.consecutive_nonfinite} consecutive steps with a non-finite gradient")
                 self.telemetry.event("failure", plan.step, cause=str(self.failure), kind="nonfinite")
                 self.phase = Phase.FAILED
@@ -359,6 +362,24 @@ class Supervisor:
         if self.ar_remaining:
             self.telemetry.event("anticipatory_routing_on", self.step_count, steps=self.ar_remaining, delay_steps=1)
         return True
+
+    def _rollback_nonfinite(self, step: int) -> None:
+        """Escalation of ``nonfinite_policy: rollback``: restore the last committed checkpoint and skip the
+        data window since it (the loader keeps its position; the step and token counters, hence the LR
+        schedule and curriculum, return to the checkpoint's). Raises CheckpointError when none exists."""
+        self._commit_pending(wait=True)
+        latest = checkpoint.latest_committed(self.storage)
+        if latest is None:
+            raise checkpoint.CheckpointError(
+                f"{self.consecutive_nonfinite} consecutive non-finite gradients at step {step} and no committed "
+                "checkpoint to roll back to")
+        cursor = self.workers.call("loader_state")[0]  # global: the same on every rank
+        self._restore(latest)
+        self.workers.call("set_loader_state", cursor)
+        superseded = checkpoint.supersede_after(self.storage, self.step_count)
+        self.telemetry.event("rollback", self.step_count, from_step=step, source="checkpoint", reason="nonfinite",
+                             skipped_data=True, superseded=superseded)
+        self.consecutive_nonfinite = 0
 
     def _checkpoint(self) -> None:
         """Request a save of the state after ``step_count``; commit now, or once persisted if asynchronous."""

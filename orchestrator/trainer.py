@@ -33,6 +33,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage import Storage
 from parallel import groups
 from parallel.data_parallel import all_reduce_gradients
+from parallel.fp8 import enable_fp8, fp8_autocast_context
 from parallel.optim import build_optimizer, clip_grad_norm_, describe_assignment
 from parallel.schedules import forward_backward
 from parallel.tensor_parallel import TensorParallel, is_sharded
@@ -102,6 +103,8 @@ class RankTrainer:
                 return expert_parallel_experts(self.cfg, ep_group=pctx.ep_group, ep_rank=pctx.ep_rank, ep_size=pctx.ep)
         self.stage = V4Stage(self.cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, tp=self.tp, experts_factory=experts)
         self.stage.init_weights(job.seed)
+        if job.train.fp8:
+            enable_fp8(self.stage)  # same Parameter objects and names: checkpoints stay interchangeable
         named = [(n, p) for n, p in self.stage.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         # Routed experts: their gradients are summed over the expert-data-parallel group (the ranks holding
@@ -187,7 +190,8 @@ class RankTrainer:
         self._beat("forward")
         mb = next(data_iterator)
         labels = mb["labels"] if self.pctx.is_last_stage else None
-        output = model(mb["input_ids"], mb["position_ids"], labels)
+        with fp8_autocast_context(self.job.train.fp8):
+            output = model(mb["input_ids"], mb["position_ids"], labels)
 
         def loss_func(per_token_loss_BS: torch.Tensor):
             loss = per_token_loss_BS.mean()
@@ -267,8 +271,11 @@ class RankTrainer:
             # parameter keeps its value and its optimizer state (AdamW skips a parameter without a grad).
             for p in self.frozen_in_warmup:
                 p.grad = None
-        if ("nan_grad", plan.step) in self.faults:
-            next(p for p in self.params if p.grad is not None).grad.view(-1)[0] = float("nan")
+        if self.faults.pop(("nan_grad", plan.step), None):
+            # once (a rollback re-runs the step); one routed expert's gradient on this rank (C7), else the
+            # first gradient it has
+            target = next((p for p in self.expert_params + self.params if p.grad is not None))
+            target.grad.view(-1)[0] = float("nan")
         self._beat("grad_sync")
         self._sync_gradients()
         grad_norm = clip_grad_norm_(self.params, self.job.train.grad_clip, dist.group.WORLD,
@@ -388,6 +395,10 @@ class RankTrainer:
     def loader_state(self) -> dict:
         """The data loader's global cursor (for the supervisor's record after a rollback)."""
         return self.loader.state_dict()
+
+    def set_loader_state(self, state: dict) -> None:
+        """Move the data loader to a global cursor (a rollback that skips the data it had reached)."""
+        self.loader.load_state_dict(state)
 
     def _fingerprint(self, batch) -> int:
         """Sum over the global batch's sequences of their tokens' crc32: the same data (any layout) gives the same value."""

@@ -101,6 +101,12 @@ class RankWorker:
     def rollback(self, newest_allowed: int, skip_data: bool) -> int:
         return self.trainer.rollback(newest_allowed, skip_data)
 
+    def loader_state(self) -> dict:
+        return self.trainer.loader_state()
+
+    def set_loader_state(self, state: dict) -> None:
+        self.trainer.set_loader_state(state)
+
     def close(self) -> None:
         if self.trainer is not None:
             self.trainer.close()

@@ -91,3 +91,14 @@ def test_resume_mid_ramp_continues_the_same_stages_lr_and_data(rank_pool, tiny_d
     keys = ("step", "seq_len", "global_batch_tokens", "lr", "data_fingerprint", "loss", "consumed_tokens")
     assert [tuple(m[k] for k in keys) for m in resumed] == [tuple(m[k] for k in keys) for m in straight[3:]]
     assert [(e["step"], e["seq_len"]) for e in events if e["event"] == "stage_change"] == [(4, 64), (6, 128)]
+
+
+@pytest.mark.timeout(300)
+def test_c05_fewer_micro_batches_than_pipeline_stages(rank_pool, tiny_dataset, tmp_path):
+    """PP=4 with 2 micro-batches per step runs (1F1B only warms up and cools down) to the PP=1 losses."""
+    results = {}
+    for pp in (1, 4):
+        job = tiny_job(tiny_dataset, parallel={"pp": pp, "dp": 1}, train={"global_batch": 4, "micro_batch_size": 2})
+        results[pp], _, _ = run_job(rank_pool, job, tmp_path / f"pp{pp}")
+    for ref, got in zip(results[1], results[4], strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), got["step"]

@@ -87,3 +87,41 @@ def test_c07_nan_gradient_on_one_rank_skips_the_step_everywhere(rank_pool, tiny_
 def _tensors(step_dir, out):
     dcp_to_torch_save(step_dir, out)
     return torch.load(out, weights_only=False)
+
+
+@pytest.mark.timeout(300)
+def test_c07_nan_in_one_experts_gradient_under_expert_parallelism(rank_pool, tiny_dataset, tmp_path):
+    """EP=2 x DP=2: a NaN in one routed expert's gradient on rank 1 at step 3 is seen by every rank; the step
+    changes nothing (parameters, Adam moments, Muon momentum, step counters, expert biases)."""
+    job = tiny_job(tiny_dataset, parallel={"ep": 2, "dp": 2}, train={"steps": 3, "warmup_steps": 2},
+                   checkpoint={"every_steps": 1, "at_end": False})
+    metrics, events, _ = run_job(rank_pool, job, tmp_path, faults=[parse_fault("nan_grad@3:rank=1")])
+    assert [m["skipped"] for m in metrics] == [False, False, True]
+    after2 = _tensors(tmp_path / "step_00000002", tmp_path / "2.pt")
+    after3 = _tensors(tmp_path / "step_00000003", tmp_path / "3.pt")
+    assert any(k.endswith(".momentum_buffer") for k in after2) and any(".experts.experts." in k for k in after2)
+    assert all(torch.equal(after2[k], after3[k]) for k in after2)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("policy", ["halt", "rollback"])
+def test_c07_consecutive_nonfinite_steps_escalate(rank_pool, tiny_dataset, tmp_path, policy):
+    """Two bad steps in a row (max_consecutive_nonfinite: 2) halt the job, or roll it back to the last
+    committed checkpoint and skip the data window, after which it trains to the end."""
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2},
+                   train={"steps": 5, "warmup_steps": 2, "max_consecutive_nonfinite": 2, "nonfinite_policy": policy},
+                   checkpoint={"every_steps": 2, "at_end": False})
+    faults = [parse_fault("nan_grad@3:rank=0"), parse_fault("nan_grad@4:rank=2")]
+    metrics, events, sup = run_job(rank_pool, job, tmp_path, faults=faults, expect_failure=policy == "halt")
+    assert [(e["step"], e["consecutive"]) for e in events if e["event"] == "nonfinite_grad"] == [(3, 1), (4, 2)]
+    if policy == "halt":
+        assert "2 consecutive steps with a non-finite gradient" in str(sup.failure)
+        return
+    rollback = next(e for e in events if e["event"] == "rollback")
+    assert (rollback["step"], rollback["from_step"], rollback["reason"]) == (2, 4, "nonfinite")
+    steps = [m["step"] for m in metrics]
+    assert steps == [1, 2, 3, 4, 3, 4, 5]
+    # the re-run steps 3 and 4 train on the batches after the skipped window, not on the bad ones again
+    bad_window = {m["data_fingerprint"] for m in metrics[2:4]}
+    assert not bad_window & {m["data_fingerprint"] for m in metrics[4:]}
+    assert not any(m["skipped"] for m in metrics[4:])
