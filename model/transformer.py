@@ -38,7 +38,7 @@ from model.norm import RMSNorm
 from parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
                                       vocab_cross_entropy, vocab_embedding)
 
-__all__ = ["Block", "V4Stage", "stage_layer_ranges"]
+__all__ = ["Block", "StageChunk", "V4Stage", "stage_layer_ranges"]
 
 
 def stage_layer_ranges(n_layers: int, pp_size: int) -> list[range]:
@@ -62,6 +62,11 @@ class V4Stage(nn.Module):
     blocks) and, when pp_size > 1 and MTP is on, its own ``embed``. Between stages the streams travel
     as ``[S, B, N*D]`` fp32 (Megatron's p2p layout) through :meth:`set_input_tensor`.
 
+    Interleaved pipelining (``vp_size`` > 1, Narayanan et al. 2021 §2.2.2): the layers are cut into
+    pp_size * vp_size virtual stages and this stage holds chunks i = 0..vp_size-1, virtual stages
+    i * pp_size + pp_rank; :meth:`chunks` gives the views the schedule runs. The first stage's chunk 0
+    embeds, the last stage's last chunk runs the head and MTP.
+
     Attributes read at forward time, set by the trainer: ``aux_loss_scale`` (default 1.0) scales the
     gradients of the auxiliary losses; ``attention_mode`` (default "dense") is one of "dense",
     "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
@@ -75,25 +80,29 @@ class V4Stage(nn.Module):
     single-process reference.
     """
 
-    def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, tp: TensorParallel = TensorParallel(),
-                 experts_factory=None):
+    def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, vp_size: int = 1,
+                 tp: TensorParallel = TensorParallel(), experts_factory=None):
         super().__init__()
         self.tp = tp
-        ranges = stage_layer_ranges(cfg.n_layers, pp_size)
+        if vp_size < 1 or (vp_size > 1 and pp_size < 2):
+            raise ValueError(f"vp_size {vp_size}: virtual stages need vp_size >= 1, and pp_size >= 2 when > 1")
+        ranges = stage_layer_ranges(cfg.n_layers, pp_size * vp_size)
         if not 0 <= pp_rank < pp_size:
             raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
-        self.cfg, self.pp_rank, self.pp_size = cfg, pp_rank, pp_size
-        self.layer_range = ranges[pp_rank]
+        self.cfg, self.pp_rank, self.pp_size, self.vp_size = cfg, pp_rank, pp_size, vp_size
+        # chunk i is virtual stage i * pp_size + pp_rank (Megatron's interleaved placement)
+        self.chunk_ranges = [ranges[i * pp_size + pp_rank] for i in range(vp_size)]
         self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp_size - 1
         self.aux_loss_scale = 1.0
         self.mtp_loss_weight = 0.3
         self._attention_mode = "dense"
-        self._input_tensor: torch.Tensor | None = None
+        self._input_tensors: list[torch.Tensor | None] = [None] * vp_size
         self._mtp_log: list[torch.Tensor] = []
         if self.is_first_stage or (self.is_last_stage and cfg.mtp_depth > 0):
             self.embed = vocab_embedding(cfg.vocab_size, cfg.dim, tp)
         make_experts = experts_factory or (lambda _layer: None)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp, make_experts(i)) for i in self.layer_range})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp, make_experts(i))
+                                     for layers in self.chunk_ranges for i in layers})
         if self.is_last_stage:
             self.hc_head = HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -125,30 +134,37 @@ class V4Stage(nn.Module):
         """Parameters of this stage's Lightning Indexers (the only ones trained in the indexer warm-up)."""
         return [p for name, p in self.named_parameters() if ".indexer." in name]
 
-    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
-        """Megatron pipeline hook: the previous stage's ``[S, B, N*D]`` output (a 1-element list or None)."""
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None, chunk: int = 0) -> None:
+        """Megatron pipeline hook: the previous stage's ``[S, B, N*D]`` output (a 1-element list or None)
+        for virtual-stage chunk ``chunk``."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
                 raise ValueError(f"stage {self.pp_rank}: expected one input tensor, got {len(input_tensor)}")
             input_tensor = input_tensor[0]
-        self._input_tensor = input_tensor
+        self._input_tensors[chunk] = input_tensor
+
+    def chunks(self) -> list["StageChunk"]:
+        """The ``vp_size`` virtual-stage views of this stage, for the interleaved schedule."""
+        return [StageChunk(self, i) for i in range(self.vp_size)]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Run this stage on ``input_ids``/``position_ids`` ``[B, S]`` int64 (every stage needs both).
+                labels: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """Run virtual-stage chunk ``chunk`` (0 without interleaving) of this stage on
+        ``input_ids``/``position_ids`` ``[B, S]`` int64 (every stage needs both).
 
-        Returns the streams ``[S, B, N*D]`` fp32 on a non-last stage; on the last stage the per-token
-        main next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``; MTP and auxiliary
-        losses excluded), or the logits ``[B, S, V]`` when ``labels`` is None. In a training forward
-        with labels the MTP loss is attached to the returned tensor's backward. Raises RuntimeError on
-        a non-first stage with no input tensor set.
+        Returns the streams ``[S, B, N*D]`` fp32 unless this is the model's last virtual stage; there
+        the per-token main next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``; MTP
+        and auxiliary losses excluded), or the logits ``[B, S, V]`` when ``labels`` is None. In a
+        training forward with labels the MTP loss is attached to the returned tensor's backward.
+        Raises RuntimeError on a non-first stage with no input tensor set.
         """
         ctx = SequenceContext(position_ids, input_ids, attention_mode=self._attention_mode,
                               aux_loss_scale=self.aux_loss_scale)
-        X_BSND = self._embed(input_ids) if self.is_first_stage else self._received_streams(input_ids)
-        for block in self.layers.values():
-            X_BSND = block(X_BSND, ctx)
-        if not self.is_last_stage:
+        first = self.is_first_stage and chunk == 0
+        X_BSND = self._embed(input_ids) if first else self._received_streams(input_ids, chunk)
+        for i in self.chunk_ranges[chunk]:
+            X_BSND = self.layers[str(i)](X_BSND, ctx)
+        if not (self.is_last_stage and chunk == self.vp_size - 1):
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
             # storage of sent outputs and refuses views
             return X_BSND.flatten(2).transpose(0, 1).clone(memory_format=torch.contiguous_format)
@@ -178,8 +194,8 @@ class V4Stage(nn.Module):
         e_BSD = self.embed(input_ids_BS)
         return e_BSD.unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
 
-    def _received_streams(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
-        t_SBF = self._input_tensor
+    def _received_streams(self, input_ids_BS: torch.Tensor, chunk: int) -> torch.Tensor:
+        t_SBF = self._input_tensors[chunk]
         if t_SBF is None:
             raise RuntimeError(f"stage {self.pp_rank} of {self.pp_size}: forward called before set_input_tensor")
         expected = (input_ids_BS.shape[1], input_ids_BS.shape[0], self.cfg.hc_mult * self.cfg.dim)
@@ -244,3 +260,24 @@ class V4Stage(nn.Module):
                 out[key] = float(torch.stack(values).mean())
         out.update(pop_moe_stats(self, per_layer=per_layer))
         return out
+
+
+class StageChunk:
+    """Virtual-stage chunk ``index`` of a :class:`V4Stage` as Megatron's interleaved schedule sees a model
+    chunk: ``set_input_tensor``, a call running only the chunk's layers, and whether it is the model's
+    last virtual stage (the one that returns the loss). The parameters stay in the stage, so names and
+    checkpoints are those of the non-interleaved stage."""
+
+    def __init__(self, stage: V4Stage, index: int):
+        self.stage, self.index = stage, index
+        self.is_last_stage = stage.is_last_stage and index == stage.vp_size - 1
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
+        self.stage.set_input_tensor(input_tensor, self.index)
+
+    def parameters(self):
+        return self.stage.parameters()
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.stage(input_ids, position_ids, labels, chunk=self.index)

@@ -126,12 +126,15 @@ class TrainSpec(_Strict):
 
 
 class ParallelSpec(_Strict):
-    """``parallel`` section: tensor, pipeline, expert and data parallel sizes."""
+    """``parallel`` section: tensor, pipeline, expert and data parallel sizes, and ``vp`` virtual pipeline
+    stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1 and micro-batches per step a
+    multiple of pp)."""
 
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     ep: PositiveInt = 1
     dp: PositiveInt = 1
+    vp: PositiveInt = 1
 
     @property
     def world_size(self) -> int:
@@ -254,6 +257,19 @@ class JobSpec(_Strict):
                 if c.batch_multiple % unit:
                     raise ValueError(f"curriculum.stages.{i}: micro-batch size x parallel.dp = {unit} does not "
                                      f"divide curriculum.batch_multiple = {c.batch_multiple}")
+        if p.vp > 1:
+            if p.pp < 2:
+                raise ValueError(f"parallel.vp: {p.vp} virtual stages need pipeline parallelism (pp >= 2)")
+            # Megatron's interleaved schedule runs micro-batches in groups of pp; with a batch ramp every
+            # global batch is a multiple of batch_multiple
+            c = self.curriculum
+            units = ([c.batch_multiple // ((s.micro_batch_size or t.micro_batch_size) * p.dp) for s in c.stages]
+                     if c is not None else [t.global_batch // per_step])
+            field = "curriculum.batch_multiple" if c is not None else "train.global_batch"
+            for unit in units:
+                if unit % p.pp:
+                    raise ValueError(f"parallel.vp: interleaving needs micro-batches per step a multiple of pp = "
+                                     f"{p.pp}; {field} / (micro_batch_size x dp) = {unit}")
         if (p.tp * p.dp) % p.ep:
             raise ValueError(f"parallel.ep: {p.ep} must divide tp x dp = {p.tp * p.dp} (the experts of a stage "
                              "are spread over its tensor- and data-parallel ranks)")
@@ -390,8 +406,8 @@ def load_job(path: str | Path, overrides: list[str] | None = None, *, check_data
 def _layout_problem(job: JobSpec, cfg) -> str | None:
     """What makes the (TP, PP, EP) layout impossible for this model and schedule, naming the fields."""
     p = job.parallel
-    if p.pp > cfg.n_layers:
-        return f"parallel.pp: {p.pp} stages for {cfg.n_layers} layers"
+    if p.pp * p.vp > cfg.n_layers:
+        return f"parallel.pp x parallel.vp: {p.pp * p.vp} (virtual) stages for {cfg.n_layers} layers"
     split_by_tp = {"n_heads": cfg.n_heads, "o_groups": cfg.o_groups, "index_n_heads": cfg.index_n_heads,
                    "vocab_size": cfg.vocab_size, "n_shared_experts x moe_inter_dim": cfg.n_shared_experts * cfg.moe_inter_dim}
     for name, value in split_by_tp.items():

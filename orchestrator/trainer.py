@@ -101,7 +101,10 @@ class RankTrainer:
         if pctx.ep > 1:
             def experts(_layer):
                 return expert_parallel_experts(self.cfg, ep_group=pctx.ep_group, ep_rank=pctx.ep_rank, ep_size=pctx.ep)
-        self.stage = V4Stage(self.cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, tp=self.tp, experts_factory=experts)
+        self.stage = V4Stage(self.cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, vp_size=job.parallel.vp, tp=self.tp,
+                             experts_factory=experts)
+        # what the schedule runs: the stage, or its virtual-stage chunks (interleaved 1F1B)
+        self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
         self.stage.init_weights(job.seed)
         if job.train.fp8:
             enable_fp8(self.stage)  # same Parameter objects and names: checkpoints stay interchangeable
@@ -189,7 +192,7 @@ class RankTrainer:
     def _forward_step(self, data_iterator, model):
         self._beat("forward")
         mb = next(data_iterator)
-        labels = mb["labels"] if self.pctx.is_last_stage else None
+        labels = mb["labels"] if model.is_last_stage else None
         with fp8_autocast_context(self.job.train.fp8):
             output = model(mb["input_ids"], mb["position_ids"], labels)
 
@@ -200,10 +203,11 @@ class RankTrainer:
         return output, loss_func
 
     def _run_schedule(self, micro: list[dict], seq_len: int, micro_batch_size: int, forward_only: bool):
+        chunked = isinstance(self.schedule_model, list)
         return forward_backward(
             self._forward_step,
-            iter(micro),
-            self.stage,
+            [iter(micro) for _ in self.schedule_model] if chunked else iter(micro),  # every chunk reads each micro-batch
+            self.schedule_model,
             num_microbatches=len(micro),
             seq_length=seq_len,
             micro_batch_size=micro_batch_size,
