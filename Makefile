@@ -1,5 +1,7 @@
 # make demo : install into .venv (created or reused), prepare Shakespeare, train configs/demo.yaml on 4 ranks
 # make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
+# make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min; JSON in
+#             runs/bench/); the other benchmarks/ scripts run one by one, see BENCHMARKS.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -31,3 +33,7 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs datasets
+
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline_bubble.py --out runs/bench/pipeline_bubble.json

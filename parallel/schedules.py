@@ -2,8 +2,10 @@
 
 pp == 1 runs Megatron's no-pipelining schedule (gradient accumulation over microbatches); pp > 1
 runs its non-interleaved 1F1B schedule (PipeDream-Flush; Narayanan et al. 2021, "Efficient
-Large-Scale Language Model Training on GPU Clusters using Megatron-LM", §2.2). Both come from
-``megatron.core.pipeline_parallel.get_forward_backward_func``.
+Large-Scale Language Model Training on GPU Clusters using Megatron-LM", §2.2.1), or, when each
+rank holds a list of vp >= 2 model chunks, its interleaved 1F1B schedule (same paper, §2.2.2: the
+pipeline bubble shrinks by the factor vp at the price of vp times more p2p messages). All three
+come from ``megatron.core.pipeline_parallel.get_forward_backward_func``.
 
 Shape letters: S sequence length, B micro-batch size, H stage-boundary width (``hidden_size``).
 Stage boundaries travel as ``x_SBH`` fp32 tensors (Megatron's p2p layout).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,12 +35,14 @@ __all__ = ["forward_backward"]
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 ForwardStepFunc = Callable[[Iterator, torch.nn.Module], tuple[torch.Tensor, LossFunc]]
+# A rank's model chunks (virtual stages) may come as any of these; Megatron itself takes a list.
+_CHUNK_CONTAINERS = (list, tuple, torch.nn.ModuleList)
 
 
 def forward_backward(
     forward_step_func: ForwardStepFunc,
-    data_iterator: Iterator,
-    stage_module: torch.nn.Module,
+    data_iterator: Iterator | Sequence[Iterator],
+    stage_module: torch.nn.Module | Sequence[torch.nn.Module],
     *,
     num_microbatches: int,
     seq_length: int,
@@ -59,55 +63,93 @@ def forward_backward(
     gradient of the mean microbatch loss. No data-parallel reduction happens here
     (see :func:`parallel.data_parallel.all_reduce_gradients`).
 
+    Virtual stages (interleaved 1F1B): ``stage_module`` may be a list (tuple, ``nn.ModuleList``) of
+    ``vp`` model chunks. Chunk ``i`` on pipeline rank ``r`` is virtual stage ``i * pp + r`` of
+    ``pp * vp`` (Megatron's placement: the last rank's chunk ``i`` feeds the first rank's chunk
+    ``i + 1``), so the first virtual stage is chunk 0 on pipeline rank 0 and the last is chunk
+    ``vp - 1`` on pipeline rank ``pp - 1``; a chunk knows its place from how the caller built it
+    (Megatron 0.16.1 sets no virtual-rank global on this path, it only hands over the chunk).
+    ``data_iterator`` must then be a list of ``vp`` iterators: chunk ``i``'s steps call
+    ``forward_step_func(data_iterator[i], stage_module[i])``, once per microbatch, in microbatch
+    order per chunk. Every chunk follows the single-stage contract above, with "first/last stage"
+    read as "first/last virtual stage". Requires pp > 1 and ``num_microbatches`` a multiple of pp
+    (Megatron's ``forward_backward_pipelining_with_interleaving`` groups microbatches by
+    ``microbatch_group_size_per_vp_stage`` = pp and refuses a partial final group). A one-chunk
+    list (with a one-iterator list) is the same as passing the module (non-interleaved 1F1B).
+
     Before any communication the stages agree on the arguments (one small all-reduce over the
-    pipeline group); any invalid or mismatched argument makes every stage raise instead of hang.
-    ``num_microbatches < pp`` is legal: 1F1B then only warms up and cools down (Megatron's warm-up
-    count is ``min(pp - pp_rank - 1, num_microbatches)``).
+    pipeline group); any invalid or mismatched argument, including the number of chunks ``vp``,
+    makes every stage raise instead of hang. Without chunks, ``num_microbatches < pp`` is legal:
+    1F1B then only warms up and cools down (Megatron's warm-up count is
+    ``min(pp - pp_rank - 1, num_microbatches)``).
 
     Args:
         forward_step_func: as above.
-        data_iterator: passed unchanged to ``forward_step_func``.
-        stage_module: this rank's stage; must have ``set_input_tensor(tensor | None)``.
+        data_iterator: passed unchanged to ``forward_step_func``; a list of ``vp`` iterators, one
+            per chunk, when ``stage_module`` is a list.
+        stage_module: this rank's stage, or its ``vp`` chunks; each must have
+            ``set_input_tensor(tensor | None)``.
         num_microbatches, seq_length, micro_batch_size: ints >= 1, equal on every stage.
         hidden_size: H, the width of the boundary tensor, equal on every stage.
         pctx: this rank's layout (``ParallelContext.single()`` works for one process).
         forward_only: skip the backward (evaluation).
     Returns:
-        The ``{name: tensor}`` dicts of every microbatch on the last stage (detached copies, so the
-        schedule's in-place ``loss /= num_microbatches`` does not reach them); [] on other stages.
+        The ``{name: tensor}`` dicts of every microbatch on the last (virtual) stage, in microbatch
+        order (detached copies, so the schedule's in-place ``loss /= num_microbatches`` does not
+        reach them); [] on other pipeline ranks.
     Raises:
         ValueError: an argument is invalid or differs between stages (raised on every stage, before
-            any p2p traffic), or a non-last stage's output is not ``[seq_length, micro_batch_size,
-            hidden_size]`` fp32 (raised on that stage only, mid-schedule: its peers then fail on
-            the pipeline group's timeout, so the caller must tear the group down).
+            any p2p traffic; with chunks also: vp > 1 with pp == 1, ``num_microbatches`` not a
+            multiple of pp, ``data_iterator`` not a list of vp iterators), or a non-last stage's
+            output is not ``[seq_length, micro_batch_size, hidden_size]`` fp32 (raised on that
+            stage only, mid-schedule: its peers then fail on the pipeline group's timeout, so the
+            caller must tear the group down).
         TypeError: ``loss_func`` does not return ``(loss, dict)``.
         megatron_compat.MegatronAssumptionError: the installed Megatron-core moved (CPU hosts).
     """
     megatron_compat.install()
+    chunked = isinstance(stage_module, _CHUNK_CONTAINERS)
+    chunks = list(stage_module) if chunked else [stage_module]
     settings = {
         "num_microbatches": num_microbatches,
         "seq_length": seq_length,
         "micro_batch_size": micro_batch_size,
         "hidden_size": hidden_size,
+        "vp": len(chunks),
         "forward_only": bool(forward_only),
     }
-    _refuse_before_communication(
-        pctx, settings, _local_problem(stage_module, settings, pctx), _device_of(stage_module)
-    )
+    problem = _local_problem(chunks, data_iterator if chunked else None, settings, pctx)
+    _refuse_before_communication(pctx, settings, problem, _device_of(chunks))
 
+    vp = len(chunks)
+    interleaved = vp > 1
     config = _StageConfig(
         tensor_model_parallel_size=pctx.tp,
         pipeline_model_parallel_size=pctx.pp,
+        virtual_pipeline_model_parallel_size=vp if interleaved else None,
+        # Interleaved steady state sends activations and gradients both ways at once. Batched
+        # (one tagless batch_isend_irecv) they pair FIFO per peer, and with pp == 2 the previous
+        # and next rank are the same peer, so activation and gradient arrive swapped (silently:
+        # same shape; Megatron-LM issue #750). Split, overlapped p2p keeps the two directions
+        # apart; it is also Megatron-LM's own default for the interleaved schedule.
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
         pipeline_dtype=torch.float32,
         hidden_size=hidden_size,
     )
     p2p = P2PCommunicator(pp_group=pctx.pp_group, config=config) if pctx.pp > 1 else None
-    schedule = get_forward_backward_func(pp_size=pctx.pp, vp_size=None)
+    schedule = get_forward_backward_func(
+        pp_size=pctx.pp, vp_size=config.virtual_pipeline_model_parallel_size
+    )
+    views = [_StageView(chunk, config, index, pctx, vp) for index, chunk in enumerate(chunks)]
+    if chunked:
+        # The interleaved schedule asserts a list; a single chunk runs the plain schedule.
+        data_iterator = list(data_iterator) if interleaved else data_iterator[0]
     boundary_shape = (seq_length, micro_batch_size, hidden_size)
     losses = schedule(
-        forward_step_func=_checked_step(forward_step_func, stage_module, boundary_shape, pctx),
+        forward_step_func=_checked_step(forward_step_func, boundary_shape),
         data_iterator=data_iterator,
-        model=_StageView(stage_module, config),
+        model=views if interleaved else views[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
@@ -115,8 +157,9 @@ def forward_backward(
         p2p_communicator=p2p,
         pg_collection=_process_groups(pctx),
     )
-    # Drop the last received activation so its graph is not kept alive until the next step.
-    stage_module.set_input_tensor(None)
+    # Drop the last received activations so their graphs are not kept alive until the next step.
+    for chunk in chunks:
+        chunk.set_input_tensor(None)
     return list(losses)
 
 
@@ -132,13 +175,35 @@ class _StageConfig(ModelParallelConfig):
     fine_grained_activation_offloading: bool = False
 
 
-class _StageView:
-    """All Megatron's schedules need of a model: config, model_type and set_input_tensor."""
+class _StageView(torch.nn.Module):
+    """All Megatron's schedules need of a model chunk: config, model_type and set_input_tensor.
 
-    def __init__(self, stage_module: torch.nn.Module, config: _StageConfig) -> None:
+    An ``nn.Module`` because the interleaved schedule asserts that every chunk is one; ``vp_stage``
+    is the chunk's index on this rank, which Megatron's ``forward_step_calc_loss`` checks against
+    the chunk it is scheduling.
+    """
+
+    def __init__(
+        self,
+        stage_module: torch.nn.Module,
+        config: _StageConfig,
+        vp_stage: int,
+        pctx: ParallelContext,
+        vp: int,
+    ) -> None:
+        super().__init__()
         self.stage_module = stage_module
         self.config = config
         self.model_type = ModelType.encoder_or_decoder
+        self.vp_stage = vp_stage
+        self.virtual_stage = vp_stage * pctx.pp + pctx.pp_rank
+        self.is_last_virtual_stage = self.virtual_stage == vp * pctx.pp - 1
+        self.where = (
+            f"pipeline stage {pctx.pp_rank} (rank {pctx.rank})"
+            if vp == 1
+            else f"virtual stage {self.virtual_stage} (chunk {vp_stage} of pipeline stage "
+            f"{pctx.pp_rank}, rank {pctx.rank})"
+        )
 
     def set_input_tensor(self, input_tensors: list[torch.Tensor | None]) -> None:
         # Megatron passes a one-element list; the stage contract takes the tensor itself.
@@ -171,20 +236,16 @@ def _process_groups(pctx: ParallelContext) -> ProcessGroupCollection:
 
 
 def _checked_step(
-    forward_step_func: ForwardStepFunc,
-    stage_module: torch.nn.Module,
-    boundary_shape: tuple[int, int, int],
-    pctx: ParallelContext,
+    forward_step_func: ForwardStepFunc, boundary_shape: tuple[int, int, int]
 ) -> Callable[[Iterator, _StageView], tuple[torch.Tensor, LossFunc]]:
-    def step(data_iterator: Iterator, _view: _StageView) -> tuple[torch.Tensor, LossFunc]:
-        output, loss_func = forward_step_func(data_iterator, stage_module)
-        if pctx.is_last_stage:
+    def step(data_iterator: Iterator, view: _StageView) -> tuple[torch.Tensor, LossFunc]:
+        output, loss_func = forward_step_func(data_iterator, view.stage_module)
+        if view.is_last_virtual_stage:
             return output, functools.partial(_logged_loss, loss_func)
         if tuple(output.shape) != boundary_shape or output.dtype != torch.float32:
             raise ValueError(
-                f"pipeline stage {pctx.pp_rank} (rank {pctx.rank}) returned "
-                f"{tuple(output.shape)} {output.dtype}; the next stage expects "
-                f"[seq_length, micro_batch_size, hidden_size] = {list(boundary_shape)} "
+                f"{view.where} returned {tuple(output.shape)} {output.dtype}; the next stage "
+                f"expects [seq_length, micro_batch_size, hidden_size] = {list(boundary_shape)} "
                 "torch.float32"
             )
         return output.contiguous(), loss_func  # gloo sends only contiguous tensors
@@ -210,28 +271,66 @@ def _logged_loss(loss_func: LossFunc, output: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _local_problem(
-    stage_module: torch.nn.Module, settings: dict[str, Any], pctx: ParallelContext
+    chunks: list[Any],
+    chunk_iterators: Any,
+    settings: dict[str, Any],
+    pctx: ParallelContext,
 ) -> str | None:
+    """What is wrong with this stage's arguments, or None; ``chunk_iterators`` is the
+    ``data_iterator`` when ``stage_module`` came as a list of chunks, else None."""
     problems = [
         f"{name}={value!r} must be an int >= 1"
         for name, value in settings.items()
-        if name != "forward_only" and not _is_positive_int(value)
+        if name not in ("forward_only", "vp") and not _is_positive_int(value)
     ]
-    if not callable(getattr(stage_module, "set_input_tensor", None)):
-        problems.append(
-            f"stage_module {type(stage_module).__name__} has no set_input_tensor(tensor) method "
-            "(Megatron's pipeline contract)"
-        )
+    vp = settings["vp"]
+    if vp == 0:
+        problems.append("stage_module is an empty list of model chunks")
+    for index, chunk in enumerate(chunks):
+        if not callable(getattr(chunk, "set_input_tensor", None)):
+            which = "stage_module" if chunk_iterators is None else f"stage_module[{index}]"
+            problems.append(
+                f"{which} {type(chunk).__name__} has no set_input_tensor(tensor) method "
+                "(Megatron's pipeline contract)"
+            )
     if pctx.pp > 1 and (pctx.pp_group is None or not dist.is_initialized()):
         problems.append(f"pctx.pp={pctx.pp} but no pipeline process group is initialised")
+    if chunk_iterators is not None and not (
+        isinstance(chunk_iterators, (list, tuple)) and len(chunk_iterators) == vp
+    ):
+        problems.append(
+            f"data_iterator must be a list of vp={vp} iterators (one per model chunk), got "
+            + (
+                f"a {type(chunk_iterators).__name__} of {len(chunk_iterators)}"
+                if isinstance(chunk_iterators, (list, tuple))
+                else f"a {type(chunk_iterators).__name__}"
+            )
+        )
+    if vp > 1 and pctx.pp == 1:
+        problems.append(
+            f"vp={vp} model chunks need pipeline parallelism (pctx.pp=1): Megatron interleaves "
+            "virtual stages across pipeline ranks only"
+        )
+    elif vp > 1 and _is_positive_int(settings["num_microbatches"]):
+        # Megatron groups microbatches per virtual stage in groups of
+        # microbatch_group_size_per_vp_stage (= pp): it needs pp <= num_microbatches and refuses a
+        # final group smaller than pp (schedules.py:995-1015), i.e. a multiple of pp.
+        if settings["num_microbatches"] % pctx.pp:
+            problems.append(
+                f"num_microbatches={settings['num_microbatches']} must be a multiple of "
+                f"pp={pctx.pp} for the interleaved schedule (vp={vp} model chunks)"
+            )
     return "; ".join(problems) or None
 
 
-def _device_of(stage_module: torch.nn.Module) -> torch.device:
+def _device_of(chunks: list[Any]) -> torch.device:
     """The stage's device: where its boundary tensors live and its group's backend communicates."""
-    parameters = stage_module.parameters() if isinstance(stage_module, torch.nn.Module) else ()
-    param = next(iter(parameters), None)
-    return param.device if param is not None else torch.device("cpu")
+    for chunk in chunks:
+        if isinstance(chunk, torch.nn.Module):
+            param = next(iter(chunk.parameters()), None)
+            if param is not None:
+                return param.device
+    return torch.device("cpu")
 
 
 def _refuse_before_communication(

@@ -11,20 +11,21 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import run_job, tiny_job
 
-# (TP, PP, EP, DP): the parity suite of issue 5, at most 4 ranks each
-LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 1, 2), (1, 1, 2, 2), (2, 2, 1, 1), (2, 1, 2, 1),
-           (1, 2, 2, 2)]
+# (TP, PP, EP, DP, VP): the parity suite of issue 5 plus interleaved 1F1B (VP = 2), at most 4 ranks each
+LAYOUTS = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (1, 1, 1, 2, 1), (1, 1, 2, 2, 1), (2, 2, 1, 1, 1),
+           (2, 1, 2, 1, 1), (1, 2, 2, 2, 1), (1, 2, 1, 1, 2), (2, 2, 1, 1, 2)]
 
 
 @pytest.mark.timeout(1200)
 def test_losses_equal_across_all_parallel_layouts(rank_pool, tiny_dataset, tmp_path):
-    """Every (TP, PP, EP, DP) layout logs the single-process losses (1e-5) and global gradient norms (1e-4)."""
+    """Every (TP, PP, EP, DP, VP) layout logs the single-process losses (1e-5) and global gradient norms
+    (1e-4), with Muon."""
     results = {}
-    for tp, pp, ep, dp in LAYOUTS:
-        job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp})
-        metrics, _, _ = run_job(rank_pool, job, tmp_path / f"tp{tp}pp{pp}ep{ep}dp{dp}")
-        results[(tp, pp, ep, dp)] = metrics
-    reference = results[(1, 1, 1, 1)]
+    for tp, pp, ep, dp, vp in LAYOUTS:
+        job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp})
+        metrics, _, _ = run_job(rank_pool, job, tmp_path / f"tp{tp}pp{pp}ep{ep}dp{dp}vp{vp}")
+        results[(tp, pp, ep, dp, vp)] = metrics
+    reference = results[(1, 1, 1, 1, 1)]
     assert [m["step"] for m in reference] == [1, 2, 3]
     assert reference[-1]["loss"] < reference[0]["loss"]
     for layout, metrics in results.items():
