@@ -115,7 +115,7 @@ class TrainSpec(_Strict):
     fp8: bool = False
     muon_momentum: float = Field(default=0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = Field(default=1e-8, gt=0)
+    adam_eps: float = Field(default=1e-20, gt=0)  # V4's (spec 6)
     grad_clip: float = Field(default=1.0, ge=0)
     eval_batches: int = Field(default=8, ge=0)
     eval_every: int = Field(default=0, ge=0)

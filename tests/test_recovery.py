@@ -112,7 +112,9 @@ def test_c07_consecutive_nonfinite_steps_escalate(rank_pool, tiny_dataset, tmp_p
                    train={"steps": 5, "warmup_steps": 2, "max_consecutive_nonfinite": 2, "nonfinite_policy": policy},
                    checkpoint={"every_steps": 2, "at_end": False})
     faults = [parse_fault("nan_grad@3:rank=0"), parse_fault("nan_grad@4:rank=2")]
-    metrics, events, sup = run_job(rank_pool, job, tmp_path, faults=faults, expect_failure=policy == "halt")
+    # a halted job kills its actors: give it its own, not the shared pool's
+    metrics, events, sup = run_job(rank_pool, job, tmp_path, faults=faults, expect_failure=policy == "halt",
+                                   make_workers=_fresh_workers(4) if policy == "halt" else None)
     assert [(e["step"], e["consecutive"]) for e in events if e["event"] == "nonfinite_grad"] == [(3, 1), (4, 2)]
     if policy == "halt":
         assert "2 consecutive steps with a non-finite gradient" in str(sup.failure)
