@@ -5,7 +5,8 @@ must reproduce, and the path every non-CUDA tensor takes through ``kernels`` (th
 is fp32 whatever the input dtype (fp64 for fp64 inputs, which only the reference takes: gradcheck);
 outputs return in the input dtype. No ``[T, T]`` tensor is built:
 attention gathers the ``K`` selected entries per token, and the indexer scores ``[T, NC]`` only in
-row chunks whose size is bounded by ``_CHUNK_ELEMS``.
+chunks of at most ``_CHUNK_ROWS`` query rows and ``_CHUNK_ELEMS`` elements, each against just the
+columns its queries can see.
 
 Shape letters: B batch, T query tokens, H attention heads, D head dim (the KV entry width), N KV entries
 (window entries and compressed entries concatenated), K entries selected per token, HI indexer heads,
@@ -20,8 +21,11 @@ import torch
 
 __all__ = ["IndexerTopK", "sparse_attention", "indexer_topk", "causal_bounds", "document_bounds"]
 
-# Upper bound on fp32 elements of one intermediate tensor in the indexer reference (256 MiB).
-_CHUNK_ELEMS = 1 << 26
+# Bounds on one indexer chunk: query rows, and fp32 elements of its [rows, HI, NC] scores (8 MiB). This
+# is the CPU path of the model (the dispatch), so its transients must stay small next to the layer's
+# activations, which grow with T: at most 256 rows keep them below 256 HI / ratio floats per token.
+_CHUNK_ROWS = 256
+_CHUNK_ELEMS = 1 << 21
 
 
 class IndexerTopK(NamedTuple):
@@ -116,37 +120,64 @@ def indexer_topk(
     score_out = torch.full((B, T, KK), float("-inf"), dtype=cd, device=q.device)
     if KK == 0 or T == 0:
         return IndexerTopK(idx_out, score_out)
-    rows = max(1, _CHUNK_ELEMS // max(1, B * HI * NC))
+    rows = min(_CHUNK_ROWS, max(1, _CHUNK_ELEMS // max(1, B * HI * NC)))
     s_S = torch.arange(NC, device=q.device)
     with torch.no_grad():
-        kf_BSE = k.to(cd)
+        kT_BES = k.to(cd).transpose(1, 2).contiguous()
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
-            qk_BTHS = torch.einsum("bthe,bse->bths", q[:, t0:t1].to(cd), kf_BSE)
-            score_BTS = torch.einsum("bths,bth->bts", qk_BTHS.relu_(), w[:, t0:t1].to(cd))
-            vis_BTS = (s_S >= start_BT[:, t0:t1, None]) & (s_S < end_BT[:, t0:t1, None])
-            idx_out[:, t0:t1], score_out[:, t0:t1] = _select_topk(score_BTS, vis_BTS, KK)
+            start_Bc1, end_Bc1 = start_BT[:, t0:t1, None], end_BT[:, t0:t1, None]
+            # only the columns some query of the chunk sees (a causal chunk sees a prefix), KK at least
+            s1 = max(int(end_Bc1.max()), min(NC, int(start_Bc1.min()) + KK))
+            s0 = min(int(start_Bc1.min()), s1 - KK)
+            score_BTS = _chunk_scores(q[:, t0:t1].to(cd), kT_BES[:, :, s0:s1], w[:, t0:t1].to(cd))
+            vis_BTS = (s_S[s0:s1] >= start_Bc1) & (s_S[s0:s1] < end_Bc1)
+            idx_BTK, score_out[:, t0:t1] = _select_topk(score_BTS, vis_BTS, KK)
+            idx_out[:, t0:t1] = torch.where(idx_BTK >= 0, idx_BTK + s0, -1)
     return IndexerTopK(idx_out, score_out)
 
 
+def _chunk_scores(q_BTHE: torch.Tensor, kT_BES: torch.Tensor, w_BTH: torch.Tensor) -> torch.Tensor:
+    """I[b, t, s] ``[B, T, S]`` of a chunk of queries against the S keys of ``kT`` ``[B, DI, S]``: one GEMM
+    per batch row for every (t, h), then the head-weighted sum of the ReLUs as a batched product."""
+    B, T, HI, DI = q_BTHE.shape
+    qk_BTHS = torch.matmul(q_BTHE.reshape(B, T * HI, DI), kT_BES).view(B, T, HI, -1).relu_()
+    return torch.matmul(w_BTH.unsqueeze(2), qk_BTHS).squeeze(2)
+
+
 def _select_topk(score_BTS: torch.Tensor, vis_BTS: torch.Tensor, KK: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-KK visible entries per row, ties to the lower index, returned in increasing index order."""
-    score_BTS = torch.where(score_BTS == 0, torch.zeros_like(score_BTS), score_BTS)  # -0 == +0
-    masked_BTS = score_BTS.masked_fill(~vis_BTS, float("-inf"))
-    kth_BT1 = masked_BTS.topk(KK, dim=-1).values[..., -1:]  # the KK-th largest value (ties irrelevant)
-    above_BTS = vis_BTS & (masked_BTS > kth_BT1)
-    tie_BTS = vis_BTS & (masked_BTS == kth_BT1)
-    room_BT1 = KK - above_BTS.sum(-1, keepdim=True)
-    take_BTS = above_BTS | (tie_BTS & (tie_BTS.cumsum(-1) <= room_BT1))
-    # increasing index order, then the -1 slots: sort the taken positions first, stable
-    s_S = torch.arange(score_BTS.shape[-1], device=score_BTS.device)
-    key_BTS = torch.where(take_BTS, s_S, s_S + score_BTS.shape[-1])
-    order_BTK = key_BTS.argsort(dim=-1)[..., :KK]
-    took_BTK = take_BTS.gather(-1, order_BTK)
-    idx_BTK = torch.where(took_BTK, order_BTK, torch.full_like(order_BTK, -1)).to(torch.int32)
-    none_BTK = torch.full_like(score_BTS[..., :KK], float("-inf"))
-    val_BTK = torch.where(took_BTK, score_BTS.gather(-1, order_BTK), none_BTK)
+    """Top-KK visible entries per row, ties to the lower index, returned in increasing index order.
+
+    One top-k settles every row whose KK-th largest value does not also occur outside its picks (which
+    of equal values torch's top-k takes is unspecified); the rare rows where it does take the lowest
+    indices of that tie explicitly (:func:`_lowest_ties`). Overwrites ``score_BTS`` (the chunk's scratch).
+    """
+    NS = score_BTS.shape[-1]
+    masked_BTS = score_BTS.add_(0.0).masked_fill_(~vis_BTS, float("-inf"))  # x + 0 = x, and -0 + 0 = +0
+    val_BTK, pick_BTK = masked_BTS.topk(KK, dim=-1)
+    kth_BT1 = val_BTK[..., -1:]
+    # a finite KK-th value with visible equals left out; at -inf every visible entry is already picked
+    tied_BT = (masked_BTS == kth_BT1).sum(-1) > (val_BTK == kth_BT1).sum(-1)
+    tied_BT &= kth_BT1.squeeze(-1) > float("-inf")
+    if tied_BT.any():
+        rows = tied_BT.nonzero(as_tuple=True)
+        pick_BTK[rows] = _lowest_ties(masked_BTS[rows], kth_BT1[rows], KK)
+    # increasing index order, then the -1 slots (invisible picks, where fewer than KK are visible)
+    took_BTK = vis_BTS.gather(-1, pick_BTK)
+    order_BTK = torch.where(took_BTK, pick_BTK, NS).sort(dim=-1).values
+    took_BTK = order_BTK < NS
+    idx_BTK = torch.where(took_BTK, order_BTK, -1).to(torch.int32)
+    val_BTK = torch.where(took_BTK, masked_BTS.gather(-1, order_BTK.clamp(max=NS - 1)), float("-inf"))
     return idx_BTK, val_BTK
+
+
+def _lowest_ties(masked_RS: torch.Tensor, kth_R1: torch.Tensor, KK: int) -> torch.Tensor:
+    """``[R, KK]`` increasing indices of each row's KK largest entries, ties at the finite KK-th value
+    ``kth`` to the lower index (every row holds at least KK entries >= kth)."""
+    take_RS = masked_RS > kth_R1
+    tie_RS = masked_RS == kth_R1
+    take_RS |= tie_RS & (tie_RS.cumsum(-1) <= KK - take_RS.sum(-1, keepdim=True))
+    return take_RS.nonzero()[:, 1].view(-1, KK)
 
 
 def causal_bounds(B: int, T: int, NC: int, ratio: int, device: torch.device | None = None

@@ -21,12 +21,7 @@ fp64 inputs) and returned in q's dtype. This is the CPU path of the ``kernels.sp
 dispatch (Triton on CUDA and under ``TRITON_INTERPRET``); ``kernels.reference`` is the plain reference
 both are tested against.
 
-``indexer_topk(q, k, weights, lo, hi, topk)`` scores I[t, s] = sum_h w[t, h] ReLU(q[t, h] . k[s]) over
-the compressed entries visible to each query (slot range ``[lo[t], hi[t])``, see ``model/layout.py``)
-and returns the top-k slots, OC's ``Indexer.forward`` (spec 3.3, 0.1 item 6): one k = min(topk, N)
-for the whole batch, invisible scores masked to -inf before the top-k and any invisible pick
-returned as -1 (see ``model/layout.py`` for the slot ranges). Computed in chunks of queries without gradient (top-k is not differentiable; the
-indexer learns from its KL loss, ``model/indexer.py``).
+The indexer's top-k on CPU is ``kernels.reference.indexer_topk`` (chunked, visible entries only).
 
 Shape letters: B batch, T queries, H heads, D head dim, N kv entries, K attended slots, c chunk.
 """
@@ -35,10 +30,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sparse_attention", "indexer_topk", "gather_rows", "attention_probabilities"]
+__all__ = ["sparse_attention", "gather_rows", "attention_probabilities"]
 
-# elements of the largest transient of one chunk (indexer scores, gathered rows): 8 MiB in fp32
-_CHUNK_ELEMENTS = 1 << 21
+# elements of the largest transient of one chunk (indexer scores, gathered rows): 1 MiB in fp32, small
+# next to a layer's activations even at T = 1k
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def gather_rows(x_BNF: torch.Tensor, idx_BX: torch.Tensor) -> torch.Tensor:
@@ -103,6 +99,9 @@ class _SparseAttention(torch.autograd.Function):
       of the query's slots name it, so every product is a GEMM against U (windows overlap heavily);
     * gathered: each query's K rows are gathered (``[B, c, K, D]``) and multiplied with its heads
       (top-k picks scattered over many rows, where U would be mostly masked columns).
+
+    Each chunk runs in its own function (:func:`_chunk_forward`, :func:`_chunk_backward`), so its
+    transients are freed before the next chunk's are made.
     """
 
     @staticmethod
@@ -112,31 +111,9 @@ class _SparseAttention(torch.autograd.Function):
         q32, kv32, sink32 = q_BTHD.to(acc).contiguous(), kv_BND.to(acc).contiguous(), sink_H.to(acc)
         out_BTHD = q32.new_empty(B, T, H, D)
         lse_BTH = q32.new_empty(B, T, H)
-        sink_11H = sink32.view(1, 1, H)
         for t0, t1, plan in _chunks(idx_BTK, q32.dtype):
-            q_BcHD = q32[:, t0:t1]
-            if plan is None:
-                idx_BcK = idx_BTK[:, t0:t1].long()
-                rows_BcXD = gather_rows(kv32, idx_BcK.clamp(min=0))
-                logits = _gathered_logits(q_BcHD, rows_BcXD, idx_BcK, scale)
-                weight = None
-            else:
-                U, _, count_Bcu = plan
-                if U.numel() == 0:  # no query of the chunk attends anything: output 0, only the sink
-                    out_BTHD[:, t0:t1] = 0.0
-                    lse_BTH[:, t0:t1] = sink_11H
-                    continue
-                rows_BcXD = kv32[:, U].unsqueeze(1)  # [B, 1, u, D], shared by the chunk's queries
-                logits = _shared_logits(q_BcHD, kv32[:, U], count_Bcu, scale)
-                weight = count_Bcu.unsqueeze(2)
-            top_BcH = torch.maximum(logits.amax(-1), sink_11H)
-            p = torch.exp(logits - top_BcH.unsqueeze(-1))
-            if weight is not None:
-                p = p * weight
-            denom_BcH = p.sum(-1) + torch.exp(sink_11H - top_BcH)
-            p = p / denom_BcH.unsqueeze(-1)
-            out_BTHD[:, t0:t1] = torch.matmul(p, rows_BcXD)
-            lse_BTH[:, t0:t1] = top_BcH + denom_BcH.log()
+            _chunk_forward(q32[:, t0:t1], kv32, sink32.view(1, 1, H), idx_BTK[:, t0:t1], plan, scale,
+                           out_BTHD[:, t0:t1], lse_BTH[:, t0:t1])
         ctx.save_for_backward(q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH)
         ctx.scale, ctx.dtypes = scale, (q_BTHD.dtype, kv_BND.dtype, sink_H.dtype)
         return out_BTHD.to(q_BTHD.dtype)
@@ -144,47 +121,80 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_BTHD):
         q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH = ctx.saved_tensors
-        scale = ctx.scale
-        B, T, H, D = q32.shape
-        N = kv32.shape[1]
         dout32 = dout_BTHD.to(q32.dtype)
         dq = torch.empty_like(q32)
         dkv = torch.zeros_like(kv32)
-        delta_BTH = (dout32 * out_BTHD).sum(-1)  # sum_k p_k dP_k, the softmax backward's row term
+        delta_BTH = torch.empty_like(lse_BTH)
         for t0, t1, plan in _chunks(idx_BTK, q32.dtype):
-            c = t1 - t0
-            q_BcHD, do_BcHD, lse_BcH1 = q32[:, t0:t1], dout32[:, t0:t1], lse_BTH[:, t0:t1].unsqueeze(-1)
-            if plan is None:
-                idx_BcK = idx_BTK[:, t0:t1].long()
-                rows_BcKD = gather_rows(kv32, idx_BcK.clamp(min=0))
-                p_BcHK = torch.exp(_gathered_logits(q_BcHD, rows_BcKD, idx_BcK, scale) - lse_BcH1)
-                dp_BcHK = torch.matmul(do_BcHD, rows_BcKD.transpose(-1, -2))
-                ds_BcHK = p_BcHK * (dp_BcHK - delta_BTH[:, t0:t1].unsqueeze(-1))
-                dq[:, t0:t1] = torch.matmul(ds_BcHK, rows_BcKD) * scale
-                # one batched product for both terms: [p | ds*scale]^T [dO ; q] -> [B, c, K, D]
-                lhs_Bc2HK = torch.cat((p_BcHK, ds_BcHK * scale), dim=2).transpose(-1, -2).contiguous()
-                drows_BcKD = torch.matmul(lhs_Bc2HK, torch.cat((do_BcHD, q_BcHD), dim=2))
-                flat = (idx_BcK.clamp(min=0) + torch.arange(B, device=idx_BcK.device).view(B, 1, 1) * N).reshape(-1)
-                dkv.view(B * N, D).index_add_(0, flat, drows_BcKD.reshape(-1, D))  # -1 slots add exact zeros
-                continue
-            U, _, count_Bcu = plan
-            u = U.numel()
-            if u == 0:
-                dq[:, t0:t1] = 0.0
-                continue
-            kv_BuD = kv32[:, U]
-            logits_BcHu = _shared_logits(q_BcHD, kv_BuD, count_Bcu, scale)
-            p_BcHu = torch.exp(logits_BcHu - lse_BcH1) * count_Bcu.unsqueeze(2)
-            dp_BXu = torch.matmul(do_BcHD.reshape(B, c * H, D), kv_BuD.transpose(1, 2))
-            ds_BXu = p_BcHu.view(B, c * H, u) * (dp_BXu - delta_BTH[:, t0:t1].reshape(B, c * H, 1))
-            dq[:, t0:t1] = torch.matmul(ds_BXu, kv_BuD).view(B, c, H, D) * scale
-            lhs_B2Xu = torch.cat((p_BcHu.view(B, c * H, u), ds_BXu * scale), dim=1)
-            rhs_B2XD = torch.cat((do_BcHD.reshape(B, c * H, D), q_BcHD.reshape(B, c * H, D)), dim=1)
-            dkv.index_add_(1, U, torch.matmul(lhs_B2Xu.transpose(1, 2), rhs_B2XD))
+            # sum_k p_k dP_k, the softmax backward's row term, per chunk (no [B, T, H, D] product)
+            delta_BTH[:, t0:t1] = (dout32[:, t0:t1] * out_BTHD[:, t0:t1]).sum(-1)
+            _chunk_backward(q32[:, t0:t1], dout32[:, t0:t1], lse_BTH[:, t0:t1], delta_BTH[:, t0:t1], kv32,
+                            idx_BTK[:, t0:t1], plan, ctx.scale, dq[:, t0:t1], dkv)
         # d out / d sink = -p_sink * out  =>  dL/dsink_h = -sum_{b,t} p_sink * delta
         dsink = -(torch.exp(sink32 - lse_BTH) * delta_BTH).sum(dim=(0, 1))
         q_dtype, kv_dtype, sink_dtype = ctx.dtypes
         return dq.to(q_dtype), dkv.to(kv_dtype), dsink.to(sink_dtype), None, None
+
+
+def _chunk_forward(q_BcHD, kv_BND, sink_11H, idx_BcK, plan, scale, out_BcHD, lse_BcH) -> None:
+    """One chunk of :class:`_SparseAttention`'s forward: writes its output and log-normaliser."""
+    if plan is None:
+        idx_BcK = idx_BcK.long()
+        rows_BcXD = gather_rows(kv_BND, idx_BcK.clamp(min=0))
+        logits = _gathered_logits(q_BcHD, rows_BcXD, idx_BcK, scale)
+        weight = None
+    else:
+        U, _, count_Bcu = plan
+        if U.numel() == 0:  # no query of the chunk attends anything: output 0, only the sink
+            out_BcHD.zero_()
+            lse_BcH.copy_(sink_11H.expand_as(lse_BcH))
+            return
+        rows_BcXD = kv_BND[:, U].unsqueeze(1)  # [B, 1, u, D], shared by the chunk's queries
+        logits = _shared_logits(q_BcHD, rows_BcXD.squeeze(1), count_Bcu, scale)
+        weight = count_Bcu.unsqueeze(2)
+    top_BcH = torch.maximum(logits.amax(-1), sink_11H)
+    p = torch.exp(logits - top_BcH.unsqueeze(-1))
+    if weight is not None:
+        p = p * weight
+    denom_BcH = p.sum(-1) + torch.exp(sink_11H - top_BcH)
+    p = p / denom_BcH.unsqueeze(-1)
+    out_BcHD.copy_(torch.matmul(p, rows_BcXD))
+    lse_BcH.copy_(top_BcH + denom_BcH.log())
+
+
+def _chunk_backward(q_BcHD, do_BcHD, lse_BcH, delta_BcH, kv_BND, idx_BcK, plan, scale, dq_BcHD, dkv_BND) -> None:
+    """One chunk of :class:`_SparseAttention`'s backward: writes its dq, adds its share to dkv."""
+    B, c, H, D = q_BcHD.shape
+    lse_BcH1 = lse_BcH.unsqueeze(-1)
+    if plan is None:
+        idx_BcK = idx_BcK.long()
+        rows_BcKD = gather_rows(kv_BND, idx_BcK.clamp(min=0))
+        p_BcHK = torch.exp(_gathered_logits(q_BcHD, rows_BcKD, idx_BcK, scale) - lse_BcH1)
+        dp_BcHK = torch.matmul(do_BcHD, rows_BcKD.transpose(-1, -2))
+        ds_BcHK = p_BcHK * (dp_BcHK - delta_BcH.unsqueeze(-1))
+        dq_BcHD.copy_(torch.matmul(ds_BcHK, rows_BcKD) * scale)
+        del rows_BcKD  # one [B, c, K, D] buffer at a time: the rows' gradient comes next
+        # one batched product for both terms: [p | ds*scale]^T [dO ; q] -> [B, c, K, D]
+        lhs_Bc2HK = torch.cat((p_BcHK, ds_BcHK * scale), dim=2).transpose(-1, -2).contiguous()
+        drows_BcKD = torch.matmul(lhs_Bc2HK, torch.cat((do_BcHD, q_BcHD), dim=2))
+        N = kv_BND.shape[1]
+        flat = (idx_BcK.clamp(min=0) + torch.arange(B, device=idx_BcK.device).view(B, 1, 1) * N).reshape(-1)
+        dkv_BND.view(B * N, D).index_add_(0, flat, drows_BcKD.reshape(-1, D))  # -1 slots add exact zeros
+        return
+    U, _, count_Bcu = plan
+    u = U.numel()
+    if u == 0:
+        dq_BcHD.zero_()
+        return
+    kv_BuD = kv_BND[:, U]
+    logits_BcHu = _shared_logits(q_BcHD, kv_BuD, count_Bcu, scale)
+    p_BcHu = torch.exp(logits_BcHu - lse_BcH1) * count_Bcu.unsqueeze(2)
+    dp_BXu = torch.matmul(do_BcHD.reshape(B, c * H, D), kv_BuD.transpose(1, 2))
+    ds_BXu = p_BcHu.view(B, c * H, u) * (dp_BXu - delta_BcH.reshape(B, c * H, 1))
+    dq_BcHD.copy_(torch.matmul(ds_BXu, kv_BuD).view(B, c, H, D) * scale)
+    lhs_B2Xu = torch.cat((p_BcHu.view(B, c * H, u), ds_BXu * scale), dim=1)
+    rhs_B2XD = torch.cat((do_BcHD.reshape(B, c * H, D), q_BcHD.reshape(B, c * H, D)), dim=1)
+    dkv_BND.index_add_(1, U, torch.matmul(lhs_B2Xu.transpose(1, 2), rhs_B2XD))
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, indices: torch.Tensor,
@@ -224,33 +234,4 @@ def attention_probabilities(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
         e_BcHK = torch.exp(logits_BcHK - top_BcH1)
         p_BcHK = e_BcHK / (e_BcHK.sum(-1, keepdim=True) + torch.exp(sink_11H1 - top_BcH1))
         out_BTK[:, t0:t0 + c] = p_BcHK[..., first_slot:].sum(2)
-    return out_BTK
-
-
-@torch.no_grad()
-def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                 topk: int) -> torch.Tensor:
-    """Top-k compressed slots per query by the Lightning Indexer score (module docstring).
-
-    q ``[B, T, H, D]`` indexer queries, k ``[B, N, D]`` indexer keys, weights ``[B, T, H]`` (scale folded
-    in), lo/hi ``[B, T]`` the visible slot range. Returns ``[B, T, min(topk, N)]`` int64, -1 = none.
-    """
-    B, T, H, D = q.shape
-    N = k.shape[1]
-    kk = min(topk, N)
-    out_BTK = torch.full((B, T, kk), -1, dtype=torch.long, device=q.device)
-    if kk == 0:
-        return out_BTK
-    q32, w32 = q.float(), weights.float()
-    kT_BDN = k.float().transpose(1, 2).contiguous()
-    slot_N = torch.arange(N, device=q.device)
-    c = max(1, _CHUNK_ELEMENTS // max(1, B * N * H))
-    for t0 in range(0, T, c):
-        # one GEMM per batch row: [B, c*H, D] x [B, D, N] -> [B, c, H, N], then the weighted head sum
-        scores_BcHN = torch.matmul(q32[:, t0:t0 + c].reshape(B, -1, D), kT_BDN).view(B, -1, H, N).relu_()
-        score_BcN = torch.matmul(w32[:, t0:t0 + c].unsqueeze(2), scores_BcHN).squeeze(2)
-        lo_Bc1, hi_Bc1 = lo[:, t0:t0 + c].unsqueeze(-1), hi[:, t0:t0 + c].unsqueeze(-1)
-        score_BcN.masked_fill_((slot_N < lo_Bc1) | (slot_N >= hi_Bc1), float("-inf"))
-        pick_BcK = score_BcN.topk(kk, dim=-1).indices
-        out_BTK[:, t0:t0 + c] = torch.where((pick_BcK >= lo_Bc1) & (pick_BcK < hi_Bc1), pick_BcK, -1)
     return out_BTK

@@ -25,6 +25,14 @@ are replicated, and the KV entries pass through Megatron's *f* operator so their
 over all heads. The indexer splits its heads the same way (``model/indexer.py``). Requires tp to divide
 n_heads, o_groups and index_n_heads (ValueError naming the field).
 
+Memory (training): per token the layer keeps the core's inputs and outputs (q after norm and RoPE,
+the kv rows, the output and its log-normaliser, the indices), ``c^Q`` (wq_b's input) and the indexer's
+KL terms. Everything else is recomputed in the backward (:func:`_recomputed`): ``c^Q`` from x, the
+window KV, the compressors' pooling (``model/compressor.py``), the de-rotation with the output
+projection, and the indexer's queries; the per-head query norm's backward works from its output
+(:class:`_HeadNormRope`). Collectives and the aux-loss logging stay outside the recomputed steps: a
+row-parallel ``wo_b`` is called after its region, ``copy_to_region``/``reduce_from_region`` around them.
+
 Visibility (windows, documents, compressed blocks) is defined in ``model/layout.py``. Precision: fp32
 throughout on CPU; QAT fake-quant (FP8 KV, FP4 indexer) is not applied. No ``[T, T]`` tensor is built.
 
@@ -39,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.compressor import Compressor
 from model.config import ModelConfig
@@ -58,10 +67,45 @@ __all__ = ["Attention", "CSA_RATIO", "layer_type"]
 CSA_RATIO = 4
 
 
-class _IndexerState(NamedTuple):
-    """What the indexer's KL loss needs from a forward: projections, chosen compressed slots, window width."""
+def _recomputed(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, its intermediate activations recomputed in the backward instead of saved.
 
-    q: torch.Tensor
+    Only for cheap steps (projections, norms, RoPE) without collectives or logging: the recomputation
+    re-runs ``fn``'s forward (``torch.utils.checkpoint``, non-reentrant), so ``fn`` must be pure; it
+    then reproduces the same values.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class _HeadNormRope(torch.autograd.Function):
+    """y = RoPE(x r), r = (mean_C(x^2) + eps)^-1/2 per head: the weightless query norm, then RoPE.
+
+    Saves y (which the attention core keeps anyway) and r, not x: RoPE is an orthogonal R and the
+    norm's Jacobian r (I - x^ x^T / C) (x^ = x r = R^T y) is symmetric, so the input gradient is
+    R^T [r (g - y mean(g y))] in the rotated frame, where <x^, R^T g> = <y, g>.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BTHC, cos_BTP, sin_BTP, eps):
+        r_BTH1 = torch.rsqrt(x_BTHC.square().mean(-1, keepdim=True) + eps)
+        y_BTHC = apply_rope(x_BTHC * r_BTH1, cos_BTP, sin_BTP)
+        ctx.save_for_backward(y_BTHC, r_BTH1, cos_BTP, sin_BTP)
+        return y_BTHC
+
+    @staticmethod
+    def backward(ctx, grad_BTHC):
+        y_BTHC, r_BTH1, cos_BTP, sin_BTP = ctx.saved_tensors
+        dz_BTHC = r_BTH1 * (grad_BTHC - y_BTHC * (grad_BTHC * y_BTHC).mean(-1, keepdim=True))
+        return apply_rope(dz_BTHC, cos_BTP, sin_BTP, inverse=True), None, None, None
+
+
+class _IndexerState(NamedTuple):
+    """What the indexer's KL loss needs from a forward: the indexer's (detached) c^Q input, keys and head
+    weights, the chosen compressed slots, the window width."""
+
+    qr: torch.Tensor
     k: torch.Tensor
     w: torch.Tensor
     slots: torch.Tensor
@@ -118,27 +162,48 @@ class Attention(nn.Module):
         """x_BTD: the attn_norm output; ``ctx`` carries positions, layouts, mode and the aux scale."""
         rope_T = rope_angles(ctx.position_ids, self.rope_freqs)
         # 1-2. query (low-rank, per-head RMS norm, RoPE) and the shared window KV entry
-        qr_BTL = self.q_norm(self.wq_a(x_BTD))
+        qr_BTL = _recomputed(self._query_latent, x_BTD)
         q_BTHC = self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim))
-        q_BTHC = apply_rope(q_BTHC * torch.rsqrt(q_BTHC.square().mean(-1, keepdim=True) + self.eps), *rope_T)
-        kv_BTC = apply_rope(self.kv_norm(self.wkv(x_BTD)), *rope_T)
+        q_BTHC = _HeadNormRope.apply(q_BTHC, *rope_T, self.eps)
+        kv_BTC = _recomputed(self._window_kv, x_BTD, *rope_T)
         # 3-4. compressed entries and the slots each query attends to
         kv_BXC, idx_BTK, trained = self._entries_and_slots(x_BTD, qr_BTL, kv_BTC, rope_T, ctx)
         kv_BXC = copy_to_region(kv_BXC, self.tp)  # replicated entries, read by this rank's heads only
-        # 5. one softmax over window + compressed entries, de-rotation, grouped output projection
-        o_BTHC = apply_rope(self._core(q_BTHC, kv_BXC, idx_BTK), *rope_T, inverse=True)
-        B, T, _ = x_BTD.shape
-        wo_a_GRI = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        y_BTD = self.wo_b(torch.einsum("btgi,gri->btgr", o_BTHC.reshape(B, T, self.o_groups, -1), wo_a_GRI).flatten(2))
+        # 5. one softmax over window + compressed entries, de-rotation, grouped output projection; a
+        # row-parallel wo_b all-reduces in its forward, so it stays out of the recomputed region
+        o_BTHC = self._core(q_BTHC, kv_BXC, idx_BTK)
+        if self.tp.active:
+            y_BTD = self.wo_b(_recomputed(self._grouped_projection, o_BTHC, *rope_T))
+        else:
+            y_BTD = _recomputed(self._output_projection, o_BTHC, *rope_T)
         # 6. the indexer's KL loss rides on the layer output into the backward
         if trained is not None:
-            loss = self._indexer_loss(q_BTHC, kv_BXC, idx_BTK, trained, ctx.attention_mode)
+            loss = self._indexer_loss(q_BTHC, kv_BXC, idx_BTK, trained, rope_T, ctx.attention_mode)
             y_BTD = AuxLossInjector.apply(y_BTD, loss, ctx.aux_loss_scale)
         return y_BTD
 
+    def _query_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``c^Q`` ``[B, T, L]`` = q_norm(wq_a x)."""
+        return self.q_norm(self.wq_a(x_BTD))
+
+    def _window_kv(self, x_BTD: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
+        """The window KV entries ``[B, T, C]`` = RoPE(kv_norm(wkv x))."""
+        return apply_rope(self.kv_norm(self.wkv(x_BTD)), cos_BTP, sin_BTP)
+
+    def _grouped_projection(self, o_BTHC: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
+        """De-rotated core output through ``wo_a`` per group: ``[B, T, G*R]`` (wo_b's input)."""
+        B, T = o_BTHC.shape[:2]
+        o_BTGI = apply_rope(o_BTHC, cos_BTP, sin_BTP, inverse=True).reshape(B, T, self.o_groups, -1)
+        wo_a_GRI = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
+        return torch.einsum("btgi,gri->btgr", o_BTGI, wo_a_GRI).flatten(2)
+
+    def _output_projection(self, o_BTHC: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
+        """The layer output ``[B, T, D]`` = wo_b of :meth:`_grouped_projection` (a local wo_b only)."""
+        return self.wo_b(self._grouped_projection(o_BTHC, cos_BTP, sin_BTP))
+
     def _entries_and_slots(self, x_BTD, qr_BTL, kv_BTC, rope_T, ctx: SequenceContext):
         """``(kv [B, T+N, C], indices [B, T, K] int32, trained)``: ``trained`` holds the indexer's
-        projections and chosen slots when this forward trains the indexer, else None."""
+        inputs, keys, weights and chosen slots when this forward trains the indexer, else None."""
         T = x_BTD.shape[1]
         idx_BTW = ctx.window_indices(self.window)
         if self.ratio == 0:
@@ -152,11 +217,13 @@ class Attention(nn.Module):
         train_indexer = self.kind == "csa" and mode != "dense" and self.training and torch.is_grad_enabled()
         if sparse or train_indexer:
             # the indexer sees detached inputs: only its KL loss trains it (spec 3.3)
-            q_I, k_I, w_I = self.indexer.project(x_BTD.detach(), qr_BTL.detach(), rope_T, layout, rope_N)
+            qr_I = qr_BTL.detach()
+            k_I, w_I = self.indexer.keys_and_weights(x_BTD.detach(), layout, rope_N)
             if sparse:
-                slots_BTK = self.indexer.select(q_I, k_I, w_I, layout)
+                with torch.no_grad():  # the top-k has no gradient; the KL loss recomputes the queries
+                    slots_BTK = self.indexer.select(self.indexer.query(qr_I, rope_T), k_I, w_I, layout)
             if train_indexer:
-                trained = _IndexerState(q_I, k_I, w_I, slots_BTK, idx_BTW.shape[-1])
+                trained = _IndexerState(qr_I, k_I, w_I, slots_BTK, idx_BTW.shape[-1])
         shifted_BTK = torch.where(slots_BTK >= 0, slots_BTK.to(torch.int32) + T, -1).to(torch.int32)
         return kv_BXC, torch.cat((idx_BTW, shifted_BTK), dim=-1), trained
 
@@ -164,17 +231,24 @@ class Attention(nn.Module):
         """The single call of the sparse-attention core (the kernels dispatch replaces it here)."""
         return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5)
 
-    def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: "_IndexerState", mode: str) -> torch.Tensor:
+    def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: "_IndexerState", rope_T, mode: str) -> torch.Tensor:
         # both sums over heads are partial on a TP rank: summed over the ranks (the mass without gradient)
         mass_BTK = reduce_from_region(
             attention_probabilities(q_BTHC.detach(), kv_BXC.detach(), self.attn_sink.detach(), idx_BTK,
                                     self.head_dim ** -0.5, first_slot=st.n_window), self.tp)
-        score_BTK = reduce_from_region(indexer_scores(st.q, copy_to_region(st.k, self.tp), st.w, st.slots), self.tp)
+        k_BNE = copy_to_region(st.k, self.tp)
+        score_BTK = reduce_from_region(
+            _recomputed(self._indexer_scores, st.qr, k_BNE, st.w, st.slots, *rope_T), self.tp)
         loss = indexer_kl(score_BTK, mass_BTK, st.slots)
         self.aux_log["indexer_loss"].append(loss.detach())
         if mode == "indexer_warmup":
             self.aux_log["indexer_recall"].append(indexer_recall(score_BTK.detach(), mass_BTK, st.slots, self.indexer.topk))
         return loss
+
+    def _indexer_scores(self, qr_BTL, k_BNE, w_BTH, slots_BTK, cos_BTP, sin_BTP) -> torch.Tensor:
+        """:func:`indexer_scores` ``[B, T, K]`` of this rank's indexer heads, their queries from c^Q (so
+        that, recomputed, they are not saved: c^Q is, by wq_b)."""
+        return indexer_scores(self.indexer.query(qr_BTL, (cos_BTP, sin_BTP)), k_BNE, w_BTH, slots_BTK)
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook used by ``V4Stage.init_weights`` for the one direct parameter,

@@ -14,14 +14,15 @@ Then RMSNorm (learnable, dim c) and RoPE on the last ``rope_head_dim`` dims at t
 block's first token. The compressor reads the attn_norm output (spec 0.1 item 11) and computes in
 fp32 ("compression need fp32"). FP8 fake-quantisation of the non-RoPE dims (QAT) is not applied.
 
-Shape letters: B batch, T tokens, D model dim, N entry slots, M slots pooled per entry, C entry dim,
-F = (1 + overlap) * C projected channels, P rope pairs.
+Shape letters: B batch, T tokens, D model dim, N entry slots, M = ratio tokens per block, S = (1 +
+overlap) * M slots pooled per entry, C entry dim, P rope pairs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.layout import CompressedLayout
 from model.norm import RMSNorm
@@ -50,26 +51,44 @@ class Compressor(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, layout: CompressedLayout, cos_BNP: torch.Tensor,
                 sin_BNP: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` entries in x's dtype; ``cos``/``sin`` ``[B, N, P]`` are the entries' RoPE angles.
+
+        When autograd records, the whole step is recomputed in the backward instead of saved: it would
+        keep the gathered ``[B, N, S, C]`` values and their softmax, 2 S = 4 m floats per entry channel
+        (256 per token for a CSA layer of head dim 64), while redoing it costs the two projections of x
+        and the pooling. Nothing inside communicates or logs, so the recomputation reproduces the same
+        values without side effects.
+        """
+        if layout.n_slots == 0:  # fewer tokens than one block: no compressed entries (spec 0.1 item 11)
+            return x_BTD.new_zeros(x_BTD.shape[0], 0, self.head_dim)
+        if not torch.is_grad_enabled():
+            return self._compress(x_BTD, layout, cos_BNP, sin_BNP)
+        return checkpoint(self._compress, x_BTD, layout, cos_BNP, sin_BNP, use_reentrant=False)
+
+    def _compress(self, x_BTD: torch.Tensor, layout: CompressedLayout, cos_BNP: torch.Tensor,
+                  sin_BNP: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         m, C, N = self.ratio, self.head_dim, layout.n_slots
-        if N == 0:  # fewer tokens than one block: no compressed entries (spec 0.1 item 11)
-            return x_BTD.new_zeros(B, 0, C)
         x32 = x_BTD.float()
-        kv_BTF, score_BTF = self.wkv(x32), self.wgate(x32)
         slots_M = torch.arange(m, device=x_BTD.device)
         # tokens of each entry's own block (unused slots read token T-1; they are never attended)
         own_BNM = (layout.starts_BN.unsqueeze(-1) + slots_M).clamp(max=T - 1)
-        kv_BNMF = gather_rows(kv_BTF, own_BNM)
-        score_BNMF = gather_rows(score_BTF, own_BNM) + self.ape
         if self.overlap:
+            # rows of the projections viewed as [B, 2T, C]: row 2t is token t's b-series, 2t+1 its
+            # a-series; an entry's slots are block i-1's b-rows, then block i's a-rows (one gather)
             prev_BNM = (layout.starts_BN.unsqueeze(-1) - m + slots_M).clamp(0, T - 1)
-            pad_BN11 = ~layout.has_prev_BN.view(B, N, 1, 1)
-            kv_prev_BNMC = gather_rows(kv_BTF[..., :C].contiguous(), prev_BNM).masked_fill(pad_BN11, 0.0)
-            score_prev_BNMC = (gather_rows(score_BTF[..., :C].contiguous(), prev_BNM) + self.ape[:, :C]
-                               ).masked_fill(pad_BN11, float("-inf"))
-            kv_BNMF = torch.cat((kv_prev_BNMC, kv_BNMF[..., C:]), dim=2)          # [B, N, 2M, C]
-            score_BNMF = torch.cat((score_prev_BNMC, score_BNMF[..., C:]), dim=2)
-        pooled_BNC = (kv_BNMF * score_BNMF.softmax(dim=2)).sum(dim=2)
+            rows_BNS = torch.cat((2 * prev_BNM, 2 * own_BNM + 1), dim=-1)
+            ape_SC = torch.cat((self.ape[:, :C], self.ape[:, C:]), dim=0)
+        else:
+            rows_BNS, ape_SC = own_BNM, self.ape
+        kv_BNSC = gather_rows(self.wkv(x32).view(B, -1, C), rows_BNS)
+        score_BNSC = gather_rows(self.wgate(x32).view(B, -1, C), rows_BNS) + ape_SC
+        if self.overlap:  # entry 0 of a document: no block i-1, its b-slots pad (Z = -inf, C = 0)
+            b_slot_S1 = (torch.arange(2 * m, device=x_BTD.device) < m).view(-1, 1)
+            pad_BNS1 = (~layout.has_prev_BN).view(B, N, 1, 1) & b_slot_S1
+            kv_BNSC = kv_BNSC.masked_fill(pad_BNS1, 0.0)
+            score_BNSC = score_BNSC.masked_fill(pad_BNS1, float("-inf"))
+        pooled_BNC = (kv_BNSC * score_BNSC.softmax(dim=2)).sum(dim=2)
         return apply_rope(self.norm(pooled_BNC), cos_BNP, sin_BNP).to(x_BTD.dtype)
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:

@@ -59,12 +59,18 @@ class Indexer(nn.Module):
     def project(self, x_BTD: torch.Tensor, qr_BTL: torch.Tensor, rope_T: tuple[torch.Tensor, torch.Tensor],
                 layout: CompressedLayout, rope_N: tuple[torch.Tensor, torch.Tensor],
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q [B, T, H, E], k [B, N, E], w [B, T, H])`` from detached-or-not inputs (caller decides)."""
-        q_BTHE = self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim))
-        q_BTHE = apply_rope(q_BTHE, *rope_T)
-        k_BNE = self.compressor(x_BTD, layout, *rope_N)
-        w_BTH = self.weights_proj(x_BTD).float() * self.weight_scale
-        return q_BTHE, k_BNE, w_BTH
+        """``(q [B, T, H, E], k [B, N, E], w [B, T, H])`` from detached-or-not inputs (caller decides):
+        :meth:`query` and :meth:`keys_and_weights` in one call."""
+        return (self.query(qr_BTL, rope_T), *self.keys_and_weights(x_BTD, layout, rope_N))
+
+    def query(self, qr_BTL: torch.Tensor, rope_T: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Queries ``q^I`` ``[B, T, H, E]`` = RoPE(c^Q W^IUQ) of this rank's heads."""
+        return apply_rope(self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim)), *rope_T)
+
+    def keys_and_weights(self, x_BTD: torch.Tensor, layout: CompressedLayout,
+                         rope_N: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k [B, N, E], w [B, T, H])``: the compressed keys and this rank's head weights (scale folded in)."""
+        return self.compressor(x_BTD, layout, *rope_N), self.weights_proj(x_BTD).float() * self.weight_scale
 
     def select(self, q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor,
                layout: CompressedLayout) -> torch.Tensor:
@@ -79,35 +85,64 @@ class Indexer(nn.Module):
 def indexer_scores(q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor, slots_BTK: torch.Tensor) -> torch.Tensor:
     """Differentiable I[t, slot] ``[B, T, K]`` fp32 at the given slots (-1 slots score -inf).
 
-    Saves q, k, w and the slots only; the backward gathers the keys again (no ``[B, T, K, E]`` kept).
+    Saves q, k, w and the slots only; forward and backward gather the keys in chunks of queries
+    (``[B, c, K, E]`` at most ``_CHUNK_ELEMENTS``), never all ``[B, T, K, E]`` at once.
     """
     return _IndexerScores.apply(q_BTHE.float(), k_BNE.float(), w_BTH.float(), slots_BTK)
 
 
+# elements of the largest transient of one query chunk (gathered keys, their gradient): 256 KiB fp32
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _query_chunks(slots_BTK: torch.Tensor, k_BNE: torch.Tensor):
+    """``(t0, t1)`` query ranges whose gathered keys ``[B, t1 - t0, K, E]`` stay within the chunk budget."""
+    B, T, K = slots_BTK.shape
+    c = max(1, _CHUNK_ELEMENTS // max(1, B * K * k_BNE.shape[-1]))
+    return ((t0, min(t0 + c, T)) for t0 in range(0, T, c))
+
+
 class _IndexerScores(torch.autograd.Function):
+    """Chunks of queries, each in its own function so that its transients are freed before the next's."""
+
     @staticmethod
     def forward(ctx, q_BTHE, k_BNE, w_BTH, slots_BTK):
-        k_BTKE = gather_rows(k_BNE, slots_BTK.clamp(min=0))
-        relu_BTHK = torch.matmul(q_BTHE, k_BTKE.transpose(-1, -2)).relu_()
-        score_BTK = torch.matmul(w_BTH.unsqueeze(2), relu_BTHK).squeeze(2)
+        score_BTK = q_BTHE.new_empty(slots_BTK.shape)
+        for t0, t1 in _query_chunks(slots_BTK, k_BNE):
+            score_BTK[:, t0:t1] = _chunk_scores(q_BTHE[:, t0:t1], k_BNE, w_BTH[:, t0:t1], slots_BTK[:, t0:t1])
         ctx.save_for_backward(q_BTHE, k_BNE, w_BTH, slots_BTK)
-        return score_BTK.masked_fill(slots_BTK < 0, float("-inf"))
+        return score_BTK.masked_fill_(slots_BTK < 0, float("-inf"))
 
     @staticmethod
     def backward(ctx, grad_BTK):
         q_BTHE, k_BNE, w_BTH, slots_BTK = ctx.saved_tensors
-        B, N, E = k_BNE.shape
-        slots = slots_BTK.clamp(min=0)
-        k_BTKE = gather_rows(k_BNE, slots)
-        dots_BTHK = torch.matmul(q_BTHE, k_BTKE.transpose(-1, -2))
-        grad_BT1K = grad_BTK.masked_fill(slots_BTK < 0, 0.0).unsqueeze(2)
-        dw_BTH = (dots_BTHK.relu() * grad_BT1K).sum(-1)
-        ddots_BTHK = (grad_BT1K * w_BTH.unsqueeze(-1)).masked_fill_(dots_BTHK <= 0, 0.0)
-        dq_BTHE = torch.matmul(ddots_BTHK, k_BTKE)
-        dk_BTKE = torch.matmul(ddots_BTHK.transpose(-1, -2), q_BTHE)
-        flat = (slots + torch.arange(B, device=slots.device).view(B, 1, 1) * N).reshape(-1)
-        dk_BNE = torch.zeros_like(k_BNE).view(B * N, E).index_add_(0, flat, dk_BTKE.reshape(-1, E)).view(B, N, E)
+        dq_BTHE, dw_BTH, dk_BNE = torch.empty_like(q_BTHE), torch.empty_like(w_BTH), torch.zeros_like(k_BNE)
+        for t0, t1 in _query_chunks(slots_BTK, k_BNE):
+            _chunk_scores_backward(q_BTHE[:, t0:t1], k_BNE, w_BTH[:, t0:t1], slots_BTK[:, t0:t1], grad_BTK[:, t0:t1],
+                                   dq_BTHE[:, t0:t1], dw_BTH[:, t0:t1], dk_BNE)
         return dq_BTHE, dk_BNE, dw_BTH, None
+
+
+def _chunk_scores(q_BcHE, k_BNE, w_BcH, slots_BcK) -> torch.Tensor:
+    """Scores ``[B, c, K]`` of one query chunk (invalid slots not yet masked)."""
+    k_BcKE = gather_rows(k_BNE, slots_BcK.clamp(min=0))
+    relu_BcHK = torch.matmul(q_BcHE, k_BcKE.transpose(-1, -2)).relu_()
+    return torch.matmul(w_BcH.unsqueeze(2), relu_BcHK).squeeze(2)
+
+
+def _chunk_scores_backward(q_BcHE, k_BNE, w_BcH, slots_BcK, grad_BcK, dq_BcHE, dw_BcH, dk_BNE) -> None:
+    """One query chunk of the scores' backward: writes its dq and dw, adds its share to dk."""
+    B, N, E = k_BNE.shape
+    slots = slots_BcK.clamp(min=0)
+    k_BcKE = gather_rows(k_BNE, slots)
+    dots_BcHK = torch.matmul(q_BcHE, k_BcKE.transpose(-1, -2))
+    grad_Bc1K = grad_BcK.masked_fill(slots_BcK < 0, 0.0).unsqueeze(2)
+    dw_BcH.copy_((dots_BcHK.relu() * grad_Bc1K).sum(-1))
+    ddots_BcHK = (grad_Bc1K * w_BcH.unsqueeze(-1)).masked_fill_(dots_BcHK <= 0, 0.0)
+    dq_BcHE.copy_(torch.matmul(ddots_BcHK, k_BcKE))
+    dk_BcKE = torch.matmul(ddots_BcHK.transpose(-1, -2), q_BcHE)
+    flat = (slots + torch.arange(B, device=slots.device).view(B, 1, 1) * N).reshape(-1)
+    dk_BNE.view(B * N, E).index_add_(0, flat, dk_BcKE.reshape(-1, E))
 
 
 def indexer_kl(score_BTK: torch.Tensor, mass_BTK: torch.Tensor, slots_BTK: torch.Tensor) -> torch.Tensor:

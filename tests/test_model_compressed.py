@@ -9,7 +9,7 @@ from kernels import torch_cores as sparse_core
 from model.indexer import indexer_kl, indexer_scores
 from model.layout import SequenceContext, compressed_layout, segment_bounds
 from model.rope import apply_rope, rope_angles
-from kernels.torch_cores import indexer_topk
+import kernels
 from _model_helpers import make_attention, run
 
 CSA, HCA = 1, 2  # layer indices of small_cfg: ratios 4 and 8
@@ -305,7 +305,7 @@ def test_indexer_topk_stays_in_the_visible_range_and_matches_brute_force():
     q, k, w = torch.randn(B, T, H, D, generator=gen), torch.randn(B, N, D, generator=gen), torch.rand(B, T, H, generator=gen)
     lo = torch.randint(0, 4, (B, T), generator=gen)
     hi = (lo + torch.randint(0, 9, (B, T), generator=gen)).clamp(max=N)
-    picks = indexer_topk(q, k, w, lo, hi, topk=5)
+    picks = kernels.indexer_topk(q, k, w, 1, 5, visible_start=lo, visible_end=hi).indices
     assert picks.shape == (B, T, 5)
     scores = torch.einsum("bthd,bnd->bthn", q, k).relu().mul(w.unsqueeze(-1)).sum(2)
     for b in range(B):
@@ -316,7 +316,8 @@ def test_indexer_topk_stays_in_the_visible_range_and_matches_brute_force():
             assert len(chosen) == min(5, n_visible) and len(set(chosen)) == len(chosen)
             want = scores[b, t, lo[b, t]:hi[b, t]].topk(min(5, n_visible)).values
             torch.testing.assert_close(scores[b, t, chosen].sort(descending=True).values, want)
-    assert indexer_topk(q, k[:, :2], w, lo.clamp(max=2), hi.clamp(max=2), topk=5).shape == (B, T, 2)  # k = min(topk, N)
+    narrow = kernels.indexer_topk(q, k[:, :2], w, 1, 5, visible_start=lo.clamp(max=2), visible_end=hi.clamp(max=2))
+    assert narrow.indices.shape == (B, T, 2)  # k = min(topk, N)
 
 
 def test_indexer_kl_target_sums_to_one_and_the_loss_is_a_kl():
