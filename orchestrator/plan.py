@@ -194,8 +194,9 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     Fitted to autograd's saved tensors (unique storages, parameters excluded) of this code's layers over 14
     random configurations (nano-sized: D 64-192, H 2-8, head_dim 32-128, window 16-64, K 1-3) and checked
     against nano and small in ``tests/test_plan.py``. Terms: mHC (two reads with Sinkhorn, which saves every
-    iteration, and two writes) and norms; attention (projections, per-head query norm and RoPE, the sparse
-    core's q/out, the slot indices); CSA/HCA compressor entries and their slot indices (every visible entry
+    iteration, and two writes) and norms; attention (what ``model/attention.py`` keeps after recomputing the
+    rest in the backward: the sparse core's q and output, c^Q, the layer input, the window kv rows, the slot
+    indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and their slot indices (every visible entry
     in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router, K routed
     expert SwiGLUs in fp32, the shared expert).
     """
@@ -203,8 +204,8 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
     W = min(cfg.window, seq_len)
     block = 5.5 * N * D + 2 * ((2 * it - 1) * (N * N + N) + N * N) + 162
-    attn = 4 * HC / tp + 3 * L + D + W + cfg.o_groups * cfg.o_lora_rank / tp + 35
-    kv = 3 * C
+    attn = 2 * HC / tp + L + D + W + (cfg.o_groups * cfg.o_lora_rank / tp if tp > 1 else 0) + 35
+    kv = C
     ratio = cfg.compress_ratios[layer_idx]
     if ratio == 4:  # CSA: overlapping compressor, indexer
         slots = seq_len / ratio if attention == "dense" else min(cfg.index_topk, seq_len / ratio)
