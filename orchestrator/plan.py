@@ -44,7 +44,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 from dataclasses import dataclass, field
 
 __all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
