@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import socket
-import time
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from _spawn import free_ports, spawn_ranks
 from model.config import ModelConfig
 from model.moe import LocalExperts, expert_parallel_experts
 
@@ -116,23 +114,10 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> dict[int, dict]:
     out_dir = tmp_path_factory.mktemp("ep")
-    context = mp.start_processes(_rank_main, args=(_free_port(), str(out_dir)), nprocs=4, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + POOL_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"expert-parallel ranks did not finish within {POOL_DEADLINE_S} s")
+    spawn_ranks(_rank_main, (free_ports(1)[0], str(out_dir)), 4, POOL_DEADLINE_S, "expert-parallel ranks")
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)}
 
 

@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import faulthandler
 import itertools
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import free_ports, spawn_ranks
 from parallel import groups
 from parallel.groups import ParallelContext
 from parallel.optim import build_optimizer, clip_grad_norm_
 from parallel.schedules import forward_backward
 from test_parallel_pipeline import (  # the toy model, its data and the reference are shared
     EPS, GLOBAL_BATCH, H, LR, MAX_NORM, MICROBATCHES, RTOL, S, STEPS, WEIGHT_DECAY, ToyStage,
-    _assert_layout_matches, _forward_step, _free_ports, _global_batches, _join, _microbatches,
+    _assert_layout_matches, _forward_step, _global_batches, _join, _microbatches,
     _refusal, reference,  # noqa: F401 (pytest fixture)
 )
 
@@ -120,16 +119,7 @@ def _pool_main(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> dict[int, dict]:
     out_dir = tmp_path_factory.mktemp("interleaved")
-    context = mp.start_processes(
-        _pool_main, args=(_free_ports(1)[0], str(out_dir)), nprocs=PP, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + POOL_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"rank pool did not finish within {POOL_DEADLINE_S} s")
+    spawn_ranks(_pool_main, (free_ports(1)[0], str(out_dir)), PP, POOL_DEADLINE_S, "rank pool")
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(PP)}
 
 

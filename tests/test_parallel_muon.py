@@ -12,16 +12,14 @@ import copy
 import datetime
 import faulthandler
 import math
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from _model_helpers import small_cfg
+from _spawn import free_ports, spawn_ranks
 from model import V4Stage
 from model.config import ModelConfig
 from parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit, hybrid_newton_schulz
@@ -222,23 +220,10 @@ def _tp_rank(rank: int, port: int, out_dir: str) -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensor_parallel_shards_match_the_whole_matrix(tmp_path):
     """2 gloo ranks, shards along dim 0 and dim 1 (with splits of the whole matrix straddling the cut),
     3 steps: each rank's shard equals the single-process optimizer's slice within 1e-6."""
-    context = mp.start_processes(_tp_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + POOL_DEADLINE_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"TP ranks did not finish within {POOL_DEADLINE_S} s")
+    spawn_ranks(_tp_rank, (free_ports(1)[0], str(tmp_path)), 2, POOL_DEADLINE_S, "TP ranks")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for name, (param_diff, momentum_diff, local_diff) in result.items():

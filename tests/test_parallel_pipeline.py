@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import socket
-import time
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from _spawn import free_ports, spawn_ranks
 from parallel import groups
 from parallel.data_parallel import all_reduce_gradients
 from parallel.groups import ParallelContext
@@ -233,28 +231,10 @@ def _pool_main(rank: int, ports: list[int], out_dir: str) -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> dict[int, dict]:
     out_dir = tmp_path_factory.mktemp("pool")
-    context = mp.start_processes(
-        _pool_main, args=(_free_ports(3), str(out_dir)), nprocs=4, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + POOL_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"rank pool did not finish within {POOL_DEADLINE_S} s")
+    spawn_ranks(_pool_main, (free_ports(3), str(out_dir)), 4, POOL_DEADLINE_S, "rank pool")
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)}
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import free_ports, spawn_ranks
 from model import V4Stage
 from model.attention import Attention
 from model.config import ModelConfig
@@ -64,64 +63,44 @@ def _loss_and_grads(stage: V4Stage, mode: str, tp: TensorParallel):
     return loss_BS.detach(), grads
 
 
-def _rank(rank: int, port: int, queue) -> None:
+def _rank(rank: int, port: int, out_dir: str) -> None:
     faulthandler.dump_traceback_later(HANG_S, exit=True)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=HANG_S))
-        pctx = groups.initialize(tp=2, pp=1, ep=1, dp=1)
-        tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp)
-        torch.manual_seed(0)
-        stage = V4Stage(_cfg(), pp_rank=0, pp_size=1, tp=tp)
-        stage.init_weights(3)
-        reference = V4Stage(_cfg(), pp_rank=0, pp_size=1)
-        reference.init_weights(3)
-        result = {}
-        for mode in MODES:
-            loss, grads = _loss_and_grads(stage, mode, tp)
-            ref_loss, ref_grads = _loss_and_grads(reference, mode, TensorParallel())
-            # relative to each tensor's largest entry, floored at 1e-3 of the largest gradient entry of the
-            # model: a few mHC scalars have gradients near 1e-7 (cancelling sums) where fp32 reduction
-            # order alone moves the relative error to 1e-3
-            floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
-            worst = max((((grads[n] - g).abs().max() / g.abs().max().clamp(min=floor)).item(), n)
-                        for n, g in ref_grads.items() if n in grads)
-            result[mode] = {
-                "loss_err": ((loss - ref_loss).abs().max() / ref_loss.abs().max()).item(),
-                "grad_err": worst,
-                "missing": sorted(set(ref_grads) ^ set(grads)),
-            }
-        shapes = {n: tuple(p.shape) for n, p in stage.named_parameters()}
-        queue.put((rank, result, shapes))
-        groups.destroy()
-        dist.destroy_process_group()
-    except BaseException as exc:  # report, never hang the parent
-        queue.put((rank, repr(exc), None))
-        raise
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=HANG_S))
+    pctx = groups.initialize(tp=2, pp=1, ep=1, dp=1)
+    tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp)
+    torch.manual_seed(0)
+    stage = V4Stage(_cfg(), pp_rank=0, pp_size=1, tp=tp)
+    stage.init_weights(3)
+    reference = V4Stage(_cfg(), pp_rank=0, pp_size=1)
+    reference.init_weights(3)
+    result = {}
+    for mode in MODES:
+        loss, grads = _loss_and_grads(stage, mode, tp)
+        ref_loss, ref_grads = _loss_and_grads(reference, mode, TensorParallel())
+        # relative to each tensor's largest entry, floored at 1e-3 of the largest gradient entry of the
+        # model: a few mHC scalars have gradients near 1e-7 (cancelling sums) where fp32 reduction
+        # order alone moves the relative error to 1e-3
+        floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+        worst = max((((grads[n] - g).abs().max() / g.abs().max().clamp(min=floor)).item(), n)
+                    for n, g in ref_grads.items() if n in grads)
+        result[mode] = {
+            "loss_err": ((loss - ref_loss).abs().max() / ref_loss.abs().max()).item(),
+            "grad_err": worst,
+            "missing": sorted(set(ref_grads) ^ set(grads)),
+        }
+    shapes = {n: tuple(p.shape) for n, p in stage.named_parameters()}
+    groups.destroy()
+    dist.destroy_process_group()
+    torch.save((result, shapes), f"{out_dir}/rank{rank}.pt")
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
-def tp2_results():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        for _ in procs:
-            rank, result, shapes = queue.get(timeout=HANG_S + 30)
-            assert isinstance(result, dict), f"rank {rank} failed: {result}"
-            out[rank] = (result, shapes)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return out
+def tp2_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tp2")
+    spawn_ranks(_rank, (free_ports(1)[0], str(out_dir)), 2, HANG_S + 30, "tensor-parallel ranks")
+    return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)}
 
 
 @pytest.mark.parametrize("mode", MODES)

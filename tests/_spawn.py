@@ -1,0 +1,39 @@
+"""Spawning gloo rank processes for the multi-process unit tests (not a test module).
+
+Each test's rank function writes its results to a file; :func:`spawn_ranks` starts the ranks, waits for
+them within a deadline and, past it, kills them and fails the test, so a hang is a failure, never a wait.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def spawn_ranks(main, args: tuple, nprocs: int, deadline_s: float, what: str) -> None:
+    """Run ``main(rank, *args)`` in ``nprocs`` spawned processes until all exit; re-raise a rank's error.
+
+    Raises (pytest.fail) when they have not finished within ``deadline_s`` seconds, naming ``what``,
+    after killing them.
+    """
+    context = mp.start_processes(main, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish within {deadline_s} s")
