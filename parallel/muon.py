@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
+
 __all__ = ["Muon", "MuonSplit", "hybrid_newton_schulz", "V4_NS_STEPS", "UPDATE_RMS"]
 
 # (a, b, c) of each Newton-Schulz iteration: 8 fast steps that push every singular value into
@@ -143,10 +145,6 @@ def _orthogonalised(
             for blocks, split in zip(pieces, splits)]
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
 class Muon(torch.optim.Optimizer):
     """V4's Muon over 2-D parameters (module docstring; spec section 6, R §2.4 Algorithm 1).
 
@@ -187,8 +185,8 @@ class Muon(torch.optim.Optimizer):
     ):
         # set before the base class adds (and validates) the groups
         self.tp_group = tp_group
-        self._tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-        self._tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self._tp = (TensorParallel(tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group))
+                    if tp_group is not None else TensorParallel())
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, update_rms=update_rms)
         super().__init__(params, defaults)
@@ -208,7 +206,7 @@ class Muon(torch.optim.Optimizer):
         if param.ndim != 2:
             raise ValueError(f"Muon: optimises 2-D matrices only, got a parameter of shape {tuple(param.shape)} "
                              "(give it to AdamW)")
-        if _is_sharded(param):
+        if is_sharded(param):
             dim, stride = getattr(param, "partition_dim", None), getattr(param, "partition_stride", 1)
             if dim not in (0, 1) or stride != 1:
                 raise ValueError(f"Muon: tensor-parallel shard of shape {tuple(param.shape)} has "
@@ -218,13 +216,7 @@ class Muon(torch.optim.Optimizer):
         if split is not None:
             if not isinstance(split, MuonSplit):
                 raise ValueError(f"Muon: muon_split must be a MuonSplit, got {type(split).__name__}")
-            split.check(self._whole_shape(param), "Muon")
-
-    def _whole_shape(self, param: torch.Tensor) -> tuple[int, int]:
-        shape = list(param.shape)
-        if _is_sharded(param):
-            shape[param.partition_dim] *= self._tp_size
-        return tuple(shape)
+            split.check(full_shape(param, self._tp), "Muon")
 
     def initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state Muon creates for ``param`` at its first step: ``step`` 0 (0-d float32, CPU) and a
@@ -262,28 +254,13 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
             inputs.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
-        wholes = [self._gather(p, x) for p, x in zip(params, inputs)]
+        wholes = [gather_full(x, p, self._tp) for p, x in zip(params, inputs)]
         splits = [getattr(p, "muon_split", None) for p in params]
         updates = _orthogonalised(wholes, splits, group["ns_steps"], group["update_rms"])
         lr, wd = group["lr"], group["weight_decay"]
         for p, update in zip(params, updates):
             p.mul_(1.0 - lr * wd)
-            p.add_(self._local(p, update).to(p.dtype), alpha=-lr)
-
-    def _gather(self, param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
-        """The whole matrix of ``shard`` (this rank's piece of ``param``'s tensor), in rank order."""
-        if not _is_sharded(param) or self._tp_size == 1:
-            return shard
-        parts = [torch.empty_like(shard) for _ in range(self._tp_size)]
-        dist.all_gather(parts, shard.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=param.partition_dim)
-
-    def _local(self, param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a whole-matrix update (``whole`` itself when ``param`` is not sharded)."""
-        if not _is_sharded(param) or self._tp_size == 1:
-            return whole
-        dim = param.partition_dim
-        return whole.narrow(dim, self._tp_rank * param.shape[dim], param.shape[dim])
+            p.add_(shard_of(update, p, self._tp).to(p.dtype), alpha=-lr)
 
 
 def _checked_ns_steps(steps) -> tuple[tuple[float, float, float], ...]:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
+from parallel.tensor_parallel import is_sharded
 
 __all__ = [
     "ALGORITHMS", "HybridOptimizer", "build_optimizer", "clip_grad_norm_", "describe_assignment",
@@ -307,7 +308,7 @@ def describe_assignment(
         count, numel, _ = totals.get(group, (0, 0, kind))
         totals[group] = (count + 1, numel + p.numel(), kind)
         shape = "x".join(str(s) for s in p.shape) or "scalar"
-        if getattr(p, "tensor_model_parallel", False):
+        if is_sharded(p):
             shape += f" tp d{p.partition_dim}"
         rows.append((name, shape, group, _split_text(getattr(p, "muon_split", None))))
     header = ("name", "shape", "group", "muon blocks")
