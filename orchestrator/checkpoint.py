@@ -124,9 +124,10 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
     reader = storage.dcp_reader(rel)
     saved = reader.read_metadata().state_dict_metadata
     entries = _entries(stage, optimizer)
-    expected = {key: torch.empty(full_shape(param, tp) if param is not None and is_sharded(param) else value.shape,
-                                 dtype=value.dtype)
-                for key, param, value in entries}
+    # replicated tensors load in place; a TP shard loads its whole tensor, then keeps its slice
+    sharded = [(key, param, value) for key, param, value in entries if param is not None and is_sharded(param)]
+    expected = {key: value for key, _, value in entries}
+    expected.update({key: torch.empty(full_shape(param, tp), dtype=value.dtype) for key, param, value in sharded})
     missing = sorted(k for k in expected if k not in saved)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -139,8 +140,8 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
             )
     dcp.load(expected, storage_reader=reader)
     with torch.no_grad():
-        for key, param, value in entries:
-            value.copy_(shard_of(expected[key], param, tp) if param is not None else expected[key])
+        for key, param, value in sharded:
+            value.copy_(shard_of(expected[key], param, tp))
 
 
 def rng_state() -> str:
