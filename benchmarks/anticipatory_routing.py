@@ -17,11 +17,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from orchestrator.faults import parse_fault
-from orchestrator.spec import ClusterSpec, JobSpec
-from orchestrator.supervisor import Phase, Supervisor
-from orchestrator.telemetry import Telemetry
-from orchestrator.worker import WorkerGroup, start_ray
+from v4train.orchestrator.faults import parse_fault
+from v4train.orchestrator.spec import ClusterSpec, JobSpec
+from v4train.orchestrator.supervisor import Phase, Supervisor
+from v4train.orchestrator.telemetry import Telemetry
+from v4train.orchestrator.worker import WorkerGroup, start_ray
 
 
 def main() -> None:

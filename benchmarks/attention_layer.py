@@ -57,10 +57,10 @@ def _build(variant: str, T: int):
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from model import ModelConfig
-    from model.attention import Attention
-    from model.layout import SequenceContext
-    from kernels.torch_cores import sparse_attention
+    from v4train.model import ModelConfig
+    from v4train.model.attention import Attention
+    from v4train.model.layout import SequenceContext
+    from v4train.kernels.torch_cores import sparse_attention
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("nano")

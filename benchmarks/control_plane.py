@@ -4,7 +4,7 @@
     python benchmarks/control_plane.py --steps 20 --rounds 1 --json out.json
 
 Each round runs the job once through ``v4train submit`` (embedded Ray cluster, supervisor, RankWorker actors,
-heartbeat polling) and once through ``torchrun --nproc-per-node W -m orchestrator.launch`` (no control plane),
+heartbeat polling) and once through ``torchrun --nproc-per-node W -m v4train.orchestrator.launch`` (no control plane),
 alternating which goes first, on the same data, with checkpoints and evaluation off. Both write
 ``metrics.jsonl`` with each step's ``time`` stamped when the driver (supervisor or rank 0) records it, so
 the **step period** (median gap between consecutive records, after ``--skip`` warm-up steps) includes the
@@ -35,7 +35,7 @@ def _dataset(tmp: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _stdlib_documents
 
-    from data.prepare import prepare_dataset
+    from v4train.data.prepare import prepare_dataset
 
     inputs = []
     for i, text in enumerate(_stdlib_documents()):
@@ -49,12 +49,12 @@ def _dataset(tmp: Path) -> Path:
 def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: float) -> dict:
     sets = [x for o in overrides for x in ("--set", o)]
     if kind == "ray":
-        cmd = [sys.executable, "-m", "orchestrator.cli", "submit", "configs/demo.yaml", "--cluster",
+        cmd = [sys.executable, "-m", "v4train.orchestrator.cli", "submit", "configs/demo.yaml", "--cluster",
                "clusters/local-sim.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     else:
         torchrun = Path(sys.executable).parent / "torchrun"
         cmd = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(_free_port()), "-m",
-               "orchestrator.launch", "configs/demo.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
+               "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     wall = time.time() - started

@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data.loader import GlobalBatchLoader, TokenDataset  # noqa: E402
-from model import V4Stage  # noqa: E402
-from model.moe import discard_expert_counts, update_expert_bias  # noqa: E402
-from orchestrator.curriculum import plan_step  # noqa: E402
-from orchestrator.spec import JobSpec, SpecError, load_job  # noqa: E402
-from parallel.fp8 import enable_fp8  # noqa: E402
-from parallel.optim import build_optimizer, clip_grad_norm_  # noqa: E402
+from v4train.data.loader import GlobalBatchLoader, TokenDataset  # noqa: E402
+from v4train.model import V4Stage  # noqa: E402
+from v4train.model.moe import discard_expert_counts, update_expert_bias  # noqa: E402
+from v4train.orchestrator.curriculum import plan_step  # noqa: E402
+from v4train.orchestrator.spec import JobSpec, SpecError, load_job  # noqa: E402
+from v4train.parallel.fp8 import enable_fp8  # noqa: E402
+from v4train.parallel.optim import build_optimizer, clip_grad_norm_  # noqa: E402
 
 
 def train(job: JobSpec, *, fp8: bool, log_every: int) -> dict:

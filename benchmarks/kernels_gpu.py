@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from v4train import kernels  # noqa: E402
+from v4train.kernels import reference  # noqa: E402
 
 FLEX_BLOCK = 128
 

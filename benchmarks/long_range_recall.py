@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import ModelConfig, V4Stage  # noqa: E402
-from model.budget import param_counts  # noqa: E402
+from v4train.model import ModelConfig, V4Stage  # noqa: E402
+from v4train.model.budget import param_counts  # noqa: E402
 
 T, PAIR_REGION = 128, 32
 N_FILLER, N_KEYS, N_VALUES = 16, 16, 16
@@ -89,7 +89,7 @@ def evaluate(stage: V4Stage, ids: torch.Tensor, labels: torch.Tensor) -> tuple[f
 
 
 def train(kind: str, args) -> dict:
-    from model.moe import update_expert_bias
+    from v4train.model.moe import update_expert_bias
 
     torch.manual_seed(args.seed)
     stage = build(kind, args.seed).train()

@@ -46,9 +46,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel import groups  # noqa: E402
-from parallel.groups import ParallelContext  # noqa: E402
-from parallel.schedules import forward_backward  # noqa: E402
+from v4train.parallel import groups  # noqa: E402
+from v4train.parallel.groups import ParallelContext  # noqa: E402
+from v4train.parallel.schedules import forward_backward  # noqa: E402
 
 S, B, H = 1, 1, 8  # the boundary tensor x_SBH: tiny, so p2p cost stays small next to the sleeps
 OVERRUN_WARNING = 0.01  # flag a row whose stage sleeps took > 1% longer than asked

@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import DataError
-from data.permute import keyed_permutation
-from data.shards import FORMAT_VERSION, MANIFEST
+from v4train.data.errors import DataError
+from v4train.data.permute import keyed_permutation
+from v4train.data.shards import FORMAT_VERSION, MANIFEST
 
 __all__ = ["Batch", "GlobalBatchLoader", "TokenDataset", "eval_batches"]
 

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from data.errors import DataError
-from data.shards import FORMAT_VERSION, split_train_val, token_dtype, write_manifest, write_split
-from data.sources import read_inputs, shakespeare_documents
-from data.tokenizer import (
+from v4train.data.errors import DataError
+from v4train.data.shards import FORMAT_VERSION, split_train_val, token_dtype, write_manifest, write_split
+from v4train.data.sources import read_inputs, shakespeare_documents
+from v4train.data.tokenizer import (
     encode_documents, eos_id, load_tokenizer, tokenizer_vocab_size, train_tokenizer,
 )
 

@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import DataError
-from data.permute import keyed_permutation
+from v4train.data.errors import DataError
+from v4train.data.permute import keyed_permutation
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "split_train_val", "token_dtype", "write_manifest", "write_split",

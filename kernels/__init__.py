@@ -31,8 +31,8 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference, torch_cores
-from kernels.reference import IndexerTopK, causal_bounds, document_bounds
+from v4train.kernels import reference, torch_cores
+from v4train.kernels.reference import IndexerTopK, causal_bounds, document_bounds
 
 __all__ = ["sparse_attention", "indexer_topk", "reference", "IndexerTopK", "causal_bounds", "document_bounds",
            "interpret_requested", "triton_module"]
@@ -79,7 +79,7 @@ def triton_module(name: str, interpret: bool | None = None) -> ModuleType:
             importlib.import_module("triton.language")
     with _env("TRITON_INTERPRET", "1" if interpret else "0"):
         if interpret:
-            from kernels import _interp_patch
+            from v4train.kernels import _interp_patch
             _interp_patch.apply()
         return importlib.reload(module) if module is not None else importlib.import_module(full)
 

@@ -74,7 +74,7 @@ def cases(full: bool = False) -> list[KernelCase]:
     a mid-size bf16 shape (H=16, D=128) and fp32 inputs; ``full`` adds the small test shapes."""
     import torch
 
-    from kernels import triton_module
+    from v4train.kernels import triton_module
 
     attn = triton_module("triton_attention", interpret=False)
     idx = triton_module("triton_indexer", interpret=False)
@@ -126,7 +126,7 @@ def compile_case(case: KernelCase, workdir: Path) -> KernelReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_module
+    from v4train.kernels import triton_module
 
     fn = getattr(triton_module(case.module, interpret=False), case.kernel)
     sig = dict(case.signature)

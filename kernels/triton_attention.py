@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_attention_args
+from v4train.kernels.reference import check_attention_args
 
 __all__ = ["AttentionConfig", "attention_config", "sparse_attention", "INTERPRETED", "MAX_HEAD_DIM"]
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import IndexerTopK, check_indexer_args, resolve_bounds
+from v4train.kernels.reference import IndexerTopK, check_indexer_args, resolve_bounds
 
 __all__ = ["IndexerConfig", "indexer_config", "indexer_topk", "INTERPRETED", "SCRATCH_ELEMS"]
 

@@ -7,7 +7,7 @@ blocks), ``compressor``,
 (V4Stage), ``budget`` (parameter counts, KV cache, attention FLOPs, V3.2 baseline).
 """
 
-from model.config import ModelConfig
-from model.transformer import V4Stage, stage_layer_ranges
+from v4train.model.config import ModelConfig
+from v4train.model.transformer import V4Stage, stage_layer_ranges
 
 __all__ = ["ModelConfig", "V4Stage", "stage_layer_ranges"]

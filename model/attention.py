@@ -49,17 +49,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.compressor import Compressor
-from model.config import ModelConfig
-from model.indexer import Indexer, indexer_kl, indexer_recall, indexer_scores
-from model.layout import SequenceContext
-from model.moe import AuxLossInjector
-from model.norm import RMSNorm
-from model.rope import apply_rope, layer_rope_frequencies, rope_angles
-from kernels import sparse_attention
-from kernels.torch_cores import attention_probabilities
-from parallel.muon import MuonSplit
-from parallel.tensor_parallel import (TensorParallel, column_linear, copy_to_region, mark_sharded,
+from v4train.model.compressor import Compressor
+from v4train.model.config import ModelConfig
+from v4train.model.indexer import Indexer, indexer_kl, indexer_recall, indexer_scores
+from v4train.model.layout import SequenceContext
+from v4train.model.moe import AuxLossInjector
+from v4train.model.norm import RMSNorm
+from v4train.model.rope import apply_rope, layer_rope_frequencies, rope_angles
+from v4train.kernels import sparse_attention
+from v4train.kernels.torch_cores import attention_probabilities
+from v4train.parallel.muon import MuonSplit
+from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, copy_to_region, mark_sharded,
                                       reduce_from_region, row_linear)
 
 __all__ = ["Attention", "CSA_RATIO", "layer_type"]

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Attention
-from model.config import ModelConfig
-from model.layout import SequenceContext
-from model.mhc import HyperConnection, hc_write
-from model.moe import MoE
-from model.norm import RMSNorm
-from parallel.tensor_parallel import TensorParallel
+from v4train.model.attention import Attention
+from v4train.model.config import ModelConfig
+from v4train.model.layout import SequenceContext
+from v4train.model.mhc import HyperConnection, hc_write
+from v4train.model.moe import MoE
+from v4train.model.norm import RMSNorm
+from v4train.parallel.tensor_parallel import TensorParallel
 
 __all__ = ["Block"]
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import ModelConfig
+from v4train.model.config import ModelConfig
 
 __all__ = ["param_counts", "kv_cache_bytes_per_token", "attention_flops_per_token", "BaselineConfig",
            "V32_BASELINE", "baseline_param_counts", "comparison_table"]

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.layout import CompressedLayout
-from model.norm import RMSNorm
-from model.rope import apply_rope
-from parallel.muon import MuonSplit
-from kernels.torch_cores import gather_rows
+from v4train.model.layout import CompressedLayout
+from v4train.model.norm import RMSNorm
+from v4train.model.rope import apply_rope
+from v4train.parallel.muon import MuonSplit
+from v4train.kernels.torch_cores import gather_rows
 
 __all__ = ["Compressor"]
 

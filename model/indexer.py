@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.compressor import Compressor
-from model.config import ModelConfig
-from model.layout import CompressedLayout
-from model.rope import apply_rope
-import kernels
-from kernels.torch_cores import gather_rows
-from parallel.tensor_parallel import TensorParallel, column_linear, gather_heads
+from v4train.model.compressor import Compressor
+from v4train.model.config import ModelConfig
+from v4train.model.layout import CompressedLayout
+from v4train.model.rope import apply_rope
+from v4train import kernels
+from v4train.kernels.torch_cores import gather_rows
+from v4train.parallel.tensor_parallel import TensorParallel, column_linear, gather_heads
 
 __all__ = ["Indexer", "indexer_scores", "indexer_kl"]
 

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from parallel.muon import MuonSplit
+from v4train.parallel.muon import MuonSplit
 
 __all__ = ["sinkhorn", "split_mixes", "hc_write", "HyperConnection", "HyperHead", "ALPHA_INIT", "RES_DIAG_INIT"]
 

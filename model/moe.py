@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from parallel.expert_parallel import ExpertParallelExperts, local_expert_ids
-from parallel.tensor_parallel import TensorParallel, column_linear, gather_tokens, row_linear, scatter_tokens
+from v4train.model.config import ModelConfig
+from v4train.parallel.expert_parallel import ExpertParallelExperts, local_expert_ids
+from v4train.parallel.tensor_parallel import TensorParallel, column_linear, gather_tokens, row_linear, scatter_tokens
 
 __all__ = [
     "Router", "RouterOutput", "SwiGLU", "RoutedExperts", "LocalExperts", "MoE", "AuxLossInjector",

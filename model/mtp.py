@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.block import Block
-from model.config import ModelConfig
-from model.layout import SequenceContext
-from model.mhc import HyperHead
-from model.norm import RMSNorm
-from parallel.tensor_parallel import TensorParallel
+from v4train.model.block import Block
+from v4train.model.config import ModelConfig
+from v4train.model.layout import SequenceContext
+from v4train.model.mhc import HyperHead
+from v4train.model.norm import RMSNorm
+from v4train.parallel.tensor_parallel import TensorParallel
 
 __all__ = ["MTPBlock", "mtp_loss_weight", "shift_left", "IGNORE_INDEX"]
 

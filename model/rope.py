@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from model.config import ModelConfig
+from v4train.model.config import ModelConfig
 
 __all__ = ["rope_frequencies", "layer_rope_frequencies", "rope_angles", "apply_rope"]
 

@@ -27,15 +27,15 @@ import zlib
 import torch
 from torch import nn
 
-from model.attention import Attention
-from model.block import Block
-from model.config import ModelConfig
-from model.layout import ATTENTION_MODES, SequenceContext
-from model.mhc import HyperHead
-from model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
-from model.mtp import IGNORE_INDEX, MTPBlock, shift_left
-from model.norm import RMSNorm
-from parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
+from v4train.model.attention import Attention
+from v4train.model.block import Block
+from v4train.model.config import ModelConfig
+from v4train.model.layout import ATTENTION_MODES, SequenceContext
+from v4train.model.mhc import HyperHead
+from v4train.model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
+from v4train.model.mtp import IGNORE_INDEX, MTPBlock, shift_left
+from v4train.model.norm import RMSNorm
+from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
                                       vocab_cross_entropy, vocab_embedding)
 
 __all__ = ["Block", "StageChunk", "V4Stage", "stage_layer_ranges"]

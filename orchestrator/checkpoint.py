@@ -29,9 +29,9 @@ import uuid
 import torch
 import torch.distributed.checkpoint as dcp
 
-from orchestrator.storage import Storage
-from parallel.optim import initial_state
-from parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
+from v4train.orchestrator.storage import Storage
+from v4train.parallel.optim import initial_state
+from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = [
     "FORMAT_VERSION",

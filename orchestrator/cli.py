@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.spec import SpecError, dump_job, load_cluster, load_job, validate_against_cluster
+from v4train.orchestrator.spec import SpecError, dump_job, load_cluster, load_job, validate_against_cluster
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from data.prepare import add_cli_arguments
+    from v4train.data.prepare import add_cli_arguments
 
     parser = argparse.ArgumentParser(prog="v4train", description="Train DeepSeek-V4-style models on a (simulated) cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
                              "kill_during_save, kill_during_upload")
 
-    from orchestrator import jobs, plan, report
+    from v4train.orchestrator import jobs, plan, report
 
     jobs.add_cli_arguments(sub)   # status, logs, stop (Ray Jobs on a running cluster)
     plan.add_cli_arguments(sub)
@@ -77,7 +77,7 @@ def _fail(message: str, code: int = 2) -> int:
 def _submit(args) -> int:
     cluster = load_cluster(args.cluster)
     if cluster.address is not None:  # a running Ray cluster: submit the supervisor there as a Ray job
-        from orchestrator import jobs
+        from v4train.orchestrator import jobs
 
         return jobs.submit_from_cli(args, cluster)
     job = load_job(args.job, args.overrides)
@@ -96,7 +96,7 @@ def _submit(args) -> int:
 
 
 def _parse_faults(texts: list[str]):
-    from orchestrator.faults import parse_fault
+    from v4train.orchestrator.faults import parse_fault
 
     try:
         return [parse_fault(t) for t in texts]
@@ -105,8 +105,8 @@ def _parse_faults(texts: list[str]):
 
 
 def _resume(args) -> int:
-    from orchestrator import checkpoint
-    from orchestrator.storage import Storage
+    from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.storage import Storage
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "job.yaml").is_file():
@@ -132,8 +132,8 @@ def _resume(args) -> int:
 def _ckpt(args) -> int:
     import json
 
-    from orchestrator import checkpoint
-    from orchestrator.storage import Storage
+    from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.storage import Storage
 
     storage = Storage(args.root, endpoint_url=args.endpoint_url)
     if args.ckpt_command == "list":
@@ -165,9 +165,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code."""
     import ray
 
-    from orchestrator.supervisor import Phase, Supervisor
-    from orchestrator.telemetry import Telemetry
-    from orchestrator.worker import WorkerGroup, start_ray
+    from v4train.orchestrator.supervisor import Phase, Supervisor
+    from v4train.orchestrator.telemetry import Telemetry
+    from v4train.orchestrator.worker import WorkerGroup, start_ray
 
     # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare-data":
-            from data.prepare import run_cli
+            from v4train.data.prepare import run_cli
 
             return run_cli(args)
         if args.command == "submit":
@@ -219,15 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ckpt":
             return _ckpt(args)
         if args.command in ("status", "logs", "stop"):
-            from orchestrator import jobs
+            from v4train.orchestrator import jobs
 
             return jobs.run_cli(args)
         if args.command == "plan":
-            from orchestrator import plan
+            from v4train.orchestrator import plan
 
             return plan.run_cli(args)
         if args.command == "report":
-            from orchestrator import report
+            from v4train.orchestrator import report
 
             return report.run_cli(args)
     except SpecError as exc:

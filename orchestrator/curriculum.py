@@ -25,7 +25,7 @@ import functools
 import math
 from dataclasses import asdict, dataclass
 
-from orchestrator.spec import JobSpec, TrainSpec
+from v4train.orchestrator.spec import JobSpec, TrainSpec
 
 __all__ = ["StepPlan", "lr_at", "plan_step", "plan_at", "total_tokens"]
 

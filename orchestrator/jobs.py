@@ -10,7 +10,7 @@ makes ``v4train submit`` validate the job here, then hand it to that cluster as 
   v4train is used.
 - the **resolved job and cluster** travel as YAML in the environment variables :data:`JOB_ENV` and
   :data:`CLUSTER_ENV` (a few KB; credentials never do: ranks read them from the cluster's environment).
-- the **entrypoint** is ``python -m orchestrator.jobs --run-dir RUN_DIR`` on the head node, run by the
+- the **entrypoint** is ``python -m v4train.orchestrator.jobs --run-dir RUN_DIR`` on the head node, run by the
   interpreter ``ray start`` ran in. It writes the specs to files and calls ``v4train submit`` on them with the
   address removed: the same supervisor as a local run, whose ``ray.init`` joins the cluster through the
   ``RAY_ADDRESS`` Ray sets for every job entrypoint (``orchestrator.worker.start_ray``).
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.spec import ClusterSpec, JobSpec, SpecError, dump_job
+from v4train.orchestrator.spec import ClusterSpec, JobSpec, SpecError, dump_job
 
 __all__ = ["JobsError", "DEFAULT_EXCLUDES", "JOB_ENV", "CLUSTER_ENV", "TERMINAL", "submit", "job_status", "wait",
            "job_logs", "follow_logs", "stop", "format_status", "resolve_address", "project_root", "submit_from_cli",
@@ -110,7 +110,7 @@ def submit(job: JobSpec, cluster: ClusterSpec, run_dir: Path, *, overwrite: bool
     client = _client(cluster.address)
     try:
         return client.submit_job(
-            entrypoint=" ".join(["python", "-m", "orchestrator.jobs"] + [shlex.quote(a) for a in args]),
+            entrypoint=" ".join(["python", "-m", "v4train.orchestrator.jobs"] + [shlex.quote(a) for a in args]),
             submission_id=job_id,
             runtime_env=runtime_env,
             metadata={"v4train_job": job.name, "run_dir": str(run_dir), "cluster": cluster.name},
@@ -206,7 +206,7 @@ def submit_from_cli(args, cluster: ClusterSpec) -> int:
     The dataset directory is checked here when it is visible here; otherwise the job checks it on the
     cluster before any rank starts.
     """
-    from orchestrator.spec import load_job, validate_against_cluster
+    from v4train.orchestrator.spec import load_job, validate_against_cluster
 
     job = load_job(args.job, args.overrides, check_data=False)
     if Path(_absolute(job.data.path)).exists():
@@ -218,7 +218,7 @@ def submit_from_cli(args, cluster: ClusterSpec) -> int:
         raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --overwrite)")
     faults = list(args.faults)
     if faults:
-        from orchestrator.faults import parse_fault
+        from v4train.orchestrator.faults import parse_fault
 
         try:
             [parse_fault(f) for f in faults]
@@ -254,7 +254,7 @@ def add_cli_arguments(sub) -> None:
 
 def run_cli(args) -> int:
     """Run ``status``, ``logs`` or ``stop``; exit 1 when the server is unreachable or the job unknown."""
-    from orchestrator.spec import load_cluster
+    from v4train.orchestrator.spec import load_cluster
 
     cluster = load_cluster(args.cluster) if args.cluster else None
     address = resolve_address(cluster, args.address)
@@ -279,8 +279,8 @@ def run_cli(args) -> int:
 
 # ------------------------------------------------------------------ the job's entrypoint (on the cluster)
 def _entrypoint(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.jobs --run-dir DIR``: run the job carried in the environment, as ``v4train submit``."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.jobs")
+    """``python -m v4train.orchestrator.jobs --run-dir DIR``: run the job carried in the environment, as ``v4train submit``."""
+    parser = argparse.ArgumentParser(prog="python -m v4train.orchestrator.jobs")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--inject-fault", dest="faults", action="append", default=[])
@@ -289,7 +289,7 @@ def _entrypoint(argv: list[str] | None = None) -> int:
         print(f"v4train: error: {JOB_ENV} and {CLUSTER_ENV} must carry the job (this runs as a Ray job's entrypoint)",
               file=sys.stderr)
         return 2
-    from orchestrator.cli import main
+    from v4train.orchestrator.cli import main
 
     with tempfile.TemporaryDirectory(prefix="v4train-job-") as tmp:
         job_file, cluster_file = Path(tmp) / "job.yaml", Path(tmp) / "cluster.yaml"

@@ -1,7 +1,7 @@
 """Rank entry point without Ray: ``torchrun`` (or Slurm's ``srun``) starts one process per rank.
 
-    torchrun --nproc-per-node 4 -m orchestrator.launch configs/demo.yaml --run-dir runs/demo-torchrun
-    srun --ntasks 16 python -m orchestrator.launch job.yaml --run-dir /shared/runs/x --cluster clusters/c.yaml
+    torchrun --nproc-per-node 4 -m v4train.orchestrator.launch configs/demo.yaml --run-dir runs/demo-torchrun
+    srun --ntasks 16 python -m v4train.orchestrator.launch job.yaml --run-dir /shared/runs/x --cluster clusters/c.yaml
 
 The rank and world size come from torchrun's ``RANK`` / ``WORLD_SIZE`` (else Slurm's ``SLURM_PROCID`` /
 ``SLURM_NTASKS``), the rendezvous from ``MASTER_ADDR`` / ``MASTER_PORT``. Every rank runs the same loop as the
@@ -39,7 +39,7 @@ def rank_env(environ=os.environ) -> tuple[int, int, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m v4train.orchestrator.launch", description=__doc__.splitlines()[0])
     p.add_argument("job", help="job YAML")
     p.add_argument("--run-dir", required=True, help="run directory (on a filesystem every rank sees)")
     p.add_argument("--cluster", help="cluster YAML: backend, collective timeout, threads per rank (default gloo, 300 s, 1)")
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_state(job, step: int, consumed: tuple[int, int], stage, rank_states: list[dict]) -> dict:
-    from orchestrator import checkpoint
+    from v4train.orchestrator import checkpoint
 
     return {
         "step": step, "consumed_tokens": consumed[0], "consumed_samples": consumed[1],
@@ -64,7 +64,7 @@ def _train_state(job, step: int, consumed: tuple[int, int], stage, rank_states: 
 def main(argv: list[str] | None = None) -> int:
     """Run this rank of the job; returns the exit code (2: bad input, 1: a failure)."""
     args = _parser().parse_args(argv)
-    from orchestrator.spec import SpecError, load_cluster, load_job
+    from v4train.orchestrator.spec import SpecError, load_cluster, load_job
 
     try:
         rank, world, init_method = rank_env()
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, args) -> int:
     import torch.distributed as dist
 
-    from orchestrator import checkpoint
-    from orchestrator.curriculum import plan_at
-    from orchestrator.spec import dump_job
-    from orchestrator.storage import Storage
-    from orchestrator.telemetry import Telemetry
-    from orchestrator.trainer import RankTrainer
+    from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.curriculum import plan_at
+    from v4train.orchestrator.spec import dump_job
+    from v4train.orchestrator.storage import Storage
+    from v4train.orchestrator.telemetry import Telemetry
+    from v4train.orchestrator.trainer import RankTrainer
 
     timeout = cluster.collective_timeout_s if cluster else 300.0
     trainer = RankTrainer(job, rank=rank, world_size=world, init_method=init_method, timeout_s=timeout,
@@ -159,7 +159,7 @@ def _save(trainer, storage, job, step: int, consumed, stage, telemetry, gather, 
     """A synchronous checkpoint: rank 0 opens the attempt, every rank writes its shards, rank 0 commits."""
     import torch.distributed as dist
 
-    from orchestrator import checkpoint
+    from v4train.orchestrator import checkpoint
 
     names = [checkpoint.begin_attempt(storage, step) if telemetry else None]
     dist.broadcast_object_list(names, src=0, group=control)

@@ -141,8 +141,8 @@ def _block_params(cfg, layer_idx: int, mtp: bool) -> tuple[int, int]:
     """(dense, routed-expert) parameters of one Block (or MTP block), built on the meta device."""
     import torch
 
-    from model.block import Block
-    from model.mtp import MTPBlock
+    from v4train.model.block import Block
+    from v4train.model.mtp import MTPBlock
 
     with torch.device("meta"):
         return _count((MTPBlock if mtp else Block)(cfg, layer_idx))
@@ -152,7 +152,7 @@ def _block_params(cfg, layer_idx: int, mtp: bool) -> tuple[int, int]:
 def _head_params(cfg) -> int:
     import torch
 
-    from model.mhc import HyperHead
+    from v4train.model.mhc import HyperHead
 
     with torch.device("meta"):
         hc = sum(p.numel() for p in HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps).parameters())
@@ -167,7 +167,7 @@ def _layer_key(cfg, i: int) -> int:
 
 def stage_parameters(cfg, pp: int) -> list[tuple[range, int, int]]:
     """``[(layers, dense, routed_expert)]`` parameter counts of every pipeline stage (as ``V4Stage`` builds them)."""
-    from model.transformer import stage_layer_ranges
+    from v4train.model.transformer import stage_layer_ranges
 
     out = []
     for r, layers in enumerate(stage_layer_ranges(cfg.n_layers, pp)):
@@ -248,7 +248,7 @@ def _link_gbps(cluster, span: int) -> float:
 
 def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
-    from model.budget import attention_flops_per_token
+    from v4train.model.budget import attention_flops_per_token
 
     device = cluster.device
     b = _bytes(device)
@@ -362,7 +362,7 @@ def load_job_for_plan(path: str, overrides: list[str]):
     does not run yet) and whose dataset need not exist here (the preset's vocabulary is used then)."""
     from pydantic import ValidationError
 
-    from orchestrator.spec import JobSpec, ParallelSpec, SpecError, _read_yaml, apply_overrides, _dataset_vocab, \
+    from v4train.orchestrator.spec import JobSpec, ParallelSpec, SpecError, _read_yaml, apply_overrides, _dataset_vocab, \
         _format_validation_error
     from pathlib import Path
 
@@ -436,7 +436,7 @@ def add_cli_arguments(sub) -> None:
 
 
 def _parse_layout(text: str, default) -> Layout:
-    from orchestrator.spec import SpecError
+    from v4train.orchestrator.spec import SpecError
 
     values = {"tp": default.tp, "pp": default.pp, "ep": default.ep, "dp": default.dp, "mbs": default.micro_batch_size}
     for item in text.split(","):
@@ -449,7 +449,7 @@ def _parse_layout(text: str, default) -> Layout:
 
 def run_cli(args) -> int:
     """``v4train plan``: exit 0 when the planned layout fits, 1 when it does not (suggestions are printed)."""
-    from orchestrator.spec import SpecError, load_cluster
+    from v4train.orchestrator.spec import SpecError, load_cluster
 
     job, cfg, par = load_job_for_plan(args.job, args.overrides)
     cluster = load_cluster(args.cluster)
@@ -467,7 +467,7 @@ def run_cli(args) -> int:
     if args.json:
         print(json.dumps({"plan": _plan_dict(plan), "suggestions": [_plan_dict(p) for p in others]}, indent=1))
         return 0 if plan.fits else 1
-    from model.budget import param_counts
+    from v4train.model.budget import param_counts
 
     counts = param_counts(cfg)
     print(f"{job.name}: model {job.model.preset} ({counts['total_with_mtp'] / 1e9:.3g}B parameters with MTP, "

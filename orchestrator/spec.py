@@ -58,7 +58,7 @@ class ModelSpec(_Strict):
 
     def build(self, vocab_size: int | None = None):
         """Return the :class:`model.config.ModelConfig`; raises SpecError naming ``model.<field>``."""
-        from model.config import ModelConfig
+        from v4train.model.config import ModelConfig
 
         overrides = self.overrides()
         known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -233,7 +233,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _batching(self) -> "JobSpec":
-        from orchestrator.faults import parse_fault
+        from v4train.orchestrator.faults import parse_fault
 
         for i, text in enumerate(self.faults):
             try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from orchestrator.spec import SpikeGuardSpec
+from v4train.orchestrator.spec import SpikeGuardSpec
 
 __all__ = ["Decision", "SpikeGuard"]
 

@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
-from orchestrator import checkpoint
-from orchestrator.curriculum import plan_at
-from orchestrator.faults import SPIKE_LR_FACTOR, SUPERVISOR, Fault, die, parse_fault
-from orchestrator.spike_guard import SpikeGuard
-from orchestrator.spec import ClusterSpec, JobSpec
-from orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
-from orchestrator.telemetry import Telemetry
-from orchestrator.worker import RankFailure, WorkerGroup, free_port
+from v4train.orchestrator import checkpoint
+from v4train.orchestrator.curriculum import plan_at
+from v4train.orchestrator.faults import SPIKE_LR_FACTOR, SUPERVISOR, Fault, die, parse_fault
+from v4train.orchestrator.spike_guard import SpikeGuard
+from v4train.orchestrator.spec import ClusterSpec, JobSpec
+from v4train.orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
+from v4train.orchestrator.telemetry import Telemetry
+from v4train.orchestrator.worker import RankFailure, WorkerGroup, free_port
 
 __all__ = ["Phase", "Supervisor", "checkpoint_due", "recovery_decision"]
 

@@ -23,20 +23,20 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import async_save as dcp_async_save
 from torch.distributed.checkpoint import save as dcp_save
 
-from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
-from model import V4Stage
-from model.moe import (Router, RoutingTape, discard_expert_counts, expert_parallel_experts, set_routing_tape,
+from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
+from v4train.model import V4Stage
+from v4train.model.moe import (Router, RoutingTape, discard_expert_counts, expert_parallel_experts, set_routing_tape,
                        update_expert_bias)
-from orchestrator import checkpoint, faults
-from orchestrator.curriculum import StepPlan
-from orchestrator.spec import JobSpec
-from orchestrator.storage import Storage
-from parallel import groups
-from parallel.data_parallel import all_reduce_gradients
-from parallel.fp8 import enable_fp8, fp8_autocast_context
-from parallel.optim import build_optimizer, clip_grad_norm_, describe_assignment
-from parallel.schedules import forward_backward
-from parallel.tensor_parallel import TensorParallel, is_sharded
+from v4train.orchestrator import checkpoint, faults
+from v4train.orchestrator.curriculum import StepPlan
+from v4train.orchestrator.spec import JobSpec
+from v4train.orchestrator.storage import Storage
+from v4train.parallel import groups
+from v4train.parallel.data_parallel import all_reduce_gradients
+from v4train.parallel.fp8 import enable_fp8, fp8_autocast_context
+from v4train.parallel.optim import build_optimizer, clip_grad_norm_, describe_assignment
+from v4train.parallel.schedules import forward_backward
+from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
 
 __all__ = ["RankTrainer"]
 

@@ -57,9 +57,9 @@ class RankWorker:
     def setup(self, job: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
               threads: int, backend: str, inject: list[str], env: dict[str, str]) -> dict:
         """Join a job as ``rank``; ``env`` carries credentials (set in this process, never logged)."""
-        from orchestrator.faults import parse_fault
-        from orchestrator.spec import JobSpec
-        from orchestrator.trainer import RankTrainer
+        from v4train.orchestrator.faults import parse_fault
+        from v4train.orchestrator.spec import JobSpec
+        from v4train.orchestrator.trainer import RankTrainer
 
         os.environ.update(env)
         if self.trainer is not None:
@@ -79,7 +79,7 @@ class RankWorker:
         return dict(self.trainer.heartbeat) if self.trainer is not None else {"step": 0, "progress": 0, "phase": "idle"}
 
     def train_step(self, plan: dict) -> dict:
-        from orchestrator.curriculum import StepPlan
+        from v4train.orchestrator.curriculum import StepPlan
 
         return self.trainer.train_step(StepPlan(**plan))
 

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch.distributed as dist
 
-from parallel import megatron_compat
+from v4train.parallel import megatron_compat
 
 __all__ = ["ParallelContext", "destroy", "initialize"]
 

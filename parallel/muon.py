@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
+from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = ["Muon", "MuonSplit", "hybrid_newton_schulz", "V4_NS_STEPS", "UPDATE_RMS"]
 

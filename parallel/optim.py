@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
-from parallel.tensor_parallel import is_sharded
+from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
+from v4train.parallel.tensor_parallel import is_sharded
 
 __all__ = [
     "ALGORITHMS", "HybridOptimizer", "build_optimizer", "clip_grad_norm_", "describe_assignment",

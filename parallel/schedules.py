@@ -28,8 +28,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from parallel import megatron_compat
-from parallel.groups import ParallelContext
+from v4train.parallel import megatron_compat
+from v4train.parallel.groups import ParallelContext
 
 __all__ = ["forward_backward"]
 

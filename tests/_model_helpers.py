@@ -2,9 +2,9 @@
 
 import torch
 
-from model.attention import Attention
-from model.config import ModelConfig
-from model.layout import SequenceContext
+from v4train.model.attention import Attention
+from v4train.model.config import ModelConfig
+from v4train.model.layout import SequenceContext
 
 WINDOW = 4
 

@@ -58,7 +58,7 @@ def _stdlib_documents() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset (vocab 512) of standard-library docstrings, one document per module."""
-    from data.prepare import prepare_dataset
+    from v4train.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("corpus")
     inputs = []
@@ -94,14 +94,14 @@ class RankPool:
     followed by fresh actors in the dead ones' places."""
 
     def __init__(self, size: int) -> None:
-        from orchestrator.worker import WorkerGroup
+        from v4train.orchestrator.worker import WorkerGroup
 
         self.actors = WorkerGroup.create(size, CALL_TIMEOUT_S).actors
 
     def take(self, world: int):
         import ray
 
-        from orchestrator.worker import WorkerGroup
+        from v4train.orchestrator.worker import WorkerGroup
 
         for i, actor in enumerate(self.actors[:world]):
             try:
@@ -122,7 +122,7 @@ def rank_pool():
     """Four RankWorker actors on an embedded local Ray, shared by every multi-rank test."""
     import ray
 
-    from orchestrator.worker import start_ray
+    from v4train.orchestrator.worker import start_ray
 
     start_ray(num_cpus=POOL_SIZE * 3, object_store_memory_mb=256)
     pool = RankPool(POOL_SIZE)
@@ -138,9 +138,9 @@ def run_job(pool, job: dict, run_dir: Path, resume_from: str | None = None, faul
     `resume_from` names a committed step directory under the run directory. Returns (metrics records,
     events, supervisor); fails the test with the rank's root cause if the run fails unexpectedly.
     """
-    from orchestrator.spec import ClusterSpec, JobSpec
-    from orchestrator.supervisor import Phase, Supervisor
-    from orchestrator.telemetry import Telemetry
+    from v4train.orchestrator.spec import ClusterSpec, JobSpec
+    from v4train.orchestrator.supervisor import Phase, Supervisor
+    from v4train.orchestrator.telemetry import Telemetry
 
     spec = JobSpec.model_validate(job)
     world = spec.parallel.world_size
@@ -173,7 +173,7 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from orchestrator.worker import free_port
+    from v4train.orchestrator.worker import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -192,7 +192,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A dataset of a few thousand tokens, so that a global batch of 8 x 64 tokens passes an epoch in a few steps."""
-    from data.prepare import prepare_dataset
+    from v4train.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("small")
     inputs = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import run_job, tiny_job
-from model import ModelConfig, V4Stage
-from model.moe import RoutingTape, set_routing_tape
-from orchestrator.faults import parse_fault
+from v4train.model import ModelConfig, V4Stage
+from v4train.model.moe import RoutingTape, set_routing_tape
+from v4train.orchestrator.faults import parse_fault
 
 
 def test_replayed_indices_override_selection_but_weights_use_current_scores():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_job, tiny_job
-from orchestrator.curriculum import plan_at, plan_step, total_tokens
-from orchestrator.spec import JobSpec
+from v4train.orchestrator.curriculum import plan_at, plan_step, total_tokens
+from v4train.orchestrator.spec import JobSpec
 
 CURRICULUM = {
     "stages": [

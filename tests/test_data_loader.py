@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-import data.loader as loader_module
-from data.errors import DataError
-from data.loader import GlobalBatchLoader, TokenDataset, eval_batches
-from data.permute import _splitmix64, keyed_permutation
-from data.shards import FORMAT_VERSION, write_manifest, write_split
+import v4train.data.loader as loader_module
+from v4train.data.errors import DataError
+from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
+from v4train.data.permute import _splitmix64, keyed_permutation
+from v4train.data.shards import FORMAT_VERSION, write_manifest, write_split
 
 EOS = 0
 VOCAB = 1000

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.errors import DataError
-from data.loader import TokenDataset
-from data.prepare import add_cli_arguments, prepare_dataset, run_cli
-from data.shards import _paragraph_pieces, split_train_val, token_dtype, write_manifest, write_split
-from data.tokenizer import load_tokenizer, train_tokenizer
+from v4train.data.errors import DataError
+from v4train.data.loader import TokenDataset
+from v4train.data.prepare import add_cli_arguments, prepare_dataset, run_cli
+from v4train.data.shards import _paragraph_pieces, split_train_val, token_dtype, write_manifest, write_split
+from v4train.data.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may".split()
 

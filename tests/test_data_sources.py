@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data.sources as sources
-from data.errors import DataError
-from data.sources import read_inputs, shakespeare_documents
+import v4train.data.sources as sources
+from v4train.data.errors import DataError
+from v4train.data.sources import read_inputs, shakespeare_documents
 
 
 def test_txt_jsonl_parquet_inputs_in_order(tmp_path):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from data.errors import DataError
-from data.tokenizer import (
+from v4train.data.errors import DataError
+from v4train.data.tokenizer import (
     EOS_TOKEN, encode_documents, eos_id, load_tokenizer, tokenizer_vocab_size, train_tokenizer,
 )
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.worker import free_port
+from v4train.orchestrator.worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_START_TIMEOUT_S = 90
@@ -81,7 +81,7 @@ def ray_head():
 
 
 def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from v4train import kernels
+from v4train.kernels import reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

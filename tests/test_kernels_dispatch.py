@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-import kernels
-from kernels import reference, torch_cores
+from v4train import kernels
+from v4train.kernels import reference, torch_cores
 
 
 def test_import_is_cheap_and_needs_no_triton():

@@ -1,4 +1,4 @@
-"""`python -m orchestrator.launch` under torchrun: the same losses as the Ray supervisor, checkpoints that
+"""`python -m v4train.orchestrator.launch` under torchrun: the same losses as the Ray supervisor, checkpoints that
 commit and resume, and one-line errors outside torchrun."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import run_job, tiny_job
-from orchestrator.launch import rank_env
-from orchestrator.worker import free_port
+from v4train.orchestrator.launch import rank_env
+from v4train.orchestrator.worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 300
@@ -26,7 +26,7 @@ def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
     """torchrun in its own session, killed as a group if it outlives the timeout (no orphaned ranks)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), "-m", "orchestrator.launch", *args]
+           str(free_port()), "-m", "v4train.orchestrator.launch", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -79,6 +79,6 @@ def test_rank_env_reads_torchrun_and_slurm():
 def test_launch_outside_torchrun_is_one_line():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                                             "SLURM_PROCID", "SLURM_NTASKS")}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun or srun" in proc.stderr

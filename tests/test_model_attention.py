@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from _model_helpers import WINDOW, make_attention, run
-from model.layout import segment_bounds, window_indices
-from model.rope import apply_rope, rope_angles, rope_frequencies
-from kernels import torch_cores as sparse_core
-from kernels.torch_cores import attention_probabilities, sparse_attention
+from v4train.model.layout import segment_bounds, window_indices
+from v4train.model.rope import apply_rope, rope_angles, rope_frequencies
+from v4train.kernels import torch_cores as sparse_core
+from v4train.kernels.torch_cores import attention_probabilities, sparse_attention
 
 def _inputs(B=2, S=16, D=32, seed=1):
     return torch.randn(B, S, D, generator=torch.Generator().manual_seed(seed))

@@ -6,12 +6,12 @@ layer's training forward keeps well under half of the 2.5k floats per token it s
 import pytest
 import torch
 
-from model import attention as attention_module
-from model import compressor as compressor_module
-from model.attention import Attention
-from model.config import ModelConfig
-from model.layout import SequenceContext
-from model.rope import apply_rope, rope_angles, rope_frequencies
+from v4train.model import attention as attention_module
+from v4train.model import compressor as compressor_module
+from v4train.model.attention import Attention
+from v4train.model.config import ModelConfig
+from v4train.model.layout import SequenceContext
+from v4train.model.rope import apply_rope, rope_angles, rope_frequencies
 from _model_helpers import make_attention, run
 from test_model_compressed import CSA, HCA, _docs_positions, _finish, _reference_layer, _x
 

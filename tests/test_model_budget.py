@@ -3,8 +3,8 @@ baseline at a 1M context (issue 3 acceptance; spec 1, 3.9)."""
 
 import pytest
 
-from model import ModelConfig
-from model.budget import (
+from v4train.model import ModelConfig
+from v4train.model.budget import (
     V32_BASELINE, attention_flops_per_token, baseline_param_counts, comparison_table, kv_cache_bytes_per_token,
     param_counts,
 )

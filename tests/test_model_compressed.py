@@ -5,11 +5,11 @@ attention reference in both modes, indexer top-k range and KL target (spec 3.2-3
 import pytest
 import torch
 
-from kernels import torch_cores as sparse_core
-from model.indexer import indexer_kl, indexer_scores
-from model.layout import SequenceContext, compressed_layout, segment_bounds
-from model.rope import apply_rope, rope_angles
-import kernels
+from v4train.kernels import torch_cores as sparse_core
+from v4train.model.indexer import indexer_kl, indexer_scores
+from v4train.model.layout import SequenceContext, compressed_layout, segment_bounds
+from v4train.model.rope import apply_rope, rope_angles
+from v4train import kernels
 from _model_helpers import make_attention, run
 
 CSA, HCA = 1, 2  # layer indices of small_cfg: ratios 4 and 8

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from model.config import PRESET_NAMES, ModelConfig
-from model.rope import apply_rope, layer_rope_frequencies, rope_angles, rope_frequencies
+from v4train.model.config import PRESET_NAMES, ModelConfig
+from v4train.model.rope import apply_rope, layer_rope_frequencies, rope_angles, rope_frequencies
 
 
 def test_presets_round_trip_through_json():
@@ -109,7 +109,7 @@ def test_rope_backward_is_the_opposite_rotation():
 
 
 def test_rmsnorm_backward_matches_autograd_of_the_formula():
-    from model.norm import RMSNorm, _RMSNorm
+    from v4train.model.norm import RMSNorm, _RMSNorm
 
     x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).requires_grad_()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.mhc import HyperConnection, HyperHead, hc_write, sinkhorn, split_mixes
+from v4train.model.mhc import HyperConnection, HyperHead, hc_write, sinkhorn, split_mixes
 
 
 def _reference_sinkhorn(logits, iters, eps):

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.moe import MoE, Router, SwiGLU, build_hash_table, sequence_balance_loss, update_expert_bias
+from v4train.model.config import ModelConfig
+from v4train.model.moe import MoE, Router, SwiGLU, build_hash_table, sequence_balance_loss, update_expert_bias
 
 
 def _cfg(**overrides):
@@ -171,7 +171,7 @@ def test_an_expert_without_tokens_still_gets_a_zero_gradient():
 
 
 def test_routing_statistics_for_logging():
-    from model.moe import pop_moe_stats
+    from v4train.model.moe import pop_moe_stats
 
     cfg = _cfg(balance_loss_weight=0.0)
     stage = nn.ModuleDict({"0": MoE(cfg, 0), "1": MoE(cfg, 1)})

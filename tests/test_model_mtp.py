@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, V4Stage
-from model.layout import SequenceContext
-from model.mtp import mtp_loss_weight, shift_left
+from v4train.model import ModelConfig, V4Stage
+from v4train.model.layout import SequenceContext
+from v4train.model.mtp import mtp_loss_weight, shift_left
 
 
 def _stage(**overrides):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from model import ModelConfig, V4Stage, stage_layer_ranges
-from model.budget import param_counts
-from model.moe import update_expert_bias
+from v4train.model import ModelConfig, V4Stage, stage_layer_ranges
+from v4train.model.budget import param_counts
+from v4train.model.moe import update_expert_bias
 
 SEED = 1234
 

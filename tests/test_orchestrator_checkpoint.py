@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from orchestrator import checkpoint
-from orchestrator.checkpoint import CheckpointError
-from orchestrator.storage import Storage
+from v4train.orchestrator import checkpoint
+from v4train.orchestrator.checkpoint import CheckpointError
+from v4train.orchestrator.storage import Storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -116,8 +116,8 @@ def test_commit_refuses_to_overwrite(storage):
 
 def test_checkpoint_lacking_optimizer_state_is_refused(tmp_path):
     """C1: a checkpoint without the optimizer moments is refused, naming the tensor, never filled with zeros."""
-    from model import ModelConfig, V4Stage
-    from parallel.optim import build_optimizer
+    from v4train.model import ModelConfig, V4Stage
+    from v4train.parallel.optim import build_optimizer
 
     from conftest import TINY_MODEL
 
@@ -144,7 +144,7 @@ def test_inspect_lists_tensors(storage):
 
 
 def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
-    from orchestrator import cli
+    from v4train.orchestrator import cli
 
     storage = Storage(str(tmp_path))
     checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10, "layout": {"tp": 1, "pp": 2, "ep": 1, "dp": 2}})
@@ -168,7 +168,7 @@ def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
 
 
 def test_python_api_matches_the_cli(tmp_path):
-    from orchestrator import api
+    from v4train.orchestrator import api
 
     storage = Storage(str(tmp_path))
     checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from orchestrator import cli, worker
-from orchestrator.curriculum import lr_at, plan_step
-from orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
+from v4train.orchestrator import cli, worker
+from v4train.orchestrator.curriculum import lr_at, plan_step
+from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch
 from megatron.core import package_info
 from megatron.core.pipeline_parallel import p2p_communication, schedules
 
-from parallel import megatron_compat
-from parallel.megatron_compat import MegatronAssumptionError, check_assumptions, install
+from v4train.parallel import megatron_compat
+from v4train.parallel.megatron_compat import MegatronAssumptionError, check_assumptions, install
 
 
 def test_check_assumptions_passes_on_the_pinned_version():

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from _spawn import free_ports, spawn_ranks
-from model.config import ModelConfig
-from model.moe import LocalExperts, expert_parallel_experts
+from v4train.model.config import ModelConfig
+from v4train.model.moe import LocalExperts, expert_parallel_experts
 
 TOL = 1e-6
 # A hung rank dumps its stack and exits after RANK_HANG_S; the pool needs ~10 s on 2 idle cores, the

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import V4Stage
-from model.config import ModelConfig
-from parallel.fp8 import (
+from v4train.model import V4Stage
+from v4train.model.config import ModelConfig
+from v4train.parallel.fp8 import (
     E4M3_MAX, FP32_MODULE_NAMES, Fp8Linear, Fp8Recipe, dequantize_activation, dequantize_weight, enable_fp8,
     fp8_autocast_context, fp8_linear, quantize_activation, quantize_weight,
 )

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from _spawn import free_ports, spawn_ranks
-from parallel import groups
-from parallel.groups import ParallelContext
-from parallel.optim import build_optimizer, clip_grad_norm_
-from parallel.schedules import forward_backward
+from v4train.parallel import groups
+from v4train.parallel.groups import ParallelContext
+from v4train.parallel.optim import build_optimizer, clip_grad_norm_
+from v4train.parallel.schedules import forward_backward
 from test_parallel_pipeline import (  # the toy model, its data and the reference are shared
     EPS, GLOBAL_BATCH, H, LR, MAX_NORM, MICROBATCHES, RTOL, S, STEPS, WEIGHT_DECAY, ToyStage,
     _assert_layout_matches, _forward_step, _global_batches, _join, _microbatches,

@@ -20,10 +20,10 @@ from torch import nn
 
 from _model_helpers import small_cfg
 from _spawn import free_ports, spawn_ranks
-from model import V4Stage
-from model.config import ModelConfig
-from parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit, hybrid_newton_schulz
-from parallel.optim import HybridOptimizer, build_optimizer, describe_assignment, initial_state
+from v4train.model import V4Stage
+from v4train.model.config import ModelConfig
+from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit, hybrid_newton_schulz
+from v4train.parallel.optim import HybridOptimizer, build_optimizer, describe_assignment, initial_state
 
 RANK_HANG_S = 90
 POOL_DEADLINE_S = 120

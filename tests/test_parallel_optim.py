@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from parallel.data_parallel import all_reduce_gradients
-from parallel.optim import build_optimizer, clip_grad_norm_
+from v4train.parallel.data_parallel import all_reduce_gradients
+from v4train.parallel.optim import build_optimizer, clip_grad_norm_
 
 
 class _Tiny(nn.Module):

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from _spawn import free_ports, spawn_ranks
-from parallel import groups
-from parallel.data_parallel import all_reduce_gradients
-from parallel.groups import ParallelContext
-from parallel.optim import build_optimizer, clip_grad_norm_
-from parallel.schedules import forward_backward
+from v4train.parallel import groups
+from v4train.parallel.data_parallel import all_reduce_gradients
+from v4train.parallel.groups import ParallelContext
+from v4train.parallel.optim import build_optimizer, clip_grad_norm_
+from v4train.parallel.schedules import forward_backward
 
 V, H, S, NUM_LAYERS = 16, 8, 4, 4
 GLOBAL_BATCH, MICROBATCHES, STEPS = 8, 4, 2

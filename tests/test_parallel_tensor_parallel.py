@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from _spawn import free_ports, spawn_ranks
-from model import V4Stage
-from model.attention import Attention
-from model.config import ModelConfig
-from parallel import groups
-from parallel.tensor_parallel import TensorParallel, gather_full
+from v4train.model import V4Stage
+from v4train.model.attention import Attention
+from v4train.model.config import ModelConfig
+from v4train.parallel import groups
+from v4train.parallel.tensor_parallel import TensorParallel, gather_full
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo suite")
 HANG_S = 240

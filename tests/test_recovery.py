@@ -10,8 +10,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import run_job, tiny_job
-from orchestrator.faults import parse_fault
-from orchestrator.worker import WorkerGroup
+from v4train.orchestrator.faults import parse_fault
+from v4train.orchestrator.worker import WorkerGroup
 
 HEARTBEAT_TIMEOUT_S = 8.0
 

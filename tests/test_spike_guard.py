@@ -7,9 +7,9 @@ import math
 import pytest
 
 from conftest import run_job, tiny_job
-from orchestrator.faults import parse_fault
-from orchestrator.spec import SpikeGuardSpec
-from orchestrator.spike_guard import SpikeGuard
+from v4train.orchestrator.faults import parse_fault
+from v4train.orchestrator.spec import SpikeGuardSpec
+from v4train.orchestrator.spike_guard import SpikeGuard
 
 
 def test_rule_needs_warmup_and_both_conditions():
