@@ -1,5 +1,6 @@
 # make demo : install into .venv (created or reused), prepare Shakespeare, train configs/demo.yaml on 4 ranks
 # make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
+# make lint : ruff check . (rules in pyproject.toml)
 # make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min; JSON in
 #             runs/bench/); the other benchmarks/ scripts run one by one, see BENCHMARKS.md
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow lint clean
 
 install: $(STAMP)
 
@@ -30,6 +31,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs datasets

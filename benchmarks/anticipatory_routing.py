@@ -42,8 +42,9 @@ def main() -> None:
     Path("runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir="runs") as tmp:
         telemetry = Telemetry(tmp, job.train.steps, live=False, print_every=1000)
+        drill = parse_fault(f"anticipatory@{third + 1}")
         sup = Supervisor(job, ClusterSpec(name="sim4", devices_per_node=4), tmp,
-                         lambda: WorkerGroup.create(4, 120.0), telemetry, faults=[parse_fault(f"anticipatory@{third + 1}")])
+                         lambda: WorkerGroup.create(4, 120.0), telemetry, faults=[drill])
         assert sup.run() is Phase.FINISHED, sup.failure
         telemetry.close()
         metrics = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

@@ -71,7 +71,7 @@ def _build(variant: str, T: int):
 
     def init(module):
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for p in module.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, cfg.init_std)
         return module
@@ -170,10 +170,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print(f"load average after: {os.getloadavg()}", file=sys.stderr)
     by = {(r["variant"], r["T"]): r for r in rows}
-    print("| T | " + " | ".join(f"{v}: CPU s / wall s / MiB" for v in args.variants) + " | csa vs sdpa mha: speed-up (CPU), memory |")
+    print("| T | " + " | ".join(f"{v}: CPU s / wall s / MiB" for v in args.variants)
+          + " | csa vs sdpa mha: speed-up (CPU), memory |")
     print("|---|" + "---|" * (len(args.variants) + 1))
     for T in args.seq_lens:
-        cells = [f"{by[v, T]['cpu_s']:.3f} / {by[v, T]['time_s']:.3f} / {by[v, T]['peak_mib']:.0f}" for v in args.variants]
+        cells = [f"{by[v, T]['cpu_s']:.3f} / {by[v, T]['time_s']:.3f} / {by[v, T]['peak_mib']:.0f}"
+                 for v in args.variants]
         ratio = ""
         if ("v4 csa", T) in by and ("sdpa mha", T) in by:
             a, b = by["v4 csa", T], by["sdpa mha", T]

@@ -83,7 +83,7 @@ def main() -> None:
         failure = next(e for e in kill_events if e["event"] == "failure")
         killed_at = max(m["time"] for m in metrics if m["restarts"] == 0)  # the kill comes right after this step
         first_after = min(m["time"] for m in metrics if m["restarts"] == 1)
-    print(f"| measure | v4train | baseline | ratio |\n|---|---|---|---|")
+    print("| measure | v4train | baseline | ratio |\n|---|---|---|---|")
     print(f"| save throughput, {nbytes / 1e6:.0f} MB step checkpoint (4 ranks, DCP + sha256 manifest + COMMIT) "
           f"vs plain sequential write + fsync | {ckpt_mb_s:.0f} MB/s | {plain:.0f} MB/s | {ckpt_mb_s / plain:.2f} |")
     print(f"| training blocked by a save: asynchronous vs synchronous | {blocked['training_blocked_s']:.3f} s | "

@@ -75,7 +75,8 @@ def _free_port() -> int:
 def _stats(run: dict, skip: int) -> dict:
     rows = run["rows"][skip:]
     gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
-    return {"step_period_s": statistics.median(gaps), "in_rank_step_s": statistics.median(r["step_time_s"] for r in rows),
+    return {"step_period_s": statistics.median(gaps),
+            "in_rank_step_s": statistics.median(r["step_time_s"] for r in rows),
             "first_step_after_s": run["first_step_after_s"], "wall_s": run["wall_s"],
             "final_loss": run["rows"][-1]["loss"]}
 
@@ -98,14 +99,15 @@ def main() -> int:
             for kind in (("ray", "torchrun") if r % 2 == 0 else ("torchrun", "ray")):
                 run = _run(kind, tmp / f"{kind}{r}", overrides, 4, args.timeout)
                 results[kind].append(_stats(run, args.skip))
-                print(f"round {r} {kind:<9} " + "  ".join(f"{k} {v:.3f}" for k, v in results[kind][-1].items()), flush=True)
+                last = "  ".join(f"{k} {v:.3f}" for k, v in results[kind][-1].items())
+                print(f"round {r} {kind:<9} {last}", flush=True)
         summary = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
         ratio = summary["ray"]["step_period_s"] / summary["torchrun"]["step_period_s"]
-        print(f"\n| launcher | step period (median) | in-rank step | first step after | final loss |")
+        print("\n| launcher | step period (median) | in-rank step | first step after | final loss |")
         print("|---|---|---|---|---|")
         for kind, s in summary.items():
-            print(f"| {kind} | {s['step_period_s']:.3f} s | {s['in_rank_step_s']:.3f} s | {s['first_step_after_s']:.1f} s "
-                  f"| {s['final_loss']:.4f} |")
+            print(f"| {kind} | {s['step_period_s']:.3f} s | {s['in_rank_step_s']:.3f} s "
+                  f"| {s['first_step_after_s']:.1f} s | {s['final_loss']:.4f} |")
         print(f"\nRay / torchrun step period: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": results, "summary": summary, "ratio": ratio}, indent=1))

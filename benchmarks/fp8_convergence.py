@@ -2,8 +2,8 @@
 
 Single process (no Ray, no torch.distributed). Both runs use the demo's model, data, schedule and seed
 (configs/demo.yaml: nano on Shakespeare, 300 steps x 16 sequences x 256 tokens, the job's optimizer (Muon
-+ AdamW) at lr 3e-3 with 30 warmup steps and a cosine to 0.1x, weight decay 0.1, gradient clip 1.0), the same initial weights
-(``V4Stage.init_weights(seed)``) and the same batches (``GlobalBatchLoader`` with the data seed). A step
++ AdamW) at lr 3e-3 with 30 warmup steps and a cosine to 0.1x, weight decay 0.1, gradient clip 1.0), the same
+initial weights (``V4Stage.init_weights(seed)``) and the same batches (``GlobalBatchLoader`` with the data seed). A step
 runs ``global_batch / micro_batch_size`` micro-batches and averages their mean per-token losses, as the
 trainer does over its data-parallel ranks. The final loss of a run is the mean training loss (nats,
 main next-token cross-entropy) of its last ``--last`` steps; the JSON also holds every step's loss and

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [train(kind, args) for kind in args.models]
-    print(f"| model | compress_ratios | params | answer accuracy | answer loss | train time |")
+    print("| model | compress_ratios | params | answer accuracy | answer loss | train time |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['compress_ratios']} | {r['params']:,} | {r['accuracy']:.3f} | {r['loss']:.3f} | "

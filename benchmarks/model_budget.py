@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from v4train.model import ModelConfig  # noqa: E402
 from v4train.model.budget import comparison_table, param_counts  # noqa: E402
 
-PUBLISHED = {"flash": ("284B", "13B", "7%", "10%"), "pro": ("1.6T", "49B", "10%", "27%"), "v3.2": ("671B", "37B", "", "")}
+PUBLISHED = {"flash": ("284B", "13B", "7%", "10%"), "pro": ("1.6T", "49B", "10%", "27%"),
+             "v3.2": ("671B", "37B", "", "")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,7 +229,8 @@ def attention_probabilities(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
         idx = indices[:, t0:t0 + c].long()
         valid_Bc1K = (idx >= 0).unsqueeze(2)
         kv_BcKD = gather_rows(kv32, idx.clamp(min=0))
-        logits_BcHK = (torch.matmul(q32[:, t0:t0 + c], kv_BcKD.transpose(-1, -2)) * scale).masked_fill(~valid_Bc1K, float("-inf"))
+        logits_BcHK = torch.matmul(q32[:, t0:t0 + c], kv_BcKD.transpose(-1, -2)) * scale
+        logits_BcHK = logits_BcHK.masked_fill(~valid_Bc1K, float("-inf"))
         top_BcH1 = torch.maximum(logits_BcHK.amax(-1, keepdim=True), sink_11H1)
         e_BcHK = torch.exp(logits_BcHK - top_BcH1)
         p_BcHK = e_BcHK / (e_BcHK.sum(-1, keepdim=True) + torch.exp(sink_11H1 - top_BcH1))

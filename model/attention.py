@@ -231,7 +231,7 @@ class Attention(nn.Module):
         """The single call of the sparse-attention core (the kernels dispatch replaces it here)."""
         return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5)
 
-    def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: "_IndexerState", rope_T, mode: str) -> torch.Tensor:
+    def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: _IndexerState, rope_T, mode: str) -> torch.Tensor:
         # both sums over heads are partial on a TP rank: summed over the ranks (the mass without gradient)
         mass_BTK = reduce_from_region(
             attention_probabilities(q_BTHC.detach(), kv_BXC.detach(), self.attn_sink.detach(), idx_BTK,
@@ -242,7 +242,8 @@ class Attention(nn.Module):
         loss = indexer_kl(score_BTK, mass_BTK, st.slots)
         self.aux_log["indexer_loss"].append(loss.detach())
         if mode == "indexer_warmup":
-            self.aux_log["indexer_recall"].append(indexer_recall(score_BTK.detach(), mass_BTK, st.slots, self.indexer.topk))
+            recall = indexer_recall(score_BTK.detach(), mass_BTK, st.slots, self.indexer.topk)
+            self.aux_log["indexer_recall"].append(recall)
         return loss
 
     def _indexer_scores(self, qr_BTL, k_BNE, w_BTH, slots_BTK, cos_BTP, sin_BTP) -> torch.Tensor:

@@ -36,7 +36,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, layer_idx, tp, experts)
 
-    def forward(self, X_BSND: torch.Tensor, ctx: SequenceContext, token_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, X_BSND: torch.Tensor, ctx: SequenceContext,
+                token_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """``token_ids_BS`` (hash routing) defaults to ``ctx.input_ids``."""
         tokens_BS = ctx.input_ids if token_ids_BS is None else token_ids_BS
         x_BSD, post, comb = self.hc_attn.read(X_BSND)

@@ -136,7 +136,8 @@ def baseline_param_counts(cfg: BaselineConfig = V32_BASELINE) -> dict[str, int]:
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     mla = (d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * cfg.n_heads * qk
            + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-           + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.n_heads * cfg.v_head_dim * d)
+           + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+           + cfg.n_heads * cfg.v_head_dim * d)
     indexer = (cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + d * cfg.index_head_dim
                + 2 * cfg.index_head_dim + d * cfg.index_n_heads)  # wq_b, wk, k_norm (w, b), weights_proj
     norms = 2 * d
@@ -210,8 +211,10 @@ def comparison_table(context_len: int = 1 << 20) -> list[dict[str, float | str]]
         p = p or param_counts(cfg)
         kv, fl = kv_cache_bytes_per_token(cfg, context_len), attention_flops_per_token(cfg, context_len)
         rows.append({
-            "model": name, "total": p["total"], "active": p["active"], "active_with_embedding": p["active_with_embedding"],
-            "kv_bytes_per_token": kv, "kv_vs_v32": kv / base_kv, "attn_flops_per_token": fl, "attn_flops_vs_v32": fl / base_fl,
+            "model": name, "total": p["total"], "active": p["active"],
+            "active_with_embedding": p["active_with_embedding"],
+            "kv_bytes_per_token": kv, "kv_vs_v32": kv / base_kv,
+            "attn_flops_per_token": fl, "attn_flops_vs_v32": fl / base_fl,
             "token_flops_vs_v32": (fl + 2 * p["active"]) / (base_fl + 2 * base_p["active"]),
         })
     return rows

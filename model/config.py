@@ -143,7 +143,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(f"ModelConfig: unknown field(s) {', '.join(unknown)}; "
+                             f"known fields: {', '.join(sorted(known))}")
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(d))

@@ -82,7 +82,8 @@ class Indexer(nn.Module):
         return picks.indices.long()
 
 
-def indexer_scores(q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor, slots_BTK: torch.Tensor) -> torch.Tensor:
+def indexer_scores(q_BTHE: torch.Tensor, k_BNE: torch.Tensor, w_BTH: torch.Tensor,
+                   slots_BTK: torch.Tensor) -> torch.Tensor:
     """Differentiable I[t, slot] ``[B, T, K]`` fp32 at the given slots (-1 slots score -inf).
 
     Saves q, k, w and the slots only; forward and backward gather the keys in chunks of queries

@@ -90,7 +90,8 @@ def split_mixes(
     return pre, post, comb
 
 
-def hc_write(y_BSD: torch.Tensor, X_BSND: torch.Tensor, post_BSN: torch.Tensor, comb_BSNN: torch.Tensor) -> torch.Tensor:
+def hc_write(y_BSD: torch.Tensor, X_BSND: torch.Tensor, post_BSN: torch.Tensor,
+             comb_BSNN: torch.Tensor) -> torch.Tensor:
     """mHC write and mix: ``X'_k = post_k y + sum_j comb[j, k] X_j`` -> ``[B, S, N, D]`` (OC ``hc_post``)."""
     # one batched matmul over the X = N+1 sources (y is source 0): [post; comb]^T [y; X]
     weights_BSXN = torch.cat((post_BSN.unsqueeze(-2), comb_BSNN), dim=-2).to(X_BSND.dtype)

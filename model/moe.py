@@ -254,7 +254,8 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor) -
     B, S, E = scores_BSE.shape
     K = indices_BSK.shape[-1]
     selected_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    selected_BE.scatter_add_(1, indices_BSK.reshape(B, S * K), torch.ones_like(indices_BSK.reshape(B, S * K), dtype=scores_BSE.dtype))
+    flat_indices = indices_BSK.reshape(B, S * K)
+    selected_BE.scatter_add_(1, flat_indices, torch.ones_like(flat_indices, dtype=scores_BSE.dtype))
     f_BE = selected_BE * (E / (K * S))
     p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
     return (f_BE * p_BE).sum(dim=-1).mean()
@@ -279,7 +280,8 @@ class MoE(nn.Module):
         self.gate = Router(cfg, layer_idx)
         self.experts: RoutedExperts = experts if experts is not None else LocalExperts(cfg)
         self.shared_experts = (
-            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0, tp=tp) if cfg.n_shared_experts else None
+            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, limit=0.0, tp=tp)
+            if cfg.n_shared_experts else None
         )
         self.aux_log: list[torch.Tensor] = []  # detached weighted balance losses, drained by V4Stage
         # logging only (pop_moe_stats): tokens per expert and mean router entropy of training forwards

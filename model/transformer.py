@@ -143,7 +143,7 @@ class V4Stage(nn.Module):
             input_tensor = input_tensor[0]
         self._input_tensors[chunk] = input_tensor
 
-    def chunks(self) -> list["StageChunk"]:
+    def chunks(self) -> list[StageChunk]:
         """The ``vp_size`` virtual-stage views of this stage, for the interleaved schedule."""
         return [StageChunk(self, i) for i in range(self.vp_size)]
 
@@ -186,7 +186,8 @@ class V4Stage(nn.Module):
             valid_BS = (inputs_BS != IGNORE_INDEX) & (targets_BS != IGNORE_INDEX)
             tokens_BS = inputs_BS.clamp(min=0)
             H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
-            ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), torch.where(valid_BS, targets_BS, IGNORE_INDEX), self.tp)
+            masked_targets_BS = torch.where(valid_BS, targets_BS, IGNORE_INDEX)
+            ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), masked_targets_BS, self.tp)
             losses.append(ce_BS.sum() / valid_BS.sum().clamp(min=1))
         return torch.stack(losses).mean()
 

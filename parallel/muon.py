@@ -15,8 +15,9 @@ when n > m), and same-shape blocks of a param group are stacked into one batched
 
 **Logically independent blocks.** A parameter may carry the attribute ``muon_split``, a
 :class:`MuonSplit` (dim, block sizes): the matrix is cut along ``dim`` into blocks of those sizes and
-each block is orthogonalised on its own, with its own sqrt(max(n, m)) scale. the model modules (``model/attention.py``, ``model/compressor.py``, ``model/mhc.py``)
-sets it on V4's concatenated weights (grouped ``wo_a``, the CSA compressor halves, the mHC ``fn``).
+each block is orthogonalised on its own, with its own sqrt(max(n, m)) scale. The model modules
+(``model/attention.py``, ``model/compressor.py``, ``model/mhc.py``) set it on V4's concatenated weights
+(grouped ``wo_a``, the CSA compressor halves, the mHC ``fn``).
 
 **Tensor parallelism.** A parameter that Megatron-core marks as one rank's shard (attributes
 ``tensor_model_parallel=True``, ``partition_dim`` 0 or 1, ``partition_stride`` 1; set by

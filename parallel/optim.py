@@ -21,9 +21,10 @@ its ambiguous cases resolved as it suggests), by fully qualified name:
   and the mHC dynamic matrices ``fn`` (also ``hc_head.fn``).
 
 A weight's ``muon_split`` attribute (:class:`parallel.muon.MuonSplit`, set by the model modules that
-concatenate logically independent matrices) tells Muon to orthogonalise each block on its own. :func:`describe_assignment` renders the assignment for the trainer's start-up log, and
-:func:`initial_state` gives the state an optimizer would create lazily (for checkpoints of
-never-stepped parameters).
+concatenate logically independent matrices) tells Muon to orthogonalise each block on its own.
+:func:`describe_assignment` renders the assignment for the trainer's start-up log, and
+:func:`initial_state` gives the state an optimizer would create lazily (for checkpoints of never-stepped
+parameters).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
 from v4train.parallel.tensor_parallel import is_sharded

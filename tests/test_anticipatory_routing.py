@@ -59,7 +59,8 @@ def test_c10_anticipatory_routing_survives_a_restart(rank_pool, tiny_dataset, tm
         shutil.copytree(tmp_path / "straight" / "step_00000004", run_dir / "step_00000004")
         other = {**job, "parallel": {**job["parallel"], **layout}}
         resumed, revents, _ = run_job(rank_pool, other, run_dir, resume_from="step_00000004")
-        assert [(e["event"], e["step"]) for e in revents if "anticipatory" in e["event"]] == [("anticipatory_routing_off", 6)]
+        routing_events = [(e["event"], e["step"]) for e in revents if "anticipatory" in e["event"]]
+        assert routing_events == [("anticipatory_routing_off", 6)]
         for m in resumed:
             ref = by_step[m["step"]]
             assert m.get("routing_fingerprint") == ref.get("routing_fingerprint"), (layout, m["step"])

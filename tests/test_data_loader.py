@@ -76,7 +76,7 @@ def reference_batches(docs, seed, steps, global_batch, seq_len):
             inputs.append(window[:-1])
             labels.append(window[1:])
             pos, row = 0, []
-            for t, token in enumerate(window[:-1]):
+            for token in window[:-1]:
                 row.append(pos)
                 pos = 0 if token == EOS else pos + 1  # the token after a separator starts a doc
             positions.append(row)

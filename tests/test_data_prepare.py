@@ -87,7 +87,10 @@ def test_manifest_records_every_shard_with_size_and_sha256(few_docs):
 def test_val_split_is_disjoint_complete_and_paragraph_aligned(few_docs):
     docs, out, manifest = few_docs
     train, val = decoded_split(out, "train"), decoded_split(out, "val")
-    tags = lambda texts: [t for text in texts for t in re.findall(r"\[\d+\.\d+\]", text)]
+
+    def tags(texts):
+        return [t for text in texts for t in re.findall(r"\[\d+\.\d+\]", text)]
+
     assert set(tags(train)).isdisjoint(tags(val))
     assert sorted(tags(train) + tags(val)) == sorted(tags(docs))  # each paragraph exactly once
     # Every piece is a paragraph-aligned slice of one source document, and the pieces of each
@@ -128,7 +131,7 @@ def test_many_documents_are_held_out_whole_and_deterministically(tmp_path):
     paths = write_inputs(tmp_path, docs)
     a = prepare_dataset(tmp_path / "a", inputs=paths, vocab_size=300, val_fraction=0.4)
     b = prepare_dataset(tmp_path / "b", inputs=paths, vocab_size=300, val_fraction=0.4)
-    c = prepare_dataset(tmp_path / "c", inputs=paths, vocab_size=300, val_fraction=0.4, seed=1)
+    prepare_dataset(tmp_path / "c", inputs=paths, vocab_size=300, val_fraction=0.4, seed=1)
     val, train = decoded_split(tmp_path / "a", "val"), decoded_split(tmp_path / "a", "train")
     assert sorted(val + train) == sorted(docs)  # whole documents, each in exactly one split
     assert a["splits"] == b["splits"]

@@ -44,9 +44,9 @@ def ray_head():
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python`
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
-    ports = {f"--{name}": free_port() for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port",
-                                                   "ray-client-server-port", "node-manager-port", "object-manager-port")}
+    port_flags = ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                  "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    ports = {f"--{name}": free_port() for name in port_flags}
     cmd = _ray_cli() + ["start", "--head", "--block", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
                         f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"]
@@ -60,9 +60,10 @@ def ray_head():
             try:
                 JobSubmissionClient(address)
                 break
-            except Exception:
+            except Exception as exc:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not come up: {(Path(temp) / 'head.log').read_text()[-2000:]}")
+                    log_tail = (Path(temp) / "head.log").read_text()[-2000:]
+                    raise RuntimeError(f"Ray head did not come up: {log_tail}") from exc
                 time.sleep(0.5)
         yield address, env
     finally:
@@ -81,8 +82,8 @@ def ray_head():
 
 
 def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.timeout(900)
@@ -101,7 +102,8 @@ def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dat
     job_id = sub.stdout.strip().splitlines()[-1]
     assert job_id.startswith("v4train-demo-")
 
-    status = _v4train("status", job_id, "--cluster", str(cluster_file), "--wait", "--timeout", str(JOB_TIMEOUT_S), env=env)
+    status = _v4train("status", job_id, "--cluster", str(cluster_file), "--wait", "--timeout", str(JOB_TIMEOUT_S),
+                      env=env)
     logs = _v4train("logs", job_id, "--cluster", str(cluster_file), env=env).stdout
     assert status.returncode == 0, status.stdout + logs[-3000:]
     assert "status    SUCCEEDED" in status.stdout and f"run dir   {run}" in status.stdout
@@ -115,7 +117,8 @@ def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dat
 
     # A second job, stopped while it runs: its supervisor tears its ranks down.
     run2 = tmp_path / "run2"
-    sub2 = _v4train("submit", "configs/demo.yaml", *common, "--set", "train.steps=100000", "--run-dir", str(run2), env=env)
+    sub2 = _v4train("submit", "configs/demo.yaml", *common, "--set", "train.steps=100000", "--run-dir", str(run2),
+                    env=env)
     assert sub2.returncode == 0, sub2.stderr
     job2 = sub2.stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + JOB_TIMEOUT_S

@@ -47,7 +47,8 @@ def test_submit_ships_the_checkout_and_the_resolved_job(tmp_path, tiny_dataset, 
     (call,) = fake.calls
     assert call["submission_id"] == job_id and job_id.startswith("v4train-demo-")
     assert call["entrypoint"].startswith("python -m v4train.orchestrator.jobs --run-dir ")
-    assert str(tiny_dataset.parent / "rel-run") in call["entrypoint"] and "--inject-fault kill@2:rank=1" in call["entrypoint"]
+    assert str(tiny_dataset.parent / "rel-run") in call["entrypoint"]
+    assert "--inject-fault kill@2:rank=1" in call["entrypoint"]
     env = call["runtime_env"]["env_vars"]
     job = yaml.safe_load(env[jobs.JOB_ENV])
     assert job["data"]["path"] == str(tiny_dataset) and job["train"]["steps"] == 3

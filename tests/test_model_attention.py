@@ -162,7 +162,8 @@ def test_whole_layer_is_invariant_to_a_global_position_shift(layer_idx, mode):
     torch.testing.assert_close(run(attn, x, _positions(2, 24) + 37, mode), base, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("layer_idx, mode", [(0, "dense"), (1, "dense"), (1, "sparse"), (1, "indexer_warmup"), (2, "dense")])
+@pytest.mark.parametrize("layer_idx, mode",
+                         [(0, "dense"), (1, "dense"), (1, "sparse"), (1, "indexer_warmup"), (2, "dense")])
 def test_gradients_reach_every_attention_parameter(layer_idx, mode):
     attn, x = make_attention(layer_idx), _inputs(S=24)
     attn.train()

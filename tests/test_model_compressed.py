@@ -141,7 +141,8 @@ def test_visibility_rule_through_the_layer_with_a_one_token_window(layer, mode):
         moved = run(attn, x2, pos, mode)
         for t in range(s + 1, T):
             visible_blocks = range((t + 1) // m)
-            reach = {j for j in visible_blocks} | ({j - 1 for j in visible_blocks if j > 0} if attn.kind == "csa" else set())
+            overlap = {j - 1 for j in visible_blocks if j > 0} if attn.kind == "csa" else set()
+            reach = set(visible_blocks) | overlap
             assert (not torch.equal(moved[0, t], base[0, t])) == (s // m in reach), (s, t)
 
 
@@ -302,7 +303,8 @@ def test_sparse_equals_dense_when_top_k_covers_every_visible_entry():
 def test_indexer_topk_stays_in_the_visible_range_and_matches_brute_force():
     gen = torch.Generator().manual_seed(7)
     B, T, H, D, N = 2, 50, 3, 8, 12
-    q, k, w = torch.randn(B, T, H, D, generator=gen), torch.randn(B, N, D, generator=gen), torch.rand(B, T, H, generator=gen)
+    q, k = torch.randn(B, T, H, D, generator=gen), torch.randn(B, N, D, generator=gen)
+    w = torch.rand(B, T, H, generator=gen)
     lo = torch.randint(0, 4, (B, T), generator=gen)
     hi = (lo + torch.randint(0, 9, (B, T), generator=gen)).clamp(max=N)
     picks = kernels.indexer_topk(q, k, w, 1, 5, visible_start=lo, visible_end=hi).indices
@@ -342,7 +344,8 @@ def test_indexer_kl_target_sums_to_one_and_the_loss_is_a_kl():
 
 def test_indexer_scores_at_slots_match_the_formula():
     gen = torch.Generator().manual_seed(9)
-    q, k, w = torch.randn(1, 4, 2, 8, generator=gen), torch.randn(1, 5, 8, generator=gen), torch.randn(1, 4, 2, generator=gen)
+    q, k = torch.randn(1, 4, 2, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)
+    w = torch.randn(1, 4, 2, generator=gen)
     slots = torch.tensor([[[4, 0], [1, -1], [2, 3], [-1, -1]]])
     s = indexer_scores(q, k, w, slots)
     assert s[0, 1, 1] == float("-inf") and s[0, 3].isinf().all()

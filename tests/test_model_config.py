@@ -30,7 +30,8 @@ def test_flash_and_pro_official_values():
     assert (pro.n_routed_experts, pro.moe_inter_dim, pro.route_scale, pro.index_topk) == (384, 3072, 2.5, 1024)
     assert (pro.compress_ratios.count(4), pro.compress_ratios.count(128), len(pro.compress_ratios)) == (30, 31, 62)
     for cfg in (flash, pro):
-        assert (cfg.vocab_size, cfg.window, cfg.rope_head_dim, cfg.n_hash_layers, cfg.swiglu_limit) == (129280, 128, 64, 3, 10.0)
+        shared = (cfg.vocab_size, cfg.window, cfg.rope_head_dim, cfg.n_hash_layers, cfg.swiglu_limit)
+        assert shared == (129280, 128, 64, 3, 10.0)
         assert (cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps) == (4, 20, 1e-6)
         assert (cfg.compress_rope_theta, cfg.rope_factor, cfg.original_seq_len) == (160000.0, 16.0, 65536)
 
@@ -105,7 +106,10 @@ def test_rope_backward_is_the_opposite_rotation():
     cos, sin = rope_angles(torch.tensor([[0, 5, 9]]), freqs)
     x = torch.randn(1, 3, 2, 12, dtype=torch.float64, requires_grad=True)
     for inverse in (False, True):
-        assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double(), inverse=inverse), (x,))
+        def rotate(t, inverse=inverse):
+            return apply_rope(t, cos.double(), sin.double(), inverse=inverse)
+
+        assert torch.autograd.gradcheck(rotate, (x,))
 
 
 def test_rmsnorm_backward_matches_autograd_of_the_formula():

@@ -98,7 +98,8 @@ def test_init_reads_the_mean_and_mixes_near_identity():
 
 
 def test_sinkhorn_closed_form_backward_equals_autograd_of_the_steps():
-    logits = (torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2).requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 4, 4, generator=gen, dtype=torch.float64) * 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20, 1e-6), (logits,))
 
     def plain(x):  # the steps written with autograd-tracked ops

@@ -94,7 +94,8 @@ def test_dropless_experts_match_a_per_token_reference():
     y = moe(x, tokens)
     route = moe.gate(x.view(10, 16), tokens.view(10))
     expected = torch.stack([
-        sum(route.weights[t, k] * _expert_no_weight(moe.experts.experts[str(int(route.indices[t, k]))], x.view(10, 16)[t])
+        sum(route.weights[t, k]
+            * _expert_no_weight(moe.experts.experts[str(int(route.indices[t, k]))], x.view(10, 16)[t])
             for k in range(2)) + moe.shared_experts(x.view(10, 16)[t:t + 1])[0]
         for t in range(10)
     ])

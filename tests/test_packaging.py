@@ -17,13 +17,13 @@ def test_user_packages_with_generic_names_are_not_shadowed(tmp_path):
     script = textwrap.dedent("""
         import importlib
         import v4train.orchestrator.cli, v4train.data.loader, v4train.model.transformer
-        for name in %r:
+        for name in {names!r}:
             mod = importlib.import_module(name)
             assert mod.OWNER == "user:" + name, (name, mod.__file__)
             ours = importlib.import_module("v4train." + name)
             assert ours.__file__ != mod.__file__
         print("ok")
-    """ % (USER_PACKAGES,))
+    """).format(names=USER_PACKAGES)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"

@@ -118,7 +118,8 @@ def test_tp2_splits_heads_groups_and_vocabulary(tp2_results):
     cfg = _cfg()
     assert shapes["layers.1.attn.wq_b.weight"] == (cfg.n_heads * cfg.head_dim // 2, cfg.q_lora_rank)
     assert shapes["layers.1.attn.attn_sink"] == (cfg.n_heads // 2,)
-    assert shapes["layers.1.attn.wo_a.weight"] == (cfg.o_groups * cfg.o_lora_rank // 2, cfg.n_heads * cfg.head_dim // cfg.o_groups)
+    group_width = cfg.n_heads * cfg.head_dim // cfg.o_groups
+    assert shapes["layers.1.attn.wo_a.weight"] == (cfg.o_groups * cfg.o_lora_rank // 2, group_width)
     assert shapes["layers.1.attn.wo_b.weight"] == (cfg.dim, cfg.o_groups * cfg.o_lora_rank // 2)
     assert shapes["layers.1.attn.indexer.weights_proj.weight"] == (cfg.index_n_heads // 2, cfg.dim)
     assert shapes["embed.weight"] == (cfg.vocab_size // 2, cfg.dim)

@@ -17,9 +17,11 @@ def _write_run(run, steps: int = 120) -> None:
     for s in range(1, steps + 1):
         seq = 128 if s <= 60 else 512
         batch = 16 if s <= 60 else 8
-        rows.append({"step": s, "loss": 9 * math.exp(-s / 40) + 3 + (1.5 if s == 70 else 0), "lr": 1e-3 * min(1, s / 10),
-                     "seq_len": seq, "global_batch_tokens": seq * batch, "consumed_tokens": s * 2048,
-                     "tokens_per_s": 3000 + 10 * (s % 7), "step_time_s": 0.7, "peak_rss_mb": 900 + s, "time": t0 + s})
+        loss = 9 * math.exp(-s / 40) + 3 + (1.5 if s == 70 else 0)
+        rows.append({"step": s, "loss": loss, "lr": 1e-3 * min(1, s / 10), "seq_len": seq,
+                     "global_batch_tokens": seq * batch, "consumed_tokens": s * 2048,
+                     "tokens_per_s": 3000 + 10 * (s % 7), "step_time_s": 0.7, "peak_rss_mb": 900 + s,
+                     "time": t0 + s})
     # step 40-45 replayed after a restart: the later records win
     rows[40:40] = [dict(r, loss=r["loss"] + 5) for r in rows[39:45]]
     events += [{"event": "checkpoint_committed", "step": s, "time": t0 + s} for s in (30, 60, 90, 120)]

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _job(dataset, s3, prefix, **train):
-    return tiny_job(dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 6, "warmup_steps": 2, "max_restarts": 1, **train},
+    return tiny_job(dataset, parallel={"pp": 2, "dp": 2},
+                    train={"steps": 6, "warmup_steps": 2, "max_restarts": 1, **train},
                     checkpoint={"every_steps": 2, "at_end": False, "root": f"s3://{s3['bucket']}/{prefix}",
                                 "endpoint_url": s3["endpoint_url"], "keep": 0, "async_save": False})
 
@@ -52,7 +53,8 @@ def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_ser
     assert [e["step"] for e in committed] == [2, 4, 6]
     assert any(".attempt-" in d for d in committed[1]["deleted"])  # the aborted attempt, after its successor
     storage = Storage(job["checkpoint"]["root"], endpoint_url=s3_server["endpoint_url"])
-    assert [c["name"] for c in checkpoint.list_checkpoints(storage)] == ["step_00000002", "step_00000004", "step_00000006"]
+    names = [c["name"] for c in checkpoint.list_checkpoints(storage)]
+    assert names == ["step_00000002", "step_00000004", "step_00000006"]
     for name in ("step_00000002", "step_00000004", "step_00000006"):
         checkpoint.verify(storage, name)
     final = {m["step"]: m for m in metrics if m["restarts"] == 1}

@@ -37,7 +37,8 @@ def test_spike_rolls_back_skips_the_window_and_recovers(rank_pool, tiny_dataset,
     spike = next(e for e in events if e["event"] == "spike")
     rollback = next(e for e in events if e["event"] == "rollback")
     assert spike["step"] == 9  # the 1000x-LR update at step 8 shows in step 9's loss
-    assert (rollback["step"], rollback["from_step"], rollback["source"], rollback["skipped_data"]) == (6, 9, "memory", True)
+    got = (rollback["step"], rollback["from_step"], rollback["source"], rollback["skipped_data"])
+    assert got == (6, 9, "memory", True)
     by_step = {}
     for m in metrics:
         by_step.setdefault(m["step"], []).append(m)
