@@ -7,7 +7,7 @@ the launch configurations ``kernels.triton_*`` choose at the shapes below; the b
 the compile metadata gives the dynamic shared memory. A kernel the GPU compiler rejects raises here.
 It checks compilation and resources only: numerics need the interpreter tests or a GPU.
 
-Run ``python -m kernels.compile_check`` for the table; ``tests/test_kernels_compile.py`` runs it in
+Run ``python -m kernels.compile_check`` for the table; ``tests/kernels/test_kernels_compile.py`` runs it in
 ``make test`` and fails on a compile error or a spill in a forward kernel.
 
 Shape letters: H heads, D head dim, HI indexer heads, DI indexer head dim.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 
 # (TP, PP, EP, DP, VP): the parity suite of issue 5 plus interleaved 1F1B (VP = 2), at most 4 ranks each
 LAYOUTS = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (1, 1, 1, 2, 1), (1, 1, 2, 2, 1), (2, 2, 1, 1, 1),

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.spec import SpikeGuardSpec
 from v4train.orchestrator.spike_guard import SpikeGuard

@@ -4,30 +4,21 @@ checkpoint equal the uninterrupted run's bit for bit. Runs the real CLI in subpr
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tiny_job
-
-REPO = Path(__file__).resolve().parents[1]
-V4TRAIN = [sys.executable, "-m", "v4train.orchestrator.cli"]
+from support.cli import V4TRAIN, cli_env
+from support.jobs import tiny_job
+from support.paths import REPO_ROOT
 
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _env() -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.mark.timeout(600)
@@ -43,13 +34,15 @@ def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
 
     # Uninterrupted reference.
     ref_dir = tmp_path / "ref"
-    ref = subprocess.run(argv[:-1] + [str(ref_dir)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    ref = subprocess.run(argv[:-1] + [str(ref_dir)], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
+                         timeout=400)
     assert ref.returncode == 0, ref.stderr[-2000:]
     reference = {m["step"]: m for m in _records(ref_dir / "metrics.jsonl")}
     assert sorted(reference) == list(range(1, 9))
 
     # Interrupted run: Ctrl-C as soon as the step-2 checkpoint (saved asynchronously) has committed.
-    proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 300
     while not any(e["event"] == "checkpoint_committed" for e in _records(run_dir / "events.jsonl")):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -64,7 +57,7 @@ def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
     interrupted_at = max(m["step"] for m in _records(run_dir / "metrics.jsonl"))
     assert interrupted_at < 8
 
-    resumed = subprocess.run(V4TRAIN + ["resume", str(run_dir)], cwd=REPO, env=_env(), capture_output=True,
+    resumed = subprocess.run(V4TRAIN + ["resume", str(run_dir)], cwd=REPO_ROOT, env=cli_env(), capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     starts = [e for e in _records(run_dir / "events.jsonl") if e["event"] == "start"]

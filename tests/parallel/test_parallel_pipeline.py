@@ -1,39 +1,31 @@
 """Pipeline and data-parallel parity on gloo.
 
-A toy stage model (embedding, residual LayerNorm/Linear blocks, head + per-token cross-entropy;
-layers keyed by global index, boundary x_SBH) trains for two steps through
+The toy stage model of ``support.toy_pipeline`` trains for two steps through
 parallel.schedules.forward_backward + all_reduce_gradients + clip_grad_norm_ + build_optimizer under
 (pp, dp) in {(1,1), (2,1), (1,2), (2,2)} and must reproduce a plain single-process torch reference
 (full batch, torch AdamW, torch clip_grad_norm_). One spawn of 4 ranks runs every layout: (2,2) on
 4 ranks, then ranks 0-1 meet again as a world of 2 for (2,1) and (1,2), then rank 0 alone for
 (1,1), switching layouts with groups.destroy() + groups.initialize() as a reused rank pool would.
-
-Shape letters: B batch, S sequence, H hidden (stage boundary width), V vocabulary.
 """
-
 from __future__ import annotations
 
-import datetime
 import faulthandler
-import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from _spawn import free_ports, spawn_ranks
+from support.spawn import free_ports, spawn_ranks
+from support.toy_pipeline import (
+    EPS, GLOBAL_BATCH, H, LR, MAX_NORM, MICROBATCHES, S, STEPS, WEIGHT_DECAY, ToyStage, assert_layout_matches,
+    forward_step, join, microbatches, refusal,
+)
 from v4train.parallel import groups
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.groups import ParallelContext
 from v4train.parallel.optim import build_optimizer, clip_grad_norm_
 from v4train.parallel.schedules import forward_backward
-
-V, H, S, NUM_LAYERS = 16, 8, 4, 4
-GLOBAL_BATCH, MICROBATCHES, STEPS = 8, 4, 2
-LR, WEIGHT_DECAY, EPS, MAX_NORM = 1e-2, 0.1, 1e-8, 0.5
-RTOL = 1e-6
 
 # The CPU parity suite: gloo, CPU stages and the CPU shim (a no-op on CUDA hosts, where Megatron
 # allocates p2p buffers on the GPU). GPU parity needs NCCL and device placement.
@@ -44,78 +36,6 @@ RANK_HANG_S = 240
 POOL_DEADLINE_S = 270
 
 
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(H)
-        self.proj = nn.Linear(H, H)
-
-    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
-        return x_SBH + torch.tanh(self.proj(self.norm(x_SBH)))
-
-
-class ToyStage(nn.Module):
-    """Stage ``pp_rank`` of ``pp_size`` of the toy model; parameters are initialised from their
-    names, so every split builds the same values as the single-stage reference."""
-
-    def __init__(self, pp_rank: int, pp_size: int) -> None:
-        super().__init__()
-        per_stage = NUM_LAYERS // pp_size
-        self.embed = nn.Embedding(V, H) if pp_rank == 0 else None
-        self.layers = nn.ModuleDict(
-            {str(i): _Block() for i in range(pp_rank * per_stage, (pp_rank + 1) * per_stage)}
-        )
-        self.head = nn.Linear(H, V) if pp_rank == pp_size - 1 else None
-        self.input_SBH = None
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-
-    def set_input_tensor(self, x_SBH: torch.Tensor | None) -> None:
-        self.input_SBH = x_SBH
-
-    def forward(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        x_SBH = self.embed(tokens_BS).transpose(0, 1) if self.embed is not None else self.input_SBH
-        for block in self.layers.values():
-            x_SBH = block(x_SBH)
-        if self.head is None:
-            return x_SBH
-        logits_BSV = self.head(x_SBH).transpose(0, 1)
-        loss_N = F.cross_entropy(logits_BSV.reshape(-1, V), labels_BS.reshape(-1), reduction="none")
-        return loss_N.view(labels_BS.shape)
-
-
-def _global_batches() -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens and labels, each [STEPS, GLOBAL_BATCH, S]."""
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, V, (STEPS, GLOBAL_BATCH, S + 1), generator=gen)
-    return ids[..., :-1], ids[..., 1:]
-
-
-def _microbatches(step: int, pctx: ParallelContext, num_microbatches: int) -> list[tuple]:
-    """This DP rank's contiguous slice of the global batch, cut into microbatches."""
-    tokens, labels = _global_batches()
-    per_rank = GLOBAL_BATCH // pctx.dp
-    rows = slice(pctx.dp_rank * per_rank, (pctx.dp_rank + 1) * per_rank)
-    return list(
-        zip(tokens[step, rows].chunk(num_microbatches), labels[step, rows].chunk(num_microbatches))
-    )
-
-
-def _forward_step(data_iterator, model):
-    tokens_BS, labels_BS = next(data_iterator)
-    output = model(tokens_BS, labels_BS)
-
-    def loss_func(loss_BS):
-        loss = loss_BS.mean()
-        # Deliberately shares storage with `loss`: forward_backward must protect it from
-        # Megatron's in-place division by num_microbatches.
-        return loss, {"loss": loss.detach()}
-
-    return output, loss_func
-
-
 def _train(pctx: ParallelContext, num_microbatches: int = MICROBATCHES) -> dict:
     stage = ToyStage(pctx.pp_rank, pctx.pp)
     optimizer = build_optimizer(stage.named_parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
@@ -124,7 +44,7 @@ def _train(pctx: ParallelContext, num_microbatches: int = MICROBATCHES) -> dict:
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
         logged = forward_backward(
-            _forward_step, iter(_microbatches(step, pctx, num_microbatches)), stage,
+            forward_step, iter(microbatches(step, pctx, num_microbatches)), stage,
             num_microbatches=num_microbatches, seq_length=S, micro_batch_size=micro_batch_size,
             hidden_size=H, pctx=pctx,
         )
@@ -137,7 +57,7 @@ def _train(pctx: ParallelContext, num_microbatches: int = MICROBATCHES) -> dict:
             assert logged == []
     optimizer.zero_grad(set_to_none=True)
     logged = forward_backward(
-        _forward_step, iter(_microbatches(0, pctx, num_microbatches)), stage,
+        forward_step, iter(microbatches(0, pctx, num_microbatches)), stage,
         num_microbatches=num_microbatches, seq_length=S, micro_batch_size=micro_batch_size,
         hidden_size=H, pctx=pctx, forward_only=True,
     )
@@ -175,27 +95,12 @@ def _none_grads(pctx: ParallelContext) -> dict:
     return {"a": a.grad, "b": b.grad, "c": c.grad, "frozen": frozen.grad, "big": big.grad}
 
 
-def _refusal(fn) -> str:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return "no error"
-
-
-def _join(port: int, rank: int, world_size: int) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-
-
 def _pool_main(rank: int, ports: list[int], out_dir: str) -> None:
     faulthandler.dump_traceback_later(RANK_HANG_S, exit=True)
     results: dict = {}
-    _join(ports[0], rank, 4)
-    results["tp*pp*dp != world"] = _refusal(lambda: groups.initialize(1, 2, 1, 1))
-    results["ep does not divide tp*dp"] = _refusal(lambda: groups.initialize(1, 2, 3, 2))
+    join(ports[0], rank, 4)
+    results["tp*pp*dp != world"] = refusal(lambda: groups.initialize(1, 2, 1, 1))
+    results["ep does not divide tp*dp"] = refusal(lambda: groups.initialize(1, 2, 3, 2))
     pctx = groups.initialize(1, 2, 2, 2)
     results["ep2"] = (pctx.ep, pctx.ep_rank, dist.get_process_group_ranks(pctx.ep_group))
     pctx = groups.initialize(1, 2, 1, 2)  # re-layout on the same default group
@@ -205,16 +110,16 @@ def _pool_main(rank: int, ports: list[int], out_dir: str) -> None:
     groups.destroy()
     dist.destroy_process_group()
     if rank < 2:
-        _join(ports[1], rank, 2)
+        join(ports[1], rank, 2)
         pctx = groups.initialize(1, 2, 1, 1)
         results[(2, 1)] = _train(pctx)
         stage = ToyStage(pctx.pp_rank, pctx.pp)
-        results["mismatch"] = _refusal(lambda: forward_backward(
-            _forward_step, iter([]), stage, num_microbatches=4 - rank, seq_length=S,
+        results["mismatch"] = refusal(lambda: forward_backward(
+            forward_step, iter([]), stage, num_microbatches=4 - rank, seq_length=S,
             micro_batch_size=2, hidden_size=H, pctx=pctx,
         ))
-        results["no set_input_tensor"] = _refusal(lambda: forward_backward(
-            _forward_step, iter([]), nn.Linear(1, 1) if rank == 1 else stage, num_microbatches=4,
+        results["no set_input_tensor"] = refusal(lambda: forward_backward(
+            forward_step, iter([]), nn.Linear(1, 1) if rank == 1 else stage, num_microbatches=4,
             seq_length=S, micro_batch_size=2, hidden_size=H, pctx=pctx,
         ))
         results["(2,1) with 1 microbatch"] = _train(pctx, num_microbatches=1)
@@ -223,7 +128,7 @@ def _pool_main(rank: int, ports: list[int], out_dir: str) -> None:
         groups.destroy()
         dist.destroy_process_group()
     if rank == 0:
-        _join(ports[2], rank, 1)
+        join(ports[2], rank, 1)
         results[(1, 1)] = _train(groups.initialize(1, 1, 1, 1))
         groups.destroy()
         dist.destroy_process_group()
@@ -238,74 +143,22 @@ def pool(tmp_path_factory) -> dict[int, dict]:
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)}
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    """Plain single-process training: full batch, torch AdamW and torch clip_grad_norm_."""
-    model = ToyStage(0, 1)
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=LR, betas=(0.9, 0.95), eps=EPS,
-    )
-    tokens, labels = _global_batches()
-    losses, norms = [], []
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(tokens[step], labels[step]).mean()
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
-        optimizer.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        eval_loss = model(tokens[0], labels[0]).mean().item()
-    assert min(norms) > MAX_NORM, "clipping must be active for the parity test to cover it"
-    return {
-        "losses": losses, "norms": norms, "eval_loss": eval_loss,
-        "params": {name: p.detach().clone() for name, p in named},
-    }
-
-
-def _assert_layout_matches(results: list[dict], reference: dict, pp: int, dp: int) -> None:
-    assert sorted((r["pp_rank"], r["dp_rank"]) for r in results) == [
-        (p, d) for p in range(pp) for d in range(dp)
-    ]
-    names = set().union(*(r["params"] for r in results))
-    assert names == set(reference["params"])
-    for r in results:
-        for name, value in r["params"].items():
-            torch.testing.assert_close(value, reference["params"][name], rtol=RTOL, atol=1e-7)
-        assert r["norms"] == pytest.approx(reference["norms"], rel=RTOL)
-        assert r["grads_after_eval"] == []
-        if r["pp_rank"] == pp - 1:
-            assert r["losses"] == pytest.approx(reference["losses"], rel=RTOL)
-            assert r["eval_loss"] == pytest.approx(reference["eval_loss"], rel=RTOL)
-        else:
-            assert r["losses"] == [] and r["eval_loss"] is None
-    for a in results:  # data-parallel replicas stay bit-identical
-        for b in results:
-            if a["pp_rank"] == b["pp_rank"]:
-                assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
-
-
 @pytest.mark.parametrize(
     ("layout", "ranks"),
     [((1, 1), [0]), ((2, 1), [0, 1]), ((1, 2), [0, 1]), ((2, 2), [0, 1, 2, 3])],
     ids=["pp1-dp1", "pp2-dp1", "pp1-dp2", "pp2-dp2"],
 )
-def test_layout_matches_single_process_reference(pool, reference, layout, ranks):
-    _assert_layout_matches([pool[r][layout] for r in ranks], reference, *layout)
+def test_layout_matches_single_process_reference(pool, toy_reference, layout, ranks):
+    assert_layout_matches([pool[r][layout] for r in ranks], toy_reference, *layout)
 
 
-def test_fewer_microbatches_than_stages(pool, reference):
+def test_fewer_microbatches_than_stages(pool, toy_reference):
     """1F1B with num_microbatches=1 < pp=2: warm-up and cool-down only, same result."""
-    _assert_layout_matches([pool[r]["(2,1) with 1 microbatch"] for r in (0, 1)], reference, 2, 1)
+    assert_layout_matches([pool[r]["(2,1) with 1 microbatch"] for r in (0, 1)], toy_reference, 2, 1)
 
 
-def test_single_process_context_without_torch_distributed(reference):
-    _assert_layout_matches([_train(ParallelContext.single())], reference, 1, 1)
+def test_single_process_context_without_torch_distributed(toy_reference):
+    assert_layout_matches([_train(ParallelContext.single())], toy_reference, 1, 1)
 
 
 def test_rank_order_is_tp_cp_ep_dp_pp(pool):

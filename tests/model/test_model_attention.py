@@ -4,7 +4,7 @@ gradients), causality, the window edge, document masking, the sink, RoPE de-rota
 import pytest
 import torch
 
-from _model_helpers import WINDOW, make_attention, run
+from support.model import WINDOW, make_attention, run
 from v4train.model.layout import segment_bounds, window_indices
 from v4train.model.rope import apply_rope, rope_angles, rope_frequencies
 from v4train.kernels import torch_cores as sparse_core

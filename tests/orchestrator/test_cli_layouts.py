@@ -8,14 +8,15 @@ import subprocess
 
 import pytest
 
-from test_cli_resume import REPO, V4TRAIN, _env
+from support.cli import V4TRAIN, cli_env
+from support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(1800)
 def test_demo_on_eight_devices_logs_the_one_device_losses(tmp_path):
-    if not (REPO / "datasets" / "shakespeare" / "dataset.json").exists():
+    if not (REPO_ROOT / "datasets" / "shakespeare" / "dataset.json").exists():
         pytest.skip("needs the demo dataset: v4train prepare-data --source shakespeare --out datasets/shakespeare")
     losses = {}
     for devices, (tp, pp, dp) in ((8, (2, 2, 2)), (1, (1, 1, 1))):
@@ -23,7 +24,7 @@ def test_demo_on_eight_devices_logs_the_one_device_losses(tmp_path):
         layout = [f"--set=parallel.{k}={v}" for k, v in (("tp", tp), ("pp", pp), ("ep", 1), ("dp", dp))]
         subprocess.run([*V4TRAIN, "submit", "configs/demo.yaml", "--cluster", f"clusters/local-sim-{devices}.yaml",
                         *layout, "--set=train.steps=3", "--set=train.eval_batches=0", "--run-dir", str(run_dir)],
-                       cwd=REPO, env=_env(), check=True, timeout=1500)
+                       cwd=REPO_ROOT, env=cli_env(), check=True, timeout=1500)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[devices] = [(r["step"], r["loss"]) for r in records]
     assert [s for s, _ in losses[1]] == [1, 2, 3]

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _model_helpers import small_cfg
-from _spawn import free_ports, spawn_ranks
+from support.model import small_cfg
+from support.spawn import free_ports, spawn_ranks
 from v4train.model import V4Stage
 from v4train.model.config import ModelConfig
 from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit, hybrid_newton_schulz

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 
 
 @pytest.mark.timeout(600)

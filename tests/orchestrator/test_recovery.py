@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.worker import WorkerGroup
 

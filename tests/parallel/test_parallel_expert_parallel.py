@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _spawn import free_ports, spawn_ranks
+from support.spawn import free_ports, spawn_ranks
 from v4train.model.config import ModelConfig
 from v4train.model.moe import LocalExperts, expert_parallel_experts
 

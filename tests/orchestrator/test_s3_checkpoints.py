@@ -10,18 +10,17 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
+from support.paths import REPO_ROOT
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.storage import Storage
 from v4train.orchestrator.worker import WorkerGroup
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _job(dataset, s3, prefix, **train):
@@ -75,7 +74,7 @@ def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dat
     cli = [sys.executable, "-m", "v4train.orchestrator.cli"]
     killed = subprocess.run(cli + ["submit", str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
                                    "--run-dir", str(run_dir), "--inject-fault", "kill_during_save@4:rank=supervisor"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     storage = Storage(job["checkpoint"]["root"], endpoint_url=s3_server["endpoint_url"])
     assert checkpoint.latest_committed(storage) == "step_00000002"
@@ -83,7 +82,7 @@ def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dat
     aborted = [n for n, ok in listed.items() if not ok]
     assert len(aborted) == 1 and aborted[0].startswith("step_00000004.attempt-")
 
-    resumed = subprocess.run(cli + ["resume", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+    resumed = subprocess.run(cli + ["resume", str(run_dir)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +92,7 @@ def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dat
     assert not any(".attempt-" in c["name"] for c in checkpoint.list_checkpoints(storage))
 
     verify = subprocess.run(cli + ["ckpt", "verify", job["checkpoint"]["root"], "--endpoint-url",
-                                   s3_server["endpoint_url"]], cwd=REPO, env=env, capture_output=True, text=True)
+                                   s3_server["endpoint_url"]], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     # Credentials never appear in the run directory (job.yaml, events, metrics, rank logs).
     for path in run_dir.rglob("*"):

@@ -1,6 +1,6 @@
 """Interleaved 1F1B (virtual pipeline stages) parity on gloo.
 
-The toy model of test_parallel_pipeline (NUM_LAYERS = 4 blocks) is cut into pp*vp = 2*2 virtual
+The toy model of support.toy_pipeline (NUM_LAYERS = 4 blocks) is cut into pp*vp = 2*2 virtual
 stages: chunk i on pipeline rank r is virtual stage i*pp + r (Megatron's placement), i.e. rank 0
 holds stages 0 (embedding, block 0) and 2 (block 2), rank 1 holds stages 1 (block 1) and 3 (block 3,
 head). Trained through parallel.schedules.forward_backward with a list of chunks, it must reproduce
@@ -21,22 +21,21 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _spawn import free_ports, spawn_ranks
+from support.spawn import free_ports, spawn_ranks
+from support.toy_pipeline import (
+    EPS, GLOBAL_BATCH, H, LR, MAX_NORM, MICROBATCHES, RTOL, S, STEPS, WEIGHT_DECAY, ToyStage, assert_layout_matches,
+    forward_step, global_batches, join, microbatches, refusal,
+)
 from v4train.parallel import groups
 from v4train.parallel.groups import ParallelContext
 from v4train.parallel.optim import build_optimizer, clip_grad_norm_
 from v4train.parallel.schedules import forward_backward
-from test_parallel_pipeline import (  # the toy model, its data and the reference are shared
-    EPS, GLOBAL_BATCH, H, LR, MAX_NORM, MICROBATCHES, RTOL, S, STEPS, WEIGHT_DECAY, ToyStage,
-    _assert_layout_matches, _forward_step, _global_batches, _join, _microbatches,
-    _refusal, reference,  # noqa: F401 (pytest fixture)
-)
 
 PP, VP = 2, 2
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo suite")
 # A hung rank dumps its stack and exits after RANK_HANG_S; the spawn takes ~15 s on 2 idle cores but
-# several times that on a loaded machine (as tests/test_parallel_pipeline.py), hence the margin.
+# several times that on a loaded machine (as tests/parallel/test_parallel_pipeline.py), hence the margin.
 RANK_HANG_S = 240
 POOL_DEADLINE_S = 270
 
@@ -48,9 +47,9 @@ def _chunks(pctx: ParallelContext) -> list[ToyStage]:
 
 def _run(chunks: list[ToyStage], pctx: ParallelContext, step: int, num_microbatches: int,
          forward_only: bool = False) -> list[dict]:
-    microbatches = _microbatches(step, pctx, num_microbatches)
+    batches = microbatches(step, pctx, num_microbatches)
     return forward_backward(
-        _forward_step, [iter(microbatches) for _ in chunks], chunks,
+        forward_step, [iter(batches) for _ in chunks], chunks,
         num_microbatches=num_microbatches, seq_length=S,
         micro_batch_size=GLOBAL_BATCH // num_microbatches, hidden_size=H, pctx=pctx,
         forward_only=forward_only,
@@ -58,7 +57,7 @@ def _run(chunks: list[ToyStage], pctx: ParallelContext, step: int, num_microbatc
 
 
 def _train(pctx: ParallelContext, num_microbatches: int) -> dict:
-    """Two clipped AdamW steps and an evaluation pass; the fields _assert_layout_matches reads,
+    """Two clipped AdamW steps and an evaluation pass; the fields assert_layout_matches reads,
     plus the first step's per-microbatch losses and gradients."""
     chunks = _chunks(pctx)
     named = list(itertools.chain.from_iterable(c.named_parameters() for c in chunks))
@@ -95,15 +94,15 @@ def _train(pctx: ParallelContext, num_microbatches: int) -> dict:
 
 def _pool_main(rank: int, port: int, out_dir: str) -> None:
     faulthandler.dump_traceback_later(RANK_HANG_S, exit=True)
-    _join(port, rank, PP)
+    join(port, rank, PP)
     pctx = groups.initialize(1, PP, 1, 1)
     chunks = _chunks(pctx)
     results = {
-        "microbatches not a multiple of pp": _refusal(lambda: _run(chunks, pctx, 0, 3)),
+        "microbatches not a multiple of pp": refusal(lambda: _run(chunks, pctx, 0, 3)),
         # Rank 1 passes one chunk (plain 1F1B) while rank 0 passes two.
-        "vp mismatch": _refusal(lambda: _run(chunks[: VP - rank], pctx, 0, MICROBATCHES)),
-        "one iterator for all chunks": _refusal(lambda: forward_backward(
-            _forward_step, iter([]) if rank == 1 else [iter([])] * VP, chunks,
+        "vp mismatch": refusal(lambda: _run(chunks[: VP - rank], pctx, 0, MICROBATCHES)),
+        "one iterator for all chunks": refusal(lambda: forward_backward(
+            forward_step, iter([]) if rank == 1 else [iter([])] * VP, chunks,
             num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=2, hidden_size=H,
             pctx=pctx,
         )),
@@ -128,7 +127,7 @@ def first_step() -> dict:
     """The reference's first step: per-microbatch losses (of each microbatch count) and the
     gradients of the full-batch mean loss (= the mean of the microbatch losses: equal sizes)."""
     model = ToyStage(0, 1)
-    tokens, labels = _global_batches()
+    tokens, labels = global_batches()
     model(tokens[0], labels[0]).mean().backward()
     return {
         "grads": {name: p.grad for name, p in model.named_parameters()},
@@ -141,10 +140,10 @@ def first_step() -> dict:
 
 @pytest.mark.parametrize("num_microbatches", [MICROBATCHES, PP], ids=["m4", "m2-all-warmup"])
 def test_interleaved_matches_single_process_reference(
-    pool, reference, first_step, num_microbatches
+    pool, toy_reference, first_step, num_microbatches
 ):
     results = [pool[rank][num_microbatches] for rank in range(PP)]
-    _assert_layout_matches(results, reference, PP, 1)
+    assert_layout_matches(results, toy_reference, PP, 1)
     for r in results:
         assert set(r["first_grads"]) == set(r["params"])
         for name, grad in r["first_grads"].items():
@@ -189,26 +188,26 @@ def test_refuses_chunks_without_pipeline_parallelism():
     chunks = [ToyStage(0, 2), ToyStage(1, 2)]
     with pytest.raises(ValueError, match=r"vp=2 model chunks need pipeline parallelism"):
         forward_backward(
-            _forward_step, [iter([]), iter([])], chunks, num_microbatches=2, seq_length=S,
+            forward_step, [iter([]), iter([])], chunks, num_microbatches=2, seq_length=S,
             micro_batch_size=4, hidden_size=H, pctx=ParallelContext.single(),
         )
     with pytest.raises(ValueError, match=r"stage_module is an empty list of model chunks"):
         forward_backward(
-            _forward_step, [], [], num_microbatches=2, seq_length=S, micro_batch_size=4,
+            forward_step, [], [], num_microbatches=2, seq_length=S, micro_batch_size=4,
             hidden_size=H, pctx=ParallelContext.single(),
         )
 
 
-def test_one_chunk_list_is_the_plain_schedule(reference):
+def test_one_chunk_list_is_the_plain_schedule(toy_reference):
     stage = ToyStage(0, 1)
-    tokens, labels = _global_batches()
-    microbatches = list(zip(tokens[0].chunk(MICROBATCHES), labels[0].chunk(MICROBATCHES)))
+    tokens, labels = global_batches()
+    batches = list(zip(tokens[0].chunk(MICROBATCHES), labels[0].chunk(MICROBATCHES)))
     logged = forward_backward(
-        _forward_step, [iter(microbatches)], torch.nn.ModuleList([stage]),
+        forward_step, [iter(batches)], torch.nn.ModuleList([stage]),
         num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=GLOBAL_BATCH // MICROBATCHES,
         hidden_size=H, pctx=ParallelContext.single(),
     )
     mean_loss = torch.stack([d["loss"] for d in logged]).mean().item()
-    assert mean_loss == pytest.approx(reference["losses"][0], rel=RTOL)
+    assert mean_loss == pytest.approx(toy_reference["losses"][0], rel=RTOL)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in stage.parameters()]))
-    assert norm.item() == pytest.approx(reference["norms"][0], rel=RTOL)
+    assert norm.item() == pytest.approx(toy_reference["norms"][0], rel=RTOL)

@@ -10,36 +10,22 @@ from v4train.model.indexer import indexer_kl, indexer_scores
 from v4train.model.layout import SequenceContext, compressed_layout, segment_bounds
 from v4train.model.rope import apply_rope, rope_angles
 from v4train import kernels
-from _model_helpers import make_attention, run
-
-CSA, HCA = 1, 2  # layer indices of small_cfg: ratios 4 and 8
-
-
-def _docs_positions(lengths, B=2):
-    return torch.cat([torch.arange(n) for n in lengths]).repeat(B, 1)
-
-
-def _x(B, T, seed=1):
-    return torch.randn(B, T, 32, generator=torch.Generator().manual_seed(seed))
+from support.attention_reference import (
+    CSA, HCA, brute_entries, docs_positions, finish_output, masked_softmax_out, random_input, reference_entries,
+    reference_layer,
+)
+from support.model import make_attention, run
 
 
 # --------------------------------------------------------------------------------------- layout
-def _brute_entries(pos_row, m):
-    """[(first token, doc start)] of every complete block of every document, in token order."""
-    T = len(pos_row)
-    starts = [t for t in range(T) if t == 0 or pos_row[t] != pos_row[t - 1] + 1]
-    bounds = list(zip(starts, starts[1:] + [T]))
-    return [(s + j * m, s) for s, e in bounds for j in range((e - s) // m)]
-
-
 @pytest.mark.parametrize("m", [4, 8])
 def test_layout_aligns_blocks_to_documents_and_follows_the_visibility_rule(m):
-    pos = torch.stack([_docs_positions([13, 7, 20], 1)[0], _docs_positions([40], 1)[0]])
+    pos = torch.stack([docs_positions([13, 7, 20], 1)[0], docs_positions([40], 1)[0]])
     start, end = segment_bounds(pos)
     lay = compressed_layout(pos, start, end, m)
     assert lay.n_slots == 40 // m
     for b in range(2):
-        entries = _brute_entries(pos[b].tolist(), m)
+        entries = brute_entries(pos[b].tolist(), m)
         n = len(entries)
         assert lay.starts_BN[b, :n].tolist() == [s for s, _ in entries]
         assert (lay.starts_BN[b, n:] == 40).all() and lay.valid_BN[b].sum() == n
@@ -60,7 +46,7 @@ def test_layout_aligns_blocks_to_documents_and_follows_the_visibility_rule(m):
 
 def test_fewer_tokens_than_a_block_means_no_compressed_entries():
     attn = make_attention(HCA)  # m' = 8
-    x, pos = _x(2, 6), _docs_positions([6])
+    x, pos = random_input(2, 6), docs_positions([6])
     lay = SequenceContext(pos, pos).layout(8)
     assert lay.n_slots == 0 and lay.dense_indices().shape == (2, 6, 0)
     swa_like = run(attn, x, pos)
@@ -77,7 +63,7 @@ def _compressor_inputs(attn, x, pos):
 
 def test_hca_entry_pools_exactly_its_own_block():
     attn = make_attention(HCA)
-    x, pos = _x(1, 24), _docs_positions([24], 1)
+    x, pos = random_input(1, 24), docs_positions([24], 1)
     lay, entries = _compressor_inputs(attn, x, pos)
     comp = attn.compressor
     j, m = 1, 8
@@ -93,7 +79,7 @@ def test_hca_entry_pools_exactly_its_own_block():
 def test_entry_depends_on_its_block_and_for_csa_the_previous_one(layer, reach):
     attn = make_attention(layer)
     m = attn.ratio
-    x, pos = _x(1, 4 * m), _docs_positions([4 * m], 1)
+    x, pos = random_input(1, 4 * m), docs_positions([4 * m], 1)
     _, base = _compressor_inputs(attn, x, pos)
     for s in range(4 * m):
         x2 = x.clone()
@@ -110,7 +96,7 @@ def test_csa_first_block_pads_the_overlap_series():
     attn = make_attention(CSA)
     comp = attn.compressor
     c = comp.head_dim
-    x, pos = _x(1, 16), _docs_positions([16], 1)
+    x, pos = random_input(1, 16), docs_positions([16], 1)
     _, entries = _compressor_inputs(attn, x, pos)
     tokens = x[0, :4]
     kv_a, z_a = comp.wkv(tokens)[:, c:], comp.wgate(tokens)[:, c:] + comp.ape[:, c:]
@@ -118,7 +104,7 @@ def test_csa_first_block_pads_the_overlap_series():
     expected = apply_rope(comp.norm((kv_a * z_a.softmax(0)).sum(0)).view(1, 1, -1), cos, sin)[0, 0]
     torch.testing.assert_close(entries[0, 0], expected, rtol=1e-5, atol=1e-6)
     # and a second document's first entry does not reach back into the first document
-    pos2 = _docs_positions([6, 10], 1)
+    pos2 = docs_positions([6, 10], 1)
     _, e2 = _compressor_inputs(attn, x, pos2)
     x3 = x.clone()
     x3[0, 4:6] += 3.0  # the tail of document 1, directly before document 2's first block
@@ -133,7 +119,7 @@ def test_visibility_rule_through_the_layer_with_a_one_token_window(layer, mode):
     # output t iff s lies in a block j with (j+1)*m <= t+1 (or, for CSA, in block j-1 of such a j)
     attn = make_attention(layer, window=1)
     m, T = attn.ratio, 4 * attn.ratio
-    x, pos = _x(1, T), _docs_positions([T], 1)
+    x, pos = random_input(1, T), docs_positions([T], 1)
     base = run(attn, x, pos, mode)
     for s in range(0, T - 1, max(1, m // 4)):
         x2 = x.clone()
@@ -150,7 +136,7 @@ def test_visibility_rule_through_the_layer_with_a_one_token_window(layer, mode):
 def test_compressed_layers_are_causal(layer, mode):
     attn = make_attention(layer)
     attn.train()
-    x, pos = _x(2, 40), _docs_positions([17, 23])
+    x, pos = random_input(2, 40), docs_positions([17, 23])
     y = run(attn, x, pos, mode)
     for t0 in (7, 9, 15, 17, 24, 32):  # 7, 15, 24 (= 17 + 7), 32 (= 17 + 15): one token past a block end
         x2 = x.clone()
@@ -163,83 +149,11 @@ def test_compressed_layers_are_causal(layer, mode):
 @pytest.mark.parametrize("layer, mode", [(CSA, "dense"), (CSA, "sparse"), (HCA, "dense")])
 def test_documents_are_compressed_and_attended_on_their_own(layer, mode):
     attn = make_attention(layer)
-    x, pos = _x(2, 40), _docs_positions([17, 23])
+    x, pos = random_input(2, 40), docs_positions([17, 23])
     y = run(attn, x, pos, mode)
     x2 = x.clone()
     x2[:, :17] += torch.randn(2, 17, 32)
     torch.testing.assert_close(run(attn, x2, pos, mode)[:, 17:], y[:, 17:], rtol=0, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------- brute-force reference
-def _reference_entries(comp, x_row, pos_row, m, freqs):
-    """Every complete block of every document, pooled with explicit per-channel softmaxes."""
-    c = comp.head_dim
-    kv_all, z_all = comp.wkv(x_row), comp.wgate(x_row)
-    out = []
-    for s, d in _brute_entries(pos_row.tolist(), m):
-        slots = torch.arange(m)
-        if comp.overlap:
-            kv_cur, z_cur = kv_all[s:s + m, c:], z_all[s:s + m, c:] + comp.ape[:, c:]
-            if s - d >= m:
-                kv_prev, z_prev = kv_all[s - m:s, :c], z_all[s - m:s, :c] + comp.ape[:, :c]
-                kv_cur, z_cur = torch.cat([kv_prev, kv_cur]), torch.cat([z_prev, z_cur])
-        else:
-            kv_cur, z_cur = kv_all[s + slots], z_all[s + slots] + comp.ape
-        pooled = (kv_cur * z_cur.softmax(dim=0)).sum(0)
-        cos, sin = rope_angles(pos_row[s].view(1, 1), freqs)
-        out.append((s, d, apply_rope(comp.norm(pooled).view(1, 1, c), cos, sin)[0, 0]))
-    return out
-
-
-def _reference_layer(attn, x, pos, mode):
-    """The whole layer with a [T, T + entries] masked softmax per row (test-size only)."""
-    B, T, _ = x.shape
-    H, C, W, m = attn.n_heads, attn.head_dim, attn.window, attn.ratio
-    cos, sin = rope_angles(pos, attn.rope_freqs)
-    qr = attn.q_norm(attn.wq_a(x))
-    q = attn.wq_b(qr).unflatten(-1, (H, C))
-    q = apply_rope(q * torch.rsqrt(q.square().mean(-1, keepdim=True) + attn.eps), cos, sin)
-    kv = apply_rope(attn.kv_norm(attn.wkv(x)), cos, sin)
-    out = torch.zeros(B, T, H, C)
-    picked = []
-    for b in range(B):
-        doc = [t - int(pos[b, t]) for t in range(T)]
-        entries = _reference_entries(attn.compressor, x[b], pos[b], m, attn.rope_freqs) if m else []
-        keys = torch.cat([kv[b], torch.stack([e for _, _, e in entries])]) if entries else kv[b]
-        allowed = torch.zeros(T, keys.shape[0], dtype=torch.bool)
-        if attn.kind == "csa" and mode == "sparse":
-            ik = _reference_entries(attn.indexer.compressor, x[b], pos[b], m, attn.rope_freqs)
-            qi = apply_rope(attn.indexer.wq_b(qr[b:b + 1]).unflatten(-1, (-1, attn.indexer.head_dim)),
-                            cos[b:b + 1], sin[b:b + 1])[0]
-            w = attn.indexer.weights_proj(x[b]) * attn.indexer.weight_scale
-        for t in range(T):
-            for j in range(max(0, t - W + 1), t + 1):
-                allowed[t, j] = doc[j] == doc[t]
-            visible = [i for i, (s, d, _) in enumerate(entries) if d == doc[t] and s + m - 1 <= t]
-            if attn.kind == "csa" and mode == "sparse" and visible:
-                scores = torch.stack([(w[t] * (qi[t] @ ik[i][2]).relu()).sum() for i in visible])
-                top = scores.topk(min(attn.indexer.topk, len(visible))).values
-                picked.append((b, t, top, {visible[i]: float(scores[i]) for i in range(len(visible))}))
-                continue  # the selection itself is checked against the efficient path below
-            for i in visible:
-                allowed[t, T + i] = True
-        logits = torch.einsum("thc,nc->thn", q[b], keys) * C ** -0.5
-        out[b] = _masked_softmax_out(logits, allowed, keys, attn.attn_sink)
-    return q, kv, out, picked
-
-
-def _masked_softmax_out(logits, allowed, keys, sink):
-    e = torch.where(allowed.unsqueeze(1), logits.exp(), 0.0)
-    p = e / (e.sum(-1, keepdim=True) + sink.view(1, -1, 1).exp())
-    return torch.einsum("thn,nc->thc", p, keys)
-
-
-def _finish(attn, o, pos):
-    B, T = pos.shape
-    cos, sin = rope_angles(pos, attn.rope_freqs)
-    o = apply_rope(o, cos, sin, inverse=True).reshape(B, T, attn.o_groups, -1)
-    wo_a = attn.wo_a.weight.view(attn.o_groups, attn.o_lora_rank, -1)
-    return attn.wo_b(torch.einsum("btgi,gri->btgr", o, wo_a).flatten(2))
 
 
 @pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])
@@ -247,18 +161,18 @@ def _finish(attn, o, pos):
 def test_efficient_layer_equals_brute_force_reference_in_dense_mode(layer, shared_ratio, monkeypatch):
     monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)  # both ways of computing a chunk
     attn = make_attention(layer)
-    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    x, pos = random_input(2, 37), torch.stack([docs_positions([11, 26], 1)[0], docs_positions([37], 1)[0]])
     with torch.no_grad():
         got = run(attn, x, pos, "dense")
-        _, _, o, _ = _reference_layer(attn, x, pos, "dense")
-        torch.testing.assert_close(got, _finish(attn, o, pos), rtol=1e-5, atol=1e-5)
+        _, _, o, _ = reference_layer(attn, x, pos, "dense")
+        torch.testing.assert_close(got, finish_output(attn, o, pos), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shared_ratio", [0, 10 ** 9])
 def test_efficient_layer_equals_brute_force_reference_in_sparse_mode(shared_ratio, monkeypatch):
     monkeypatch.setattr(sparse_core, "_SHARED_RATIO", shared_ratio)
     attn = make_attention(CSA, index_topk=3)
-    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    x, pos = random_input(2, 37), torch.stack([docs_positions([11, 26], 1)[0], docs_positions([37], 1)[0]])
     ctx = SequenceContext(pos, pos, attention_mode="sparse")
     with torch.no_grad():
         got = attn(x, ctx)
@@ -268,7 +182,7 @@ def test_efficient_layer_equals_brute_force_reference_in_sparse_mode(shared_rati
         cos_n, sin_n = rope_angles(lay.positions_BN, attn.rope_freqs)
         qr = attn.q_norm(attn.wq_a(x))
         slots = attn.indexer.select(*attn.indexer.project(x, qr, (cos, sin), lay, (cos_n, sin_n)), lay)
-        q, kv, _, picked = _reference_layer(attn, x, pos, "sparse")
+        q, kv, _, picked = reference_layer(attn, x, pos, "sparse")
         for b, t, top, score_of in picked:
             chosen = [int(s) for s in slots[b, t] if s >= 0]
             assert len(chosen) == len(top) and len(set(chosen)) == len(chosen)
@@ -277,7 +191,7 @@ def test_efficient_layer_equals_brute_force_reference_in_sparse_mode(shared_rati
         # the attention over window + the chosen entries, written out densely
         out = torch.zeros_like(q)
         for b in range(2):
-            entries = _reference_entries(attn.compressor, x[b], pos[b], 4, attn.rope_freqs)
+            entries = reference_entries(attn.compressor, x[b], pos[b], 4, attn.rope_freqs)
             keys = torch.cat([kv[b], torch.stack([e for _, _, e in entries])])
             doc = [t - int(pos[b, t]) for t in range(37)]
             allowed = torch.zeros(37, keys.shape[0], dtype=torch.bool)
@@ -288,13 +202,13 @@ def test_efficient_layer_equals_brute_force_reference_in_sparse_mode(shared_rati
                     if s >= 0:
                         allowed[t, 37 + int(s)] = True
             logits = torch.einsum("thc,nc->thn", q[b], keys) * attn.head_dim ** -0.5
-            out[b] = _masked_softmax_out(logits, allowed, keys, attn.attn_sink)
-        torch.testing.assert_close(got, _finish(attn, out, pos), rtol=1e-5, atol=1e-5)
+            out[b] = masked_softmax_out(logits, allowed, keys, attn.attn_sink)
+        torch.testing.assert_close(got, finish_output(attn, out, pos), rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_equals_dense_when_top_k_covers_every_visible_entry():
     attn = make_attention(CSA, index_topk=64)
-    x, pos = _x(2, 40), _docs_positions([17, 23])
+    x, pos = random_input(2, 40), docs_positions([17, 23])
     with torch.no_grad():
         torch.testing.assert_close(run(attn, x, pos, "sparse"), run(attn, x, pos, "dense"), rtol=1e-5, atol=1e-6)
 
@@ -356,7 +270,7 @@ def test_indexer_scores_at_slots_match_the_formula():
 def test_indexer_learns_only_from_its_kl_and_the_rest_only_from_the_output(mode):
     attn = make_attention(CSA)
     attn.train()
-    x, pos = _x(2, 40), _docs_positions([17, 23])
+    x, pos = random_input(2, 40), docs_positions([17, 23])
     ctx = SequenceContext(pos, pos, attention_mode=mode, aux_loss_scale=0.5)
     y = attn(x, ctx)
     kl = attn.aux_log["indexer_loss"][-1]

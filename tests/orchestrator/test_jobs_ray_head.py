@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.paths import REPO_ROOT
 from v4train.orchestrator.worker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 400
 
@@ -82,7 +82,7 @@ def ray_head():
 
 
 def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,7 +90,7 @@ def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
 def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dataset, tmp_path):
     address, env = ray_head
     env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
-    cluster = yaml.safe_load((ROOT / "clusters/local-ray.yaml").read_text()) | {"address": address}
+    cluster = yaml.safe_load((REPO_ROOT / "clusters/local-ray.yaml").read_text()) | {"address": address}
     cluster_file = tmp_path / "local-ray.yaml"
     cluster_file.write_text(yaml.safe_dump(cluster))
     common = ["--cluster", str(cluster_file), "--set", f"data.path={tiny_dataset}", "--set", "train.eval_batches=0",

@@ -12,8 +12,8 @@ from v4train.model.attention import Attention
 from v4train.model.config import ModelConfig
 from v4train.model.layout import SequenceContext
 from v4train.model.rope import apply_rope, rope_angles, rope_frequencies
-from _model_helpers import make_attention, run
-from test_model_compressed import CSA, HCA, _docs_positions, _finish, _reference_layer, _x
+from support.attention_reference import CSA, HCA, docs_positions, finish_output, random_input, reference_layer
+from support.model import make_attention, run
 
 
 def _value_and_grads(attn, x, forward):
@@ -37,9 +37,9 @@ def _assert_same(got, want):
 def test_layer_gradients_equal_autograd_through_the_brute_force_reference(layer):
     """Dense mode, packed documents: every gradient equals plain autograd through the [T, T + N] reference."""
     attn = make_attention(layer).train()
-    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    x, pos = random_input(2, 37), torch.stack([docs_positions([11, 26], 1)[0], docs_positions([37], 1)[0]])
     got = _value_and_grads(attn, x, lambda x: run(attn, x, pos, "dense"))
-    want = _value_and_grads(attn, x, lambda x: _finish(attn, _reference_layer(attn, x, pos, "dense")[2], pos))
+    want = _value_and_grads(attn, x, lambda x: finish_output(attn, reference_layer(attn, x, pos, "dense")[2], pos))
     _assert_same(got, want)
 
 
@@ -60,7 +60,7 @@ def _saving_everything(monkeypatch):
 def test_recomputation_leaves_values_gradients_and_aux_logs_unchanged(mode, monkeypatch):
     """The CSA layer training its indexer: the KL loss's gradients (indexer parameters) included."""
     attn = make_attention(CSA, index_topk=3).train()
-    x, pos = _x(2, 37), torch.stack([_docs_positions([11, 26], 1)[0], _docs_positions([37], 1)[0]])
+    x, pos = random_input(2, 37), torch.stack([docs_positions([11, 26], 1)[0], docs_positions([37], 1)[0]])
     got = _value_and_grads(attn, x, lambda x: attn(x, SequenceContext(pos, pos, attention_mode=mode)))
     logged = {key: torch.stack(values) for key, values in attn.aux_log.items() if values}
     # logged once per forward, never again by a recomputation

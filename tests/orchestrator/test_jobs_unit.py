@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.paths import REPO_ROOT
 from v4train.orchestrator import jobs
 from v4train.orchestrator.cli import main
 from v4train.orchestrator.spec import ClusterSpec, SpecError, load_cluster
 from v4train.orchestrator.worker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class _FakeClient:
@@ -28,7 +28,7 @@ class _FakeClient:
 
 
 def _cluster_file(tmp_path, address: str) -> Path:
-    data = yaml.safe_load((ROOT / "clusters/local-sim.yaml").read_text())
+    data = yaml.safe_load((REPO_ROOT / "clusters/local-sim.yaml").read_text())
     data.update(name="remote", address=address)
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -40,8 +40,9 @@ def test_submit_ships_the_checkout_and_the_resolved_job(tmp_path, tiny_dataset, 
     monkeypatch.setattr(jobs, "_client", lambda address: fake)
     monkeypatch.chdir(tiny_dataset.parent)  # a relative data.path is resolved against the submitter's directory
     cluster = _cluster_file(tmp_path, "http://127.0.0.1:1")
-    code = main(["submit", str(ROOT / "configs/demo.yaml"), "--cluster", str(cluster), "--set", "data.path=dataset",
-                 "--set", "train.steps=3", "--run-dir", "rel-run", "--inject-fault", "kill@2:rank=1"])
+    code = main(["submit", str(REPO_ROOT / "configs/demo.yaml"), "--cluster", str(cluster),
+                 "--set", "data.path=dataset", "--set", "train.steps=3", "--run-dir", "rel-run",
+                 "--inject-fault", "kill@2:rank=1"])
     assert code == 0
     job_id = capsys.readouterr().out.strip()
     (call,) = fake.calls
@@ -54,7 +55,7 @@ def test_submit_ships_the_checkout_and_the_resolved_job(tmp_path, tiny_dataset, 
     assert job["data"]["path"] == str(tiny_dataset) and job["train"]["steps"] == 3
     inner = yaml.safe_load(env[jobs.CLUSTER_ENV])
     assert inner["address"] is None and inner["name"] == "remote"
-    assert call["runtime_env"]["working_dir"] == str(ROOT)
+    assert call["runtime_env"]["working_dir"] == str(REPO_ROOT)
     assert {".venv", "runs", "datasets", ".git"} <= set(call["runtime_env"]["excludes"])
     assert call["metadata"]["run_dir"] == str(tiny_dataset.parent / "rel-run")
     assert not any(k.startswith("AWS_") for k in env)  # credentials never travel with the job
@@ -63,7 +64,8 @@ def test_submit_ships_the_checkout_and_the_resolved_job(tmp_path, tiny_dataset, 
 def test_bad_job_fails_before_contacting_the_server(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(jobs, "_client", lambda address: pytest.fail("contacted the server"))
     cluster = _cluster_file(tmp_path, "http://127.0.0.1:1")
-    assert main(["submit", str(ROOT / "configs/demo.yaml"), "--cluster", str(cluster), "--set", "parallel.pp=3"]) == 2
+    demo = str(REPO_ROOT / "configs/demo.yaml")
+    assert main(["submit", demo, "--cluster", str(cluster), "--set", "parallel.pp=3"]) == 2
     assert "does not match" in capsys.readouterr().err
 
 
@@ -87,14 +89,14 @@ def test_address_resolution(monkeypatch):
 
 def test_entrypoint_needs_the_job_in_its_environment():
     env = {k: v for k, v in os.environ.items() if k not in (jobs.JOB_ENV, jobs.CLUSTER_ENV)}
-    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.jobs", "--run-dir", "x"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.jobs", "--run-dir", "x"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and jobs.JOB_ENV in proc.stderr
 
 
 def test_shipped_cluster_files_validate():
-    for path in sorted((ROOT / "clusters").glob("*.yaml")):
+    for path in sorted((REPO_ROOT / "clusters").glob("*.yaml")):
         cluster = load_cluster(path)
         assert cluster.hardware.peak_tflops > 0, path
-    assert load_cluster(ROOT / "clusters/local-sim-8.yaml").world_size == 8
-    assert load_cluster(ROOT / "clusters/h200-pro.yaml").backend == "nccl"
+    assert load_cluster(REPO_ROOT / "clusters/local-sim-8.yaml").world_size == 8
+    assert load_cluster(REPO_ROOT / "clusters/h200-pro.yaml").backend == "nccl"

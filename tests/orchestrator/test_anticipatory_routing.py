@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 from v4train.model import ModelConfig, V4Stage
 from v4train.model.moe import RoutingTape, set_routing_tape
 from v4train.orchestrator.faults import parse_fault
 
 
 def test_replayed_indices_override_selection_but_weights_use_current_scores():
-    from conftest import TINY_MODEL
+    from support.jobs import TINY_MODEL
 
     cfg = ModelConfig.preset("nano", **{k: v for k, v in TINY_MODEL.items() if k != "preset"}, vocab_size=64)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)

@@ -16,17 +16,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import REPO_ROOT
+
 
 
 def _run(*args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's default-change warning
-    proc = subprocess.run([sys.executable, "-m", "v4train.kernels.compile_check", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "v4train.kernels.compile_check", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     print("\n" + proc.stdout)
     assert proc.returncode == 0, f"sm_90 compile check failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"

@@ -119,7 +119,7 @@ def test_checkpoint_lacking_optimizer_state_is_refused(tmp_path):
     from v4train.model import ModelConfig, V4Stage
     from v4train.parallel.optim import build_optimizer
 
-    from conftest import TINY_MODEL
+    from support.jobs import TINY_MODEL
 
     cfg = ModelConfig.preset("nano", **{k: v for k, v in TINY_MODEL.items() if k != "preset"}, vocab_size=64)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
 from v4train.orchestrator.curriculum import plan_at, plan_step, total_tokens
 from v4train.orchestrator.spec import JobSpec
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_job, tiny_job
+from support.jobs import run_job, tiny_job
+from support.paths import REPO_ROOT
 from v4train.orchestrator.launch import rank_env
 from v4train.orchestrator.worker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 300
 
 
@@ -28,7 +28,7 @@ def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
     cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
            str(free_port()), "-m", "v4train.orchestrator.launch", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
@@ -80,5 +80,5 @@ def test_launch_outside_torchrun_is_one_line():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                                             "SLURM_PROCID", "SLURM_NTASKS")}
     proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun or srun" in proc.stderr

@@ -4,7 +4,7 @@ The reference is checked against a brute-force loop (visibility (s+1)*ratio <= t
 ties to the lower index, -1 padding); the Triton path is checked against the reference: identical
 picks wherever the reference's KK-th and (KK+1)-th visible scores differ by more than the fp32
 rounding of the score sums, and the picked scores within 1e-5 (fp32) / 2e-2 (bf16 inputs) relative.
-``TRITON_INTERPRET=1`` is set by a module fixture; see tests/test_kernels_attention.py for why.
+``TRITON_INTERPRET=1`` is set by a module fixture; see tests/kernels/test_kernels_attention.py for why.
 
 Shape letters: B batch, T tokens, HI indexer heads, DI indexer head dim, NC compressed entries,
 KK picks per token.

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _spawn import free_ports, spawn_ranks
+from support.spawn import free_ports, spawn_ranks
 from v4train.model import V4Stage
 from v4train.model.attention import Attention
 from v4train.model.config import ModelConfig
