@@ -34,4 +34,6 @@ def test_console_script_entry_point_resolves():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "v4train"]
     assert ep.value == "v4train.orchestrator.cli:main"
-    assert callable(ep.load())
+    from v4train.orchestrator.cli import main
+
+    assert ep.load() is main

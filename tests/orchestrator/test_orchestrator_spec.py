@@ -1,12 +1,13 @@
 """Bad input exits non-zero with one line naming the field, before Ray or any rank starts."""
 
 import json
+import math
 
 import pytest
 import yaml
 
 from v4train.orchestrator import cli, worker
-from v4train.orchestrator.curriculum import lr_at, plan_step
+from v4train.orchestrator.curriculum import lr_at, plan_at, plan_step
 from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
 
 
@@ -90,9 +91,14 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
 
 
-def test_plan_is_a_function_of_the_step(job_files):
+def test_plan_without_a_curriculum_is_the_job_shape_and_the_step_lr(job_files):
     tmp_path, job = job_files
     (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
     spec = load_job(tmp_path / "j.yaml")
-    assert plan_step(spec, 3) == plan_step(spec, 3)
-    assert plan_step(spec, 3).global_batch_tokens == 8 * 64
+    plan = plan_step(spec, 3)
+    assert (plan.step, plan.seq_len, plan.global_batch, plan.micro_batch_size) == (3, 64, 8, 2)
+    assert (plan.stage, plan.attention_mode, plan.mtp_loss_weight) == (0, "dense", 0.3)
+    assert plan.global_batch_tokens == 8 * 64
+    # no warmup: the cosine from 1e-3 to 1e-4 over 4 steps, at 3/4 of the way
+    assert plan.lr == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 3 / 4)))
+    assert plan_at(spec, 3, consumed_tokens=0) == plan  # without a curriculum only the step counts

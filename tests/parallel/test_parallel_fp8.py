@@ -260,7 +260,13 @@ def test_megatron_tensor_parallel_layers(tmp_path):
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(z, fp8_linear(y_ref, fc2.weight), rtol=1e-6, atol=1e-6)
         z.sum().backward()
-        assert fc1.weight.grad is not None and fc1.bias.grad is not None and x.grad is not None
+        # the gradients are those of the same two fp8_linear calls on detached copies of the weights
+        w1, b1, w2 = (t.detach().clone().requires_grad_() for t in (fc1.weight, fc1.bias, fc2.weight))
+        x_ref = x.detach().clone().requires_grad_()
+        fp8_linear(fp8_linear(x_ref, w1, b1), w2).sum().backward()
+        for got, want in ((x.grad, x_ref.grad), (fc1.weight.grad, w1.grad), (fc1.bias.grad, b1.grad),
+                          (fc2.weight.grad, w2.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     finally:
         dist.destroy_process_group()
 
