@@ -1,7 +1,7 @@
 """Kernels for V4 sparse attention and the Lightning Indexer: one dispatch over Triton and torch references.
 
-The model calls only the functions here (spec 3.1, 3.3; DESIGN principle 11: every kernel has a torch
-twin and a parity test):
+The model calls only the functions here (spec 3.1, 3.3; "spec N.M" in this package is section N.M of
+``docs/deepseek-v4.md``); every kernel has a torch twin and a parity test:
 
 * :func:`sparse_attention` ``(q [B,T,H,D], kv [B,N,D], attn_sink [H], indices [B,T,K], scale) -> [B,T,H,D]``
 * :func:`indexer_topk` ``(q [B,T,HI,DI], k [B,NC,DI], w [B,T,HI], ratio, topk, *, visible_start,

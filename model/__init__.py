@@ -1,5 +1,6 @@
 """DeepSeek-V4 model modules: config and presets, hybrid CSA/HCA/SWA attention with the Lightning Indexer,
-mHC, DeepSeekMoE, MTP, pipeline stages and the size calculator (DESIGN section 5).
+mHC, DeepSeekMoE, MTP, pipeline stages and the size calculator. "spec N.M" in this package is section N.M
+of ``docs/deepseek-v4.md``; "R" is the V4 technical report, "OC" the official inference code.
 
 Files: ``config`` (ModelConfig, presets), ``layout`` (visibility rules: windows, documents, compressed
 blocks), ``compressor``,

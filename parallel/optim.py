@@ -1,6 +1,6 @@
 """The V4 optimizer split (Muon for hidden matrices, AdamW for the rest) and global gradient-norm clipping.
 
-DeepSeek-V4 (deepseek-v4.md section 6, R §2.4 and §4.2.2) trains with two optimizers on one learning-rate
+DeepSeek-V4 (spec section 6, R §2.4 and §4.2.2) trains with two optimizers on one learning-rate
 schedule. :func:`build_optimizer` builds either
 
 * ``algorithm="muon"`` (V4): a :class:`HybridOptimizer` over a :class:`parallel.muon.Muon` group

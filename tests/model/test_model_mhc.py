@@ -1,4 +1,4 @@
-"""mHC: Sinkhorn as OC implements it, the transpose convention of the write, read and head (spec 4, 0.1.4)."""
+"""mHC: Sinkhorn as OC implements it, the transpose convention of the write, read and head (spec 4, 0.1 item 4)."""
 
 import math
 
