@@ -1,4 +1,4 @@
-"""Benchmark (a) of issue 3: one ``nano`` attention layer, forward + backward, against SDPA.
+"""One ``nano`` attention layer, forward + backward, against SDPA.
 
 Measured side by side in one run, on CPU with one thread, batch 1, fp32, for T in --seq-lens:
 

@@ -1,4 +1,4 @@
-"""Check and time the V4 sparse-attention and indexer kernels on one Hopper GPU (issue 4).
+"""Check and time the V4 sparse-attention and indexer kernels on one Hopper GPU.
 
 For each T (default 4k..128k) it builds a CSA-layer problem as the model lays it out (spec 3.3, 3.6):
 KV = [T window entries | NC = T / ratio compressed entries], and per token the ``window`` most recent
@@ -20,8 +20,8 @@ Timings are medians over --repeats runs after one warm-up, with CUDA events; "fw
 plus ``backward`` of a fixed random upstream gradient. TFLOP/s counts 4*B*T*H*K*D for the forward and
 2.5x that for the backward (5 products). Prints one table (markdown) for BENCHMARKS.md.
 
-Status: prepared and untested on hardware (no GPU in the session that wrote it); ``--device cpu``
-runs the same logic at small T under ``TRITON_INTERPRET=1`` (FlexAttention forward only on CPU).
+Status: written without a GPU and not yet run on one; ``--device cpu`` runs the same logic at small T
+under ``TRITON_INTERPRET=1`` (FlexAttention forward only on CPU).
 
 Shape letters: B batch, T tokens, H heads, D head dim, W window, NC compressed entries, K = W + topk
 entries per token, HI indexer heads, DI indexer head dim.

@@ -1,4 +1,4 @@
-"""Benchmark (b) of issue 3: a long-range key -> value recall probe, hybrid V4 vs an all-SWA control.
+"""A long-range key -> value recall probe, hybrid V4 vs an all-SWA control.
 
 Task (synthetic, one document per sequence of T = 128 tokens): ``--pairs`` (key, value) pairs sit in the
 first 32 tokens, random filler fills the rest, and the sequence ends with ``QUERY key_i``; the model

@@ -1,4 +1,4 @@
-"""Issue 3 budget table: parameters, KV cache and attention FLOPs of V4 Flash / Pro vs a V3.2 baseline.
+"""Budget table: parameters, KV cache and attention FLOPs of V4 Flash / Pro vs a V3.2 baseline.
 
 Pure arithmetic from ``model.budget`` (no model is built):
 

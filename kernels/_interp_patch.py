@@ -1,6 +1,6 @@
 """Two fixes to the Triton interpreter (triton 3.9), installed once when ``kernels`` first needs it.
 
-1. bf16 ``tl.dot`` (triton issue #11584; notes part 1.1, bug 1): the interpreter stores bf16 as uint16
+1. bf16 ``tl.dot`` (triton issue #11584): the interpreter stores bf16 as uint16
    and its ``create_dot`` multiplies the raw bit patterns. ``InterpreterBuilder.create_dot`` is
    wrapped so that bf16 operands are first widened to fp32 with the interpreter's own ``_convert_float``.
 2. Import order: ``@triton.jit`` picks JIT or interpreter when it runs, and that includes Triton's own

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel for Hopper (sm_90), no GPU needed (notes part 1.1).
+"""Ahead-of-time compile of every Triton kernel for Hopper (sm_90), no GPU needed.
 
 ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))`` runs the
 whole pipeline (ttir, ttgir, llir, ptx, cubin through the ``ptxas`` bundled with the triton wheel) for
@@ -7,7 +7,7 @@ the launch configurations ``kernels.triton_*`` choose at the shapes below; the b
 the compile metadata gives the dynamic shared memory. A kernel the GPU compiler rejects raises here.
 It checks compilation and resources only: numerics need the interpreter tests or a GPU.
 
-Run ``python -m kernels.compile_check`` for the table; ``tests/kernels/test_kernels_compile.py`` runs it in
+Run ``python -m v4train.kernels.compile_check`` for the table; ``tests/kernels/test_kernels_compile.py`` runs it in
 ``make test`` and fails on a compile error or a spill in a forward kernel.
 
 Shape letters: H heads, D head dim, HI indexer heads, DI indexer head dim.

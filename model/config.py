@@ -7,7 +7,7 @@ V4 ``config.json`` maps onto this class almost 1:1 (``window`` is OC's ``window_
 ``nano`` and ``small`` are the CPU-scale models of spec section 10.1.
 
 ``__post_init__`` only validates: it raises ValueError naming the field and the fix and never rewrites a
-field (STYLE rule 4).
+field, so a config always means what its file says.
 """
 
 from __future__ import annotations

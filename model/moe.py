@@ -1,7 +1,7 @@
 """DeepSeekMoE with sqrt-softplus routing, hash layers, aux-loss-free bias and clamped SwiGLU (spec 5.1, 5.2).
 
-Forward of one MoE layer, split so expert parallelism can replace the middle piece later
-(STYLE rule 10; Megatron ``moe_layer.py`` route / dispatch / experts / combine):
+Forward of one MoE layer, split as Megatron's ``moe_layer.py`` (route / dispatch / experts / combine) so that
+expert parallelism replaces only the middle piece (``parallel/expert_parallel.py``):
 
   route    ``Router``: s = sqrt(softplus(x e^T)) in fp32; indices = top-K(s + bias) for learned layers or
            ``tid2eid[token]`` for the first n_hash_layers; weights = s[indices] / sum * route_scale.

@@ -72,12 +72,12 @@ class V4Stage(nn.Module):
     "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
 
-    Parallel context (DESIGN principle 1): ``tp`` splits heads, output groups, the shared expert's hidden
-    units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-parallel layers) over
-    the tensor-parallel ranks (ValueError naming the field tp does not divide); ``experts_factory(layer)``
-    returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`, every expert here), the
-    hook through which the trainer installs expert parallelism. With the defaults the stage is the
-    single-process reference.
+    Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the
+    shared expert's hidden units and the vocabulary (embedding, head and cross-entropy: Megatron's
+    vocab-parallel layers) over the tensor-parallel ranks (ValueError naming the field tp does not divide);
+    ``experts_factory(layer)`` returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`,
+    every expert here), the hook through which the trainer installs expert parallelism. With the defaults the
+    stage is the single-process reference.
     """
 
     def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, vp_size: int = 1,

@@ -1,4 +1,4 @@
-"""FP8 linears: DeepSeek-style blockwise e4m3, emulated on CPU, Transformer Engine on GPU (DESIGN §5).
+"""FP8 linears: DeepSeek-style blockwise e4m3, emulated on CPU, Transformer Engine on GPU.
 
 Recipe (DeepSeek-V3 tech report §3.3 "fine-grained quantization"; TE ``Float8BlockScaling``):
 
@@ -15,7 +15,7 @@ by zero-padding to the next multiple, taking the amax and cropping; zeros never 
 equals true ragged tiles and no padded value ever reaches a matmul.
 
 CPU emulation (:func:`fp8_linear`, :class:`Fp8Linear`): the forward quantises input and weight,
-dequantises both to fp32 and multiplies in fp32 (stack-notes §6: CPU ``scaled_mm`` has no blockwise
+dequantises both to fp32 and multiplies in fp32 (CPU ``scaled_mm`` has no blockwise
 scaling, and its tensorwise result is bit-identical to dequantise-then-matmul anyway). The backward
 is the straight-through estimator: dgrad and wgrad are fp32 matmuls of the fp32 ``grad_output`` with
 the *dequantised* weight and input, and the quantisers pass the gradient unchanged. ``grad_output``

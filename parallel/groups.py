@@ -1,12 +1,12 @@
 """Process groups for a (TP, PP, EP, DP) layout, built by Megatron-core's ``parallel_state``.
 
-This is the only module that reads Megatron's ``parallel_state`` globals (STYLE.md rule 6): it
+This is the only module that reads Megatron's ``parallel_state`` globals: it
 builds them once per layout and hands the result out as an explicit, immutable
 :class:`ParallelContext`. Everything else receives the context.
 
 Rank order is Megatron's ``"tp-cp-ep-dp-pp"`` (TP fastest, PP slowest), context parallelism is 1,
 and the expert grid uses expert-tensor-parallel size 1 (ETP·EP·PP), which keeps TP2·PP2·EP2
-feasible on 4 ranks (stack-notes §1). Example on 8 ranks with tp=2, pp=2, dp=2: pp groups
+feasible on 4 ranks. Example on 8 ranks with tp=2, pp=2, dp=2: pp groups
 [[0,4],[1,5],[2,6],[3,7]], dp groups [[0,2],[1,3],[4,6],[5,7]].
 """
 

@@ -1,8 +1,8 @@
 """CPU compatibility layer for Megatron-core: the project's one module of Megatron workarounds.
 
 Megatron-core 0.16.1's pipeline schedules allocate a few tensors with hard-coded CUDA devices; on a
-CPU-only torch build they raise ``AssertionError: Torch not compiled with CUDA enabled``
-(stack-notes §2). ``parallel_state`` itself needs no patch (stack-notes §1: its only CUDA call,
+CPU-only torch build they raise ``AssertionError: Torch not compiled with CUDA enabled``.
+``parallel_state`` itself needs no patch (its only CUDA call,
 ``torch.cuda.synchronize`` in ``update_pg_timeout``, is not on our path).
 
 ``install()`` gives exactly two Megatron modules a module-global ``torch`` proxy; the real ``torch``
@@ -25,8 +25,8 @@ Left alone on purpose: ``schedules.py:418`` ``torch.autocast("cuda", ...)`` runs
 
 ``check_assumptions()`` re-reads both source files, inventories every CUDA touch in them (AST walk)
 and compares it with the list above, so a Megatron upgrade that moves, removes or adds a site fails
-loudly instead of silently running on the wrong device. The MoE, tensor-parallel RNG and
-dist-checkpointing paths need more patches (stack-notes §3, §4); they are not installed here yet.
+loudly instead of silently running on the wrong device. Megatron's MoE layers, tensor-parallel RNG
+tracker and dist-checkpointing would need more patches; v4train does not use them.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ For each *logically independent* matrix W [n, m] (R §2.4, Algorithm 1):
   W_t = W_{t-1} (1 - lr wd) - lr O_t                          decoupled weight decay
 
 Our own implementation: torch.optim.Muon runs 5 single-coefficient steps through a private helper and
-Megatron-core's Muon needs ``emerging_optimizers``, which does not install on this stack
-(stack-notes §5). The iteration runs on the short side (X X^T is the small Gram matrix, transposing
+Megatron-core's Muon needs ``emerging_optimizers``, which does not install beside megatron-core 0.16.1.
+The iteration runs on the short side (X X^T is the small Gram matrix, transposing
 when n > m), and same-shape blocks of a param group are stacked into one batched matmul (R §3.5.1).
 
 **Logically independent blocks.** A parameter may carry the attribute ``muon_split``, a

@@ -264,7 +264,7 @@ def _logged_loss(loss_func: LossFunc, output: torch.Tensor) -> tuple[torch.Tenso
     if loss.numel() != 1:
         raise ValueError(f"loss_func must return a scalar loss, got shape {tuple(loss.shape)}")
     # Megatron then divides `loss` in place by num_microbatches (schedules.py:269); a logged value
-    # sharing its storage (e.g. `loss.detach()`) would silently be divided too (stack-notes §2).
+    # sharing its storage (e.g. `loss.detach()`) would silently be divided too.
     return loss, {
         name: value.detach().clone() if isinstance(value, torch.Tensor) else value
         for name, value in logged.items()

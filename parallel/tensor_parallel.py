@@ -14,7 +14,7 @@ reference) and with size > 1 it uses Megatron-core's layers (Shoeybi et al. 2019
   head-split computation, :func:`reduce_from_region` (*g*) for partial sums over local heads,
   :func:`gather_heads` for a no-grad all-gather along a feature dim.
 - :func:`scatter_tokens` / :func:`gather_tokens`: the MoE's token split across TP ranks (Megatron's
-  sequence-parallel region, applied around the routed experts only; stack-notes §3).
+  sequence-parallel region, applied around the routed experts only).
 
 Sharded parameters carry Megatron's attributes ``tensor_model_parallel=True``, ``partition_dim`` and
 ``partition_stride`` (set by :func:`mark_sharded`), which the initialiser, the optimizer (Muon gathers

@@ -1,4 +1,4 @@
-"""Sparse attention: the Triton kernels under the interpreter against ``kernels.reference`` (issue 4).
+"""Sparse attention: the Triton kernels under the interpreter against ``kernels.reference``.
 
 ``TRITON_INTERPRET=1`` is set by a module-scoped fixture rather than at import: the whole suite runs
 in one process, and a variable set at collection time would send every later model test through the
@@ -6,7 +6,7 @@ in one process, and a variable set at collection time would send every later mod
 Triton modules when they were built in the other mode, so the setting is honoured even though other
 test modules imported ``kernels`` first.
 
-Tolerances (issue 4): fp32 within 1e-5, bf16 inputs within 2e-2, relative to max(1, max |reference|).
+Tolerances: fp32 within 1e-5, bf16 inputs within 2e-2, relative to max(1, max |reference|).
 
 Shape letters: B batch, T tokens, H heads, D head dim, N KV entries, K entries per token.
 """

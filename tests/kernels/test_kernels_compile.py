@@ -1,4 +1,4 @@
-"""Ahead-of-time sm_90 compile of every Triton kernel, no GPU needed (issue 4, notes part 1.1).
+"""Ahead-of-time sm_90 compile of every Triton kernel, no GPU needed.
 
 Fails when a kernel does not compile for Hopper, when a forward kernel spills registers, or when a
 kernel exceeds sm_90's registers or shared memory; prints registers, spills and shared memory per

@@ -1,4 +1,4 @@
-"""The ``kernels`` dispatch: cheap import, reference on CPU without the interpreter, mode reloads (issue 4).
+"""The ``kernels`` dispatch: cheap import, reference on CPU without the interpreter, mode reloads.
 
 Shape letters: B batch, T tokens, H heads, D head dim, N KV entries, K entries per token.
 """

@@ -1,4 +1,4 @@
-"""Lightning Indexer top-k: reference semantics, and the Triton kernels under the interpreter (issue 4).
+"""Lightning Indexer top-k: reference semantics, and the Triton kernels under the interpreter.
 
 The reference is checked against a brute-force loop (visibility (s+1)*ratio <= t+1, k = min(topk, NC),
 ties to the lower index, -1 padding); the Triton path is checked against the reference: identical

@@ -1,4 +1,4 @@
-"""Activation memory of the attention layers (issue 3, benchmark (a)): the steps recomputed in the backward
+"""Activation memory of the attention layers: the steps recomputed in the backward
 (latent query, window KV, compressor pooling, output projection, indexer queries) and the query norm's
 output-based backward leave values, gradients and the indexer's aux logs unchanged, and a nano CSA
 layer's training forward keeps well under half of the 2.5k floats per token it saved before."""

@@ -1,5 +1,5 @@
 """model.budget: published sizes of Flash and Pro, KV-cache and attention-FLOP ratios to the V3.2
-baseline at a 1M context (issue 3 acceptance; spec 1, 3.9)."""
+baseline at a 1M context (spec 1, 3.9)."""
 
 import pytest
 

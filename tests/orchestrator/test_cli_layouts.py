@@ -1,4 +1,4 @@
-"""Issue 5's CLI acceptance: the demo job on 8 simulated devices (TP2 x PP2 x DP2) logs the same per-step
+"""Through the CLI: the demo job on 8 simulated devices (TP2 x PP2 x DP2) logs the same per-step
 losses as on one device. Slow (8 rank processes on the CI machine's 2 cores): ``make test-slow``."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`v4train plan`: parameter counts, the activation model, memory against measured runs, the Pro layout.
 
 Measured resident peaks (ru_maxrss, MiB) of configs/demo.yaml on clusters/local-sim.yaml (pp 2 x dp 2,
-micro-batch 4 x 256 tokens), taken in the session that wrote the planner: per-rank probes after 12 (nano) and
+micro-batch 4 x 256 tokens), measured on a shared 2-core machine: per-rank probes after 12 (nano) and
 8 (small) steps, and the largest rank's `peak_rss_mb` of a 60-step demo run with its checkpoint at step 50.
 `test_plan_matches_a_live_run` (slow) measures again.
 """
