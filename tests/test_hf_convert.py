@@ -162,3 +162,21 @@ def test_cli_refuses_with_one_line(tmp_path, capsys):
     assert main(["convert", "from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nowhere: not a directory" in err
+
+
+def test_init_from_refuses_a_job_whose_model_differs(released, tmp_path):
+    """model.init_from with a model section that computes something else fails before any rank starts."""
+    import yaml
+
+    from v4train.orchestrator.spec import SpecError, load_job
+
+    cfg, _, _, root = released
+    model = {"preset": "nano", **cfg.to_dict(), "init_from": str(root)}
+    job = {"data": {"path": str(tmp_path)}, "model": model,
+           "train": {"steps": 1, "global_batch": 2, "micro_batch_size": 1, "lr": 1e-3}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert load_job(path, check_data=False).model.init_from == str(root)
+    assert load_job(path, ["model.balance_loss_weight=0.0"], check_data=False)  # training-only: allowed
+    with pytest.raises(SpecError, match=r"model\.o_lora_rank: the job has 16, model.init_from .* written for 32"):
+        load_job(path, ["model.o_lora_rank=16"], check_data=False)
