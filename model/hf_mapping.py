@@ -53,7 +53,8 @@ SHARED_MTP_COPIES = re.compile(r"^mtp\.\d+\.(embed|head)\.weight$")
 # ModelConfig fields that change the computation; the others (balancing speeds, init) are training
 # hyperparameters a job may set freely on top of a converted checkpoint.
 ARCHITECTURE_FIELDS = tuple(
-    f for f in ModelConfig.__dataclass_fields__ if f not in ("bias_update_speed", "balance_loss_weight", "init_std"))
+    f for f in ModelConfig.__dataclass_fields__
+    if f not in ("bias_update_speed", "balance_loss_weight", "init_std", "qat"))
 
 
 class HFTensor(NamedTuple):
@@ -224,7 +225,7 @@ def model_config_from_hf(config: dict[str, Any], *, source: str = "config.json",
         if key in config and config[key] != value:
             raise ValueError(f"{source}: {key} is {config[key]!r}; v4train implements only {value!r}")
     base = defaults or ModelConfig.preset("flash")
-    values = {f: getattr(base, f) for f in ("bias_update_speed", "balance_loss_weight", "init_std")}
+    values = {f: getattr(base, f) for f in ("bias_update_speed", "balance_loss_weight", "init_std", "qat")}
     for field, key in _PLAIN_KEYS.items():
         if key == "num_nextn_predict_layers":
             values[field] = config.get(key, 0)
