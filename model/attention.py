@@ -34,7 +34,7 @@ projection, and the indexer's queries; the per-head query norm's backward works 
 row-parallel ``wo_b`` is called after its region, ``copy_to_region``/``reduce_from_region`` around them.
 
 Visibility (windows, documents, compressed blocks) is defined in ``model/layout.py``. Precision: fp32
-throughout on CPU; QAT fake-quant (FP8 KV, FP4 indexer) is not applied. No ``[T, T]`` tensor is built.
+throughout on CPU; with ``cfg.qat`` the KV entries' non-RoPE dims are FP8-rounded (``model/quant.py``). No ``[T, T]`` tensor is built.
 
 Shape letters: B batch, T tokens, D model dim, L q_lora_rank, H heads, C head_dim, P rope pairs,
 W window slots, N compressed slots, X = T + N kv rows, K attended slots, G output groups, R o_lora_rank,
@@ -55,6 +55,7 @@ from v4train.model.indexer import Indexer, indexer_kl, indexer_recall, indexer_s
 from v4train.model.layout import SequenceContext
 from v4train.model.moe import AuxLossInjector
 from v4train.model.norm import RMSNorm
+from v4train.model.quant import qat_kv
 from v4train.model.rope import apply_rope, layer_rope_frequencies, rope_angles
 from v4train.kernels import sparse_attention
 from v4train.kernels.torch_cores import attention_probabilities
@@ -152,10 +153,11 @@ class Attention(nn.Module):
             mark_sharded(self.attn_sink, 0)
         if self.ratio:
             self.compressor = Compressor(cfg.dim, cfg.head_dim, self.ratio, overlap=self.kind == "csa",
-                                         norm_eps=cfg.norm_eps)
+                                         norm_eps=cfg.norm_eps, qat="kv" if cfg.qat else None)
         if self.kind == "csa":
             self.indexer = Indexer(cfg, self.ratio, tp)
         self.register_buffer("rope_freqs", layer_rope_frequencies(cfg, layer_idx), persistent=False)
+        self.qat_rope_dims = cfg.rope_head_dim if cfg.qat else None  # FP8 KV rounding spares the RoPE dims
         self.aux_log: dict[str, list[torch.Tensor]] = {"indexer_loss": [], "indexer_recall": []}
 
     def forward(self, x_BTD: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
@@ -187,8 +189,9 @@ class Attention(nn.Module):
         return self.q_norm(self.wq_a(x_BTD))
 
     def _window_kv(self, x_BTD: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
-        """The window KV entries ``[B, T, C]`` = RoPE(kv_norm(wkv x))."""
-        return apply_rope(self.kv_norm(self.wkv(x_BTD)), cos_BTP, sin_BTP)
+        """The window KV entries ``[B, T, C]`` = RoPE(kv_norm(wkv x)) (FP8-rounded non-RoPE dims under QAT)."""
+        kv_BTC = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos_BTP, sin_BTP)
+        return kv_BTC if self.qat_rope_dims is None else qat_kv(kv_BTC, self.qat_rope_dims)
 
     def _grouped_projection(self, o_BTHC: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
         """De-rotated core output through ``wo_a`` per group: ``[B, T, G*R]`` (wo_b's input)."""

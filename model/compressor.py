@@ -12,7 +12,9 @@ For each compressed entry (a block of ``ratio`` tokens of one document, ``model/
 
 Then RMSNorm (learnable, dim c) and RoPE on the last ``rope_head_dim`` dims at the position of the
 block's first token. The compressor reads the attn_norm output (spec 0.1 item 11) and computes in
-fp32 ("compression need fp32"). FP8 fake-quantisation of the non-RoPE dims (QAT) is not applied.
+fp32 ("compression need fp32"). With QAT (``qat``) the main compressor's
+entries get FP8 rounding of their non-RoPE dims, the indexer's the Hadamard rotation and FP4 rounding
+(``model/quant.py``).
 
 Shape letters: B batch, T tokens, D model dim, N entry slots, M = ratio tokens per block, S = (1 +
 overlap) * M slots pooled per entry, C entry dim, P rope pairs.
@@ -26,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from v4train.model.layout import CompressedLayout
 from v4train.model.norm import RMSNorm
+from v4train.model.quant import qat_indexer, qat_kv
 from v4train.model.rope import apply_rope
 from v4train.parallel.muon import MuonSplit
 from v4train.kernels.torch_cores import gather_rows
@@ -36,9 +39,11 @@ __all__ = ["Compressor"]
 class Compressor(nn.Module):
     """``[B, T, D]`` -> ``[B, N, C]`` compressed entries of one layout (HCA, or CSA when ``overlap``)."""
 
-    def __init__(self, dim: int, head_dim: int, ratio: int, *, overlap: bool, norm_eps: float):
+    def __init__(self, dim: int, head_dim: int, ratio: int, *, overlap: bool, norm_eps: float,
+                 qat: str | None = None):
         super().__init__()
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        self.qat = qat  # None, "kv" (FP8 non-RoPE dims) or "indexer" (Hadamard + FP4): model/quant.py
         width = (1 + overlap) * head_dim
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.wkv = nn.Linear(dim, width, bias=False)
@@ -89,7 +94,12 @@ class Compressor(nn.Module):
             kv_BNSC = kv_BNSC.masked_fill(pad_BNS1, 0.0)
             score_BNSC = score_BNSC.masked_fill(pad_BNS1, float("-inf"))
         pooled_BNC = (kv_BNSC * score_BNSC.softmax(dim=2)).sum(dim=2)
-        return apply_rope(self.norm(pooled_BNC), cos_BNP, sin_BNP).to(x_BTD.dtype)
+        entries_BNC = apply_rope(self.norm(pooled_BNC), cos_BNP, sin_BNP)
+        if self.qat == "kv":
+            entries_BNC = qat_kv(entries_BNC, 2 * cos_BNP.shape[-1])
+        elif self.qat == "indexer":
+            entries_BNC = qat_indexer(entries_BNC)
+        return entries_BNC.to(x_BTD.dtype)
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Initialisation hook used by ``V4Stage.init_weights`` for ``ape``: 0 (spec 10.2)."""

@@ -69,6 +69,8 @@ class ModelConfig:
     beta_slow: int = 1
     # initialisation (spec 7 "Init std": V3 used 0.006; the tiny presets use 0.02, spec 10.2)
     init_std: float = 0.006
+    # quantisation-aware training (model/quant.py): FP8 KV, FP4 indexer, FP4->FP8 routed-expert weights
+    qat: bool = False
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INTS:
@@ -84,6 +86,8 @@ class ModelConfig:
         self._check_schedule()
         if self.rope_factor < 1:
             _fail("rope_factor", f"is {self.rope_factor}", "use a YaRN factor >= 1 (1 = no scaling)")
+        if self.qat:
+            self._check_qat()
         if self.original_seq_len > 0 and not self.beta_fast > self.beta_slow > 0:
             _fail("beta_fast", f"({self.beta_fast}) must exceed beta_slow ({self.beta_slow}) > 0 with YaRN on",
                   "use the official 32 and 1")
@@ -100,6 +104,18 @@ class ModelConfig:
         if self.n_heads % self.o_groups:
             _fail("o_groups", f"({self.o_groups}) does not divide n_heads ({self.n_heads})",
                   "choose o_groups among the divisors of n_heads")
+
+    def _check_qat(self) -> None:
+        # the blocks of model/quant.py: FP8 per 64 KV dims, FP4 per 32 (indexer, expert inputs), Hadamard
+        if (self.head_dim - self.rope_head_dim) % 64:
+            _fail("qat", f"needs head_dim - rope_head_dim ({self.head_dim - self.rope_head_dim}) a multiple of 64",
+                  "the FP8 KV blocks are 64 dims")
+        e = self.index_head_dim
+        if e % 32 or e & (e - 1):
+            _fail("qat", f"needs index_head_dim ({e}) a power of two >= 32", "the Hadamard rotation and FP4 blocks")
+        if self.dim % 32 or self.moe_inter_dim % 32:
+            _fail("qat", f"needs dim ({self.dim}) and moe_inter_dim ({self.moe_inter_dim}) multiples of 32",
+                  "the FP4 expert tiles are 1x32")
 
     def _check_moe(self) -> None:
         if self.n_activated_experts > self.n_routed_experts:

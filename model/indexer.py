@@ -6,8 +6,9 @@ Queries share the main low-rank latent: q^I = c^Q W^IUQ (n^I heads of c^I), RoPE
 rope_head_dim dims with the layer's compressed-RoPE table, *no* per-head RMS norm (spec 0.1 item 7).
 Head weights w^I = x W^w * c^I^-1/2 * n^I^-1/2 (OC ``weights_proj`` times its scale). Score:
 I[t, s] = sum_h w^I[t, h] ReLU(q^I[t, h] . K^I[s]) over visible entries; top-k by
-:func:`kernels.indexer_topk` (the kernels dispatch). The Hadamard rotation and FP4 fake-quant are omitted: the
-rotation is orthogonal on both q and k, so in full precision it changes nothing.
+:func:`kernels.indexer_topk` (the kernels dispatch). The Hadamard rotation and FP4 rounding of q and k run
+only with QAT (``cfg.qat``, ``model/quant.py``): the rotation is orthogonal on both, so in full precision
+it changes nothing.
 
 Training (V3.2 DSA recipe adapted to compressed entries, spec 3.3 and 11.1 - inherited, not restated
 for V4): the target p[t, :] is the main attention's probability mass on each compressed entry,
@@ -29,6 +30,7 @@ from torch import nn
 from v4train.model.compressor import Compressor
 from v4train.model.config import ModelConfig
 from v4train.model.layout import CompressedLayout
+from v4train.model.quant import qat_indexer
 from v4train.model.rope import apply_rope
 from v4train import kernels
 from v4train.kernels.torch_cores import gather_rows
@@ -53,7 +55,9 @@ class Indexer(nn.Module):
         self.wq_b = column_linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, tp,
                                   what="index_n_heads*index_head_dim")
         self.weights_proj = column_linear(cfg.dim, cfg.index_n_heads, tp, what="index_n_heads")
-        self.compressor = Compressor(cfg.dim, cfg.index_head_dim, ratio, overlap=True, norm_eps=cfg.norm_eps)
+        self.compressor = Compressor(cfg.dim, cfg.index_head_dim, ratio, overlap=True, norm_eps=cfg.norm_eps,
+                                     qat="indexer" if cfg.qat else None)
+        self.qat = cfg.qat
         self.weight_scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
 
     def project(self, x_BTD: torch.Tensor, qr_BTL: torch.Tensor, rope_T: tuple[torch.Tensor, torch.Tensor],
@@ -64,8 +68,10 @@ class Indexer(nn.Module):
         return (self.query(qr_BTL, rope_T), *self.keys_and_weights(x_BTD, layout, rope_N))
 
     def query(self, qr_BTL: torch.Tensor, rope_T: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Queries ``q^I`` ``[B, T, H, E]`` = RoPE(c^Q W^IUQ) of this rank's heads."""
-        return apply_rope(self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim)), *rope_T)
+        """Queries ``q^I`` ``[B, T, H, E]`` = RoPE(c^Q W^IUQ) of this rank's heads (Hadamard + FP4 under QAT,
+        as its keys: the rotation cancels in q . k)."""
+        q_BTHE = apply_rope(self.wq_b(qr_BTL).unflatten(-1, (self.n_heads, self.head_dim)), *rope_T)
+        return qat_indexer(q_BTHE) if self.qat else q_BTHE
 
     def keys_and_weights(self, x_BTD: torch.Tensor, layout: CompressedLayout,
                          rope_N: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4train.model.config import ModelConfig
+from v4train.model.quant import qat_expert_weight
 from v4train.parallel.expert_parallel import ExpertParallelExperts, local_expert_ids
 from v4train.parallel.tensor_parallel import TensorParallel, column_linear, gather_tokens, row_linear, scatter_tokens
 
@@ -157,14 +158,17 @@ class SwiGLU(nn.Module):
     ``[B, S, D]``, Megatron's layers are 3-D), exact because SwiGLU is elementwise in the hidden units.
     """
 
-    def __init__(self, dim: int, inter_dim: int, limit: float, tp: TensorParallel = TensorParallel()):
+    def __init__(self, dim: int, inter_dim: int, limit: float, tp: TensorParallel = TensorParallel(),
+                 qat: bool = False):
         super().__init__()
-        self.limit = limit
+        self.limit, self.qat = limit, qat
         self.w1 = column_linear(dim, inter_dim, tp, what="n_shared_experts*moe_inter_dim")
         self.w2 = row_linear(inter_dim, dim, tp, what="n_shared_experts*moe_inter_dim")
         self.w3 = column_linear(dim, inter_dim, tp, what="n_shared_experts*moe_inter_dim")
 
     def forward(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None = None) -> torch.Tensor:
+        if self.qat:  # routed experts under QAT compute with their FP4 -> FP8 weights (model/quant.py)
+            return self._forward_qat(x_TD, weight_T1)
         gate_TF, up_TF = self.w1(x_TD).float(), self.w3(x_TD).float()
         if self.limit > 0:
             gate_TF = gate_TF.clamp(max=self.limit)
@@ -173,6 +177,17 @@ class SwiGLU(nn.Module):
         if weight_T1 is not None:
             h_TF = h_TF * weight_T1
         return self.w2(h_TF.to(x_TD.dtype))
+
+    def _forward_qat(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None) -> torch.Tensor:
+        gate_TF = F.linear(x_TD, qat_expert_weight(self.w1.weight)).float()
+        up_TF = F.linear(x_TD, qat_expert_weight(self.w3.weight)).float()
+        if self.limit > 0:
+            gate_TF = gate_TF.clamp(max=self.limit)
+            up_TF = up_TF.clamp(-self.limit, self.limit)
+        h_TF = F.silu(gate_TF) * up_TF
+        if weight_T1 is not None:
+            h_TF = h_TF * weight_T1
+        return F.linear(h_TF.to(x_TD.dtype), qat_expert_weight(self.w2.weight))
 
 
 class RoutedExperts(Protocol):
@@ -193,7 +208,8 @@ class LocalExperts(nn.Module):
         super().__init__()
         self.k = cfg.n_activated_experts
         self.experts = nn.ModuleDict({
-            str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit) for e in range(cfg.n_routed_experts)
+            str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, qat=cfg.qat)
+            for e in range(cfg.n_routed_experts)
         })
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
@@ -221,7 +237,7 @@ def expert_parallel_experts(cfg: ModelConfig, *, ep_group: dist.ProcessGroup | N
     dispatch of :class:`parallel.expert_parallel.ExpertParallelExperts`; ValueError naming ``ep`` when
     ep_size does not divide n_routed_experts."""
     ids = local_expert_ids(cfg.n_routed_experts, ep_rank, ep_size)
-    experts = nn.ModuleDict({str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit) for e in ids})
+    experts = nn.ModuleDict({str(e): SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, qat=cfg.qat) for e in ids})
     return ExpertParallelExperts(experts, n_experts=cfg.n_routed_experts, k=cfg.n_activated_experts,
                                  ep_group=ep_group, ep_rank=ep_rank, ep_size=ep_size)
 

@@ -4,7 +4,8 @@ Commands: ``prepare-data`` (text to tokenizer to Parquet token shards), ``submit
 cluster, then train, or submit it as a Ray job when the cluster names an ``address``), ``status`` / ``logs``
 / ``stop`` (a submitted Ray job), ``plan`` (memory, bubble, communication and step time of a layout),
 ``report`` (a run's PNG and summary), ``resume`` (continue a run from a committed checkpoint),
-``ckpt list|verify|inspect`` (recovery tooling over a checkpoint root). Every command has
+``ckpt list|verify|inspect`` (recovery tooling over a checkpoint root), ``convert from-hf|to-hf``
+(Hugging Face DeepSeek-V4 checkpoints in and out). Every command has
 ``--help``; errors exit non-zero with one line on stderr: 2 for bad input (before any actor starts),
 1 for a failed run, 130 for an interrupted one.
 """
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
                              "kill_during_save, kill_during_upload")
 
-    from v4train.orchestrator import jobs, plan, report
+    from v4train.orchestrator import convert, jobs, plan, report
 
+    convert.add_cli_arguments(sub)  # convert from-hf / to-hf (Hugging Face checkpoints)
     jobs.add_cli_arguments(sub)   # status, logs, stop (Ray Jobs on a running cluster)
     plan.add_cli_arguments(sub)
     report.add_cli_arguments(sub)
@@ -218,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             return _resume(args)
         if args.command == "ckpt":
             return _ckpt(args)
+        if args.command == "convert":
+            from v4train.orchestrator import convert
+
+            return convert.run_cli(args)
         if args.command in ("status", "logs", "stop"):
             from v4train.orchestrator import jobs
 

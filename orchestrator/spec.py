@@ -47,10 +47,15 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """``model`` section: a preset name plus overrides of any :class:`model.config.ModelConfig` field."""
+    """``model`` section: a preset name plus overrides of any :class:`model.config.ModelConfig` field.
+
+    ``init_from`` names a checkpoint root (e.g. one ``v4train convert from-hf`` wrote) whose newest committed
+    model weights the job starts from (fresh optimizer, schedule from step 0; ``orchestrator/init_from.py``).
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
     preset: str = "nano"
+    init_from: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """Fields other than ``preset``, as given in the YAML (validated by :meth:`build`)."""
@@ -400,6 +405,13 @@ def load_job(path: str | Path, overrides: list[str] | None = None, *, check_data
     problem = _layout_problem(job, cfg)
     if problem:
         raise SpecError(f"{path}: {problem}")
+    if job.model.init_from is not None:
+        from v4train.orchestrator import init_from
+
+        try:
+            init_from.check_model(job.model.init_from, cfg)
+        except (ValueError, RuntimeError) as exc:
+            raise SpecError(f"{path}: {exc}") from None
     return job
 
 
@@ -463,4 +475,6 @@ def dump_job(job: JobSpec) -> str:
     """The resolved job as YAML (what ``RUN_DIR/job.yaml`` holds)."""
     data = job.model_dump(mode="json")
     data["model"] = {"preset": job.model.preset, **job.model.overrides()}
+    if job.model.init_from is not None:
+        data["model"]["init_from"] = job.model.init_from
     return yaml.safe_dump(data, sort_keys=False)

@@ -106,6 +106,10 @@ class RankTrainer:
         # what the schedule runs: the stage, or its virtual-stage chunks (interleaved 1F1B)
         self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
         self.stage.init_weights(job.seed)
+        if job.model.init_from is not None:  # start from converted / earlier weights (fresh optimizer)
+            from v4train.orchestrator.init_from import load_model
+
+            load_model(job.model.init_from, self.stage, self.tp)
         if job.train.fp8:
             enable_fp8(self.stage)  # same Parameter objects and names: checkpoints stay interchangeable
         named = [(n, p) for n, p in self.stage.named_parameters() if p.requires_grad]
