@@ -15,8 +15,8 @@ import warnings
 import pytest
 import torch
 
-from _hf_helpers import random_stage, released_tensors, tiny_config, write_hf_dir
-from conftest import run_job, tiny_job
+from support.hf import random_stage, released_tensors, tiny_config, write_hf_dir
+from support.jobs import run_job, tiny_job
 from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from v4train.model import V4Stage
 from v4train.orchestrator import convert, init_from

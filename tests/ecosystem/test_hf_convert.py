@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from _hf_helpers import random_stage, released_tensors, tiny_config, write_hf_dir
+from support.hf import random_stage, released_tensors, tiny_config, write_hf_dir
 from v4train.model import V4Stage
 from v4train.model.hf_mapping import from_hf_name, hf_tensors
 from v4train.model.quant import dequantize_fp8_blocks, unpack_fp4
