@@ -156,3 +156,60 @@ def test_cp_refuses_a_sequence_without_whole_blocks_per_chunk():
         check_cp_seq_len(500, 4, (0, 4, 16))
     with pytest.raises(ValueError, match=r"curriculum.stages.1.seq_len=96 with parallel.cp=2"):
         check_cp_seq_len(96, 2, (0, 4, 32), field="curriculum.stages.1.seq_len")
+
+
+def _crafted_main(rank: int, port: int, out_dir: str) -> None:
+    """CP = 2 on 64 tokens (chunks of 16: rank 0 holds tokens 0-15 and 48-63, rank 1 tokens 16-47), one
+    CSA ratio of 4: the indexer keys of entries 0-3 (tokens 0-15, owned by rank 0) score highest for
+    every query, so rank 1's queries must pick entries it does not own."""
+    import torch.distributed as dist
+
+    from v4train.kernels import reference
+    from v4train.model.indexer import Indexer
+    from v4train.parallel import groups
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=2)
+        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
+        n_tok, ratio, topk = 64, 4, 4
+        pos = torch.arange(n_tok)[None]
+        seq = CPSequence(pos, cpg, attention_mode="sparse")
+        u = torch.ones(8)
+        k_global = torch.stack([u * (5.0 if j < 4 else 1.0 + 0.01 * j) for j in range(n_tok // ratio)])[None]
+        q = u.expand(1, n_tok, 2, 8).clone()
+        w = torch.ones(1, n_tok, 2)
+        entries = seq.entries(ratio, 2 * ratio - 1)
+        mine = entries.slots[cpg.rank]
+        own = torch.cat((k_global.reshape(-1, 8), torch.zeros(1, 8)))[mine].view(1, -1, 8)
+        gathered = seq.gather_entries(own, entries)
+        indexer = Indexer(small_cfg(index_topk=topk, index_n_heads=2, index_head_dim=8), ratio)
+        picks = indexer.select(q[:, seq.tokens], gathered, w[:, seq.tokens], seq.local_layout(ratio))
+        single = indexer.select(q, k_global, w, SequenceContext(pos, pos, attention_mode="sparse").layout(ratio))
+        # what a rank would pick from only the entries it owns (its slots' range, here contiguous)
+        owned = mine[mine < entries.n_slots]
+        lay = seq.local_layout(ratio)
+        lo = torch.maximum(lay.lo_BT, owned.min().expand_as(lay.lo_BT))
+        hi = torch.minimum(lay.hi_BT, (owned.max() + 1).expand_as(lay.hi_BT))
+        local_only = reference.indexer_topk(q[:, seq.tokens], k_global, w[:, seq.tokens], ratio, topk,
+                                            visible_start=lo, visible_end=torch.maximum(hi, lo)).indices.long()
+        torch.save({"gathered": gathered, "picks": picks, "single": single[:, seq.tokens], "local_only": local_only,
+                    "owned": owned, "tokens": seq.tokens}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        groups.destroy()
+        dist.destroy_process_group()
+
+
+def test_topk_over_all_visible_entries_differs_from_local_only_entries():
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_ranks(_crafted_main, (free_ports(1)[0], tmp), 2, deadline_s=300, what="crafted cp top-k")
+        res = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert torch.equal(res[0]["gathered"], res[1]["gathered"])   # every rank holds every entry
+    rank1 = res[1]
+    assert rank1["owned"].tolist() == list(range(4, 12))           # blocks ending in tokens 16-47
+    assert torch.equal(rank1["picks"], rank1["single"])             # the selection is the single-rank one
+    late = rank1["tokens"] >= 31                                     # queries that see more than 4 entries
+    assert (rank1["picks"][0, late] == torch.tensor([0, 1, 2, 3])).all()    # all owned by rank 0
+    assert not torch.equal(rank1["picks"][0, late], rank1["local_only"][0, late])
+    assert torch.equal(res[0]["picks"], res[0]["single"])
