@@ -68,8 +68,9 @@ class V4Stage(nn.Module):
     embeds, the last stage's last chunk runs the head and MTP.
 
     Attributes read at forward time, set by the trainer: ``aux_loss_scale`` (default 1.0) scales the
-    gradients of the auxiliary losses; ``attention_mode`` (default "dense") is one of "dense",
-    "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
+    gradients of the auxiliary losses; ``attention_mode`` is one of "dense", "sparse", "indexer_warmup"
+    (CSA layers; ValueError otherwise) and has no default: a forward before it is set raises
+    RuntimeError, so no caller trains dense by omission; ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
 
     Parallel context (DESIGN principle 1): ``tp`` splits heads, output groups, the shared expert's hidden
@@ -95,7 +96,7 @@ class V4Stage(nn.Module):
         self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp_size - 1
         self.aux_loss_scale = 1.0
         self.mtp_loss_weight = 0.3
-        self._attention_mode = "dense"
+        self._attention_mode: str | None = None
         self._input_tensors: list[torch.Tensor | None] = [None] * vp_size
         self._mtp_log: list[torch.Tensor] = []
         if self.is_first_stage or (self.is_last_stage and cfg.mtp_depth > 0):
@@ -111,7 +112,7 @@ class V4Stage(nn.Module):
                                       for k in range(cfg.mtp_depth)})
 
     @property
-    def attention_mode(self) -> str:
+    def attention_mode(self) -> str | None:
         return self._attention_mode
 
     @attention_mode.setter
@@ -156,8 +157,12 @@ class V4Stage(nn.Module):
         the per-token main next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``; MTP
         and auxiliary losses excluded), or the logits ``[B, S, V]`` when ``labels`` is None. In a
         training forward with labels the MTP loss is attached to the returned tensor's backward.
-        Raises RuntimeError on a non-first stage with no input tensor set.
+        Raises RuntimeError on a non-first stage with no input tensor set, and when ``attention_mode``
+        was never set.
         """
+        if self._attention_mode is None:
+            raise RuntimeError(f"stage {self.pp_rank}: attention_mode is not set; set it to one of "
+                               f"{', '.join(ATTENTION_MODES)} before the forward (the trainer takes it from the step plan)")
         ctx = SequenceContext(position_ids, input_ids, attention_mode=self._attention_mode,
                               aux_loss_scale=self.aux_loss_scale)
         first = self.is_first_stage and chunk == 0

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from v4train.orchestrator.cli import main
-from v4train.orchestrator.report import read_run, summary
+from v4train.orchestrator.report import attention_spans, read_run, summary
 
 
 def _write_run(run, steps: int = 120) -> None:
@@ -17,8 +17,10 @@ def _write_run(run, steps: int = 120) -> None:
     for s in range(1, steps + 1):
         seq = 128 if s <= 60 else 512
         batch = 16 if s <= 60 else 8
+        mode = "dense" if s <= 60 else "indexer_warmup" if s <= 70 else "sparse"
         rows.append({"step": s, "loss": 9 * math.exp(-s / 40) + 3 + (1.5 if s == 70 else 0), "lr": 1e-3 * min(1, s / 10),
-                     "seq_len": seq, "global_batch_tokens": seq * batch, "consumed_tokens": s * 2048,
+                     "seq_len": seq, "attention_mode": mode, "global_batch_tokens": seq * batch,
+                     "consumed_tokens": s * 2048,
                      "tokens_per_s": 3000 + 10 * (s % 7), "step_time_s": 0.7, "peak_rss_mb": 900 + s, "time": t0 + s})
     # step 40-45 replayed after a restart: the later records win
     rows[40:40] = [dict(r, loss=r["loss"] + 5) for r in rows[39:45]]
@@ -53,8 +55,16 @@ def test_report_cli_writes_a_png_and_prints_the_table(tmp_path, capsys):
     png = run / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     for text in ("steps                     120", "restarts / failures       1 / 1", "validation loss           3.4000",
-                 "peak RSS (largest rank)   1020 MiB", str(png)):
+                 "peak RSS (largest rank)   1020 MiB",
+                 "attention (steps)         dense 1-60, indexer_warmup 61-70, sparse 71-120", str(png)):
         assert text in out
+
+
+def test_attention_spans_follow_the_step_records():
+    modes = ["dense"] * 3 + ["indexer_warmup"] + ["sparse"] * 2
+    rows = [{"step": s, "attention_mode": m} for s, m in enumerate(modes, 1)]
+    assert attention_spans(rows) == [(1, 3, "dense"), (4, 4, "indexer_warmup"), (5, 6, "sparse")]
+    assert attention_spans([{"step": 1}]) == []
 
 
 def test_report_refuses_a_directory_without_metrics(tmp_path, capsys):
