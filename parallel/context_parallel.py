@@ -44,8 +44,8 @@ from v4train.model.layout import CompressedLayout, SequenceContext
 from v4train.model.moe import AuxLossInjector
 from v4train.model.rope import rope_angles
 
-__all__ = ["ContextParallel", "load_balanced_chunks", "shard_tokens", "unshard_tokens", "CPSequence",
-           "check_cp_seq_len", "context_parallel_attention", "exchange_bytes"]
+__all__ = ["ContextParallel", "load_balanced_chunks", "shard_tokens", "unshard_tokens", "gather_sequence",
+           "sum_over_cp", "CPSequence", "check_cp_seq_len", "context_parallel_attention", "exchange_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,26 @@ def unshard_tokens(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     order = torch.cat([_local_tokens(seq_len, cp, r) for r in range(cp)])
     out = torch.empty_like(torch.cat(parts, dim))
     return out.index_copy_(dim, order.to(out.device), torch.cat(parts, dim))
+
+
+@torch.no_grad()
+def gather_sequence(x_BL: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """The whole sequence ``[B, T]`` of a per-token integer tensor (position ids, labels) from every CP
+    rank's ``[B, L]`` (all-gather, global token order; no gradient). Identity without CP."""
+    if not cp.active:
+        return x_BL
+    parts = [torch.empty_like(x_BL) for _ in range(cp.size)]
+    dist.all_gather(parts, x_BL.contiguous(), group=cp.group)
+    return unshard_tokens(parts)
+
+
+@torch.no_grad()
+def sum_over_cp(x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """``x`` summed over the CP ranks (a count or a normaliser; no gradient). Identity without CP."""
+    x = x.detach().clone()
+    if cp.active:
+        dist.all_reduce(x, group=cp.group)
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,11 +368,8 @@ class CPSequence:
         return torch.where(key_BLW >= 0, rows_BLW, -1).to(torch.int32)
 
     def global_count(self, n: torch.Tensor) -> torch.Tensor:
-        """Sum of a per-rank count over the CP group (no gradient)."""
-        n = n.detach().to(torch.float32).clone()
-        if self.cp.active:
-            dist.all_reduce(n, group=self.cp.group)
-        return n
+        """Sum of a per-rank count over the CP group (fp32, no gradient)."""
+        return sum_over_cp(n.to(torch.float32), self.cp)
 
 
 def _halo_width(attn) -> int:
