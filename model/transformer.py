@@ -35,8 +35,7 @@ from v4train.model.mhc import HyperHead
 from v4train.model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
 from v4train.model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from v4train.model.norm import RMSNorm
-from v4train.parallel.context_parallel import (ContextParallel, CPSequence, gather_sequence, shard_tokens,
-                                               sum_over_cp)
+from v4train.parallel import context_parallel as cpar  # module import: context_parallel imports model/
 from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
                                       vocab_cross_entropy, vocab_embedding)
 
@@ -88,9 +87,9 @@ class V4Stage(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, vp_size: int = 1,
                  tp: TensorParallel = TensorParallel(), experts_factory=None,
-                 cp: ContextParallel | None = None):
+                 cp: cpar.ContextParallel | None = None):
         super().__init__()
-        self.tp, self.cp = tp, cp or ContextParallel()
+        self.tp, self.cp = tp, cp or cpar.ContextParallel()
         if vp_size < 1 or (vp_size > 1 and pp_size < 2):
             raise ValueError(f"vp_size {vp_size}: virtual stages need vp_size >= 1, and pp_size >= 2 when > 1")
         ranges = stage_layer_ranges(cfg.n_layers, pp_size * vp_size)
@@ -172,7 +171,7 @@ class V4Stage(nn.Module):
         ctx = SequenceContext(position_ids, input_ids, attention_mode=self._attention_mode,
                               aux_loss_scale=self.aux_loss_scale)
         if self.cp.active:
-            ctx.context_parallel = CPSequence(gather_sequence(position_ids, self.cp), self.cp,
+            ctx.context_parallel = cpar.CPSequence(cpar.gather_sequence(position_ids, self.cp), self.cp,
                                               attention_mode=self._attention_mode, aux_loss_scale=self.aux_loss_scale)
         first = self.is_first_stage and chunk == 0
         X_BSND = self._embed(input_ids) if first else self._received_streams(input_ids, chunk)
@@ -195,19 +194,19 @@ class V4Stage(nn.Module):
     def _mtp_loss(self, H_BSND: torch.Tensor, labels_BS: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """Mean over MTP depths of the mean CE over valid positions (``model/mtp.py``)."""
         losses = []
-        labels_BT = gather_sequence(labels_BS, self.cp)  # shifts cross the CP chunks' edges
+        labels_BT = cpar.gather_sequence(labels_BS, self.cp)  # shifts cross the CP chunks' edges
         for k, block in enumerate(self.mtp.values()):
             inputs_BS, targets_BS = (self._local(shift_left(labels_BT, j)) for j in (k, k + 1))
             valid_BS = (inputs_BS != IGNORE_INDEX) & (targets_BS != IGNORE_INDEX)
             tokens_BS = inputs_BS.clamp(min=0)
             H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
             ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), torch.where(valid_BS, targets_BS, IGNORE_INDEX), self.tp)
-            losses.append(ce_BS.sum() / sum_over_cp(valid_BS.sum(), self.cp).clamp(min=1))
+            losses.append(ce_BS.sum() / cpar.sum_over_cp(valid_BS.sum(), self.cp).clamp(min=1))
         return torch.stack(losses).mean()
 
     def _local(self, x_BT: torch.Tensor) -> torch.Tensor:
         """This CP rank's tokens of a whole-sequence tensor (itself without CP)."""
-        return shard_tokens(x_BT, self.cp.size, self.cp.rank) if self.cp.active else x_BT
+        return cpar.shard_tokens(x_BT, self.cp.size, self.cp.rank) if self.cp.active else x_BT
 
     def _embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         e_BSD = self.embed(input_ids_BS)

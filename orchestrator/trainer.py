@@ -73,6 +73,8 @@ class RankTrainer:
         backend: str = "gloo",
         inject: list[faults.Fault] = (),
     ) -> None:
+        if job.parallel.cp > 1:  # the model and the exchanges exist (parallel/context_parallel.py), the step does not
+            raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
         self.job = job
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}

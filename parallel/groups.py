@@ -28,7 +28,7 @@ class ParallelContext:
 
     Attributes:
         tp, pp, ep, dp: tensor-, pipeline-, expert- and data-parallel sizes
-            (tp*pp*dp == world_size).
+            (tp*cp*pp*dp == world_size).
         rank, world_size: this process in the default (world) group.
         tp_rank, pp_rank, dp_rank, ep_rank: this process's rank inside each group.
         tp_group, pp_group, dp_group, ep_group: torch ProcessGroups (from Megatron's
@@ -44,7 +44,7 @@ class ParallelContext:
             (Megatron's expert-data-parallel group, tp*dp/ep ranks with expert-tensor-parallel 1); expert
             gradients are summed over it. None / 0 in :meth:`single`.
     Raises:
-        ValueError: naming the field, when a size is < 1, tp*pp*dp != world_size, or a rank is
+        ValueError: naming the field, when a size is < 1, tp*cp*pp*dp != world_size, or a rank is
             outside [0, size).
     """
 
