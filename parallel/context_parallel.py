@@ -43,6 +43,7 @@ from v4train.model.indexer import indexer_kl, indexer_recall
 from v4train.model.layout import CompressedLayout, SequenceContext
 from v4train.model.moe import AuxLossInjector
 from v4train.model.rope import rope_angles
+from v4train.parallel.tensor_parallel import copy_to_region, reduce_from_region
 
 __all__ = ["ContextParallel", "load_balanced_chunks", "shard_tokens", "unshard_tokens", "gather_sequence",
            "sum_over_cp", "CPSequence", "check_cp_seq_len", "context_parallel_attention", "exchange_bytes"]
@@ -384,11 +385,10 @@ def context_parallel_attention(attn, x_BLD: torch.Tensor, seq: CPSequence) -> to
     """The forward of ``attn`` (a :class:`model.attention.Attention`) on this rank's tokens ``[B, L, D]``.
 
     The same steps as ``Attention.forward`` (shared through the layer's own methods), with the halo and
-    the global compressed entries from the exchanges above. Tensor parallelism inside the layer is not
-    supported together with CP (ValueError).
+    the global compressed entries from the exchanges above. Under tensor parallelism the layer's TP
+    mappings apply as in ``Attention.forward``: the replicated entries enter the head-split core through
+    *f*, ``wo_b`` sums over the TP ranks, the indexer's per-head sums are reduced over them.
     """
-    if attn.tp.active:
-        raise ValueError("context_parallel_attention: tensor parallelism inside a CP attention layer is not supported")
     from v4train.model.attention import _HeadNormRope  # noqa: PLC0415 - the layer's own query step
 
     width = _halo_width(attn)
@@ -427,8 +427,12 @@ def context_parallel_attention(attn, x_BLD: torch.Tensor, seq: CPSequence) -> to
                 trained = (qr_I, k_I, w_I, slots_BLK)
         shifted_BLK = torch.where(slots_BLK >= 0, slots_BLK.to(torch.int32) + E, -1).to(torch.int32)
         idx_BLK = torch.cat((idx_BLW, shifted_BLK), dim=-1)
+    kv_BXC = copy_to_region(kv_BXC, attn.tp)  # replicated entries, read by this TP rank's heads only
     o_BLHC = attn._core(q_BLHC, kv_BXC, idx_BLK)
-    y_BLD = attn._output_projection(o_BLHC, *rope_L)
+    if attn.tp.active:  # a row-parallel wo_b sums over the TP ranks
+        y_BLD = attn.wo_b(attn._grouped_projection(o_BLHC, *rope_L))
+    else:
+        y_BLD = attn._output_projection(o_BLHC, *rope_L)
     if trained is not None:
         loss = _indexer_loss(attn, seq, q_BLHC, kv_BXC, idx_BLK, idx_BLW.shape[-1], trained, rope_L)
         y_BLD = AuxLossInjector.apply(y_BLD, loss, seq.ctx.aux_loss_scale)
@@ -439,9 +443,12 @@ def _indexer_loss(attn, seq: CPSequence, q_BLHC, kv_BXC, idx_BLK, n_window, trai
     """This rank's share of the indexer KL: its queries' KL sum over the global number of queries with mass,
     so the shares add up (over CP ranks) to the single-rank mean."""
     qr_I, k_I, w_I, slots_BLK = trained
-    mass_BLK = attention_probabilities(q_BLHC.detach(), kv_BXC.detach(), attn.attn_sink.detach(), idx_BLK,
-                                       attn.head_dim ** -0.5, first_slot=n_window)
-    score_BLK = attn._indexer_scores(qr_I, k_I, w_I, slots_BLK, *rope_L)
+    # both head sums are partial on a TP rank: summed over the TP ranks (the mass without gradient)
+    mass_BLK = reduce_from_region(
+        attention_probabilities(q_BLHC.detach(), kv_BXC.detach(), attn.attn_sink.detach(), idx_BLK,
+                                attn.head_dim ** -0.5, first_slot=n_window), attn.tp)
+    score_BLK = reduce_from_region(
+        attn._indexer_scores(qr_I, copy_to_region(k_I, attn.tp), w_I, slots_BLK, *rope_L), attn.tp)
     rows = (mass_BLK.masked_fill(slots_BLK < 0, 0.0).sum(-1) > 0).sum()
     total = seq.global_count(rows)
     share = rows.to(torch.float32) / total.clamp(min=1.0)

@@ -310,3 +310,61 @@ def test_cp_stage_matches_one_rank_for_three_steps(cp):
         assert set(got[mode]["grads"]) == set(grads), mode
         for name, grad in grads.items():
             _close(got[mode]["grads"][name], grad, 1e-4, f"cp={cp} {mode} grad {name}")
+
+
+def _tp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
+    """(cp, tp) = (2, 2) on 4 ranks: Megatron's order puts TP fastest, so TP pairs are [0,1], [2,3] and
+    CP pairs [0,2], [1,3]."""
+    import torch.distributed as dist
+
+    from v4train.model.transformer import V4Stage
+    from v4train.parallel import groups
+    from v4train.parallel.tensor_parallel import TensorParallel, gather_full
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        pctx = groups.initialize(tp=2, pp=1, ep=1, dp=1, cp=2)
+        tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp)
+        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
+        ids, pos, labels = _stage_batch()
+        n_valid = int((labels != -100).sum())
+
+        def reduce_grads(stage):
+            for name, p in stage.named_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=cpg.group)
+                    if ".ffn.experts." in name:  # the routed experts saw this TP rank's share of the tokens
+                        dist.all_reduce(p.grad, group=tp.group)
+
+        out = {"cp_ranks": dist.get_process_group_ranks(cpg.group),
+               "tp_ranks": dist.get_process_group_ranks(tp.group)}
+        for mode in MODES:
+            stage = V4Stage(_stage_cfg(), pp_rank=0, pp_size=1, tp=tp, cp=cpg)
+            stage.init_weights(3)
+            local = (shard_tokens(t, 2, cpg.rank) for t in (ids, pos, labels))
+            losses, grads = _train_stage(stage.train(), mode, *local, n_valid, reduce_grads)
+            total = torch.stack(losses)
+            dist.all_reduce(total, group=cpg.group)
+            params = dict(stage.named_parameters())
+            out[mode] = {"losses": total, "grads": {n: gather_full(g, params[n], tp) for n, g in grads.items()}}
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        groups.destroy()
+        dist.destroy_process_group()
+
+
+def test_cp2_with_tp2_matches_one_rank_for_three_steps():
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_ranks(_tp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x tp=2 stage parity")
+        got = torch.load(Path(tmp) / "rank0.pt", weights_only=False)
+    assert got["cp_ranks"] == [0, 2] and got["tp_ranks"] == [0, 1]
+    ids, pos, labels = _stage_batch()
+    n_valid = int((labels != -100).sum())
+    for mode in MODES:
+        losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
+        assert torch.allclose(got[mode]["losses"], torch.stack(losses), rtol=1e-5, atol=0), mode
+        assert set(got[mode]["grads"]) == set(grads), mode
+        for name, grad in grads.items():
+            _close(got[mode]["grads"][name], grad, 1e-4, f"cp=2 tp=2 {mode} grad {name}")
