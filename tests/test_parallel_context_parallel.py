@@ -368,3 +368,76 @@ def test_cp2_with_tp2_matches_one_rank_for_three_steps():
         assert set(got[mode]["grads"]) == set(grads), mode
         for name, grad in grads.items():
             _close(got[mode]["grads"][name], grad, 1e-4, f"cp=2 tp=2 {mode} grad {name}")
+
+
+def _pp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
+    """(cp, pp) = (2, 2) on 4 ranks through Megatron's pipeline schedule: the mHC streams of this rank's
+    tokens ([L, B, N*D], L = T / cp) cross the stage boundary; CP pairs [0,1], [2,3], PP pairs [0,2], [1,3]."""
+    import torch.distributed as dist
+
+    from v4train.model.transformer import V4Stage
+    from v4train.parallel import groups
+    from v4train.parallel.schedules import forward_backward
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        pctx = groups.initialize(tp=1, pp=2, ep=1, dp=1, cp=2)
+        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
+        ids, pos, labels = _stage_batch()
+        n_valid = int((labels != -100).sum())
+        batch = [tuple(shard_tokens(t, 2, cpg.rank) for t in (ids, pos, labels))]
+        cfg = _stage_cfg()
+
+        def forward_step(data_iterator, model):
+            ids_BL, pos_BL, labels_BL = next(data_iterator)
+            output = model(ids_BL, pos_BL, labels_BL if model.is_last_stage else None)
+            return output, lambda loss_BL: (loss_BL.sum() / n_valid, {"loss": (loss_BL.sum() / n_valid).detach()})
+
+        out = {"cp_ranks": dist.get_process_group_ranks(cpg.group), "pp_rank": pctx.pp_rank}
+        for mode in MODES:
+            stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=2, cp=cpg)
+            stage.init_weights(3)
+            stage.train().attention_mode = mode
+            opt = torch.optim.SGD(stage.parameters(), lr=STAGE_LR)
+            losses, first = [], None
+            for _ in range(STAGE_STEPS):
+                opt.zero_grad(set_to_none=True)
+                logged = forward_backward(forward_step, iter(batch), stage, num_microbatches=1,
+                                          seq_length=STAGE_T // 2, micro_batch_size=1,
+                                          hidden_size=cfg.hc_mult * cfg.dim, pctx=pctx)
+                for p in stage.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=cpg.group)
+                for p in stage.shared_embedding_parameters():  # the embedding copies of the first and last stage
+                    dist.all_reduce(p.grad, group=pctx.embedding_group)
+                if logged:
+                    loss = logged[0]["loss"].clone()
+                    dist.all_reduce(loss, group=cpg.group)
+                    losses.append(loss)
+                if first is None:
+                    first = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+                opt.step()
+                stage.pop_aux_metrics()
+            out[mode] = {"losses": losses, "grads": first}
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        groups.destroy()
+        dist.destroy_process_group()
+
+
+def test_cp2_with_pp2_matches_one_rank_for_three_steps():
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_ranks(_pp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x pp=2 stage parity")
+        got = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert got[0]["cp_ranks"] == [0, 1] and [g["pp_rank"] for g in got] == [0, 0, 1, 1]
+    ids, pos, labels = _stage_batch()
+    n_valid = int((labels != -100).sum())
+    for mode in MODES:
+        losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
+        assert torch.allclose(torch.stack(got[2][mode]["losses"]), torch.stack(losses), rtol=1e-5, atol=0), mode
+        stage_grads = {**got[0][mode]["grads"], **got[2][mode]["grads"]}  # the first and the last stage
+        assert set(stage_grads) == set(grads), mode
+        for name, grad in grads.items():
+            _close(stage_grads[name], grad, 1e-4, f"cp=2 pp=2 {mode} grad {name}")
