@@ -74,6 +74,7 @@ def build(kind: str, seed: int) -> V4Stage:
             inter += 1
         cfg = ModelConfig.preset("nano", **{**BASE, "moe_inter_dim": inter}, compress_ratios=(0, 0, 0, 0))
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
+    stage.attention_mode = "dense"  # every layer is SWA (compress_ratios all 0): no compressed entries
     stage.init_weights(seed)
     return stage
 

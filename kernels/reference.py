@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["IndexerTopK", "sparse_attention", "indexer_topk", "causal_bounds", "document_bounds"]
+__all__ = ["IndexerTopK", "sparse_attention", "indexer_topk", "select_topk", "causal_bounds", "document_bounds"]
 
 # Bounds on one indexer chunk: query rows, and fp32 elements of its [rows, HI, NC] scores (8 MiB). This
 # is the CPU path of the model (the dispatch), so its transients must stay small next to the layer's
@@ -92,10 +92,11 @@ def indexer_topk(
     documents); a missing one defaults to 0 / the causal end.
 
     KK = min(topk, NC) picks per token, one k for the whole batch (spec 0.1 item 6). Each row takes its
-    KK largest visible scores; ties go to the lower index; fewer than KK visible entries leave ``-1``
-    slots. The picks come back in increasing index order. Scores are fp32 (OC quantises them to bf16,
-    which only this reference's callers may choose to emulate); w is applied as given (OC's
-    DI ** -0.5 * HI ** -0.5 factor belongs in w).
+    KK largest visible scores; ties go to the lower index, with -0.0 equal to +0.0 (:func:`select_topk`:
+    a stated contract shared by every path, where the official code leaves it unspecified); fewer than
+    KK visible entries leave ``-1`` slots. The picks come back in increasing index order. Scores are
+    fp32 (OC quantises them to bf16, which only this reference's callers may choose to emulate); w is
+    applied as given (OC's DI ** -0.5 * HI ** -0.5 factor belongs in w).
 
     Args:
         q: ``[B, T, HI, DI]`` indexer queries, fp32, bf16 or fp16 (fp64: reference only, fp64 scores).
@@ -132,7 +133,7 @@ def indexer_topk(
             s0 = min(int(start_Bc1.min()), s1 - KK)
             score_BTS = _chunk_scores(q[:, t0:t1].to(cd), kT_BES[:, :, s0:s1], w[:, t0:t1].to(cd))
             vis_BTS = (s_S[s0:s1] >= start_Bc1) & (s_S[s0:s1] < end_Bc1)
-            idx_BTK, score_out[:, t0:t1] = _select_topk(score_BTS, vis_BTS, KK)
+            idx_BTK, score_out[:, t0:t1] = select_topk(score_BTS, vis_BTS, KK)
             idx_out[:, t0:t1] = torch.where(idx_BTK >= 0, idx_BTK + s0, -1)
     return IndexerTopK(idx_out, score_out)
 
@@ -145,12 +146,26 @@ def _chunk_scores(q_BTHE: torch.Tensor, kT_BES: torch.Tensor, w_BTH: torch.Tenso
     return torch.matmul(w_BTH.unsqueeze(2), qk_BTHS).squeeze(2)
 
 
-def _select_topk(score_BTS: torch.Tensor, vis_BTS: torch.Tensor, KK: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(score_BTS: torch.Tensor, vis_BTS: torch.Tensor, KK: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-KK visible entries per row, ties to the lower index, returned in increasing index order.
+
+    The tie rule is this project's contract (the official code leaves the order of equal scores
+    unspecified): among equal scores the lower index is taken, and -0.0 equals +0.0 (every head's ReLU
+    can be 0, so exact-zero ties are common). It is the rule of every top-k path: this reference, the
+    Triton select kernel, and the indexer's recall metric.
 
     One top-k settles every row whose KK-th largest value does not also occur outside its picks (which
     of equal values torch's top-k takes is unspecified); the rare rows where it does take the lowest
-    indices of that tie explicitly (:func:`_lowest_ties`). Overwrites ``score_BTS`` (the chunk's scratch).
+    indices of that tie explicitly (:func:`_lowest_ties`). Overwrites ``score_BTS`` (pass a scratch).
+
+    Args:
+        score_BTS: ``[B, T, S]`` float scores (any finite or -inf values; overwritten).
+        vis_BTS: ``[B, T, S]`` bool, which entries each row may pick.
+        KK: picks per row, 1 <= KK <= S.
+
+    Returns:
+        ``(indices [B, T, KK] int32, scores [B, T, KK])``: the picks in increasing index order, then
+        ``-1`` / ``-inf`` where fewer than KK entries are visible.
     """
     NS = score_BTS.shape[-1]
     masked_BTS = score_BTS.add_(0.0).masked_fill_(~vis_BTS, float("-inf"))  # x + 0 = x, and -0 + 0 = +0

@@ -21,7 +21,8 @@ fp64 inputs) and returned in q's dtype. This is the CPU path of the ``kernels.sp
 dispatch (Triton on CUDA and under ``TRITON_INTERPRET``); ``kernels.reference`` is the plain reference
 both are tested against.
 
-The indexer's top-k on CPU is ``kernels.reference.indexer_topk`` (chunked, visible entries only).
+The indexer's top-k on CPU is ``kernels.reference.indexer_topk`` (chunked, visible entries only; ties
+to the lower index, the contract of every path: ``kernels.reference.select_topk``).
 
 Shape letters: B batch, T queries, H heads, D head dim, N kv entries, K attended slots, c chunk.
 """

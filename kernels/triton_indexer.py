@@ -11,7 +11,8 @@ elements; long sequences run in row chunks):
    order-preserving uint32 key (4 passes of 8 bits, ``tl.histogram``), then one pass that takes every
    score above it plus the first ties in index order, compacted with ``tl.cumsum`` into increasing
    index order; the slots left are ``-1`` / ``-inf``. Rows with at most KK visible entries skip the
-   radix passes and take them all.
+   radix passes and take them all. Ties therefore go to the lower index, and -0.0 keys as +0.0: the
+   contract of :func:`kernels.reference.select_topk`.
 
 All arithmetic is fp32 (bf16 is only loaded and fed to ``tl.dot``), as the interpreter requires.
 

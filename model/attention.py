@@ -59,6 +59,7 @@ from v4train.model.quant import qat_kv
 from v4train.model.rope import apply_rope, layer_rope_frequencies, rope_angles
 from v4train.kernels import sparse_attention
 from v4train.kernels.torch_cores import attention_probabilities
+from v4train.parallel import context_parallel
 from v4train.parallel.muon import MuonSplit
 from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, copy_to_region, mark_sharded,
                                       reduce_from_region, row_linear)
@@ -162,6 +163,8 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x_BTD: the attn_norm output; ``ctx`` carries positions, layouts, mode and the aux scale."""
+        if ctx.context_parallel is not None:  # this rank's tokens of a CP-split sequence
+            return context_parallel.context_parallel_attention(self, x_BTD, ctx.context_parallel)
         rope_T = rope_angles(ctx.position_ids, self.rope_freqs)
         # 1-2. query (low-rank, per-head RMS norm, RoPE) and the shared window KV entry
         qr_BTL = _recomputed(self._query_latent, x_BTD)

@@ -43,5 +43,6 @@ class Block(nn.Module):
         x_BSD, post, comb = self.hc_attn.read(X_BSND)
         X_BSND = hc_write(self.attn(self.attn_norm(x_BSD), ctx), X_BSND, post, comb)
         x_BSD, post, comb = self.hc_ffn.read(X_BSND)
-        y_BSD = self.ffn(self.ffn_norm(x_BSD), tokens_BS, ctx.aux_loss_scale)
+        cp = ctx.context_parallel.cp if ctx.context_parallel is not None else None
+        y_BSD = self.ffn(self.ffn_norm(x_BSD), tokens_BS, ctx.aux_loss_scale, cp)
         return hc_write(y_BSD, X_BSND, post, comb)

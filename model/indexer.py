@@ -33,10 +33,11 @@ from v4train.model.layout import CompressedLayout
 from v4train.model.quant import qat_indexer
 from v4train.model.rope import apply_rope
 from v4train import kernels
+from v4train.kernels.reference import select_topk
 from v4train.kernels.torch_cores import gather_rows
 from v4train.parallel.tensor_parallel import TensorParallel, column_linear, gather_heads
 
-__all__ = ["Indexer", "indexer_scores", "indexer_kl"]
+__all__ = ["Indexer", "indexer_scores", "indexer_kl", "indexer_recall"]
 
 
 class Indexer(nn.Module):
@@ -173,13 +174,16 @@ def indexer_kl(score_BTK: torch.Tensor, mass_BTK: torch.Tensor, slots_BTK: torch
 
 @torch.no_grad()
 def indexer_recall(score_BTK: torch.Tensor, mass_BTK: torch.Tensor, slots_BTK: torch.Tensor, topk: int) -> torch.Tensor:
-    """Mean share of the target mass that the indexer's top-k (among the given slots) would keep."""
+    """Mean share of the target mass that the indexer's top-k (among the given slots) would keep.
+
+    The top-k breaks ties toward the lower slot (:func:`kernels.reference.select_topk`), as the
+    selection of ``sparse`` mode does, so the metric is the mass that mode would attend to."""
     valid_BTK = slots_BTK >= 0
     mass_BTK = mass_BTK.masked_fill(~valid_BTK, 0.0)
     total_BT = mass_BTK.sum(-1)
     rows_BT = total_BT > 0
     if not rows_BT.any() or score_BTK.shape[-1] == 0:
         return torch.ones(())
-    pick_BTK = score_BTK.topk(min(topk, score_BTK.shape[-1]), dim=-1).indices
-    kept_BT = mass_BTK.gather(-1, pick_BTK).sum(-1)
+    pick_BTK, _ = select_topk(score_BTK.clone(), valid_BTK, min(topk, score_BTK.shape[-1]))
+    kept_BT = torch.where(pick_BTK >= 0, mass_BTK.gather(-1, pick_BTK.long().clamp(min=0)), 0.0).sum(-1)
     return (kept_BT[rows_BT] / total_BT[rows_BT]).mean()

@@ -126,16 +126,20 @@ def compressed_layout(position_ids_BT: torch.Tensor, seg_start_BT: torch.Tensor,
 class SequenceContext:
     """Per-forward inputs shared by every block of a stage, with the layouts computed once and cached.
 
-    position_ids / input_ids ``[B, T]`` int64; ``attention_mode`` one of ATTENTION_MODES;
+    position_ids / input_ids ``[B, T]`` int64; ``attention_mode`` one of ATTENTION_MODES (required:
+    there is no default mode, ValueError otherwise); ``context_parallel``: under context parallelism
+    the sequence's :class:`parallel.context_parallel.CPSequence` (the attention layers then run its
+    exchanges; position_ids / input_ids are this rank's tokens), else None;
     ``aux_loss_scale`` the gradient scale of injected auxiliary losses (1/num_microbatches).
     """
 
     def __init__(self, position_ids_BT: torch.Tensor, input_ids_BT: torch.Tensor, *,
-                 attention_mode: str = "dense", aux_loss_scale: float = 1.0):
+                 attention_mode: str, aux_loss_scale: float = 1.0):
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode {attention_mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
         self.position_ids, self.input_ids = position_ids_BT, input_ids_BT
         self.attention_mode, self.aux_loss_scale = attention_mode, aux_loss_scale
+        self.context_parallel = None
         self.seg_start, self.seg_end = segment_bounds(position_ids_BT)
         self._windows: dict[int, torch.Tensor] = {}
         self._layouts: dict[int, CompressedLayout] = {}

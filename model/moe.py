@@ -261,19 +261,25 @@ class AuxLossInjector(torch.autograd.Function):
         return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, cp=None) -> torch.Tensor:
     """Sequence-wise balance loss ``sum_i f_i P_i`` averaged over the B sequences (spec 5.2, V3 formula).
 
     f_i = E/(K S) * #tokens of the sequence selecting i (no gradient); P_i = mean_t s_{i,t} / sum_j s_{j,t}.
     A perfectly balanced router gives 1. Unweighted (the caller multiplies by balance_loss_weight).
+    Under context parallelism (``cp``, a :class:`parallel.context_parallel.ContextParallel`; S is this
+    rank's share of each sequence) the counts are summed over the CP ranks and P_i is this rank's part of
+    the whole sequence's mean, so the ranks' losses add up to the whole sequences' loss.
     """
     B, S, E = scores_BSE.shape
     K = indices_BSK.shape[-1]
     selected_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
     flat_indices = indices_BSK.reshape(B, S * K)
     selected_BE.scatter_add_(1, flat_indices, torch.ones_like(flat_indices, dtype=scores_BSE.dtype))
-    f_BE = selected_BE * (E / (K * S))
     p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    if cp is not None and cp.active:
+        dist.all_reduce(selected_BE, group=cp.group)
+        S, p_BE = S * cp.size, p_BE / cp.size
+    f_BE = selected_BE * (E / (K * S))
     return (f_BE * p_BE).sum(dim=-1).mean()
 
 
@@ -304,11 +310,13 @@ class MoE(nn.Module):
         self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         self.entropy_log: list[torch.Tensor] = []
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, aux_loss_scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, aux_loss_scale: float = 1.0,
+                cp=None) -> torch.Tensor:
         """x_BSD: the ffn_norm output; token_ids_BS: int64 input ids (hash routing).
 
         In a training forward (``self.training`` and grad enabled) of a learned layer, adds the token
-        counts to ``gate.expert_counts`` and attaches the balance loss scaled by ``aux_loss_scale``.
+        counts to ``gate.expert_counts`` and attaches the balance loss scaled by ``aux_loss_scale``
+        (over whole sequences split across the context-parallel ranks ``cp``, when given).
         """
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
@@ -327,7 +335,7 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled() and not self.gate.is_hash:
             if self.balance_loss_weight > 0:
                 aux = self.balance_loss_weight * sequence_balance_loss(
-                    route.scores.view(B, S, -1), route.indices.view(B, S, -1))
+                    route.scores.view(B, S, -1), route.indices.view(B, S, -1), cp)
                 self.aux_log.append(aux.detach())
                 y_BSD = AuxLossInjector.apply(y_BSD, aux, aux_loss_scale)
         return y_BSD

@@ -35,6 +35,7 @@ from v4train.model.mhc import HyperHead
 from v4train.model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
 from v4train.model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from v4train.model.norm import RMSNorm
+from v4train.parallel import context_parallel as cpar  # module import: context_parallel imports model/
 from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
                                       vocab_cross_entropy, vocab_embedding)
 
@@ -68,22 +69,27 @@ class V4Stage(nn.Module):
     embeds, the last stage's last chunk runs the head and MTP.
 
     Attributes read at forward time, set by the trainer: ``aux_loss_scale`` (default 1.0) scales the
-    gradients of the auxiliary losses; ``attention_mode`` (default "dense") is one of "dense",
-    "sparse", "indexer_warmup" (CSA layers; ValueError otherwise); ``mtp_loss_weight`` (default 0.3)
+    gradients of the auxiliary losses; ``attention_mode`` is one of "dense", "sparse", "indexer_warmup"
+    (CSA layers; ValueError otherwise) and has no default: a forward before it is set raises
+    RuntimeError, so no caller trains dense by omission; ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
 
-    Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the
-    shared expert's hidden units and the vocabulary (embedding, head and cross-entropy: Megatron's
-    vocab-parallel layers) over the tensor-parallel ranks (ValueError naming the field tp does not divide);
-    ``experts_factory(layer)`` returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`,
-    every expert here), the hook through which the trainer installs expert parallelism. With the defaults the
-    stage is the single-process reference.
+    Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the shared expert's hidden
+    units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-parallel layers) over
+    the tensor-parallel ranks (ValueError naming the field tp does not divide); ``experts_factory(layer)``
+    returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`, every expert here), the
+    hook through which the trainer installs expert parallelism. ``cp`` splits each sequence over the
+    context-parallel ranks (:mod:`parallel.context_parallel`): the stage then takes this rank's tokens
+    (load-balanced split) and returns their losses; position ids and labels are all-gathered (cheap)
+    so layouts, windows and MTP targets are those of the whole sequence, and the MTP loss is normalised
+    by the whole sequence's valid targets. With the defaults the stage is the single-process reference.
     """
 
     def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, vp_size: int = 1,
-                 tp: TensorParallel = TensorParallel(), experts_factory=None):
+                 tp: TensorParallel = TensorParallel(), experts_factory=None,
+                 cp: cpar.ContextParallel | None = None):
         super().__init__()
-        self.tp = tp
+        self.tp, self.cp = tp, cp or cpar.ContextParallel()
         if vp_size < 1 or (vp_size > 1 and pp_size < 2):
             raise ValueError(f"vp_size {vp_size}: virtual stages need vp_size >= 1, and pp_size >= 2 when > 1")
         ranges = stage_layer_ranges(cfg.n_layers, pp_size * vp_size)
@@ -95,7 +101,7 @@ class V4Stage(nn.Module):
         self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp_size - 1
         self.aux_loss_scale = 1.0
         self.mtp_loss_weight = 0.3
-        self._attention_mode = "dense"
+        self._attention_mode: str | None = None
         self._input_tensors: list[torch.Tensor | None] = [None] * vp_size
         self._mtp_log: list[torch.Tensor] = []
         if self.is_first_stage or (self.is_last_stage and cfg.mtp_depth > 0):
@@ -111,7 +117,7 @@ class V4Stage(nn.Module):
                                       for k in range(cfg.mtp_depth)})
 
     @property
-    def attention_mode(self) -> str:
+    def attention_mode(self) -> str | None:
         return self._attention_mode
 
     @attention_mode.setter
@@ -156,10 +162,17 @@ class V4Stage(nn.Module):
         the per-token main next-token cross-entropy ``[B, S]`` fp32 (0 where ``labels == -100``; MTP
         and auxiliary losses excluded), or the logits ``[B, S, V]`` when ``labels`` is None. In a
         training forward with labels the MTP loss is attached to the returned tensor's backward.
-        Raises RuntimeError on a non-first stage with no input tensor set.
+        Raises RuntimeError on a non-first stage with no input tensor set, and when ``attention_mode``
+        was never set.
         """
+        if self._attention_mode is None:
+            raise RuntimeError(f"stage {self.pp_rank}: attention_mode is not set; set it to one of "
+                               f"{', '.join(ATTENTION_MODES)} before the forward (the trainer sets the step plan's)")
         ctx = SequenceContext(position_ids, input_ids, attention_mode=self._attention_mode,
                               aux_loss_scale=self.aux_loss_scale)
+        if self.cp.active:
+            ctx.context_parallel = cpar.CPSequence(cpar.gather_sequence(position_ids, self.cp), self.cp,
+                                              attention_mode=self._attention_mode, aux_loss_scale=self.aux_loss_scale)
         first = self.is_first_stage and chunk == 0
         X_BSND = self._embed(input_ids) if first else self._received_streams(input_ids, chunk)
         for i in self.chunk_ranges[chunk]:
@@ -181,15 +194,20 @@ class V4Stage(nn.Module):
     def _mtp_loss(self, H_BSND: torch.Tensor, labels_BS: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """Mean over MTP depths of the mean CE over valid positions (``model/mtp.py``)."""
         losses = []
+        labels_BT = cpar.gather_sequence(labels_BS, self.cp)  # shifts cross the CP chunks' edges
         for k, block in enumerate(self.mtp.values()):
-            inputs_BS, targets_BS = shift_left(labels_BS, k), shift_left(labels_BS, k + 1)
+            inputs_BS, targets_BS = (self._local(shift_left(labels_BT, j)) for j in (k, k + 1))
             valid_BS = (inputs_BS != IGNORE_INDEX) & (targets_BS != IGNORE_INDEX)
             tokens_BS = inputs_BS.clamp(min=0)
             H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
             masked_targets_BS = torch.where(valid_BS, targets_BS, IGNORE_INDEX)
             ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), masked_targets_BS, self.tp)
-            losses.append(ce_BS.sum() / valid_BS.sum().clamp(min=1))
+            losses.append(ce_BS.sum() / cpar.sum_over_cp(valid_BS.sum(), self.cp).clamp(min=1))
         return torch.stack(losses).mean()
+
+    def _local(self, x_BT: torch.Tensor) -> torch.Tensor:
+        """This CP rank's tokens of a whole-sequence tensor (itself without CP)."""
+        return cpar.shard_tokens(x_BT, self.cp.size, self.cp.rank) if self.cp.active else x_BT
 
     def _embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         e_BSD = self.embed(input_ids_BS)

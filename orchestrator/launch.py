@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job, args.overrides)
         cluster = load_cluster(args.cluster) if args.cluster else None
         if job.parallel.world_size != world:
-            raise SpecError(f"parallel: tp x pp x dp = {job.parallel.world_size} but {world} ranks were started")
+            raise SpecError(f"parallel: tp x cp x pp x dp = {job.parallel.world_size} but {world} ranks were started")
         run_dir = Path(args.run_dir)
         if not args.resume and not args.overwrite and run_dir.exists() and any(run_dir.iterdir()):
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --resume or --overwrite)")

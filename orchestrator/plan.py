@@ -47,8 +47,8 @@ import json
 from dataclasses import dataclass, field
 
 __all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
-           "stage_parameters", "activation_elements", "plan_layout", "plan_job", "suggest", "format_plan",
-           "load_job_for_plan", "add_cli_arguments", "run_cli"]
+           "stage_parameters", "activation_elements", "cp_buffer_elements", "plan_layout", "plan_job", "suggest",
+           "format_plan", "load_job_for_plan", "add_cli_arguments", "run_cli"]
 
 # Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
 # gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
@@ -73,9 +73,12 @@ class Layout:
     dp: int
     micro_batch_size: int
     recompute: str = "none"  # "none" | "full"
+    cp: int = 1  # context parallel: each sequence split over cp ranks
 
     def __str__(self) -> str:
-        return f"tp{self.tp} pp{self.pp} ep{self.ep} dp{self.dp} mbs{self.micro_batch_size} recompute={self.recompute}"
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return (f"tp{self.tp}{cp} pp{self.pp} ep{self.ep} dp{self.dp} mbs{self.micro_batch_size} "
+                f"recompute={self.recompute}")
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,17 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     return block + attn + ffn, kv
 
 
+def cp_buffer_elements(cfg, layer_idx: int, seq_len: int, cp: int) -> float:
+    """Elements one sequence's context-parallel exchange keeps per layer on a rank: the halo rows of the
+    layer input (two chunks, ``parallel.context_parallel``) with their window KV, and the all-gathered
+    compressed entries (and the indexer's keys for CSA) of the whole sequence."""
+    ratio = cfg.compress_ratios[layer_idx]
+    width = cfg.window - 1 if not ratio else max(cfg.window - 1, (2 if ratio == 4 else 1) * ratio - 1)
+    halo = 2 * min(width, seq_len // (2 * cp)) * (cfg.dim + cfg.head_dim)
+    entries = seq_len / ratio * (cfg.head_dim + (cfg.index_head_dim if ratio == 4 else 0)) if ratio else 0.0
+    return halo + entries
+
+
 def _head_elements(cfg, tp: int) -> float:
     """Last stage, per token: hc_head, norm, and the log-softmax of every head (main + MTP) over the vocab."""
     return cfg.vocab_size / tp * (1 + cfg.mtp_depth) + 2 * cfg.hc_mult * cfg.dim + 24
@@ -249,13 +263,16 @@ def _link_gbps(cluster, span: int) -> float:
 def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
     from v4train.model.budget import attention_flops_per_token
+    from v4train.parallel.context_parallel import exchange_bytes
 
     device = cluster.device
     b = _bytes(device)
-    tp, pp, ep, dp, mbs = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size
+    tp, pp, ep, dp, mbs, cp = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size, layout.cp
     m = max(1, shape.global_batch // (mbs * dp))
-    tokens_mb = mbs * shape.seq_len
-    edp = max(1, tp * dp // ep)
+    # context parallel: a rank holds seq_len / cp tokens of each sequence (activations, KV, FLOPs); the
+    # per-token terms keep the whole sequence's visible compressed entries (they are all-gathered)
+    tokens_mb = mbs * shape.seq_len // cp
+    edp = max(1, tp * cp * dp // ep)
     stages = []
     stage_flops = []
     asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
@@ -278,6 +295,9 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         parts["activations"] = in_flight * tokens_mb * kept_other * b["act"]
         parts["kv_compressor"] = in_flight * tokens_mb * kept_kv * b["act"]
         parts["workspace"] = tokens_mb * (biggest + (cfg.vocab_size / tp if r == pp - 1 else 0)) * b["act"]
+        if cp > 1:
+            buffers = sum(cp_buffer_elements(cfg, i, shape.seq_len, cp) for i in ids)
+            parts["cp_exchange"] = in_flight * mbs * buffers * b["act"]
         stage = StageMemory(r, layers, dense, expert, parts)
         staging = local * b["staging"] if asynchronous else 0.0
         if device == "cpu":
@@ -299,12 +319,17 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     comm["tp"] = 0.0 if tp == 1 else m * n_moe_max * 4 * 2 * (tp - 1) / tp * tokens_mb * cfg.dim * b["comm"]
     comm["ep"] = 0.0 if ep == 1 else m * n_moe_max * 4 * (ep - 1) / ep * tokens_mb * cfg.n_activated_experts * cfg.dim * b["comm"]
     comm["pp"] = 0.0 if pp == 1 else m * 2 * tokens_mb * cfg.hc_mult * cfg.dim * b["comm"]
+    if cp > 1:  # the peak stage's share of the layers' halo and entry exchanges, per micro-batch
+        comm["cp"] = m * mbs * exchange_bytes(cfg, shape.seq_len, cp, bytes_per_value=b["comm"])["cp_exchange"] * (
+            max(len(s.layers) for s in stages) / cfg.n_layers)
     peak = max(stages, key=lambda s: s.dense_params / tp + s.expert_params / ep)
     grad_elems = [peak.dense_params / tp, peak.expert_params / ep]
-    comm["dp"] = sum(2 * (g_dp - 1) / g_dp * g * b["grad"] for g, g_dp in zip(grad_elems, (dp, edp)) if g_dp > 1)
-    span = {"tp": tp, "ep": tp * ep, "dp": tp * dp, "pp": tp * dp * pp}
+    # dense gradients are summed over the data x context parallel ranks
+    comm["dp"] = sum(2 * (g_dp - 1) / g_dp * g * b["grad"] for g, g_dp in zip(grad_elems, (dp * cp, edp)) if g_dp > 1)
+    span = {"tp": tp, "ep": tp * ep, "dp": tp * cp * dp, "pp": tp * cp * dp * pp, "cp": tp * cp}
     link = {k: _link_gbps(cluster, v) * 1e9 for k, v in span.items()}
-    t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]) / m
+    t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
+                                      + comm.get("cp", 0.0) / link["cp"]) / m
     time_parts = {"compute": (m + pp - 1) * max(stage_flops) / rate,
                   "tp_ep_pp_comm": (m + pp - 1) * (t_mb - max(stage_flops) / rate),
                   "dp_sync": comm["dp"] / link["dp"]}
@@ -438,13 +463,15 @@ def add_cli_arguments(sub) -> None:
 def _parse_layout(text: str, default) -> Layout:
     from v4train.orchestrator.spec import SpecError
 
-    values = {"tp": default.tp, "pp": default.pp, "ep": default.ep, "dp": default.dp, "mbs": default.micro_batch_size}
+    values = {"tp": default.tp, "cp": default.cp, "pp": default.pp, "ep": default.ep, "dp": default.dp,
+              "mbs": default.micro_batch_size}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key.strip() not in values or not value.strip().isdigit() or int(value) < 1:
-            raise SpecError(f"--layout {item!r}: expected tp|pp|ep|dp|mbs=<positive int>")
+            raise SpecError(f"--layout {item!r}: expected tp|cp|pp|ep|dp|mbs=<positive int>")
         values[key.strip()] = int(value)
-    return Layout(values["tp"], values["pp"], values["ep"], values["dp"], values["mbs"], default.recompute)
+    return Layout(values["tp"], values["pp"], values["ep"], values["dp"], values["mbs"], default.recompute,
+                  cp=values["cp"])
 
 
 def run_cli(args) -> int:
@@ -453,15 +480,15 @@ def run_cli(args) -> int:
 
     job, cfg, par = load_job_for_plan(args.job, args.overrides)
     cluster = load_cluster(args.cluster)
-    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size, args.recompute)
+    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size, args.recompute, cp=par.cp)
     if args.layout:
         layout = _parse_layout(args.layout, layout)
-    world = layout.tp * layout.pp * layout.dp
+    world = layout.tp * layout.cp * layout.pp * layout.dp
     if world != cluster.world_size:
-        raise SpecError(f"layout {layout}: tp x pp x dp = {world} does not match cluster {cluster.name}'s "
+        raise SpecError(f"layout {layout}: tp x cp x pp x dp = {world} does not match cluster {cluster.name}'s "
                         f"{cluster.world_size} devices")
-    if (layout.tp * layout.dp) % layout.ep or cfg.n_routed_experts % layout.ep or layout.pp > cfg.n_layers:
-        raise SpecError(f"layout {layout}: ep must divide tp x dp and n_routed_experts; pp at most n_layers")
+    if (layout.tp * layout.cp * layout.dp) % layout.ep or cfg.n_routed_experts % layout.ep or layout.pp > cfg.n_layers:
+        raise SpecError(f"layout {layout}: ep must divide tp x cp x dp and n_routed_experts; pp at most n_layers")
     plan = plan_job(cfg, job, cluster, layout)
     others = suggest(cfg, job, cluster, args.suggest) if args.suggest else []
     if args.json:

@@ -3,8 +3,10 @@
 The PNG has four panels over optimizer steps, sharing the x axis: loss (and the validation loss of ``eval``
 events), learning rate, sequence length with the global batch in tokens, and tokens/s. Events are drawn
 across every panel: restarts and failures (red), spikes and rollbacks (orange), curriculum stage changes
-(blue), committed checkpoints (grey ticks along the top of the loss panel). The table summarises steps,
-tokens, wall time, losses, throughput, peak resident memory and event counts.
+(blue), committed checkpoints (grey ticks along the top of the loss panel); the loss panel's background
+marks the attention mode of each step (``dense``, ``indexer_warmup``, ``sparse``: V4's recipe). The table
+summarises steps, tokens, wall time, losses, throughput, peak resident memory, event counts and the
+attention-mode stages.
 
 With ``--tensorboard`` the same scalars are also written as TensorBoard event files in ``RUN_DIR/tb/``
 (needs the ``tensorboard`` package: ``pip install 'v4train[tensorboard]'``).
@@ -17,11 +19,28 @@ import statistics
 import sys
 from pathlib import Path
 
-__all__ = ["read_run", "summary", "format_summary", "plot", "write_tensorboard", "add_cli_arguments", "run_cli"]
+__all__ = ["read_run", "summary", "attention_spans", "format_summary", "plot", "write_tensorboard", "add_cli_arguments",
+           "run_cli"]
 
 _RED_EVENTS = ("restart", "failure")
 _ORANGE_EVENTS = ("spike", "rollback", "nonfinite_grad")
 _BLUE_EVENTS = ("stage_change",)
+_MODE_COLORS = {"dense": "#e6e6e6", "indexer_warmup": "#fbd9b0", "sparse": "#cfe8c9"}
+
+
+def attention_spans(metrics: list[dict]) -> list[tuple[int, int, str]]:
+    """``(first step, last step, mode)`` for each run of consecutive steps trained in one attention mode
+    (the ``attention_mode`` of the step records; records without one are left out)."""
+    spans: list[list] = []
+    for m in metrics:
+        mode = m.get("attention_mode")
+        if mode is None:
+            continue
+        if spans and spans[-1][2] == mode:
+            spans[-1][1] = m["step"]
+        else:
+            spans.append([m["step"], m["step"], mode])
+    return [tuple(span) for span in spans]
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -79,6 +98,7 @@ def summary(metrics: list[dict], events: list[dict]) -> dict:
         "spikes": count("spike"),
         "rollbacks": count("rollback"),
         "stage_changes": count("stage_change"),
+        "attention": ", ".join(f"{mode} {a}-{b}" for a, b, mode in attention_spans(metrics)) or None,
         "state": finish["event"] if finish else "running (or killed)",
     }
 
@@ -103,6 +123,7 @@ def format_summary(run_dir: str | Path, s: dict) -> str:
         ("restarts / failures", f"{s['restarts']} / {s['failures']}"),
         ("spikes / rollbacks", f"{s['spikes']} / {s['rollbacks']}"),
         ("curriculum stage changes", str(s["stage_changes"])),
+        ("attention (steps)", s["attention"] or "-"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -124,6 +145,11 @@ def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str 
         loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o", color="#2ca02c", ms=7,
                      label="validation loss")
     loss_ax.set_ylabel("loss (nats)")
+    shaded = set()
+    for first, last, mode in attention_spans(metrics):
+        loss_ax.axvspan(first - 0.5, last + 0.5, color=_MODE_COLORS.get(mode, "#dddddd"), alpha=0.6, lw=0, zorder=0,
+                        label=None if mode in shaded else f"attention: {mode}")
+        shaded.add(mode)
     lr_ax.plot(steps, [m["lr"] for m in metrics], color="#9467bd", lw=1.2)
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -131,11 +131,14 @@ class TrainSpec(_Strict):
 
 
 class ParallelSpec(_Strict):
-    """``parallel`` section: tensor, pipeline, expert and data parallel sizes, and ``vp`` virtual pipeline
-    stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1 and micro-batches per step a
-    multiple of pp)."""
+    """``parallel`` section: tensor, context, pipeline, expert and data parallel sizes, and ``vp`` virtual
+    pipeline stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1 and micro-batches per step a
+    multiple of pp). ``cp`` splits each sequence over cp ranks (``parallel/context_parallel.py``): every
+    sequence length must split into 2 cp chunks of whole compression blocks; ``v4train plan`` counts it,
+    the trainer does not run it yet (``submit`` refuses cp > 1)."""
 
     tp: PositiveInt = 1
+    cp: PositiveInt = 1
     pp: PositiveInt = 1
     ep: PositiveInt = 1
     dp: PositiveInt = 1
@@ -143,7 +146,7 @@ class ParallelSpec(_Strict):
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
 
 class CheckpointSpec(_Strict):
@@ -275,9 +278,17 @@ class JobSpec(_Strict):
                 if unit % p.pp:
                     raise ValueError(f"parallel.vp: interleaving needs micro-batches per step a multiple of pp = "
                                      f"{p.pp}; {field} / (micro_batch_size x dp) = {unit}")
-        if (p.tp * p.dp) % p.ep:
-            raise ValueError(f"parallel.ep: {p.ep} must divide tp x dp = {p.tp * p.dp} (the experts of a stage "
-                             "are spread over its tensor- and data-parallel ranks)")
+        if (p.tp * p.cp * p.dp) % p.ep:
+            raise ValueError(f"parallel.ep: {p.ep} must divide tp x cp x dp = {p.tp * p.cp * p.dp} (the experts of "
+                             "a stage are spread over its tensor-, context- and data-parallel ranks)")
+        if p.cp > 1:
+            from v4train.parallel.context_parallel import check_cp_seq_len
+
+            ratios = self.model.build().compress_ratios
+            lengths = ([(f"curriculum.stages.{i}.seq_len", st.seq_len) for i, st in enumerate(self.curriculum.stages)]
+                       if self.curriculum is not None else [("data.seq_len", self.data.seq_len)])
+            for field, seq_len in lengths:
+                check_cp_seq_len(seq_len, p.cp, ratios, field=field)
         return self
 
     @property
@@ -461,14 +472,30 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         raise SpecError(_format_validation_error(str(path), exc)) from None
 
 
-def validate_against_cluster(job: JobSpec, cluster: ClusterSpec) -> None:
-    """Raise SpecError if the job's layout does not use exactly the cluster's devices."""
+def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int | None = None) -> None:
+    """Raise SpecError if the job's layout does not use exactly the cluster's devices, or (cp > 1) if a
+    stage's sequence does not fit a device's memory at this cp (the planner's figure), or because the
+    trainer does not run context parallelism yet."""
     p = job.parallel
     if p.world_size != cluster.world_size:
         raise SpecError(
-            f"parallel: tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {p.world_size} does not match "
+            f"parallel: tp x cp x pp x dp = {p.tp} x {p.cp} x {p.pp} x {p.dp} = {p.world_size} does not match "
             f"cluster {cluster.name}'s {cluster.world_size} devices"
         )
+    if p.cp > 1:
+        from v4train.orchestrator.plan import Layout, job_shapes, plan_layout
+
+        cfg = job.model.build(vocab_size=vocab_size)
+        layout = Layout(p.tp, p.pp, p.ep, p.dp, job.train.micro_batch_size, cp=p.cp)
+        for i, shape in enumerate(job_shapes(job)):
+            plan = plan_layout(cfg, job, cluster, dataclasses.replace(layout, micro_batch_size=shape.micro_batch_size),
+                               shape)
+            if not plan.fits:
+                field = f"curriculum.stages.{i}.seq_len" if job.curriculum is not None else "data.seq_len"
+                raise SpecError(f"{field}={shape.seq_len}: {plan.peak.total / 2**30:.1f} GiB per device at "
+                                f"parallel.cp={p.cp} (planner) exceeds what a device of {cluster.name} offers")
+        raise SpecError(f"parallel.cp={p.cp}: the trainer does not run context parallelism yet "
+                        "(`v4train plan` evaluates the layout)")
 
 
 def dump_job(job: JobSpec) -> str:

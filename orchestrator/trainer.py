@@ -28,7 +28,7 @@ from v4train.model import V4Stage
 from v4train.model.moe import (Router, RoutingTape, discard_expert_counts, expert_parallel_experts, set_routing_tape,
                        update_expert_bias)
 from v4train.orchestrator import checkpoint, faults
-from v4train.orchestrator.curriculum import StepPlan
+from v4train.orchestrator.curriculum import StepPlan, plan_step
 from v4train.orchestrator.spec import JobSpec
 from v4train.orchestrator.storage import Storage
 from v4train.parallel import groups
@@ -73,6 +73,8 @@ class RankTrainer:
         backend: str = "gloo",
         inject: list[faults.Fault] = (),
     ) -> None:
+        if job.parallel.cp > 1:  # the model and the exchanges exist (parallel/context_parallel.py), the step does not
+            raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
         self.job = job
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
@@ -311,6 +313,7 @@ class RankTrainer:
             "grad_norm": float(grad_norm),
             "lr": plan.lr,
             "seq_len": plan.seq_len,
+            "attention_mode": plan.attention_mode,
             "global_batch_tokens": plan.global_batch_tokens,
             "step_time_s": elapsed,
             "tokens_per_s": plan.global_batch_tokens / elapsed,
@@ -441,7 +444,9 @@ class RankTrainer:
 
     @torch.no_grad()
     def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
-        """Mean next-token loss (nats) over ``num_batches`` fixed validation batches of ``global_batch`` sequences."""
+        """Mean next-token loss (nats) over ``num_batches`` fixed validation batches of ``global_batch`` sequences,
+        in the attention mode of the curriculum stage of the last step trained (its first step before any)."""
+        self.stage.attention_mode = plan_step(self.job, max(1, self.step)).attention_mode
         val = TokenDataset.open(self.job.data.path, "val")
         losses = []
         for batch in eval_batches(val, num_batches, global_batch, seq_len, self.pctx.dp_rank, self.pctx.dp):

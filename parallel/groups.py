@@ -1,13 +1,14 @@
-"""Process groups for a (TP, PP, EP, DP) layout, built by Megatron-core's ``parallel_state``.
+"""Process groups for a (TP, CP, PP, EP, DP) layout, built by Megatron-core's ``parallel_state``.
 
 This is the only module that reads Megatron's ``parallel_state`` globals: it
 builds them once per layout and hands the result out as an explicit, immutable
 :class:`ParallelContext`. Everything else receives the context.
 
-Rank order is Megatron's ``"tp-cp-ep-dp-pp"`` (TP fastest, PP slowest), context parallelism is 1,
-and the expert grid uses expert-tensor-parallel size 1 (ETP·EP·PP), which keeps TP2·PP2·EP2
-feasible on 4 ranks. Example on 8 ranks with tp=2, pp=2, dp=2: pp groups
-[[0,4],[1,5],[2,6],[3,7]], dp groups [[0,2],[1,3],[4,6],[5,7]].
+Rank order is Megatron's ``"tp-cp-ep-dp-pp"`` (TP fastest, then CP, PP slowest); the context-parallel
+group is Megatron's (``parallel.context_parallel`` splits each sequence over it), and the expert grid
+uses expert-tensor-parallel size 1 (ETP·EP·PP), which keeps TP2·PP2·EP2 feasible on 4 ranks.
+Example on 8 ranks with tp=2, pp=2, dp=2: pp groups [[0,4],[1,5],[2,6],[3,7]], dp
+groups [[0,2],[1,3],[4,6],[5,7]]; with cp=2, tp=1, pp=1, dp=2 on 4 ranks the cp groups are [[0,1],[2,3]].
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ class ParallelContext:
 
     Attributes:
         tp, pp, ep, dp: tensor-, pipeline-, expert- and data-parallel sizes
-            (tp*pp*dp == world_size).
+            (tp*cp*pp*dp == world_size).
         rank, world_size: this process in the default (world) group.
         tp_rank, pp_rank, dp_rank, ep_rank: this process's rank inside each group.
         tp_group, pp_group, dp_group, ep_group: torch ProcessGroups (from Megatron's
             ``parallel_state``); None only in :meth:`single`, where no torch.distributed exists.
+        cp, cp_rank, cp_group: context-parallel size, rank and group (Megatron's); size 1 / None when
+            context parallelism is off. tp*cp*pp*dp == world_size.
+        dp_cp_group: the data x context parallel ranks (Megatron's ``with_context_parallel`` DP group),
+            over which dense gradients are summed when cp > 1; None when cp == 1.
         embedding_group: the first and last stage of this rank's pipeline (Megatron's embedding group:
             parameters both stages hold, such as the embedding MTP needs on the last stage, have their
             gradients summed over it); None on middle stages and with pp == 1.
@@ -39,7 +44,7 @@ class ParallelContext:
             (Megatron's expert-data-parallel group, tp*dp/ep ranks with expert-tensor-parallel 1); expert
             gradients are summed over it. None / 0 in :meth:`single`.
     Raises:
-        ValueError: naming the field, when a size is < 1, tp*pp*dp != world_size, or a rank is
+        ValueError: naming the field, when a size is < 1, tp*cp*pp*dp != world_size, or a rank is
             outside [0, size).
     """
 
@@ -60,17 +65,21 @@ class ParallelContext:
     embedding_group: dist.ProcessGroup | None = None
     expert_dp_group: dist.ProcessGroup | None = None
     expert_dp_rank: int = 0
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: dist.ProcessGroup | None = None
+    dp_cp_group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
-        _check_sizes(tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, world_size=self.world_size)
-        if self.tp * self.pp * self.dp != self.world_size:
+        _check_sizes(tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, dp=self.dp, world_size=self.world_size)
+        if self.tp * self.cp * self.pp * self.dp != self.world_size:
             raise ValueError(
-                f"ParallelContext: tp*pp*dp = {self.tp * self.pp * self.dp} differs from "
+                f"ParallelContext: tp*cp*pp*dp = {self.tp * self.cp * self.pp * self.dp} differs from "
                 f"world_size={self.world_size}"
             )
         for field, size in (
             ("rank", self.world_size), ("tp_rank", self.tp), ("pp_rank", self.pp),
-            ("dp_rank", self.dp), ("ep_rank", self.ep),
+            ("dp_rank", self.dp), ("ep_rank", self.ep), ("cp_rank", self.cp),
         ):
             value = getattr(self, field)
             if not 0 <= value < size:
@@ -96,7 +105,7 @@ class ParallelContext:
         )
 
 
-def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30) -> ParallelContext:
+def initialize(tp: int, pp: int, ep: int, dp: int, *, cp: int = 1, timeout_minutes: int = 30) -> ParallelContext:
     """Build Megatron's process groups for a layout over the initialised default group.
 
     Call after ``torch.distributed.init_process_group``, collectively on every rank with the same
@@ -106,27 +115,28 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
 
     Args:
         tp, pp, ep, dp: tensor-, pipeline-, expert- and data-parallel sizes.
+        cp: context-parallel size (each sequence split over cp ranks).
         timeout_minutes: timeout of the new subgroups' collectives (Megatron's
             ``distributed_timeout_minutes``; a hung peer blocks that long).
     Returns:
         The :class:`ParallelContext` of this rank.
     Raises:
-        ValueError: naming the field, when a size is not an int >= 1, tp*pp*dp differs from the
+        ValueError: naming the field, when a size is not an int >= 1, tp*cp*pp*dp differs from the
             world size, or ep does not divide tp*dp (experts are spread over the TP x DP ranks of a
             stage, with expert-tensor-parallel size 1).
         RuntimeError: torch.distributed is not initialised.
     """
-    _check_sizes(tp=tp, pp=pp, ep=ep, dp=dp)
+    _check_sizes(tp=tp, cp=cp, pp=pp, ep=ep, dp=dp)
     if not dist.is_initialized():
         raise RuntimeError(
             "parallel.groups.initialize: torch.distributed is not initialised; call "
             "torch.distributed.init_process_group first"
         )
     world_size = dist.get_world_size()
-    if tp * pp * dp != world_size:
+    if tp * cp * pp * dp != world_size:
         raise ValueError(
-            f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} must equal the world size {world_size} "
-            "(fields tp, pp, dp)"
+            f"tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = {tp * cp * pp * dp} must equal the world size {world_size} "
+            "(fields tp, cp, pp, dp)"
         )
     if (tp * dp) % ep != 0:
         raise ValueError(
@@ -141,6 +151,7 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1,
         distributed_timeout_minutes=timeout_minutes,
@@ -167,6 +178,10 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, timeout_minutes: int = 30)
                          if pp > 1 and parallel_state.get_pipeline_model_parallel_rank() in (0, pp - 1) else None),
         expert_dp_group=parallel_state.get_expert_data_parallel_group(),
         expert_dp_rank=parallel_state.get_expert_data_parallel_rank(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
+        dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True) if cp > 1 else None,
     )
 
 

@@ -47,7 +47,7 @@ def test_layout_aligns_blocks_to_documents_and_follows_the_visibility_rule(m):
 def test_fewer_tokens_than_a_block_means_no_compressed_entries():
     attn = make_attention(HCA)  # m' = 8
     x, pos = random_input(2, 6), docs_positions([6])
-    lay = SequenceContext(pos, pos).layout(8)
+    lay = SequenceContext(pos, pos, attention_mode="dense").layout(8)
     assert lay.n_slots == 0 and lay.dense_indices().shape == (2, 6, 0)
     _, _, o, _ = reference_layer(attn, x, pos, "dense")  # no entries: the window alone
     torch.testing.assert_close(run(attn, x, pos), finish_output(attn, o, pos), rtol=1e-5, atol=1e-5)
@@ -55,7 +55,7 @@ def test_fewer_tokens_than_a_block_means_no_compressed_entries():
 
 # ------------------------------------------------------------------------------------ compressor
 def _compressor_inputs(attn, x, pos):
-    ctx = SequenceContext(pos, pos)
+    ctx = SequenceContext(pos, pos, attention_mode="dense")
     lay = ctx.layout(attn.ratio)
     cos, sin = rope_angles(lay.positions_BN, attn.rope_freqs)
     return lay, attn.compressor(x, lay, cos, sin)

@@ -15,6 +15,7 @@ def _stage(**overrides):
                 moe_inter_dim=32, window=8, index_n_heads=2, index_head_dim=8, balance_loss_weight=0.0)
     stage = V4Stage(ModelConfig.preset("nano", **{**base, **overrides}), pp_rank=0, pp_size=1)
     stage.init_weights(3)
+    stage.attention_mode = "dense"
     return stage.train()
 
 
@@ -29,7 +30,7 @@ def _batch(B=2, S=20, seed=0):
 
 def _manual_losses(stage, ids, pos, labels):
     """Main per-token CE and the depth-1 MTP loss written out from the modules (spec 5.3)."""
-    ctx = SequenceContext(pos, ids)
+    ctx = SequenceContext(pos, ids, attention_mode="dense")
     X = stage._embed(ids)
     for block in stage.layers.values():
         X = block(X, ctx)

@@ -31,6 +31,7 @@ def _stages(cfg, pp_size):
     for s in stages:
         s.init_weights(SEED)
         s.aux_loss_scale = 0.5
+        s.attention_mode = "dense"
     return stages
 
 
@@ -71,13 +72,18 @@ def test_shared_embedding_parameters_contract():
     assert [s.shared_embedding_parameters() for s in no_mtp] == [[], []] and not hasattr(no_mtp[1], "embed")
 
 
-def test_attention_mode_and_mtp_weight_defaults_and_refusal():
-    (stage,) = _stages(_cfg(), 1)
-    assert stage.attention_mode == "dense" and stage.mtp_loss_weight == 0.3
-    stage.attention_mode = "sparse"
+def test_attention_mode_and_mtp_weight_attributes():
+    stage = V4Stage(_cfg(), pp_rank=0, pp_size=1)
+    assert stage.attention_mode is None and stage.mtp_loss_weight == 0.3
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="attention_mode is not set"):
+        stage(ids, torch.arange(8)[None], ids)
+    for mode in ("sparse", "indexer_warmup", "dense"):
+        stage.attention_mode = mode
+        assert stage.attention_mode == mode
     with pytest.raises(ValueError, match="attention_mode 'topk'"):
         stage.attention_mode = "topk"
-    assert stage.attention_mode == "sparse"  # a refused mode changes nothing
+    assert stage.attention_mode == "dense"  # a refused mode changes nothing
 
 
 def test_init_is_seeded_per_name():

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from v4train.orchestrator.cli import main
-from v4train.orchestrator.report import read_run, summary
+from v4train.orchestrator.report import attention_spans, read_run, summary
 
 
 def _write_run(run, steps: int = 120) -> None:
@@ -18,7 +18,8 @@ def _write_run(run, steps: int = 120) -> None:
         seq = 128 if s <= 60 else 512
         batch = 16 if s <= 60 else 8
         loss = 9 * math.exp(-s / 40) + 3 + (1.5 if s == 70 else 0)
-        rows.append({"step": s, "loss": loss, "lr": 1e-3 * min(1, s / 10), "seq_len": seq,
+        mode = "dense" if s <= 60 else "indexer_warmup" if s <= 70 else "sparse"
+        rows.append({"step": s, "loss": loss, "lr": 1e-3 * min(1, s / 10), "seq_len": seq, "attention_mode": mode,
                      "global_batch_tokens": seq * batch, "consumed_tokens": s * 2048,
                      "tokens_per_s": 3000 + 10 * (s % 7), "step_time_s": 0.7, "peak_rss_mb": 900 + s,
                      "time": t0 + s})
@@ -55,8 +56,16 @@ def test_report_cli_writes_a_png_and_prints_the_table(tmp_path, capsys):
     png = run / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     for text in ("steps                     120", "restarts / failures       1 / 1", "validation loss           3.4000",
-                 "peak RSS (largest rank)   1020 MiB", str(png)):
+                 "peak RSS (largest rank)   1020 MiB",
+                 "attention (steps)         dense 1-60, indexer_warmup 61-70, sparse 71-120", str(png)):
         assert text in out
+
+
+def test_attention_spans_follow_the_step_records():
+    modes = ["dense"] * 3 + ["indexer_warmup"] + ["sparse"] * 2
+    rows = [{"step": s, "attention_mode": m} for s, m in enumerate(modes, 1)]
+    assert attention_spans(rows) == [(1, 3, "dense"), (4, 4, "indexer_warmup"), (5, 6, "sparse")]
+    assert attention_spans([{"step": 1}]) == []
 
 
 def test_report_refuses_a_directory_without_metrics(tmp_path, capsys):

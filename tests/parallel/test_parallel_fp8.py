@@ -162,6 +162,7 @@ def test_from_linear_keeps_parameters_and_refuses_hooks():
 
 def _nano_stage():
     stage = V4Stage(ModelConfig.preset("nano", vocab_size=512), pp_rank=0, pp_size=1)
+    stage.attention_mode = "dense"
     stage.init_weights(0)
     return stage
 

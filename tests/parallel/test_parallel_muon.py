@@ -237,6 +237,7 @@ def _nano_stage() -> tuple[V4Stage, ModelConfig]:
     cfg = ModelConfig.preset("nano", vocab_size=64)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.init_weights(0)
+    stage.attention_mode = "dense"
     return stage, cfg
 
 
@@ -321,6 +322,7 @@ def _small_stage() -> V4Stage:
     cfg = small_cfg(vocab_size=32, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=32)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.init_weights(0)
+    stage.attention_mode = "dense"
     return stage
 
 

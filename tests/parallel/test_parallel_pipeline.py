@@ -178,7 +178,7 @@ def test_expert_groups_span_data_parallel_ranks_of_a_stage(pool):
 def test_initialize_refuses_impossible_layouts(pool):
     for rank in range(4):
         got = pool[rank]
-        assert "tp*pp*dp = 1*2*1 = 2 must equal the world size 4" in got["tp*pp*dp != world"]
+        assert "tp*cp*pp*dp = 1*1*2*1 = 2 must equal the world size 4" in got["tp*pp*dp != world"]
         assert "ep=3 must divide tp*dp=2" in got["ep does not divide tp*dp"]
 
 

@@ -1,0 +1,51 @@
+"""``parallel.cp`` in job files and the planner: bad input refused before start, naming the field; the
+planner divides a rank's activations by cp and adds the exchange buffers and traffic."""
+
+from __future__ import annotations
+
+import pytest
+
+from v4train.orchestrator.plan import Layout, job_shapes, plan_layout
+from v4train.orchestrator.spec import SpecError, load_cluster, load_job, validate_against_cluster
+
+DEMO = ["data.path=/nonexistent"]
+
+
+def _job(path, *overrides):
+    return load_job(path, [*DEMO, *overrides], check_data=False)
+
+
+def test_cp_must_split_every_stage_into_whole_blocks():
+    _job("configs/demo.yaml", "parallel.cp=4", "parallel.dp=1")  # 256 = 2 * 4 chunks of one 32-token block
+    with pytest.raises(SpecError, match=r"curriculum.stages.0.seq_len=64 with parallel.cp=2.*multiple of 128"):
+        _job("configs/curriculum.yaml", "parallel.cp=2", "parallel.dp=1")
+    with pytest.raises(SpecError, match=r"data.seq_len=256 with parallel.cp=3"):
+        _job("configs/demo.yaml", "parallel.cp=3", "parallel.dp=1", "curriculum=null")
+
+
+def test_layout_must_match_the_devices_and_cp_is_not_trained_yet():
+    cluster = load_cluster("clusters/local-sim.yaml")
+    with pytest.raises(SpecError, match=r"tp x cp x pp x dp = 1 x 2 x 2 x 2 = 8 does not match"):
+        validate_against_cluster(_job("configs/demo.yaml", "parallel.cp=2"), cluster)
+    with pytest.raises(SpecError, match=r"parallel.cp=2: the trainer does not run context parallelism yet"):
+        validate_against_cluster(_job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1"), cluster)
+
+
+def test_a_stage_that_does_not_fit_at_this_cp_is_refused_naming_it():
+    job = _job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1",
+               'curriculum.stages=[{"seq_len": 256, "tokens": 409600, "attention": "dense"},'
+               ' {"seq_len": 1048576, "attention": "sparse"}]')
+    with pytest.raises(SpecError, match=r"curriculum.stages.1.seq_len=1048576: .* GiB per device at parallel.cp=2"):
+        validate_against_cluster(job, load_cluster("clusters/local-sim.yaml"))
+
+
+def test_planner_divides_activations_by_cp_and_counts_the_exchange():
+    job = _job("configs/demo.yaml", "parallel.pp=1", "parallel.dp=1")
+    cluster = load_cluster("clusters/local-sim.yaml")
+    cfg = job.model.build()
+    shape = job_shapes(job)[-1]
+    one = plan_layout(cfg, job, cluster, Layout(1, 1, 1, 1, 4), shape)
+    four = plan_layout(cfg, job, cluster, Layout(1, 1, 1, 1, 4, cp=4), shape)
+    assert four.stages[0].parts["activations"] == pytest.approx(one.stages[0].parts["activations"] / 4)
+    assert four.stages[0].parts["cp_exchange"] > 0 and "cp_exchange" not in one.stages[0].parts
+    assert four.comm_bytes["cp"] > 0 and "cp" not in one.comm_bytes
