@@ -50,8 +50,8 @@ def test_fused_equals_unfused_head_and_cross_entropy(upstream, chunk):
     got = _value_and_grads(lambda h, w, y: fused_head_loss(h, w, y, TensorParallel(), chunk_tokens=chunk),
                            h, w, labels, grads[upstream])
     want = _value_and_grads(unfused, h, w, labels, grads[upstream])
-    for name, a, b in zip(("loss", "dh", "dW"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for name, a, b in zip(("loss", "dh", "dW"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert (got[0][labels == -100] == 0).all()
 
 
@@ -99,6 +99,6 @@ def test_tp2_fused_equals_megatron_vocab_parallel_cross_entropy(tmp_path):
     spawn_ranks(_rank, (free_ports(1)[0], str(tmp_path)), 2, HANG_S + 30, "head-loss TP ranks")
     for rank in range(2):
         for upstream, (got, want) in torch.load(tmp_path / f"rank{rank}.pt").items():
-            for name, a, b in zip(("loss", "dh", "dW shard"), got, want):
+            for name, a, b in zip(("loss", "dh", "dW shard"), got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"rank {rank} {upstream} {name}: {m}")
+                                           msg=lambda m, r=rank, u=upstream, n=name: f"rank {r} {u} {n}: {m}")
