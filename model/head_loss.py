@@ -48,7 +48,9 @@ def fused_head_loss(h_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: tor
                          f"labels {tuple(labels_BS.shape)} do not match [B, S, D], [V / tp, D], [B, S]")
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight_VD.shape[0])
     h_TD = copy_to_region(h_BSD, tp).reshape(B * S, D)
-    loss_T = _FusedHeadLoss.apply(h_TD, weight_VD, labels_BS.reshape(B * S), tp, ignore_index, chunk)
+    # Function.apply reports needs_input_grad even under no_grad: decide here whether to form gradients
+    want_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
+    loss_T = _FusedHeadLoss.apply(h_TD, weight_VD, labels_BS.reshape(B * S), tp, ignore_index, chunk, want_grad)
     return loss_T.view(B, S)
 
 
@@ -63,13 +65,12 @@ class _FusedHeadLoss(torch.autograd.Function):
     Backward: those scaled by the uniform loss gradient, or per-chunk recomputation (module docstring)."""
 
     @staticmethod
-    def forward(ctx, h_TD, weight_VD, labels_T, tp: TensorParallel, ignore_index: int, chunk: int):
+    def forward(ctx, h_TD, weight_VD, labels_T, tp: TensorParallel, ignore_index: int, chunk: int, want_grad: bool):
         T, V = h_TD.shape[0], weight_VD.shape[0]
         h32, w32 = h_TD.float(), weight_VD.float()
         # this rank's label column, -1 where the label is ignored or another rank's row
         local_T = labels_T - tp.rank * V
         local_T = torch.where((labels_T != ignore_index) & (local_T >= 0) & (local_T < V), local_T, -1)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss_T, lse_T = h32.new_empty(T), h32.new_empty(T)
         gw_TD = torch.empty_like(h32) if want_grad else None
         gth_VD = torch.zeros_like(w32) if want_grad else None
@@ -112,7 +113,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 dh_TD[t0:t1] = probs_cV @ w32
                 dw_VD.addmm_(probs_cV.t(), h32[t0:t1])
         h_dtype, w_dtype = ctx.dtypes
-        return dh_TD.to(h_dtype), dw_VD.to(w_dtype), None, None, None, None
+        return dh_TD.to(h_dtype), dw_VD.to(w_dtype), None, None, None, None, None
 
 
 def _softmax_minus_onehot_(probs_cV: torch.Tensor, col_c: torch.Tensor, ignored_c: torch.Tensor) -> torch.Tensor:

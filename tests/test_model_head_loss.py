@@ -102,3 +102,13 @@ def test_tp2_fused_equals_megatron_vocab_parallel_cross_entropy(tmp_path):
             for name, a, b in zip(("loss", "dh", "dW shard"), got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
                                            msg=lambda m, r=rank, u=upstream, n=name: f"rank {r} {u} {n}: {m}")
+
+
+def test_fused_forms_no_gradient_under_no_grad():
+    h, w, labels, _ = _inputs()
+    h.requires_grad_()
+    with torch.no_grad():
+        loss = fused_head_loss(h, w, labels, TensorParallel(), chunk_tokens=8)
+    want = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), reduction="none").view(B, S)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    assert loss.grad_fn is None
