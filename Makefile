@@ -1,8 +1,9 @@
 # make demo : install into .venv (created or reused), prepare Shakespeare, train configs/demo.yaml on 4 ranks
 # make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
 # make lint : ruff check . (rules in pyproject.toml)
-# make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min; JSON in
-#             runs/bench/); the other benchmarks/ scripts run one by one, see BENCHMARKS.md
+# make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min) and the
+#             step-time benchmarks (PP1 step profile, attention layers at 32k, fused head + loss; one table in
+#             runs/bench/step_time.md); JSON in runs/bench/; the other benchmarks/ scripts run one by one, see BENCHMARKS.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -41,3 +42,4 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_bubble.py --out runs/bench/pipeline_bubble.json
+	$(PY) benchmarks/step_time.py --out runs/bench

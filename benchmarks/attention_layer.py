@@ -105,7 +105,7 @@ def _build(variant: str, T: int):
     layer = init(Attention(cfg, 1))
     ctx = SequenceContext(pos, pos, attention_mode="sparse")
     captured = {}
-    layer._core = lambda q_, kv_, idx_: captured.update(kv=kv_.detach(), idx=idx_) or torch.zeros_like(q_)
+    layer._core = lambda q_, kv_, idx_, *_: captured.update(kv=kv_.detach(), idx=idx_) or torch.zeros_like(q_)
     with torch.no_grad():
         layer(x, ctx)
     kv = captured["kv"].clone().requires_grad_()

@@ -3,14 +3,18 @@
 The model calls only the functions here (spec 3.1, 3.3; "spec N.M" in this package is section N.M of
 ``docs/deepseek-v4.md``); every kernel has a torch twin and a parity test:
 
-* :func:`sparse_attention` ``(q [B,T,H,D], kv [B,N,D], attn_sink [H], indices [B,T,K], scale) -> [B,T,H,D]``
+* :func:`sparse_attention` ``(q [B,T,H,D], kv [B,N,D], attn_sink [H], indices [B,T,K], scale, ranges=None)
+  -> [B,T,H,D]``
 * :func:`indexer_topk` ``(q [B,T,HI,DI], k [B,NC,DI], w [B,T,HI], ratio, topk, *, visible_start,
   visible_end) -> IndexerTopK(indices [B,T,KK] int32, scores [B,T,KK] fp32)``, KK = min(topk, NC)
+* :func:`mhc_split_forward` ``(z [T,M], n, iters, eps) -> (pre [T,N], post [T,N], comb [T,N,N], denoms)`` and
+  :func:`mhc_split_backward`: the mHC gates and Sinkhorn (spec 4; torch twin :mod:`kernels.torch_mhc`)
 
 Dispatch: the Triton kernels run for CUDA tensors, and for any tensors while ``TRITON_INTERPRET`` is
 set true (the interpreter then runs the real kernels on CPU). Elsewhere ``sparse_attention`` takes the
-chunked, memory-efficient torch path ``kernels.torch_cores`` (the model's CPU path) and ``indexer_topk``
-takes ``kernels.reference``. Semantics, shapes and errors are documented in :mod:`kernels.reference`.
+chunked, memory-efficient torch path ``kernels.torch_cores`` (the model's CPU path), ``indexer_topk``
+takes ``kernels.reference`` and the mHC split ``kernels.torch_mhc``. Semantics, shapes and errors are
+documented in :mod:`kernels.reference`.
 
 Importing this package imports only torch and the reference: Triton modules load on the first call
 that needs them. The mode they were built in (``@triton.jit`` picks JIT or interpreter when it runs)
@@ -31,21 +35,41 @@ from types import ModuleType
 
 import torch
 
-from v4train.kernels import reference, torch_cores
+from v4train.kernels import reference, torch_cores, torch_mhc
 from v4train.kernels.reference import IndexerTopK, causal_bounds, document_bounds
 
-__all__ = ["sparse_attention", "indexer_topk", "reference", "IndexerTopK", "causal_bounds", "document_bounds",
+__all__ = ["sparse_attention", "indexer_topk", "mhc_split_forward", "mhc_split_backward", "reference", "IndexerTopK",
+           "causal_bounds", "document_bounds",
            "interpret_requested", "triton_module"]
 
 _TRUE = ("1", "true", "on", "yes")
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, indices: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Sparse shared-KV attention with a sink; see :func:`kernels.reference.sparse_attention`."""
+                     scale: float, ranges: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Sparse shared-KV attention with a sink; see :func:`kernels.reference.sparse_attention`.
+
+    ``ranges`` ``(lo [B, T], hi [B, T], offset)``: each query also attends rows ``offset + lo .. offset +
+    hi - 1`` (:func:`kernels.torch_cores.sparse_attention`); the Triton kernel takes them as indices.
+    """
     if q.is_cuda or interpret_requested():
+        if ranges is not None:
+            indices = torch.cat((indices.to(torch.int32), torch_cores.range_indices(*ranges)), dim=-1)
         return triton_module("triton_attention").sparse_attention(q, kv, attn_sink, indices, scale)
-    return torch_cores.sparse_attention(q, kv, attn_sink, indices, scale)
+    return torch_cores.sparse_attention(q, kv, attn_sink, indices, scale, ranges)
+
+
+def mhc_split_forward(z: torch.Tensor, n: int, iters: int, eps: float):
+    """mHC gates and Sinkhorn of the scaled mixes ``z [T, (2+N)N]``; see :mod:`kernels.torch_mhc`."""
+    impl = triton_module("triton_mhc") if (z.is_cuda or interpret_requested()) else torch_mhc
+    return impl.mhc_split_forward(z, n, iters, eps)
+
+
+def mhc_split_backward(dpre: torch.Tensor, dpost: torch.Tensor, dcomb: torch.Tensor, pre: torch.Tensor,
+                       post: torch.Tensor, comb: torch.Tensor, denoms: torch.Tensor, eps: float) -> torch.Tensor:
+    """Backward of :func:`mhc_split_forward`: ``dz [T, (2+N)N]``; see :mod:`kernels.torch_mhc`."""
+    impl = triton_module("triton_mhc") if (pre.is_cuda or interpret_requested()) else torch_mhc
+    return impl.mhc_split_backward(dpre, dpost, dcomb, pre, post, comb, denoms, eps)
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, ratio: int, topk: int, *,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sparse_attention", "gather_rows", "attention_probabilities"]
+__all__ = ["sparse_attention", "range_indices", "gather_rows", "attention_probabilities"]
 
 # elements of the largest transient of one chunk (indexer scores, gathered rows): 1 MiB in fp32, small
 # next to a layer's activations even at T = 1k
@@ -70,12 +70,31 @@ def _chunk_plan(idx_BcK: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
     return U, col, count
 
 
-def _chunks(idx_BTK: torch.Tensor, dtype: torch.dtype):
+def _range_plan(idx_BcK: torch.Tensor, lo_Bc: torch.Tensor, hi_Bc: torch.Tensor, offset: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_plan` of the slots ``idx`` plus, for each query, every row ``offset + j`` with
+    ``lo <= j < hi``: the chunk's ranges span one contiguous block of rows, appended to U as columns
+    counted 1 where the query's range holds them (no per-query index list is built)."""
+    U, col, count = _chunk_plan(idx_BcK, dtype)
+    first, stop = int(lo_Bc.min()), int(hi_Bc.max())
+    if stop <= first:
+        return U, col, count
+    rows_n = torch.arange(first, stop, device=lo_Bc.device)
+    inside_Bcn = (rows_n >= lo_Bc.unsqueeze(-1)) & (rows_n < hi_Bc.unsqueeze(-1))
+    return torch.cat((U, rows_n + offset)), col, torch.cat((count, inside_Bcn.to(dtype)), dim=-1)
+
+
+def _chunks(idx_BTK: torch.Tensor, dtype: torch.dtype, ranges: tuple | None = None):
     """Yield ``(t0, t1, plan)`` over the queries: ``plan`` is :func:`_chunk_plan`'s triple when the chunk's
-    queries share their rows (windows, all visible compressed entries), or None (gather per query)."""
+    queries share their rows (windows, all visible compressed entries), or None (gather per query).
+    With ``ranges`` ``(lo [B, T], hi [B, T], offset)`` every plan is :func:`_range_plan`'s."""
     T, K = idx_BTK.shape[1], idx_BTK.shape[2]
     for t0 in range(0, T, _QUERY_CHUNK):
         t1 = min(t0 + _QUERY_CHUNK, T)
+        if ranges is not None:
+            lo_BT, hi_BT, offset = ranges
+            yield t0, t1, _range_plan(idx_BTK[:, t0:t1], lo_BT[:, t0:t1], hi_BT[:, t0:t1], offset, dtype)
+            continue
         plan = _chunk_plan(idx_BTK[:, t0:t1], dtype)
         yield t0, t1, (plan if plan[0].numel() <= _SHARED_RATIO * max(K, 1) else None)
 
@@ -106,27 +125,29 @@ class _SparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_BTHD, kv_BND, sink_H, idx_BTK, scale):
+    def forward(ctx, q_BTHD, kv_BND, sink_H, idx_BTK, scale, lo_BT=None, hi_BT=None, offset=0):
         B, T, H, D = q_BTHD.shape
         acc = _accumulation_dtype(q_BTHD)
         q32, kv32, sink32 = q_BTHD.to(acc).contiguous(), kv_BND.to(acc).contiguous(), sink_H.to(acc)
         out_BTHD = q32.new_empty(B, T, H, D)
         lse_BTH = q32.new_empty(B, T, H)
-        for t0, t1, plan in _chunks(idx_BTK, q32.dtype):
+        ranges = None if lo_BT is None else (lo_BT, hi_BT, offset)
+        for t0, t1, plan in _chunks(idx_BTK, q32.dtype, ranges):
             _chunk_forward(q32[:, t0:t1], kv32, sink32.view(1, 1, H), idx_BTK[:, t0:t1], plan, scale,
                            out_BTHD[:, t0:t1], lse_BTH[:, t0:t1])
-        ctx.save_for_backward(q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH)
-        ctx.scale, ctx.dtypes = scale, (q_BTHD.dtype, kv_BND.dtype, sink_H.dtype)
+        ctx.save_for_backward(q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH, lo_BT, hi_BT)
+        ctx.scale, ctx.offset, ctx.dtypes = scale, offset, (q_BTHD.dtype, kv_BND.dtype, sink_H.dtype)
         return out_BTHD.to(q_BTHD.dtype)
 
     @staticmethod
     def backward(ctx, dout_BTHD):
-        q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH = ctx.saved_tensors
+        q32, kv32, sink32, idx_BTK, out_BTHD, lse_BTH, lo_BT, hi_BT = ctx.saved_tensors
         dout32 = dout_BTHD.to(q32.dtype)
         dq = torch.empty_like(q32)
         dkv = torch.zeros_like(kv32)
         delta_BTH = torch.empty_like(lse_BTH)
-        for t0, t1, plan in _chunks(idx_BTK, q32.dtype):
+        ranges = None if lo_BT is None else (lo_BT, hi_BT, ctx.offset)
+        for t0, t1, plan in _chunks(idx_BTK, q32.dtype, ranges):
             # sum_k p_k dP_k, the softmax backward's row term, per chunk (no [B, T, H, D] product)
             delta_BTH[:, t0:t1] = (dout32[:, t0:t1] * out_BTHD[:, t0:t1]).sum(-1)
             _chunk_backward(q32[:, t0:t1], dout32[:, t0:t1], lse_BTH[:, t0:t1], delta_BTH[:, t0:t1], kv32,
@@ -134,7 +155,7 @@ class _SparseAttention(torch.autograd.Function):
         # d out / d sink = -p_sink * out  =>  dL/dsink_h = -sum_{b,t} p_sink * delta
         dsink = -(torch.exp(sink32 - lse_BTH) * delta_BTH).sum(dim=(0, 1))
         q_dtype, kv_dtype, sink_dtype = ctx.dtypes
-        return dq.to(q_dtype), dkv.to(kv_dtype), dsink.to(sink_dtype), None, None
+        return dq.to(q_dtype), dkv.to(kv_dtype), dsink.to(sink_dtype), None, None, None, None, None
 
 
 def _chunk_forward(q_BcHD, kv_BND, sink_11H, idx_BcK, plan, scale, out_BcHD, lse_BcH) -> None:
@@ -199,16 +220,33 @@ def _chunk_backward(q_BcHD, do_BcHD, lse_BcH, delta_BcH, kv_BND, idx_BcK, plan, 
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, indices: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, ranges: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """Single-softmax attention of q ``[B, T, H, D]`` over the kv ``[B, N, D]`` rows named by
     ``indices`` ``[B, T, K]`` (int32 or int64, -1 = none) with a per-head sink ``[H]`` -> ``[B, T, H, D]``.
 
+    ``ranges`` ``(lo [B, T], hi [B, T], offset)`` adds, for each query, the rows ``offset + j`` for
+    ``lo <= j < hi`` to its slots (a contiguous run, e.g. every visible compressed entry, without a
+    ``[B, T, hi - lo]`` index tensor): the same softmax as :func:`range_indices` appended to ``indices``.
     A row with no valid slot returns zeros. Differentiable in q, kv and attn_sink (module docstring).
     """
     if q.dim() != 4 or kv.dim() != 3 or indices.dim() != 3 or indices.shape[:2] != q.shape[:2]:
         raise ValueError(f"sparse_attention: shapes q {tuple(q.shape)}, kv {tuple(kv.shape)}, "
                          f"indices {tuple(indices.shape)} do not match [B,T,H,D], [B,N,D], [B,T,K]")
-    return _SparseAttention.apply(q, kv, attn_sink, indices, scale)
+    if ranges is None:
+        return _SparseAttention.apply(q, kv, attn_sink, indices, scale)
+    lo_BT, hi_BT, offset = ranges
+    if lo_BT.shape != q.shape[:2] or hi_BT.shape != q.shape[:2]:
+        raise ValueError(f"sparse_attention: ranges lo {tuple(lo_BT.shape)} / hi {tuple(hi_BT.shape)} do not "
+                         f"match the queries [B, T] = {tuple(q.shape[:2])}")
+    return _SparseAttention.apply(q, kv, attn_sink, indices, scale, lo_BT, hi_BT, offset)
+
+
+def range_indices(lo_BT: torch.Tensor, hi_BT: torch.Tensor, offset: int) -> torch.Tensor:
+    """``[B, T, max(hi - lo)]`` int32 rows ``offset + j`` for ``lo <= j < hi``, -1 padded: the index form of
+    :func:`sparse_attention`'s ``ranges`` (for cores that take indices only)."""
+    width = int((hi_BT - lo_BT).max()) if lo_BT.numel() else 0
+    slot_BTK = lo_BT.unsqueeze(-1) + torch.arange(width, device=lo_BT.device)
+    return torch.where(slot_BTK < hi_BT.unsqueeze(-1), slot_BTK + offset, -1).to(torch.int32)
 
 
 @torch.no_grad()

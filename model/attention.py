@@ -9,8 +9,10 @@ the overlap and the indexer to ratio 4):
 3. CSA/HCA: the compressor's entries (``model/compressor.py``), appended after the T window entries:
    kv = [window KV (T) | compressed slots (N)].
 4. Indices per query: the window slots (``model/layout.py``), then the compressed entries: *all*
-   visible ones for HCA and for CSA in ``dense``/``indexer_warmup`` mode, the indexer's top-k for CSA
-   in ``sparse`` mode (-1 = none). In ``dense`` mode the indexer is idle (no compute, no gradient).
+   visible ones for HCA and for CSA in ``dense``/``indexer_warmup`` mode (passed to the core as one
+   slot range per query, except in ``indexer_warmup`` training, whose KL loss reads them as indices),
+   the indexer's top-k for CSA in ``sparse`` mode (-1 = none). In ``dense`` mode the indexer is idle
+   (no compute, no gradient).
 5. One softmax over all of them with the per-head sink (:func:`kernels.sparse_attention`, the kernels dispatch,
    called in exactly one place, :meth:`Attention._core`), then de-rotation of the output's RoPE dims at
    the query position ("position -t"), and the grouped output projection (``wo_a`` per contiguous
@@ -172,11 +174,11 @@ class Attention(nn.Module):
         q_BTHC = _HeadNormRope.apply(q_BTHC, *rope_T, self.eps)
         kv_BTC = _recomputed(self._window_kv, x_BTD, *rope_T)
         # 3-4. compressed entries and the slots each query attends to
-        kv_BXC, idx_BTK, trained = self._entries_and_slots(x_BTD, qr_BTL, kv_BTC, rope_T, ctx)
+        kv_BXC, idx_BTK, ranges, trained = self._entries_and_slots(x_BTD, qr_BTL, kv_BTC, rope_T, ctx)
         kv_BXC = copy_to_region(kv_BXC, self.tp)  # replicated entries, read by this rank's heads only
         # 5. one softmax over window + compressed entries, de-rotation, grouped output projection; a
         # row-parallel wo_b all-reduces in its forward, so it stays out of the recomputed region
-        o_BTHC = self._core(q_BTHC, kv_BXC, idx_BTK)
+        o_BTHC = self._core(q_BTHC, kv_BXC, idx_BTK, ranges)
         if self.tp.active:
             y_BTD = self.wo_b(_recomputed(self._grouped_projection, o_BTHC, *rope_T))
         else:
@@ -208,19 +210,24 @@ class Attention(nn.Module):
         return self.wo_b(self._grouped_projection(o_BTHC, cos_BTP, sin_BTP))
 
     def _entries_and_slots(self, x_BTD, qr_BTL, kv_BTC, rope_T, ctx: SequenceContext):
-        """``(kv [B, T+N, C], indices [B, T, K] int32, trained)``: ``trained`` holds the indexer's
-        inputs, keys, weights and chosen slots when this forward trains the indexer, else None."""
+        """``(kv [B, T+N, C], indices [B, T, K] int32, ranges, trained)``: ``ranges`` ``(lo, hi, T)``
+        when each query attends all its visible compressed entries (a slot range per query, no index
+        list: an HCA layer at 32k would otherwise keep 1k indices per token), else None; ``trained``
+        holds the indexer's inputs, keys, weights and chosen slots when this forward trains the
+        indexer, else None."""
         T = x_BTD.shape[1]
         idx_BTW = ctx.window_indices(self.window)
         if self.ratio == 0:
-            return kv_BTC, idx_BTW, None
+            return kv_BTC, idx_BTW, None, None
         layout = ctx.layout(self.ratio)
         rope_N = rope_angles(layout.positions_BN, self.rope_freqs)
         kv_BXC = torch.cat((kv_BTC, self.compressor(x_BTD, layout, *rope_N)), dim=1)
         mode, trained = ctx.attention_mode, None
         sparse = self.kind == "csa" and mode == "sparse"
-        slots_BTK = None if sparse else layout.dense_indices()
+        slots_BTK = None if sparse else layout.dense_indices()  # the indexer's KL reads every visible slot
         train_indexer = self.kind == "csa" and mode != "dense" and self.training and torch.is_grad_enabled()
+        if not (sparse or train_indexer):
+            return kv_BXC, idx_BTW, (layout.lo_BT, layout.hi_BT, T), None
         if sparse or train_indexer:
             # the indexer sees detached inputs: only its KL loss trains it (spec 3.3)
             qr_I = qr_BTL.detach()
@@ -231,11 +238,11 @@ class Attention(nn.Module):
             if train_indexer:
                 trained = _IndexerState(qr_I, k_I, w_I, slots_BTK, idx_BTW.shape[-1])
         shifted_BTK = torch.where(slots_BTK >= 0, slots_BTK.to(torch.int32) + T, -1).to(torch.int32)
-        return kv_BXC, torch.cat((idx_BTW, shifted_BTK), dim=-1), trained
+        return kv_BXC, torch.cat((idx_BTW, shifted_BTK), dim=-1), None, trained
 
-    def _core(self, q_BTHC: torch.Tensor, kv_BXC: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+    def _core(self, q_BTHC: torch.Tensor, kv_BXC: torch.Tensor, idx_BTK: torch.Tensor, ranges) -> torch.Tensor:
         """The single call of the sparse-attention core (the kernels dispatch replaces it here)."""
-        return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5)
+        return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5, ranges)
 
     def _indexer_loss(self, q_BTHC, kv_BXC, idx_BTK, st: _IndexerState, rope_T, mode: str) -> torch.Tensor:
         # both sums over heads are partial on a TP rank: summed over the ranks (the mass without gradient)

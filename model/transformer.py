@@ -2,7 +2,7 @@
 
   tokens -> embed -> repeat to N streams                                    (first stage)
   per layer:  Block (mHC read -> attention -> mHC write; mHC read -> MoE -> mHC write)
-  hc_head -> norm -> head -> per-token cross-entropy (fp32)                 (last stage)
+  hc_head -> norm -> head fused with the per-token cross-entropy (fp32)     (last stage, model/head_loss.py)
   MTP blocks on the final streams -> shared head -> MTP loss (injected)     (last stage, training)
 
 A ``V4Stage`` is one pipeline stage; with pp_size = 1 it is the whole model. Layers live in a
@@ -30,6 +30,7 @@ from torch import nn
 from v4train.model.attention import Attention
 from v4train.model.block import Block
 from v4train.model.config import ModelConfig
+from v4train.model.head_loss import fused_head_loss
 from v4train.model.layout import ATTENTION_MODES, SequenceContext
 from v4train.model.mhc import HyperHead
 from v4train.model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
@@ -37,7 +38,7 @@ from v4train.model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from v4train.model.norm import RMSNorm
 from v4train.parallel import context_parallel as cpar  # module import: context_parallel imports model/
 from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
-                                      vocab_cross_entropy, vocab_embedding)
+                                      vocab_embedding)
 
 __all__ = ["Block", "StageChunk", "V4Stage", "stage_layer_ranges"]
 
@@ -181,10 +182,10 @@ class V4Stage(nn.Module):
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
             # storage of sent outputs and refuses views
             return X_BSND.flatten(2).transpose(0, 1).clone(memory_format=torch.contiguous_format)
-        logits_BSV = self.head(self.norm(self.hc_head(X_BSND))).float()  # this TP rank's vocabulary rows
-        if labels is None:
-            return gather_heads(logits_BSV, self.tp, dim=-1)
-        loss_BS = vocab_cross_entropy(logits_BSV, labels, self.tp)
+        h_BSD = self.norm(self.hc_head(X_BSND))
+        if labels is None:  # this TP rank's vocabulary rows, gathered
+            return gather_heads(self.head(h_BSD).float(), self.tp, dim=-1)
+        loss_BS = fused_head_loss(h_BSD, self.head.weight, labels, self.tp)
         if len(self.mtp) and self.mtp_loss_weight > 0 and self.training and torch.is_grad_enabled():
             mtp_loss = self._mtp_loss(X_BSND, labels, ctx)
             self._mtp_log.append(mtp_loss.detach())
@@ -201,7 +202,7 @@ class V4Stage(nn.Module):
             tokens_BS = inputs_BS.clamp(min=0)
             H_BSND, h_BSD = block(H_BSND, self.embed(tokens_BS), ctx, tokens_BS)
             masked_targets_BS = torch.where(valid_BS, targets_BS, IGNORE_INDEX)
-            ce_BS = vocab_cross_entropy(self.head(h_BSD).float(), masked_targets_BS, self.tp)
+            ce_BS = fused_head_loss(h_BSD, self.head.weight, masked_targets_BS, self.tp)
             losses.append(ce_BS.sum() / cpar.sum_over_cp(valid_BS.sum(), self.cp).clamp(min=1))
         return torch.stack(losses).mean()
 

@@ -1,0 +1,59 @@
+"""Step-time benchmarks in one table: the per-part profile of a PP1 step, the attention layers at 32k
+against SDPA, and the fused vocabulary head + loss against the unfused one.
+
+Runs ``step_profile.py``, ``attention_layer.py`` (T = ``--seq-len``, the three V4 layer types and SDPA)
+and ``head_loss.py`` one after another (each writes its JSON under ``--out``), then writes one markdown
+table, ``step_time.md``, with every figure as a ratio measured within one run of its script.
+
+    python benchmarks/step_time.py --out runs/bench            # make bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--seq-len", type=int, default=32768)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _run("step_profile.py", "--json", str(args.out / "step_profile.json"))
+    _run("attention_layer.py", "--seq-lens", str(args.seq_len), "--repeats", "1", "--variants",
+         "v4 csa", "v4 hca", "v4 swa", "sdpa mha", "--json", str(args.out / "attention_layer.json"))
+    _run("head_loss.py", "--json", str(args.out / "head_loss.json"))
+    profile = json.loads((args.out / "step_profile.json").read_text())
+    attention = {r["variant"]: r for r in json.loads((args.out / "attention_layer.json").read_text())}
+    head = {r["variant"]: r for r in json.loads((args.out / "head_loss.json").read_text())}
+    step = profile["step_s_profiled"]
+    lines = ["| benchmark | figure | value |", "|---|---|---|"]
+    for part, seconds in profile["parts_s"].items():
+        lines.append(f"| PP1 step profile | {part} share of the step | {100 * seconds / step:.1f}% |")
+    lines.append(f"| PP1 step profile | step wall time (not profiled, median) | {profile['step_s']:.2f} s |")
+    sdpa = attention["sdpa mha"]
+    for variant in ("v4 csa", "v4 hca", "v4 swa"):
+        r = attention[variant]
+        lines.append(f"| attention layer T={args.seq_len} | {variant}: speed-up over SDPA (CPU s), memory vs SDPA | "
+                     f"{sdpa['cpu_s'] / r['cpu_s']:.2f}x, {r['peak_mib'] / sdpa['peak_mib']:.2f}x |")
+    un, fu = head["unfused"], head["fused"]
+    lines.append(f"| head + loss ({fu['tokens']} tokens) | fused vs unfused: CPU time, peak memory | "
+                 f"{fu['cpu_s'] / un['cpu_s']:.2f}x, {fu['peak_mib'] / un['peak_mib']:.2f}x |")
+    table = "\n".join(lines)
+    (args.out / "step_time.md").write_text(table + "\n")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
