@@ -165,14 +165,15 @@ def decode_rows(blob: dict) -> torch.Tensor:
     return raw.reshape(blob["shape"]).to(torch.int64)
 
 
-def merge_routing(rank_states: list[dict]) -> dict:
+def merge_routing(rank_saves: list) -> dict:
     """The global anticipatory-routing tape {step: {layer: rows of the whole global batch}} from each rank's
-    slice (rows of its data-parallel rank), so that any layout can take its own rows back."""
+    slice (``RankSave.routing``: the rows of its data-parallel rank), so that any layout can take its own
+    rows back."""
     parts: dict[str, dict[str, dict[int, dict]]] = {}
-    for state in rank_states:
-        for step, layers in state.get("routing", {}).items():
+    for save in rank_saves:
+        for step, layers in save.routing.items():
             for layer, blob in layers.items():
-                parts.setdefault(step, {}).setdefault(layer, {})[state["dp_rank"]] = blob
+                parts.setdefault(step, {}).setdefault(layer, {})[save.dp_rank] = blob
     return {step: {layer: encode_rows(torch.cat([decode_rows(by_dp[d]) for d in sorted(by_dp)]))
                    for layer, by_dp in layers.items()}
             for step, layers in parts.items()}

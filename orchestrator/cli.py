@@ -165,9 +165,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code."""
     import ray
 
-    from v4train.orchestrator.supervisor import Phase, Supervisor
-    from v4train.orchestrator.telemetry import Telemetry
-    from v4train.orchestrator.worker import WorkerGroup, start_ray
+    from v4train.orchestrator.control.supervisor import Phase, Supervisor
+    from v4train.orchestrator.control.telemetry import Telemetry
+    from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 
     # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -176,8 +176,8 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     telemetry = Telemetry(run_dir, job.train.steps)
     supervisor = None
 
-    def make_workers() -> WorkerGroup:
-        return WorkerGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
+    def make_workers() -> RayRankGroup:
+        return RayRankGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
                                   gpus_per_rank=1 if cluster.device == "gpu" else 0)
 
     try:

@@ -13,7 +13,7 @@ makes ``v4train submit`` validate the job here, then hand it to that cluster as 
 - the **entrypoint** is ``python -m v4train.orchestrator.jobs --run-dir RUN_DIR`` on the head node, run by the
   interpreter ``ray start`` ran in. It writes the specs to files and calls ``v4train submit`` on them with the
   address removed: the same supervisor as a local run, whose ``ray.init`` joins the cluster through the
-  ``RAY_ADDRESS`` Ray sets for every job entrypoint (``orchestrator.worker.start_ray``).
+  ``RAY_ADDRESS`` Ray sets for every job entrypoint (``orchestrator.control.ray_group.start_ray``).
 - **paths**: a relative ``data.path`` and the run directory are made absolute against the submitter's
   current directory, so they must be visible at the same path on the cluster (a shared filesystem, or the
   same machine); checkpoints can go to ``s3://`` instead.

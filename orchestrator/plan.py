@@ -7,7 +7,7 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
 **Memory of one rank** (pipeline stage ``r`` of ``pp``), in bytes:
 
 - ``baseline``: the process before any model exists. CPU: :data:`RUNTIME_BASELINE_MB` measured here (a Ray
-  rank worker after ``import orchestrator.trainer`` is 517 MiB of resident memory: Python 3.11, Ray 2.60,
+  rank worker after ``import v4train.orchestrator.rank.trainer`` is 517 MiB of resident memory: Python 3.11, Ray 2.60,
   torch 2.13 CPU, Megatron-core 0.16.1, pyarrow; ``RankTrainer`` setup adds about 80 MiB besides its
   parameters: gloo and Megatron groups, the opened dataset). GPU: an assumed allowance for the CUDA
   context, cuBLAS and NCCL workspaces (not measured here: no GPU).

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from v4train.orchestrator.worker import free_port
+from v4train.orchestrator.control.ray_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_START_TIMEOUT_S = 90

@@ -13,7 +13,7 @@ import yaml
 from v4train.orchestrator import jobs
 from v4train.orchestrator.cli import main
 from v4train.orchestrator.spec import ClusterSpec, SpecError, load_cluster
-from v4train.orchestrator.worker import free_port
+from v4train.orchestrator.control.ray_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from conftest import run_job, tiny_job
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.storage import Storage
-from v4train.orchestrator.worker import WorkerGroup
+from v4train.orchestrator.control.ray_group import RayRankGroup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_ser
     prefix = f"upload-{uuid.uuid4().hex[:6]}"
     job = _job(tiny_dataset, s3_server, prefix)
     metrics, events, _ = run_job(rank_pool, job, tmp_path, faults=[parse_fault("kill_during_upload@4:rank=1")],
-                                 make_workers=lambda: WorkerGroup.create(4, 60.0))
+                                 make_workers=lambda: RayRankGroup.create(4, 60.0))
     failure = next(e for e in events if e["event"] == "failure")
     assert (failure["rank"], failure["kind"], failure["step"]) == (1, "died", 4)
     restart = next(e for e in events if e["event"] == "restart")

@@ -28,6 +28,8 @@ from v4train.model import V4Stage
 from v4train.model.moe import (Router, RoutingTape, discard_expert_counts, expert_parallel_experts, set_routing_tape,
                        update_expert_bias)
 from v4train.orchestrator import checkpoint, faults
+from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.control.rank_group import RankInfo, RankSave
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.spec import JobSpec
 from v4train.orchestrator.storage import Storage
@@ -157,19 +159,19 @@ class RankTrainer:
         """The rank whose metrics the supervisor records: last pipeline stage, data- and tensor-parallel rank 0."""
         return self.pctx.is_last_stage and self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0
 
-    def describe(self) -> dict:
+    def describe(self) -> RankInfo:
         """Rank, layout coordinates and parameter count of this rank's stage."""
-        return {
-            "rank": self.rank,
-            "pp_rank": self.pctx.pp_rank,
-            "dp_rank": self.pctx.dp_rank,
-            "tp_rank": self.pctx.tp_rank,
-            "stage_params": sum(p.numel() for p in self.stage.parameters()),
-            "reporter": self.is_reporter,
+        return RankInfo(
+            rank=self.rank,
+            pp_rank=self.pctx.pp_rank,
+            dp_rank=self.pctx.dp_rank,
+            tp_rank=self.pctx.tp_rank,
+            stage_params=sum(p.numel() for p in self.stage.parameters()),
+            reporter=self.is_reporter,
             # one table per pipeline stage (the same on every TP/DP replica of it)
-            "optimizer_assignment": (describe_assignment(self.optimizer, self.stage.named_parameters())
-                                     if self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0 else None),
-        }
+            optimizer_assignment=(describe_assignment(self.optimizer, self.stage.named_parameters())
+                                  if self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0 else None),
+        )
 
     # ---------------------------------------------------------------- training
     def _micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -436,13 +438,16 @@ class RankTrainer:
         return bad.item() == 0.0
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
-        """Mean next-token loss (nats) over ``num_batches`` fixed validation batches of ``global_batch`` sequences."""
+    def evaluate(self, request: EvalRequest) -> dict:
+        """Mean next-token loss (nats) over ``request.batches`` fixed validation batches of
+        ``request.global_batch`` sequences of ``request.seq_len`` tokens."""
         val = TokenDataset.open(self.job.data.path, "val")
         losses = []
-        for batch in eval_batches(val, num_batches, global_batch, seq_len, self.pctx.dp_rank, self.pctx.dp):
-            micro = self._micro_batches(batch, micro_batch_size)
-            losses.append(self._global_mean_loss(self._run_schedule(micro, seq_len, micro_batch_size, True)))
+        seq_len, mbs = request.seq_len, request.micro_batch_size
+        for batch in eval_batches(val, request.batches, request.global_batch, seq_len, self.pctx.dp_rank,
+                                  self.pctx.dp):
+            micro = self._micro_batches(batch, mbs)
+            losses.append(self._global_mean_loss(self._run_schedule(micro, seq_len, mbs, True)))
         self.stage.pop_aux_metrics()
         return {"val_loss": float(torch.stack(losses).mean()) if losses else float("nan"), "val_batches": len(losses)}
 
@@ -451,7 +456,7 @@ class RankTrainer:
         c = self.job.checkpoint
         return Storage(root, endpoint_url=c.endpoint_url, region=c.region)
 
-    def save(self, root: str, attempt: str, asynchronous: bool = False) -> dict:
+    def save(self, root: str, attempt: str, asynchronous: bool = False) -> RankSave:
         """Write this rank's shards of the step checkpoint into ``attempt`` under ``root`` (collective).
 
         With ``asynchronous``, the state is copied now and written by a background thread while training
@@ -470,10 +475,10 @@ class RankTrainer:
         else:
             dcp_save(state, storage_writer=writer, process_group=self.ckpt_group)
             self._after_persisted(self.step)
-        return {"rank": self.rank, "dp_rank": self.pctx.dp_rank, "loader": self.loader.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "routing": {str(step): {str(layer): checkpoint.encode_rows(t) for layer, t in rows.items()}
-                            for step, rows in self.routing_rows.items()}}
+        return RankSave(rank=self.rank, dp_rank=self.pctx.dp_rank, loader=self.loader.state_dict(),
+                        rng=checkpoint.rng_state(),
+                        routing={str(step): {str(layer): checkpoint.encode_rows(t) for layer, t in rows.items()}
+                                 for step, rows in self.routing_rows.items()})
 
     def save_done(self) -> bool:
         """Whether the pending asynchronous save (if any) has persisted; re-raises its error."""

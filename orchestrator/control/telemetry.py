@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "NullTelemetry"]
 
 
 class Telemetry:
@@ -85,3 +85,19 @@ class Telemetry:
             self._progress.stop()
         self._metrics.close()
         self._events.close()
+
+
+class NullTelemetry:
+    """Telemetry of a process that does not report (a torchrun rank other than 0): records nothing."""
+
+    def metrics(self, record: dict) -> None:
+        pass
+
+    def event(self, event: str, step: int, **fields) -> None:
+        pass
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
