@@ -1,4 +1,4 @@
-"""Step-time overhead of anticipatory routing (issue 7; V4 reports about 20%), measured side by side in one run.
+"""Step-time overhead of anticipatory routing (V4 reports about 20%), measured side by side in one run.
 
 One job on the 4-rank simulated cluster (PP=2 x DP=2): anticipatory routing is switched on (the
 `anticipatory` drill) for the middle third of the steps; the mean step time of those steps is compared

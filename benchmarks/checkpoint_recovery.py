@@ -1,4 +1,4 @@
-"""Checkpoint and recovery benchmark (issue 6), on the simulated cluster, measured side by side in one run.
+"""Checkpoint and recovery benchmark, on the simulated cluster, measured side by side in one run.
 
 1. Save throughput: a synchronous step checkpoint of the job (DCP shards from every rank, manifest hashing,
    COMMIT) against a plain sequential write (+fsync) of the same number of bytes to the same disk.

@@ -49,7 +49,7 @@ def _dataset(tmp: Path) -> Path:
 def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: float) -> dict:
     sets = [x for o in overrides for x in ("--set", o)]
     if kind == "ray":
-        cmd = [sys.executable, "-m", "v4train.orchestrator.cli", "submit", "configs/demo.yaml", "--cluster",
+        cmd = [sys.executable, "-m", "v4train.orchestrator.tools.cli", "submit", "configs/demo.yaml", "--cluster",
                "clusters/local-sim.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     else:
         torchrun = Path(sys.executable).parent / "torchrun"

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m v4train.orchestrator.launch", description=__doc__.splitlines()[0])
     p.add_argument("job", help="job YAML")
     p.add_argument("--run-dir", required=True, help="run directory (on a filesystem every rank sees)")
-    p.add_argument("--cluster", help="cluster YAML: backend, collective timeout, threads per rank (default gloo, 300 s, 1)")
+    p.add_argument("--cluster",
+                   help="cluster YAML: backend, collective timeout, threads per rank (default gloo, 300 s, 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint of the run")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first (rank 0)")
@@ -75,7 +76,7 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
     from v4train.orchestrator.control.telemetry import NullTelemetry, Telemetry
     from v4train.orchestrator.control.torchrun_group import TorchrunRankGroup
     from v4train.orchestrator.spec import ClusterSpec, dump_job
-    from v4train.orchestrator.storage import Storage
+    from v4train.orchestrator.checkpoint.storage import Storage
 
     cluster = cluster or ClusterSpec(name="torchrun", devices_per_node=world)
     telemetry = NullTelemetry()

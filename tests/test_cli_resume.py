@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_job
 
 REPO = Path(__file__).resolve().parents[1]
-V4TRAIN = [sys.executable, "-m", "v4train.orchestrator.cli"]
+V4TRAIN = [sys.executable, "-m", "v4train.orchestrator.tools.cli"]
 
 
 def _records(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Curriculum plans are pure functions of the counters (issue 7): stages by consumed tokens, the batch ramp,
+"""Curriculum plans are pure functions of the counters: stages by consumed tokens, the batch ramp,
 the token-based LR schedule, attention mode and MTP weight; C4: pipeline shapes follow each step's plan."""
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ def ray_head():
 
 
 def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.tools.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.timeout(900)

@@ -79,8 +79,8 @@ def test_rank_env_reads_torchrun_and_slurm():
 def test_launch_outside_torchrun_is_one_line():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                                             "SLURM_PROCID", "SLURM_NTASKS")}
-    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun or srun" in proc.stderr
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from v4train.orchestrator import cli
+from v4train.orchestrator.tools import cli
 from v4train.orchestrator.control import ray_group
 from v4train.orchestrator.curriculum import lr_at, plan_step
 from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job

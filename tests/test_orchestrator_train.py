@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import run_job, tiny_job
 
-# (TP, PP, EP, DP, VP): the parity suite of issue 5 plus interleaved 1F1B (VP = 2), at most 4 ranks each
+# (TP, PP, EP, DP, VP): every parallel layout, interleaved 1F1B (VP = 2) included, at most 4 ranks each
 LAYOUTS = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (1, 1, 1, 2, 1), (1, 1, 2, 2, 1), (2, 2, 1, 1, 1),
            (2, 1, 2, 1, 1), (1, 2, 2, 2, 1), (1, 2, 1, 1, 2), (2, 2, 1, 1, 2)]
 

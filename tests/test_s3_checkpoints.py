@@ -18,7 +18,7 @@ import yaml
 from conftest import run_job, tiny_job
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.faults import parse_fault
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.orchestrator.control.ray_group import RayRankGroup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dat
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIA-TEST", AWS_SECRET_ACCESS_KEY=secret, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     run_dir = tmp_path / "run"
-    cli = [sys.executable, "-m", "v4train.orchestrator.cli"]
+    cli = [sys.executable, "-m", "v4train.orchestrator.tools.cli"]
     killed = subprocess.run(cli + ["submit", str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
                                    "--run-dir", str(run_dir), "--inject-fault", "kill_during_save@4:rank=supervisor"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

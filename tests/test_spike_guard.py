@@ -1,4 +1,4 @@
-"""The spike guard (issue 7): detection rule, and a real spike (one step at 1000x LR) rolled back."""
+"""The spike guard: detection rule, and a real spike (one step at 1000x LR) rolled back."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def test_spike_rolls_back_to_a_snapshot_and_switches_anticipatory_routing_on(tmp
     assert phase is Phase.FINISHED
     assert _names(events, "spike") == [("spike", 7)]
     rollback = next(e for e in events if e["event"] == "rollback")
-    assert (rollback["step"], rollback["from_step"], rollback["source"], rollback["skipped_data"]) == (4, 7, "memory", True)
+    assert (rollback["step"], rollback["from_step"], rollback["source"], rollback["skipped_data"]) == \
+        (4, 7, "memory", True)
     assert "rollback@5" in group.calls
     assert _names(events, "anticipatory_routing_on", "anticipatory_routing_off") == \
         [("anticipatory_routing_on", 4), ("anticipatory_routing_off", 6)]

@@ -1,5 +1,6 @@
 """The coordinator's side of checkpoints: when the ranks save, when a save is committed, what a restore
-loads (DESIGN principle 4, commit then believe; the protocol itself is ``orchestrator/checkpoint.py``).
+loads (docs/architecture.md principle 4, commit then believe; the protocol itself is
+``orchestrator/checkpoint/commit.py``).
 
 :class:`CheckpointCoordinator` opens an attempt directory, has every rank write its shards into it, and
 commits it (manifest, ``COMMIT``, ``latest``) once every rank has persisted: at once for a synchronous save,
@@ -19,7 +20,7 @@ from v4train.orchestrator.control.rank_group import RankFailure, RankGroup
 from v4train.orchestrator.control.run_state import RunState, SavedState, read_train_state
 from v4train.orchestrator.faults import SUPERVISOR, Fault, die
 from v4train.orchestrator.spec import JobSpec
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["CheckpointCoordinator"]
 

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["Script", "FakeRankGroup"]
 

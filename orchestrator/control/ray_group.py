@@ -1,4 +1,4 @@
-"""The ranks as Ray actors driven from one supervisor process (the control plane of DESIGN section 3).
+"""The ranks as Ray actors driven from one supervisor process (the control plane of docs/architecture.md section 3).
 
 :class:`RayRankGroup` starts one :class:`orchestrator.rank.worker.RankWorker` actor per rank in a placement
 group and runs each operation of :class:`orchestrator.control.rank_group.RankGroup` on all of them. Any

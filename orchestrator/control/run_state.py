@@ -1,6 +1,6 @@
 """The run's global state: the counters every plan and decision is a function of, and ``train_state.json``.
 
-:class:`RunState` is the one place the global counters live (DESIGN principle 3: state is a function of
+:class:`RunState` is the one place the global counters live (docs/architecture.md principle 3: state is a function of
 (spec, checkpoint)): the optimizer step, the consumed tokens and samples, the curriculum stage, the
 anticipatory-routing window, the spike guard's running estimates, the non-finite streak and the restart
 count. It also owns the schema of a checkpoint's ``train_state.json``: :meth:`RunState.to_train_state`

@@ -1,4 +1,5 @@
-"""The supervisor: a small state machine that drives a :class:`RankGroup` through a job (DESIGN section 3).
+"""The supervisor: a small state machine that drives a :class:`RankGroup` through a job
+(docs/architecture.md section 3).
 
 ``Supervisor.step()`` advances one transition::
 
@@ -33,7 +34,7 @@ from v4train.orchestrator.control.run_state import RunState
 from v4train.orchestrator.faults import SUPERVISOR, Fault, parse_fault, take_fault
 from v4train.orchestrator.recovery import nonfinite, restart, spike_rollback
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
-from v4train.orchestrator.storage import CREDENTIAL_ENV_VARS, Storage
+from v4train.orchestrator.checkpoint.storage import CREDENTIAL_ENV_VARS, Storage
 
 __all__ = ["Phase", "Supervisor"]
 

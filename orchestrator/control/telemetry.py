@@ -1,11 +1,12 @@
 """Run telemetry: ``metrics.jsonl``, ``events.jsonl`` and a ``rich`` live view.
 
-Each optimizer step appends one JSON object to ``metrics.jsonl`` (DESIGN section 4: ``step``, ``loss``, ``lr``,
-``seq_len``, ``global_batch_tokens``, ``consumed_tokens``, ``grad_norm``, ``tokens_per_s``, ``step_time_s`` and
-auxiliary fields); each event (``start``, ``checkpoint_committed``, ``eval``, ``stopped``, ``failure``,
-``finish``...) appends one object with ``event``, ``step`` and ``time`` (Unix seconds) to ``events.jsonl``.
-Lines are flushed as written, so a killed driver loses nothing already reported. On a terminal, a live
-view shows step, loss, tokens/s and ETA; elsewhere a plain line is printed every ``print_every`` steps.
+Each optimizer step appends one JSON object to ``metrics.jsonl`` (docs/architecture.md section 5: ``step``,
+``loss``, ``lr``, ``seq_len``, ``global_batch_tokens``, ``consumed_tokens``, ``grad_norm``, ``tokens_per_s``,
+``step_time_s`` and auxiliary fields); each event (``start``, ``checkpoint_committed``, ``eval``, ``stopped``,
+``failure``, ``finish``...) appends one object with ``event``, ``step`` and ``time`` (Unix seconds) to
+``events.jsonl``. Lines are flushed as written, so a killed driver loses nothing already reported. On a
+terminal, a live view shows step, loss, tokens/s and ETA; elsewhere a plain line is printed every
+``print_every`` steps.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from v4train.orchestrator import checkpoint
 from v4train.orchestrator.control.run_state import RunState
 from v4train.orchestrator.faults import Fault
 from v4train.orchestrator.spec import JobSpec
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["fired", "recovery_point"]
 
