@@ -164,3 +164,19 @@ def test_decisions_are_pure_functions_of_state_record_and_spec(tmp_path):
     two = after.after_step(2, 512, 8)
     d = decide(two, {**record, "step": 2}, job)
     assert d.evaluate and d.checkpoint and not d.finish and eval_request(job).seq_len == 48
+
+
+def test_a_train_state_without_restarts_loads_into_the_run_state(tmp_path):
+    """The schema as the format's first writer produced it (no ``restarts`` field) still loads."""
+    job = _job(tmp_path, spike_guard={"enabled": True})
+    old = {"format_version": 1, "step": 6, "consumed_tokens": 2560, "consumed_samples": 48,
+           "layout": {"tp": 1, "pp": 2, "ep": 1, "dp": 1, "vp": 1}, "model": job.model.model_dump(),
+           "data_path": job.data.path,
+           "loader": {"seed": 0, "epoch": 0, "epoch_offset_tokens": 2608, "consumed_samples": 48,
+                      "consumed_tokens": 2560},
+           "rng": {"0": "", "1": ""}, "ranks": 2, "curriculum": {"stage": 1},
+           "spike_guard": {"n": 6, "loss_mean": 6.1, "loss_var": 0.01, "grad_mean": 1.5},
+           "anticipatory_routing": {"remaining": 2, "delay_steps": 1, "rows": {}}}
+    state = RunState(restarts=3).restored(read_train_state(old, "old", job))
+    assert (state.step, state.consumed_tokens, state.consumed_samples, state.last_committed) == (6, 2560, 48, 6)
+    assert state.routing.remaining == 2 and state.guard.n == 6 and state.restarts == 3

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from v4train.orchestrator.checkpoint import CheckpointError
+from v4train.orchestrator.checkpoint import FORMAT_VERSION, CheckpointError
 from v4train.orchestrator.spec import JobSpec
 
 __all__ = ["TRAIN_STATE_VERSION", "TRAIN_STATE_KEYS", "GuardStats", "RoutingWindow", "RunState", "SavedState",
            "read_train_state"]
 
-# The train_state.json schema version; equal to the checkpoint format version (checkpoint/commit.py).
-TRAIN_STATE_VERSION = 1
+# The train_state.json schema is versioned with the checkpoint format (checkpoint/commit.py).
+TRAIN_STATE_VERSION = FORMAT_VERSION
 # What a resumable train_state.json must hold (``restarts`` is informational and may be absent).
 TRAIN_STATE_KEYS = ("step", "consumed_tokens", "consumed_samples", "loader", "rng", "model", "data_path",
                     "curriculum", "anticipatory_routing")
