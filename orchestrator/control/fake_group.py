@@ -66,10 +66,6 @@ class FakeRankGroup:
         self.job = None
         self.ranks = _Ranks()
 
-    @property
-    def is_coordinator(self) -> bool:
-        return True
-
     def coordinate(self, fn):
         return fn()
 

@@ -126,10 +126,6 @@ class RankGroup(Protocol):
     def coordinate(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` once for the whole job and return its result to every caller."""
 
-    @property
-    def is_coordinator(self) -> bool:
-        """Whether this process writes the run's telemetry and checkpoints' commits."""
-
     def shutdown(self) -> None:
         """End of the job: release the ranks."""
 

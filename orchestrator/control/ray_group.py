@@ -110,10 +110,6 @@ class RayRankGroup:
         return group
 
     # ---------------------------------------------------------------- the RankGroup operations
-    @property
-    def is_coordinator(self) -> bool:
-        return True  # one supervisor process drives every actor
-
     def coordinate(self, fn):
         return fn()
 

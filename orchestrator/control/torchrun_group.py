@@ -37,10 +37,6 @@ class TorchrunRankGroup:
         self.trainer: RankTrainer | None = None
         self.control = None
 
-    @property
-    def is_coordinator(self) -> bool:
-        return self.rank == 0
-
     def coordinate(self, fn):
         """``fn()`` on rank 0, its result (or its exception) on every rank."""
         box = [None]
