@@ -19,9 +19,9 @@ from pathlib import Path
 
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
-from v4train.orchestrator.supervisor import Phase, Supervisor
-from v4train.orchestrator.telemetry import Telemetry
-from v4train.orchestrator.worker import WorkerGroup, start_ray
+from v4train.orchestrator.control.supervisor import Phase, Supervisor
+from v4train.orchestrator.control.telemetry import Telemetry
+from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         telemetry = Telemetry(tmp, job.train.steps, live=False, print_every=1000)
         drill = parse_fault(f"anticipatory@{third + 1}")
         sup = Supervisor(job, ClusterSpec(name="sim4", devices_per_node=4), tmp,
-                         lambda: WorkerGroup.create(4, 120.0), telemetry, faults=[drill])
+                         lambda: RayRankGroup.create(4, 120.0), telemetry, faults=[drill])
         assert sup.run() is Phase.FINISHED, sup.failure
         telemetry.close()
         metrics = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
-from v4train.orchestrator.supervisor import Phase, Supervisor
-from v4train.orchestrator.telemetry import Telemetry
-from v4train.orchestrator.worker import WorkerGroup, start_ray
+from v4train.orchestrator.control.supervisor import Phase, Supervisor
+from v4train.orchestrator.control.telemetry import Telemetry
+from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 
 
 def _job(data: str, preset: str, steps: int, every: int, asynchronous: bool) -> JobSpec:
@@ -40,7 +40,7 @@ def _job(data: str, preset: str, steps: int, every: int, asynchronous: bool) -> 
 def _run(job: JobSpec, run_dir: Path, faults=()) -> tuple[list[dict], list[dict]]:
     cluster = ClusterSpec(name="sim4", devices_per_node=4)
     telemetry = Telemetry(run_dir, job.train.steps, live=False, print_every=1000)
-    sup = Supervisor(job, cluster, str(run_dir), lambda: WorkerGroup.create(4, 120.0), telemetry, faults=list(faults))
+    sup = Supervisor(job, cluster, str(run_dir), lambda: RayRankGroup.create(4, 120.0), telemetry, faults=list(faults))
     phase = sup.run()
     telemetry.close()
     assert phase is Phase.FINISHED, sup.failure

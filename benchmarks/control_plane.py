@@ -4,13 +4,14 @@
     python benchmarks/control_plane.py --steps 20 --rounds 1 --json out.json
 
 Each round runs the job once through ``v4train submit`` (embedded Ray cluster, supervisor, RankWorker actors,
-heartbeat polling) and once through ``torchrun --nproc-per-node W -m v4train.orchestrator.launch`` (no control plane),
-alternating which goes first, on the same data, with checkpoints and evaluation off. Both write
-``metrics.jsonl`` with each step's ``time`` stamped when the driver (supervisor or rank 0) records it, so
-the **step period** (median gap between consecutive records, after ``--skip`` warm-up steps) includes the
-control plane's dispatch and collection; ``step_time_s`` is the in-rank time of ``train_step`` alone. Also
-reported: time from launch to the first recorded step. The demo dataset is used when prepared
-(``datasets/shakespeare``), else a small corpus of standard-library docstrings is prepared in a temp dir.
+heartbeat polling) and once through ``torchrun --nproc-per-node W -m v4train.orchestrator.launch`` (no Ray: every
+process runs the same supervisor loop on its own rank, results all-gathered over gloo), alternating which goes
+first, on the same data, with checkpoints and evaluation off. Both write ``metrics.jsonl`` with each step's
+``time`` stamped when the driver (supervisor or rank 0) records it, so the **step period** (median gap between
+consecutive records, after ``--skip`` warm-up steps) includes the control plane's dispatch and collection;
+``step_time_s`` is the in-rank time of ``train_step`` alone. Also reported: time from launch to the first recorded
+step. The demo dataset is used when prepared (``datasets/shakespeare``), else a small corpus of standard-library
+docstrings is prepared in a temp dir.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _dataset(tmp: Path) -> Path:
 def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: float) -> dict:
     sets = [x for o in overrides for x in ("--set", o)]
     if kind == "ray":
-        cmd = [sys.executable, "-m", "v4train.orchestrator.cli", "submit", "configs/demo.yaml", "--cluster",
+        cmd = [sys.executable, "-m", "v4train.orchestrator.tools.cli", "submit", "configs/demo.yaml", "--cluster",
                "clusters/local-sim.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     else:
         torchrun = Path(sys.executable).parent / "torchrun"

@@ -21,7 +21,7 @@ from pathlib import Path
 _CHILD = r"""
 import json, resource, sys, warnings
 warnings.filterwarnings("ignore")
-from v4train.orchestrator import convert
+from v4train.orchestrator.tools import convert
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kind, src, dst = sys.argv[1:4]
 if kind == "from":

@@ -36,7 +36,8 @@ projection, and the indexer's queries; the per-head query norm's backward works 
 row-parallel ``wo_b`` is called after its region, ``copy_to_region``/``reduce_from_region`` around them.
 
 Visibility (windows, documents, compressed blocks) is defined in ``model/layout.py``. Precision: fp32
-throughout on CPU; with ``cfg.qat`` the KV entries' non-RoPE dims are FP8-rounded (``model/quant.py``). No ``[T, T]`` tensor is built.
+throughout on CPU; with ``cfg.qat`` the KV entries' non-RoPE dims are FP8-rounded (``model/quant.py``).
+No ``[T, T]`` tensor is built.
 
 Shape letters: B batch, T tokens, D model dim, L q_lora_rank, H heads, C head_dim, P rope pairs,
 W window slots, N compressed slots, X = T + N kv rows, K attended slots, G output groups, R o_lora_rank,

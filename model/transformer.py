@@ -75,14 +75,14 @@ class V4Stage(nn.Module):
     RuntimeError, so no caller trains dense by omission; ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
 
-    Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the shared expert's hidden
-    units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-parallel layers) over
-    the tensor-parallel ranks (ValueError naming the field tp does not divide); ``experts_factory(layer)``
-    returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`, every expert here), the
-    hook through which the trainer installs expert parallelism. ``cp`` splits each sequence over the
-    context-parallel ranks (:mod:`parallel.context_parallel`): the stage then takes this rank's tokens
-    (load-balanced split) and returns their losses; position ids and labels are all-gathered (cheap)
-    so layouts, windows and MTP targets are those of the whole sequence, and the MTP loss is normalised
+    Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the
+    shared expert's hidden units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-
+    parallel layers) over the tensor-parallel ranks (ValueError naming the field tp does not divide);
+    ``experts_factory(layer)`` returns the routed experts of a layer (None: :class:`model.moe.LocalExperts`,
+    every expert here), the hook through which the trainer installs expert parallelism. ``cp`` splits each
+    sequence over the context-parallel ranks (:mod:`parallel.context_parallel`): the stage then takes this
+    rank's tokens (load-balanced split) and returns their losses; position ids and labels are all-gathered
+    (cheap) so layouts, windows and MTP targets are those of the whole sequence, and the MTP loss is normalised
     by the whole sequence's valid targets. With the defaults the stage is the single-process reference.
     """
 

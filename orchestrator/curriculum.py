@@ -1,4 +1,4 @@
-"""Per-step plans as pure functions of the global counters (DESIGN principle 3; spec sections 6-7).
+"""Per-step plans as pure functions of the global counters (docs/architecture.md principle 3; spec sections 6-7).
 
 Everything a rank needs to run optimizer step ``step`` (sequence length, global batch, micro-batch size,
 learning rate, attention mode, MTP loss weight) is computed here from the job spec and the global

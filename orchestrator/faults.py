@@ -29,7 +29,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-__all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "SPIKE_LR_FACTOR", "die", "stall_forever", "dying_writer"]
+__all__ = ["Fault", "parse_fault", "KINDS", "SUPERVISOR", "SPIKE_LR_FACTOR", "die", "stall_forever", "dying_writer",
+           "take_fault"]
 
 KINDS = ("kill", "raise", "stall", "nan_grad", "kill_during_save", "kill_during_upload", "spike", "anticipatory")
 SPIKE_LR_FACTOR = 1000.0
@@ -71,6 +72,14 @@ def parse_fault(text: str) -> Fault:
         else:
             raise ValueError(f"{text!r}: rank must be a non-negative integer or 'supervisor'")
     return Fault(kind, int(step), rank)
+
+
+def take_fault(pending: list[Fault], kind: str, step: int) -> bool:
+    """Remove a pending fault of ``kind`` at ``step`` from ``pending``; whether there was one."""
+    fault = next((f for f in pending if f.kind == kind and f.step == step), None)
+    if fault is not None:
+        pending.remove(fault)
+    return fault is not None
 
 
 def die() -> None:

@@ -34,7 +34,7 @@ def rank_pool():
     """Four RankWorker actors on an embedded local Ray, shared by every multi-rank test."""
     import ray
 
-    from v4train.orchestrator.worker import start_ray
+    from v4train.orchestrator.control.ray_group import start_ray
 
     start_ray(num_cpus=POOL_SIZE * 3, object_store_memory_mb=256)
     pool = RankPool(POOL_SIZE)
@@ -51,7 +51,7 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from v4train.orchestrator.worker import free_port
+    from v4train.orchestrator.control.ray_group import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -16,7 +16,7 @@ def test_user_packages_with_generic_names_are_not_shadowed(tmp_path):
         (tmp_path / name / "__init__.py").write_text(f"OWNER = 'user:{name}'\n")
     script = textwrap.dedent("""
         import importlib
-        import v4train.orchestrator.cli, v4train.data.loader, v4train.model.transformer
+        import v4train.orchestrator.tools.cli, v4train.data.loader, v4train.model.transformer
         for name in {names!r}:
             mod = importlib.import_module(name)
             assert mod.OWNER == "user:" + name, (name, mod.__file__)
@@ -33,7 +33,7 @@ def test_console_script_entry_point_resolves():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "v4train"]
-    assert ep.value == "v4train.orchestrator.cli:main"
-    from v4train.orchestrator.cli import main
+    assert ep.value == "v4train.orchestrator.tools.cli:main"
+    from v4train.orchestrator.tools.cli import main
 
     assert ep.load() is main

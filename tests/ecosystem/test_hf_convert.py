@@ -13,8 +13,9 @@ from support.hf import random_stage, released_tensors, tiny_config, write_hf_dir
 from v4train.model import V4Stage
 from v4train.model.hf_mapping import from_hf_name, hf_tensors
 from v4train.model.quant import dequantize_fp8_blocks, unpack_fp4
-from v4train.orchestrator import convert, init_from
-from v4train.orchestrator.cli import main
+from v4train.orchestrator.checkpoint import init_from
+from v4train.orchestrator.tools import convert
+from v4train.orchestrator.tools.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

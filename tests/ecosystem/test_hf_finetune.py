@@ -19,7 +19,8 @@ from support.hf import random_stage, released_tensors, tiny_config, write_hf_dir
 from support.jobs import run_job, tiny_job
 from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from v4train.model import V4Stage
-from v4train.orchestrator import convert, init_from
+from v4train.orchestrator.checkpoint import init_from
+from v4train.orchestrator.tools import convert
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

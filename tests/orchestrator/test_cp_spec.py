@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from v4train.orchestrator.plan import Layout, job_shapes, plan_layout
+from v4train.orchestrator.tools.plan import Layout, job_shapes, plan_layout
 from v4train.orchestrator.spec import SpecError, load_cluster, load_job, validate_against_cluster
 
 DEMO = ["data.path=/nonexistent"]

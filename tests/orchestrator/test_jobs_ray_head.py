@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from support.paths import REPO_ROOT
-from v4train.orchestrator.worker import free_port
+from v4train.orchestrator.control.ray_group import free_port
 
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 400
@@ -82,7 +82,7 @@ def ray_head():
 
 
 def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "v4train.orchestrator.tools.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from support.paths import REPO_ROOT
-from v4train.orchestrator import jobs
-from v4train.orchestrator.cli import main
+from v4train.orchestrator.tools import jobs
+from v4train.orchestrator.tools.cli import main
 from v4train.orchestrator.spec import ClusterSpec, SpecError, load_cluster
-from v4train.orchestrator.worker import free_port
+from v4train.orchestrator.control.ray_group import free_port
 
 
 
@@ -47,7 +47,7 @@ def test_submit_ships_the_checkout_and_the_resolved_job(tmp_path, tiny_dataset, 
     job_id = capsys.readouterr().out.strip()
     (call,) = fake.calls
     assert call["submission_id"] == job_id and job_id.startswith("v4train-demo-")
-    assert call["entrypoint"].startswith("python -m v4train.orchestrator.jobs --run-dir ")
+    assert call["entrypoint"].startswith("python -m v4train.orchestrator.tools.job_entry --run-dir ")
     assert str(tiny_dataset.parent / "rel-run") in call["entrypoint"]
     assert "--inject-fault kill@2:rank=1" in call["entrypoint"]
     env = call["runtime_env"]["env_vars"]
@@ -89,8 +89,8 @@ def test_address_resolution(monkeypatch):
 
 def test_entrypoint_needs_the_job_in_its_environment():
     env = {k: v for k, v in os.environ.items() if k not in (jobs.JOB_ENV, jobs.CLUSTER_ENV)}
-    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.jobs", "--run-dir", "x"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.tools.job_entry", "--run-dir", "x"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and jobs.JOB_ENV in proc.stderr
 
 

@@ -17,7 +17,7 @@ import yaml
 from support.jobs import run_job, tiny_job
 from support.paths import REPO_ROOT
 from v4train.orchestrator.launch import rank_env
-from v4train.orchestrator.worker import free_port
+from v4train.orchestrator.control.ray_group import free_port
 
 TORCHRUN_TIMEOUT_S = 300
 
@@ -82,3 +82,40 @@ def test_launch_outside_torchrun_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", "x"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun or srun" in proc.stderr
+
+
+# Fields that differ between two runs of the same job by nature: clocks, throughput, memory, the launcher's
+# name, and the random suffix of a checkpoint attempt's directory.
+PATH_SPECIFIC = {"time", "step_time_s", "tokens_per_s", "peak_rss_mb", "setup_s", "launcher", "seconds",
+                 "training_blocked_s"}
+
+
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        record = {k: v for k, v in json.loads(line).items() if k not in PATH_SPECIFIC}
+        if "path" in record:
+            record["path"] = Path(record["path"]).name.split(".attempt-")[0]
+        out.append(record)
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_and_ray_write_the_same_records_with_evaluation_during_a_ramp(rank_pool, tiny_dataset, tmp_path):
+    """Both launchers run one supervisor loop: the same metrics and events, evaluation at train.eval_seq_len
+    (64) while training ramps from 32 to 64 tokens, checkpoints at the same steps."""
+    job = tiny_job(tiny_dataset, data={"seq_len": 32}, parallel={"pp": 2, "dp": 1},
+                   train={"steps": 4, "warmup_steps": 0, "eval_every": 2, "eval_batches": 2, "eval_seq_len": 64},
+                   checkpoint={"every_steps": 3, "at_end": True, "async_save": False},
+                   curriculum={"stages": [{"seq_len": 32, "tokens": 512}, {"seq_len": 64}], "batch_multiple": 4})
+    run_job(rank_pool, job, tmp_path / "ray")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    proc = _torchrun(2, str(job_file), "--run-dir", str(tmp_path / "torchrun"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("metrics.jsonl", "events.jsonl"):
+        assert _records(tmp_path / "torchrun" / name) == _records(tmp_path / "ray" / name), name
+    events = _records(tmp_path / "ray" / "events.jsonl")
+    assert [(e["event"], e["step"]) for e in events if e["event"] in ("eval", "stage_change")] == \
+        [("eval", 2), ("stage_change", 2), ("eval", 4)]
+    assert [m["seq_len"] for m in _records(tmp_path / "ray" / "metrics.jsonl")] == [32, 32, 64, 64]

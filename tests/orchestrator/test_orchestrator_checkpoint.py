@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -144,7 +144,7 @@ def test_inspect_lists_tensors(storage):
 
 
 def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
-    from v4train.orchestrator import cli
+    from v4train.orchestrator.tools import cli
 
     storage = Storage(str(tmp_path))
     checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10, "layout": {"tp": 1, "pp": 2, "ep": 1, "dp": 2}})
@@ -168,7 +168,7 @@ def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
 
 
 def test_python_api_matches_the_cli(tmp_path):
-    from v4train.orchestrator import api
+    from v4train.orchestrator.tools import api
 
     storage = Storage(str(tmp_path))
     checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})

@@ -6,7 +6,8 @@ import math
 import pytest
 import yaml
 
-from v4train.orchestrator import cli, worker
+from v4train.orchestrator.control import ray_group
+from v4train.orchestrator.tools import cli
 from v4train.orchestrator.curriculum import lr_at, plan_at, plan_step
 from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
 
@@ -29,7 +30,7 @@ def job_files(tmp_path, monkeypatch):
     def never_start_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid job")
 
-    monkeypatch.setattr(worker, "start_ray", never_start_ray)
+    monkeypatch.setattr(ray_group, "start_ray", never_start_ray)
     monkeypatch.chdir(tmp_path)
     return tmp_path, job
 

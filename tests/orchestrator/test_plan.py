@@ -13,9 +13,10 @@ import json
 import pytest
 import torch
 
-from v4train.orchestrator.cli import main
-from v4train.orchestrator.plan import (Layout, Shape, activation_elements, load_job_for_plan, plan_job, plan_layout,
-                               stage_parameters, suggest)
+from v4train.orchestrator.tools.cli import main
+from v4train.orchestrator.tools.plan import (Layout, Shape, activation_elements, plan_job, plan_layout,
+                                             stage_parameters, suggest)
+from v4train.orchestrator.tools.plan_cli import load_job_for_plan
 from v4train.orchestrator.spec import load_cluster
 
 MEASURED_MB = {  # preset -> (stage 0, stage 1) ru_maxrss per rank, MiB
@@ -72,7 +73,7 @@ def _saved_elements(cfg, B: int, S: int) -> float:
 @pytest.mark.parametrize("preset,seq", [("nano", 128), ("small", 256)])
 def test_activation_model_matches_autograds_saved_tensors(preset, seq):
     from v4train.model.config import ModelConfig
-    from v4train.orchestrator.plan import _head_elements
+    from v4train.orchestrator.tools.plan import _head_elements
 
     cfg = ModelConfig.preset(preset, vocab_size=1024)
     ids = list(range(cfg.n_layers + cfg.mtp_depth))
@@ -145,7 +146,7 @@ def test_plan_matches_a_live_run(tmp_path):
     if not Path("datasets/shakespeare/dataset.json").is_file():
         pytest.skip("needs datasets/shakespeare (make demo)")
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "v4train.orchestrator.cli", "submit", "configs/demo.yaml", "--cluster",
+    subprocess.run([sys.executable, "-m", "v4train.orchestrator.tools.cli", "submit", "configs/demo.yaml", "--cluster",
                     "clusters/local-sim.yaml", "--run-dir", str(run), "--set", "train.steps=15", "--set",
                     "train.eval_batches=0", "--set", "checkpoint.every_steps=0"], check=True, timeout=800)
     measured = max(json.loads(line)["peak_rss_mb"] for line in (run / "metrics.jsonl").read_text().splitlines())

@@ -11,14 +11,14 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from support.jobs import run_job, tiny_job
 from v4train.orchestrator.faults import parse_fault
-from v4train.orchestrator.worker import WorkerGroup
+from v4train.orchestrator.control.ray_group import RayRankGroup
 
 HEARTBEAT_TIMEOUT_S = 8.0
 
 
 def _fresh_workers(world: int):
     """Each (re)start gets new actors, as in production: the failed group is killed."""
-    return lambda: WorkerGroup.create(world, HEARTBEAT_TIMEOUT_S, log_dir=None)
+    return lambda: RayRankGroup.create(world, HEARTBEAT_TIMEOUT_S, log_dir=None)
 
 
 def _job(dataset, **train):

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from v4train.orchestrator.cli import main
-from v4train.orchestrator.report import attention_spans, read_run, summary
+from v4train.orchestrator.tools.cli import main
+from v4train.orchestrator.tools.report import attention_spans, read_run, summary
 
 
 def _write_run(run, steps: int = 120) -> None:

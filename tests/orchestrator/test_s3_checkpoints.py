@@ -18,8 +18,8 @@ from support.jobs import run_job, tiny_job
 from support.paths import REPO_ROOT
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.faults import parse_fault
-from v4train.orchestrator.storage import Storage
-from v4train.orchestrator.worker import WorkerGroup
+from v4train.orchestrator.checkpoint.storage import Storage
+from v4train.orchestrator.control.ray_group import RayRankGroup
 
 
 
@@ -42,7 +42,7 @@ def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_ser
     prefix = f"upload-{uuid.uuid4().hex[:6]}"
     job = _job(tiny_dataset, s3_server, prefix)
     metrics, events, _ = run_job(rank_pool, job, tmp_path, faults=[parse_fault("kill_during_upload@4:rank=1")],
-                                 make_workers=lambda: WorkerGroup.create(4, 60.0))
+                                 make_workers=lambda: RayRankGroup.create(4, 60.0))
     failure = next(e for e in events if e["event"] == "failure")
     assert (failure["rank"], failure["kind"], failure["step"]) == (1, "died", 4)
     restart = next(e for e in events if e["event"] == "restart")
@@ -71,7 +71,7 @@ def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dat
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIA-TEST", AWS_SECRET_ACCESS_KEY=secret, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     run_dir = tmp_path / "run"
-    cli = [sys.executable, "-m", "v4train.orchestrator.cli"]
+    cli = [sys.executable, "-m", "v4train.orchestrator.tools.cli"]
     killed = subprocess.run(cli + ["submit", str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
                                    "--run-dir", str(run_dir), "--inject-fault", "kill_during_save@4:rank=supervisor"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

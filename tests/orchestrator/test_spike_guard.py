@@ -9,7 +9,7 @@ import pytest
 from support.jobs import run_job, tiny_job
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.spec import SpikeGuardSpec
-from v4train.orchestrator.spike_guard import SpikeGuard
+from v4train.orchestrator.recovery.spike_guard import SpikeGuard
 
 
 def test_rule_needs_warmup_and_both_conditions():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-V4TRAIN = [sys.executable, "-m", "v4train.orchestrator.cli"]
+V4TRAIN = [sys.executable, "-m", "v4train.orchestrator.tools.cli"]
 
 
 def cli_env() -> dict:

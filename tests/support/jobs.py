@@ -73,21 +73,21 @@ class RankPool:
     followed by fresh actors in the dead ones' places."""
 
     def __init__(self, size: int) -> None:
-        from v4train.orchestrator.worker import WorkerGroup
+        from v4train.orchestrator.control.ray_group import RayRankGroup
 
-        self.actors = WorkerGroup.create(size, CALL_TIMEOUT_S).actors
+        self.actors = RayRankGroup.create(size, CALL_TIMEOUT_S).actors
 
     def take(self, world: int):
         import ray
 
-        from v4train.orchestrator.worker import WorkerGroup
+        from v4train.orchestrator.control.ray_group import RayRankGroup
 
         for i, actor in enumerate(self.actors[:world]):
             try:
                 ray.get(actor.pid.remote(), timeout=60)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                self.actors[i] = WorkerGroup.create(1, CALL_TIMEOUT_S).actors[0]
-        return WorkerGroup(self.actors[:world], CALL_TIMEOUT_S, owned=False)
+                self.actors[i] = RayRankGroup.create(1, CALL_TIMEOUT_S).actors[0]
+        return RayRankGroup(self.actors[:world], CALL_TIMEOUT_S, owned=False)
 
     def shutdown(self) -> None:
         import ray
@@ -104,8 +104,8 @@ def run_job(pool, job: dict, run_dir: Path, resume_from: str | None = None, faul
     events, supervisor); fails the test with the rank's root cause if the run fails unexpectedly.
     """
     from v4train.orchestrator.spec import ClusterSpec, JobSpec
-    from v4train.orchestrator.supervisor import Phase, Supervisor
-    from v4train.orchestrator.telemetry import Telemetry
+    from v4train.orchestrator.control.supervisor import Phase, Supervisor
+    from v4train.orchestrator.control.telemetry import Telemetry
 
     spec = JobSpec.model_validate(job)
     world = spec.parallel.world_size

@@ -41,7 +41,7 @@ from v4train.model.config import ModelConfig
 from v4train.model.hf_mapping import SHARED_MTP_COPIES, from_hf_name, hf_config, hf_tensors, model_config_from_hf
 from v4train.model.quant import dequantize_fp8_blocks, quantize_fp8_blocks, unpack_fp4
 from v4train.orchestrator import checkpoint
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["ConvertError", "from_hf", "to_hf", "read_hf_config", "add_cli_arguments", "run_cli",
            "TOKENIZER_FILES", "FP8_QUANTIZATION_CONFIG"]

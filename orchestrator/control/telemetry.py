@@ -1,11 +1,12 @@
 """Run telemetry: ``metrics.jsonl``, ``events.jsonl`` and a ``rich`` live view.
 
-Each optimizer step appends one JSON object to ``metrics.jsonl`` (DESIGN section 4: ``step``, ``loss``, ``lr``,
-``seq_len``, ``global_batch_tokens``, ``consumed_tokens``, ``grad_norm``, ``tokens_per_s``, ``step_time_s`` and
-auxiliary fields); each event (``start``, ``checkpoint_committed``, ``eval``, ``stopped``, ``failure``,
-``finish``...) appends one object with ``event``, ``step`` and ``time`` (Unix seconds) to ``events.jsonl``.
-Lines are flushed as written, so a killed driver loses nothing already reported. On a terminal, a live
-view shows step, loss, tokens/s and ETA; elsewhere a plain line is printed every ``print_every`` steps.
+Each optimizer step appends one JSON object to ``metrics.jsonl`` (docs/architecture.md section 5: ``step``,
+``loss``, ``lr``, ``seq_len``, ``global_batch_tokens``, ``consumed_tokens``, ``grad_norm``, ``tokens_per_s``,
+``step_time_s`` and auxiliary fields); each event (``start``, ``checkpoint_committed``, ``eval``, ``stopped``,
+``failure``, ``finish``...) appends one object with ``event``, ``step`` and ``time`` (Unix seconds) to
+``events.jsonl``. Lines are flushed as written, so a killed driver loses nothing already reported. On a
+terminal, a live view shows step, loss, tokens/s and ETA; elsewhere a plain line is printed every
+``print_every`` steps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "NullTelemetry"]
 
 
 class Telemetry:
@@ -85,3 +86,19 @@ class Telemetry:
             self._progress.stop()
         self._metrics.close()
         self._events.close()
+
+
+class NullTelemetry:
+    """Telemetry of a process that does not report (a torchrun rank other than 0): records nothing."""
+
+    def metrics(self, record: dict) -> None:
+        pass
+
+    def event(self, event: str, step: int, **fields) -> None:
+        pass
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

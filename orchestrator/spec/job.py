@@ -1,41 +1,19 @@
-"""Job and cluster specifications: YAML files validated with pydantic before anything starts.
+"""The job file's sections (pydantic models): every field, its unit, its default and its check.
 
-A job file has the sections ``model``, ``data``, ``train``, ``parallel`` and ``checkpoint`` (plus ``name``
-and ``seed``); a cluster file describes where the ranks run. Every unknown key is an error, every value is
-type-checked, and the cross-field rules (layout product = device count, global batch divisible by
-micro-batch size x data-parallel size, a dataset that exists, a model config that validates) run in
-:func:`load_job` so that a bad file exits with one line naming the field before Ray or any rank starts
-(DESIGN section 3, "validates JobSpec + ClusterSpec before anything starts").
+Every unknown key is an error and every value is type-checked; :class:`JobSpec` checks the cross-field
+rules (global batch divisible by micro-batch size x data-parallel size, curriculum multiples, interleaving,
+expert parallelism dividing tp x dp). Files are read by ``orchestrator/spec/files.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-__all__ = [
-    "SpecError",
-    "ModelSpec",
-    "DataSpec",
-    "TrainSpec",
-    "ParallelSpec",
-    "CheckpointSpec",
-    "StageSpec",
-    "CurriculumSpec",
-    "SpikeGuardSpec",
-    "JobSpec",
-    "ClusterSpec",
-    "HardwareSpec",
-    "load_job",
-    "load_cluster",
-    "apply_overrides",
-    "validate_against_cluster",
-]
+__all__ = ["SpecError", "ModelSpec", "DataSpec", "TrainSpec", "ParallelSpec", "CheckpointSpec", "StageSpec",
+           "CurriculumSpec", "SpikeGuardSpec", "JobSpec"]
 
 
 class SpecError(ValueError):
@@ -50,7 +28,7 @@ class ModelSpec(_Strict):
     """``model`` section: a preset name plus overrides of any :class:`model.config.ModelConfig` field.
 
     ``init_from`` names a checkpoint root (e.g. one ``v4train convert from-hf`` wrote) whose newest committed
-    model weights the job starts from (fresh optimizer, schedule from step 0; ``orchestrator/init_from.py``).
+    model weights the job starts from (fresh optimizer, schedule from step 0; ``orchestrator/checkpoint/init_from.py``).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -197,7 +175,7 @@ class CurriculumSpec(_Strict):
     mtp_weight_decay: float = Field(default=0.1, ge=0)
 
     @model_validator(mode="after")
-    def _stages(self) -> "CurriculumSpec":
+    def _stages(self) -> CurriculumSpec:
         for i, stage in enumerate(self.stages[:-1]):
             if stage.tokens is None:
                 raise ValueError(f"curriculum.stages.{i}.tokens: required on every stage but the last")
@@ -205,7 +183,8 @@ class CurriculumSpec(_Strict):
 
 
 class SpikeGuardSpec(_Strict):
-    """``spike_guard`` section (``orchestrator/spike_guard.py``): detection rule and rollback policy.
+    """``spike_guard`` section: detection rule (``orchestrator/recovery/spike_guard.py``) and rollback policy
+    (``orchestrator/recovery/spike_rollback.py``).
 
     Ranks keep an in-memory snapshot every ``snapshot_every`` steps (the two newest); on a spike the run
     rolls back to the newest snapshot at least two steps old (else to the last committed checkpoint),
@@ -240,7 +219,7 @@ class JobSpec(_Strict):
     faults: list[str] = []
 
     @model_validator(mode="after")
-    def _batching(self) -> "JobSpec":
+    def _batching(self) -> JobSpec:
         from v4train.orchestrator.faults import parse_fault
 
         for i, text in enumerate(self.faults):
@@ -294,214 +273,3 @@ class JobSpec(_Strict):
     @property
     def num_microbatches(self) -> int:
         return self.train.global_batch // (self.train.micro_batch_size * self.parallel.dp)
-
-
-class RaySpec(_Strict):
-    """How the embedded local Ray cluster is started (ignored when ``address`` names a running cluster).
-
-    ``excludes`` adds gitignore-style patterns to what ``v4train submit`` leaves out of the working
-    directory it ships to a running cluster (``orchestrator/jobs.py`` lists the defaults).
-    """
-
-    num_cpus: PositiveInt | None = None
-    object_store_memory_mb: PositiveInt = 512
-    excludes: list[str] = []
-
-
-class HardwareSpec(_Strict):
-    """``hardware`` section: what one device offers, for ``v4train plan`` (never read by training).
-
-    ``memory_gb`` per device (GB = 10^9 bytes, as vendors quote it; default: this machine's RAM /
-    devices_per_node); ``peak_tflops`` dense BF16 (GPU) or FP32 (CPU) TFLOP/s per device, ``fp8`` whether matmuls
-    run in FP8 through Transformer Engine (twice the BF16 rate); ``intra_node_gbps`` / ``inter_node_gbps``
-    GB/s per device and direction within a node (NVLink) and between nodes (InfiniBand / RoCE);
-    ``mfu`` the fraction of peak the step-time estimate assumes.
-    """
-
-    memory_gb: float | None = Field(default=None, gt=0)
-    peak_tflops: float = Field(default=0.05, gt=0)
-    fp8: bool = False
-    intra_node_gbps: float = Field(default=2.0, gt=0)
-    inter_node_gbps: float = Field(default=2.0, gt=0)
-    mfu: float = Field(default=0.4, gt=0, le=1)
-
-
-class ClusterSpec(_Strict):
-    """Where ranks run: ``nodes x devices_per_node`` devices; one rank per device.
-
-    ``simulated: true`` runs every rank as a CPU process on this machine (gloo over 127.0.0.1).
-    ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step;
-    ``heartbeat_timeout_s`` is how long the supervisor waits without any rank making progress before it
-    declares a stall and names the least advanced rank.
-
-    ``address`` names a running Ray cluster's job server (its dashboard, ``http://HEAD:8265``): ``v4train
-    submit`` then submits the supervisor there as a Ray job (``orchestrator/jobs.py``) instead of starting
-    an embedded cluster. ``hardware`` describes one device for ``v4train plan``.
-    """
-
-    name: str
-    nodes: PositiveInt = 1
-    devices_per_node: PositiveInt
-    device: Literal["cpu", "gpu"] = "cpu"
-    simulated: bool = True
-    backend: Literal["gloo", "nccl"] = "gloo"
-    address: str | None = None
-    threads_per_rank: PositiveInt = 1
-    collective_timeout_s: float = Field(default=300.0, gt=0)
-    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
-    ray: RaySpec = RaySpec()
-    hardware: HardwareSpec = HardwareSpec()
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.devices_per_node
-
-
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{source}: {loc + ': ' if loc else ''}{msg}"
-
-
-def _read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{p}: expected a mapping at the top level")
-    return data
-
-
-def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) to a nested dict, in place.
-
-    Raises SpecError for a malformed override.
-    """
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"{source} {item!r}: expected dotted.key=value")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"{source} {key}: {part} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw
-
-
-def load_job(path: str | Path, overrides: list[str] | None = None, *, check_data: bool = True) -> JobSpec:
-    """Read, override and validate a job file; also builds the model config and opens ``dataset.json``.
-
-    Raises SpecError with one line naming the file and the dotted field.
-    """
-    raw = apply_overrides(_read_yaml(path), overrides or [])
-    try:
-        job = JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(str(path), exc)) from None
-    vocab = None
-    if check_data:
-        vocab = _dataset_vocab(job.data.path, str(path))
-    cfg = job.model.build(vocab_size=vocab)
-    problem = _layout_problem(job, cfg)
-    if problem:
-        raise SpecError(f"{path}: {problem}")
-    if job.model.init_from is not None:
-        from v4train.orchestrator import init_from
-
-        try:
-            init_from.check_model(job.model.init_from, cfg)
-        except (ValueError, RuntimeError) as exc:
-            raise SpecError(f"{path}: {exc}") from None
-    return job
-
-
-def _layout_problem(job: JobSpec, cfg) -> str | None:
-    """What makes the (TP, PP, EP) layout impossible for this model and schedule, naming the fields."""
-    p = job.parallel
-    if p.pp * p.vp > cfg.n_layers:
-        return f"parallel.pp x parallel.vp: {p.pp * p.vp} (virtual) stages for {cfg.n_layers} layers"
-    split_by_tp = {"n_heads": cfg.n_heads, "o_groups": cfg.o_groups, "index_n_heads": cfg.index_n_heads,
-                   "vocab_size": cfg.vocab_size, "n_shared_experts x moe_inter_dim": cfg.n_shared_experts * cfg.moe_inter_dim}
-    for name, value in split_by_tp.items():
-        if value % p.tp:
-            return f"parallel.tp: {p.tp} does not divide model.{name} = {value}"
-    if cfg.n_routed_experts % p.ep:
-        return f"parallel.ep: {p.ep} does not divide model.n_routed_experts = {cfg.n_routed_experts}"
-    if p.tp > 1:
-        # the routed experts run on a 1/tp split of each micro-batch's tokens
-        shapes = {(job.train.micro_batch_size, job.data.seq_len),
-                  (job.train.micro_batch_size, job.train.eval_seq_len or job.data.seq_len)}
-        for stage in job.curriculum.stages if job.curriculum is not None else ():
-            shapes.add((stage.micro_batch_size or job.train.micro_batch_size, stage.seq_len or job.data.seq_len))
-        for mbs, seq in sorted(shapes):
-            if (mbs * seq) % p.tp:
-                return (f"parallel.tp: {p.tp} does not divide the {mbs} x {seq} tokens of a micro-batch "
-                        "(train.micro_batch_size x sequence length)")
-    return None
-
-
-def _dataset_vocab(data_path: str, source: str) -> int:
-    meta = Path(data_path) / "dataset.json"
-    if not Path(data_path).is_dir():
-        raise SpecError(f"{source}: data.path: directory {data_path} not found (run `v4train prepare-data`)")
-    if not meta.is_file():
-        raise SpecError(f"{source}: data.path: {meta} not found (run `v4train prepare-data`)")
-    try:
-        return int(json.loads(meta.read_text())["vocab_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SpecError(f"{source}: data.path: {meta} is not a valid dataset.json ({exc})") from None
-
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read and validate a cluster file; raises SpecError naming the field."""
-    raw = _read_yaml(path)
-    try:
-        return ClusterSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(str(path), exc)) from None
-
-
-def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int | None = None) -> None:
-    """Raise SpecError if the job's layout does not use exactly the cluster's devices, or (cp > 1) if a
-    stage's sequence does not fit a device's memory at this cp (the planner's figure), or because the
-    trainer does not run context parallelism yet."""
-    p = job.parallel
-    if p.world_size != cluster.world_size:
-        raise SpecError(
-            f"parallel: tp x cp x pp x dp = {p.tp} x {p.cp} x {p.pp} x {p.dp} = {p.world_size} does not match "
-            f"cluster {cluster.name}'s {cluster.world_size} devices"
-        )
-    if p.cp > 1:
-        from v4train.orchestrator.plan import Layout, job_shapes, plan_layout
-
-        cfg = job.model.build(vocab_size=vocab_size)
-        layout = Layout(p.tp, p.pp, p.ep, p.dp, job.train.micro_batch_size, cp=p.cp)
-        for i, shape in enumerate(job_shapes(job)):
-            plan = plan_layout(cfg, job, cluster, dataclasses.replace(layout, micro_batch_size=shape.micro_batch_size),
-                               shape)
-            if not plan.fits:
-                field = f"curriculum.stages.{i}.seq_len" if job.curriculum is not None else "data.seq_len"
-                raise SpecError(f"{field}={shape.seq_len}: {plan.peak.total / 2**30:.1f} GiB per device at "
-                                f"parallel.cp={p.cp} (planner) exceeds what a device of {cluster.name} offers")
-        raise SpecError(f"parallel.cp={p.cp}: the trainer does not run context parallelism yet "
-                        "(`v4train plan` evaluates the layout)")
-
-
-def dump_job(job: JobSpec) -> str:
-    """The resolved job as YAML (what ``RUN_DIR/job.yaml`` holds)."""
-    data = job.model_dump(mode="json")
-    data["model"] = {"preset": job.model.preset, **job.model.overrides()}
-    if job.model.init_from is not None:
-        data["model"]["init_from"] = job.model.init_from
-    return yaml.safe_dump(data, sort_keys=False)

@@ -114,7 +114,8 @@ def format_summary(run_dir: str | Path, s: dict) -> str:
         ("steps", str(s["steps"])),
         ("tokens", num(s["tokens"], ",")),
         ("wall time", "-" if s["wall_s"] is None else f"{s['wall_s'] / 60:.1f} min"),
-        ("loss first / last / min", f"{num(s['first_loss'], '.4f')} / {num(s['last_loss'], '.4f')} / {num(s['min_loss'], '.4f')}"),
+        ("loss first / last / min",
+         " / ".join(num(s[k], ".4f") for k in ("first_loss", "last_loss", "min_loss"))),
         ("validation loss", num(s["val_loss"], ".4f")),
         ("step time (median)", "-" if s["median_step_s"] is None else f"{s['median_step_s']:.3f} s"),
         ("tokens/s (mean)", num(s["mean_tokens_per_s"], ",.0f")),
@@ -177,6 +178,25 @@ def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str 
     tps_ax.set_ylim(bottom=0)
     tps_ax.legend(loc="lower right", fontsize=9, ncol=2)
 
+    _mark_events(axes, events)
+    loss_ax.legend(loc="upper right", fontsize=9, ncol=2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    s = summary(metrics, events)
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {s['steps']} steps, {s['tokens'] or 0:,} tokens, last loss "
+                 f"{s['last_loss']:.3f}" + (f", val {s['val_loss']:.3f}" if s["val_loss"] is not None else "")
+                 + f", {s['restarts']} restarts", fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _mark_events(axes, events: list[dict]) -> None:
+    """Vertical lines at failures, restarts, rollbacks and routing changes on every panel; a marker at each
+    committed checkpoint on the loss panel (the first of ``axes``)."""
+    loss_ax = axes[0]
     labelled = set()
     for e in events:
         name, step = e.get("event"), e.get("step")
@@ -192,18 +212,6 @@ def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str 
             loss_ax.plot([step], [1.0], marker="v", color="#555555", ms=7, transform=loss_ax.get_xaxis_transform(),
                          clip_on=False, label="checkpoint" if "ckpt" not in labelled else None, ls="none")
             labelled.add("ckpt")
-    loss_ax.legend(loc="upper right", fontsize=9, ncol=2)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    s = summary(metrics, events)
-    fig.suptitle(f"{Path(run_dir).resolve().name}: {s['steps']} steps, {s['tokens'] or 0:,} tokens, last loss "
-                 f"{s['last_loss']:.3f}" + (f", val {s['val_loss']:.3f}" if s["val_loss"] is not None else "")
-                 + f", {s['restarts']} restarts", fontsize=12)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def write_tensorboard(run_dir: str | Path, metrics: list[dict], events: list[dict]) -> Path:
@@ -211,7 +219,8 @@ def write_tensorboard(run_dir: str | Path, metrics: list[dict], events: list[dic
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise RuntimeError(f"--tensorboard needs the tensorboard package ({exc}); pip install 'v4train[tensorboard]'") from None
+        raise RuntimeError(f"--tensorboard needs the tensorboard package ({exc}); "
+                           "pip install 'v4train[tensorboard]'") from None
     out = Path(run_dir) / "tb"
     writer = SummaryWriter(str(out))
     for m in metrics:
@@ -227,7 +236,8 @@ def write_tensorboard(run_dir: str | Path, metrics: list[dict], events: list[dic
 
 def add_cli_arguments(sub) -> None:
     """Add ``report`` to the ``v4train`` subcommands."""
-    p = sub.add_parser("report", help="a run at a glance: PNG of loss, LR, sequence length, tokens/s and events; summary table")
+    p = sub.add_parser("report", help="a run at a glance: PNG of loss, LR, sequence length, tokens/s and events; "
+                                      "summary table")
     p.add_argument("run_dir", help="run directory (holds metrics.jsonl and events.jsonl)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to RUN_DIR/tb")

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from v4train.model.config import ModelConfig
 from v4train.model.hf_mapping import architecture_mismatch
 from v4train.orchestrator import checkpoint
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.parallel.tensor_parallel import TensorParallel, full_shape, is_sharded, shard_of
 
 __all__ = ["resolve", "checkpoint_config", "check_model", "load_model"]

@@ -7,7 +7,7 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
 **Memory of one rank** (pipeline stage ``r`` of ``pp``), in bytes:
 
 - ``baseline``: the process before any model exists. CPU: :data:`RUNTIME_BASELINE_MB` measured here (a Ray
-  rank worker after ``import orchestrator.trainer`` is 517 MiB of resident memory: Python 3.11, Ray 2.60,
+  rank worker after ``import v4train.orchestrator.rank.trainer`` is 517 MiB of resident memory: Python 3.11, Ray 2.60,
   torch 2.13 CPU, Megatron-core 0.16.1, pyarrow; ``RankTrainer`` setup adds about 80 MiB besides its
   parameters: gloo and Megatron groups, the opened dataset). GPU: an assumed allowance for the CUDA
   context, cuBLAS and NCCL workspaces (not measured here: no GPU).
@@ -43,12 +43,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 from dataclasses import dataclass, field
 
 __all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
            "stage_parameters", "activation_elements", "cp_buffer_elements", "plan_layout", "plan_job", "suggest",
-           "format_plan", "load_job_for_plan", "add_cli_arguments", "run_cli"]
+           "job_shapes"]
 
 # Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
 # gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
@@ -158,7 +157,8 @@ def _head_params(cfg) -> int:
     from v4train.model.mhc import HyperHead
 
     with torch.device("meta"):
-        hc = sum(p.numel() for p in HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps).parameters())
+        head = HyperHead(cfg.dim, cfg.hc_mult, hc_eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        hc = sum(p.numel() for p in head.parameters())
     return hc + cfg.dim + cfg.vocab_size * cfg.dim  # hc_head, norm, head
 
 
@@ -198,9 +198,9 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     against nano and small in ``tests/test_plan.py``. Terms: mHC (two reads with Sinkhorn, which saves every
     iteration, and two writes) and norms; attention (what ``model/attention.py`` keeps after recomputing the
     rest in the backward: the sparse core's q and output, c^Q, the layer input, the window kv rows, the slot
-    indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and their slot indices (every visible entry
-    in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router, K routed
-    expert SwiGLUs in fp32, the shared expert).
+    indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and their slot indices (every
+    visible entry in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router,
+    K routed expert SwiGLUs in fp32, the shared expert).
     """
     D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
     HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
@@ -260,10 +260,34 @@ def _link_gbps(cluster, span: int) -> float:
     return hw.intra_node_gbps if span <= cluster.devices_per_node else hw.inter_node_gbps
 
 
+def _communication(cfg, layout: Layout, stages: list[StageMemory], m: int, tokens_mb: int, b: dict,
+                   seq_len: int) -> dict:
+    """Bytes each rank moves per step over the tensor-, expert-, pipeline-, context- and data-parallel groups
+    (``{"tp", "ep", "pp", "dp"}``, and ``"cp"`` when cp > 1; the terms are those of the module docstring)."""
+    from v4train.parallel.context_parallel import exchange_bytes
+
+    tp, pp, ep, dp, cp = layout.tp, layout.pp, layout.ep, layout.dp, layout.cp
+    edp = max(1, tp * cp * dp // ep)
+    n_moe_max = max(len(s.layers) for s in stages) + cfg.mtp_depth
+    comm = {}
+    comm["tp"] = 0.0 if tp == 1 else m * n_moe_max * 4 * 2 * (tp - 1) / tp * tokens_mb * cfg.dim * b["comm"]
+    comm["ep"] = 0.0 if ep == 1 else \
+        m * n_moe_max * 4 * (ep - 1) / ep * tokens_mb * cfg.n_activated_experts * cfg.dim * b["comm"]
+    comm["pp"] = 0.0 if pp == 1 else m * 2 * tokens_mb * cfg.hc_mult * cfg.dim * b["comm"]
+    if cp > 1:  # the peak stage's share of the layers' halo and entry exchanges, per micro-batch
+        comm["cp"] = m * layout.micro_batch_size * exchange_bytes(cfg, seq_len, cp, bytes_per_value=b["comm"])[
+            "cp_exchange"] * (max(len(s.layers) for s in stages) / cfg.n_layers)
+    peak = max(stages, key=lambda s: s.dense_params / tp + s.expert_params / ep)
+    grad_elems = [peak.dense_params / tp, peak.expert_params / ep]
+    # dense gradients are summed over the data x context parallel ranks
+    comm["dp"] = sum(2 * (g_dp - 1) / g_dp * g * b["grad"]
+                     for g, g_dp in zip(grad_elems, (dp * cp, edp), strict=True) if g_dp > 1)
+    return comm
+
+
 def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
     from v4train.model.budget import attention_flops_per_token
-    from v4train.parallel.context_parallel import exchange_bytes
 
     device = cluster.device
     b = _bytes(device)
@@ -280,7 +304,8 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         local = dense / tp + expert / ep
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
                  "gradients": local * b["grad"]}
-        parts["optimizer"] = (dense / tp / dp + expert / ep / edp) * b["optim"] if device == "gpu" else local * b["optim"]
+        sharded = dense / tp / dp + expert / ep / edp
+        parts["optimizer"] = (sharded if device == "gpu" else local) * b["optim"]
         ids = list(layers) + ([cfg.n_layers + k for k in range(cfg.mtp_depth)] if r == pp - 1 else [])
         per_layer = [activation_elements(cfg, i, shape.seq_len, shape.attention, tp) for i in ids]
         head = _head_elements(cfg, tp) if r == pp - 1 else 0.0
@@ -307,25 +332,15 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         else:
             stage.host_staging = staging
         stages.append(stage)
-        active = dense - (cfg.vocab_size * cfg.dim if r == 0 else 0) + expert * cfg.n_activated_experts / cfg.n_routed_experts
+        embedding = cfg.vocab_size * cfg.dim if r == 0 else 0
+        active = dense - embedding + expert * cfg.n_activated_experts / cfg.n_routed_experts
         attn = attention_flops_per_token(cfg, max(1, shape.seq_len // 2)) * len(layers) / cfg.n_layers
         flops = tokens_mb * (6 * active + 3 * attn) * (4 / 3 if layout.recompute == "full" else 1)
         stage_flops.append(flops / tp)
 
     hw = cluster.hardware
     rate = hw.peak_tflops * 1e12 * hw.mfu * (2 if hw.fp8 and device == "gpu" else 1)
-    n_moe_max = max(len(s.layers) for s in stages) + cfg.mtp_depth
-    comm = {}
-    comm["tp"] = 0.0 if tp == 1 else m * n_moe_max * 4 * 2 * (tp - 1) / tp * tokens_mb * cfg.dim * b["comm"]
-    comm["ep"] = 0.0 if ep == 1 else m * n_moe_max * 4 * (ep - 1) / ep * tokens_mb * cfg.n_activated_experts * cfg.dim * b["comm"]
-    comm["pp"] = 0.0 if pp == 1 else m * 2 * tokens_mb * cfg.hc_mult * cfg.dim * b["comm"]
-    if cp > 1:  # the peak stage's share of the layers' halo and entry exchanges, per micro-batch
-        comm["cp"] = m * mbs * exchange_bytes(cfg, shape.seq_len, cp, bytes_per_value=b["comm"])["cp_exchange"] * (
-            max(len(s.layers) for s in stages) / cfg.n_layers)
-    peak = max(stages, key=lambda s: s.dense_params / tp + s.expert_params / ep)
-    grad_elems = [peak.dense_params / tp, peak.expert_params / ep]
-    # dense gradients are summed over the data x context parallel ranks
-    comm["dp"] = sum(2 * (g_dp - 1) / g_dp * g * b["grad"] for g, g_dp in zip(grad_elems, (dp * cp, edp)) if g_dp > 1)
+    comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)
     span = {"tp": tp, "ep": tp * ep, "dp": tp * cp * dp, "pp": tp * cp * dp * pp, "cp": tp * cp}
     link = {k: _link_gbps(cluster, v) * 1e9 for k, v in span.items()}
     t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
@@ -379,137 +394,3 @@ def suggest(cfg, job, cluster, limit: int = 5) -> list[Plan]:
                         found.append(plan)
     found.sort(key=lambda p: (p.step_time_s, p.peak.total))
     return found[:limit]
-
-
-# ------------------------------------------------------------------ loading and printing
-def load_job_for_plan(path: str, overrides: list[str]):
-    """``(job, model config, parallel section)``: a job whose layout may use tp/ep > 1 (which the trainer
-    does not run yet) and whose dataset need not exist here (the preset's vocabulary is used then)."""
-    from pydantic import ValidationError
-
-    from v4train.orchestrator.spec import JobSpec, ParallelSpec, SpecError, _read_yaml, apply_overrides, _dataset_vocab, \
-        _format_validation_error
-    from pathlib import Path
-
-    raw = apply_overrides(_read_yaml(path), overrides)
-    par = dict(raw.get("parallel") or {})
-    try:
-        parallel = ParallelSpec.model_validate(par)
-        job = JobSpec.model_validate({**raw, "parallel": {**par, "tp": 1, "ep": 1}})
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(str(path), exc)) from None
-    vocab = _dataset_vocab(job.data.path, str(path)) if (Path(job.data.path) / "dataset.json").is_file() else None
-    return job, job.model.build(vocab_size=vocab), parallel
-
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.2f} GiB" if x >= GiB else f"{x / MiB:.0f} MiB"
-
-
-def format_plan(plan: Plan, title: str = "") -> str:
-    """The plan as a table: memory per stage by part, bubble, communication and step time."""
-    lay, sh = plan.layout, plan.shape
-    lines = [title or f"layout {lay}", f"  shape: seq_len {sh.seq_len}, global batch {sh.global_batch} sequences, "
-             f"micro-batch {lay.micro_batch_size}, attention {sh.attention}; "
-             f"{max(1, sh.global_batch // (lay.micro_batch_size * lay.dp))} micro-batches per data-parallel rank"]
-    names = list(plan.stages[0].parts)
-    show = plan.stages if len(plan.stages) <= 4 else [plan.stages[0], plan.stages[1], plan.stages[-2], plan.stages[-1]]
-    header = f"  {'per rank':<20}" + "".join(f"{'stage ' + str(s.pp_rank):>14}" for s in show)
-    lines.append(header)
-    lines.append(f"  {'  layers':<20}" + "".join(f"{f'{s.layers.start}-{s.layers.stop - 1}':>14}" for s in show))
-    lines.append(f"  {'  params (dense/exp)':<20}" + "".join(f"{f'{s.dense_params / 1e6:.0f}M/{s.expert_params / 1e6:.0f}M':>14}" for s in show))
-    for name in names:
-        lines.append(f"  {name:<20}" + "".join(f"{_gib(s.parts.get(name, 0)):>14}" for s in show))
-    lines.append(f"  {'TOTAL':<20}" + "".join(f"{_gib(s.total):>14}" for s in show))
-    if any(s.host_staging for s in plan.stages):
-        lines.append(f"  {'host ckpt staging':<20}" + "".join(f"{_gib(s.host_staging):>14}" for s in show))
-    peak = plan.peak
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"  peak: stage {peak.pp_rank} {_gib(peak.total)} of {_gib(plan.capacity)} per device "
-                 f"({100 * peak.total / plan.capacity:.0f}%; a layout fits up to {100 * FIT_FRACTION:.0f}%): {verdict}")
-    lines.append(f"  pipeline bubble (1F1B): {100 * plan.bubble:.1f}%")
-    comm = "  ".join(f"{k.upper()} {_gib(v)}" for k, v in plan.comm_bytes.items() if v)
-    lines.append(f"  communication per step per rank: {comm or 'none'}")
-    t = plan.time_parts
-    lines.append(f"  estimated step time: {plan.step_time_s:.3g} s (compute {t['compute']:.3g} s, TP/EP/PP "
-                 f"{t['tp_ep_pp_comm']:.3g} s, DP sync {t['dp_sync']:.3g} s); "
-                 f"{plan.tokens_per_step / max(plan.step_time_s, 1e-12):,.0f} tokens/s")
-    return "\n".join(lines)
-
-
-def _plan_dict(plan: Plan) -> dict:
-    return {"layout": dataclasses.asdict(plan.layout), "shape": dataclasses.asdict(plan.shape), "fits": plan.fits,
-            "capacity_bytes": plan.capacity, "bubble": plan.bubble, "comm_bytes": plan.comm_bytes,
-            "step_time_s": plan.step_time_s, "time_parts": plan.time_parts,
-            "stages": [{"pp_rank": s.pp_rank, "layers": [s.layers.start, s.layers.stop], "dense_params": s.dense_params,
-                        "expert_params": s.expert_params, "parts": s.parts, "total_bytes": s.total,
-                        "host_staging_bytes": s.host_staging} for s in plan.stages]}
-
-
-def add_cli_arguments(sub) -> None:
-    """Add ``plan`` to the ``v4train`` subcommands."""
-    p = sub.add_parser("plan", help="per-rank memory, bubble, communication and step time of a layout; "
-                                    "suggests layouts that fit")
-    p.add_argument("job", help="job YAML")
-    p.add_argument("--cluster", required=True, help="cluster YAML (its hardware section: memory, TFLOP/s, bandwidth)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a job field")
-    p.add_argument("--layout", help="plan this layout instead of the job's, e.g. tp=1,pp=16,ep=64,dp=64,mbs=1")
-    p.add_argument("--recompute", choices=("none", "full"), default="none",
-                   help="activation recomputation assumed for the job's layout (default none: what ranks do today)")
-    p.add_argument("--suggest", type=int, default=3, metavar="N", help="layouts that fit to list (0: none)")
-    p.add_argument("--json", action="store_true", help="print the plans as JSON")
-
-
-def _parse_layout(text: str, default) -> Layout:
-    from v4train.orchestrator.spec import SpecError
-
-    values = {"tp": default.tp, "cp": default.cp, "pp": default.pp, "ep": default.ep, "dp": default.dp,
-              "mbs": default.micro_batch_size}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() not in values or not value.strip().isdigit() or int(value) < 1:
-            raise SpecError(f"--layout {item!r}: expected tp|cp|pp|ep|dp|mbs=<positive int>")
-        values[key.strip()] = int(value)
-    return Layout(values["tp"], values["pp"], values["ep"], values["dp"], values["mbs"], default.recompute,
-                  cp=values["cp"])
-
-
-def run_cli(args) -> int:
-    """``v4train plan``: exit 0 when the planned layout fits, 1 when it does not (suggestions are printed)."""
-    from v4train.orchestrator.spec import SpecError, load_cluster
-
-    job, cfg, par = load_job_for_plan(args.job, args.overrides)
-    cluster = load_cluster(args.cluster)
-    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size, args.recompute, cp=par.cp)
-    if args.layout:
-        layout = _parse_layout(args.layout, layout)
-    world = layout.tp * layout.cp * layout.pp * layout.dp
-    if world != cluster.world_size:
-        raise SpecError(f"layout {layout}: tp x cp x pp x dp = {world} does not match cluster {cluster.name}'s "
-                        f"{cluster.world_size} devices")
-    if (layout.tp * layout.cp * layout.dp) % layout.ep or cfg.n_routed_experts % layout.ep or layout.pp > cfg.n_layers:
-        raise SpecError(f"layout {layout}: ep must divide tp x cp x dp and n_routed_experts; pp at most n_layers")
-    plan = plan_job(cfg, job, cluster, layout)
-    others = suggest(cfg, job, cluster, args.suggest) if args.suggest else []
-    if args.json:
-        print(json.dumps({"plan": _plan_dict(plan), "suggestions": [_plan_dict(p) for p in others]}, indent=1))
-        return 0 if plan.fits else 1
-    from v4train.model.budget import param_counts
-
-    counts = param_counts(cfg)
-    print(f"{job.name}: model {job.model.preset} ({counts['total_with_mtp'] / 1e9:.3g}B parameters with MTP, "
-          f"{counts['active'] / 1e9:.3g}B active) on {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} "
-          f"{cluster.device} devices")
-    print(format_plan(plan, f"layout {layout} (the job's)" if not args.layout else f"layout {layout}"))
-    if not plan.fits and layout.recompute == "none":
-        full = plan_job(cfg, job, cluster, dataclasses.replace(layout, recompute="full"))
-        print(f"  with --recompute full: peak {_gib(full.peak.total)}, {'fits' if full.fits else 'does not fit either'}, "
-              f"step {full.step_time_s:.3g} s")
-    if others:
-        print("\nlayouts that fit, fastest first:")
-        for p in others:
-            print(f"  {str(p.layout):<44} peak {_gib(p.peak.total):>10}  bubble {100 * p.bubble:4.1f}%  "
-                  f"step {p.step_time_s:.3g} s")
-    elif not plan.fits and args.suggest:
-        print("\nno layout of this cluster fits: more devices, a shorter sequence or a smaller model")
-    return 0 if plan.fits else 1

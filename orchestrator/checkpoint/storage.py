@@ -1,7 +1,7 @@
 """Checkpoint storage on a local path or ``s3://bucket/prefix``, through fsspec (s3fs for S3).
 
 The one module that knows how files reach a checkpoint root: the commit protocol in
-``orchestrator/checkpoint.py`` calls only these operations, and the DCP shard writers/readers come from
+``orchestrator/checkpoint/commit.py`` calls only these operations, and the DCP shard writers/readers come from
 here too (torch's fsspec writer lives in a private module, ``torch.distributed.checkpoint._fsspec_filesystem``,
 in torch 2.13: imported in this one place).
 

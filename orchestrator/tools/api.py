@@ -2,7 +2,7 @@
 
 Example::
 
-    from v4train.orchestrator import api
+    from v4train.orchestrator.tools import api
     api.list_checkpoints("s3://ckpts/run7", endpoint_url="http://minio:9000")
     step = api.latest_committed("runs/demo")            # 300
     api.verify("runs/demo", step)                         # raises CheckpointError on any mismatch
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError
-from v4train.orchestrator.storage import Storage
+from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["CheckpointError", "list_checkpoints", "latest_committed", "verify", "inspect", "resume"]
 
@@ -56,7 +56,7 @@ def inspect(root: str, step: int, *, endpoint_url: str | None = None) -> dict:
 
 def resume(run_dir: str, *, step: int | None = None, overrides: list[str] = ()) -> int:
     """Continue the run in ``run_dir`` from committed ``step`` (default: newest); returns the exit code."""
-    from v4train.orchestrator.cli import main
+    from v4train.orchestrator.tools.cli import main
 
     argv = ["resume", str(run_dir)] + (["--step", str(step)] if step is not None else [])
     for item in overrides:

@@ -28,7 +28,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     from v4train.data.prepare import add_cli_arguments
 
-    parser = argparse.ArgumentParser(prog="v4train", description="Train DeepSeek-V4-style models on a (simulated) cluster.")
+    parser = argparse.ArgumentParser(prog="v4train",
+                                     description="Train DeepSeek-V4-style models on a (simulated) cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare-data", help="tokenize a corpus into Parquet token shards")
@@ -45,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
                              "kill_during_save, kill_during_upload")
 
-    from v4train.orchestrator import convert, jobs, plan, report
+    from v4train.orchestrator.tools import convert, jobs, plan_cli, report
 
     convert.add_cli_arguments(sub)  # convert from-hf / to-hf (Hugging Face checkpoints)
     jobs.add_cli_arguments(sub)   # status, logs, stop (Ray Jobs on a running cluster)
-    plan.add_cli_arguments(sub)
+    plan_cli.add_cli_arguments(sub)
     report.add_cli_arguments(sub)
 
     resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint")
@@ -79,7 +80,7 @@ def _fail(message: str, code: int = 2) -> int:
 def _submit(args) -> int:
     cluster = load_cluster(args.cluster)
     if cluster.address is not None:  # a running Ray cluster: submit the supervisor there as a Ray job
-        from v4train.orchestrator import jobs
+        from v4train.orchestrator.tools import jobs
 
         return jobs.submit_from_cli(args, cluster)
     job = load_job(args.job, args.overrides)
@@ -88,7 +89,8 @@ def _submit(args) -> int:
     run_dir = Path(args.run_dir or f"runs/{job.name}-{stamp}")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
-            raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use `v4train resume {run_dir}` or --overwrite)")
+            raise SpecError(f"--run-dir: {run_dir} exists and is not empty "
+                            f"(use `v4train resume {run_dir}` or --overwrite)")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     faults = _parse_faults(args.faults)
@@ -108,7 +110,7 @@ def _parse_faults(texts: list[str]):
 
 def _resume(args) -> int:
     from v4train.orchestrator import checkpoint
-    from v4train.orchestrator.storage import Storage
+    from v4train.orchestrator.checkpoint.storage import Storage
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "job.yaml").is_file():
@@ -135,7 +137,7 @@ def _ckpt(args) -> int:
     import json
 
     from v4train.orchestrator import checkpoint
-    from v4train.orchestrator.storage import Storage
+    from v4train.orchestrator.checkpoint.storage import Storage
 
     storage = Storage(args.root, endpoint_url=args.endpoint_url)
     if args.ckpt_command == "list":
@@ -143,7 +145,8 @@ def _ckpt(args) -> int:
         print(f"{'step':>10}  {'committed':<9}  {'layout':<24}  {'MB':>9}  name")
         for r in rows:
             layout = " ".join(f"{k}{v}" for k, v in (r["layout"] or {}).items()) or "-"
-            print(f"{r['step']:>10}  {'yes' if r['committed'] else 'no':<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
+            committed = "yes" if r["committed"] else "no"
+            print(f"{r['step']:>10}  {committed:<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
         return 0
     name = checkpoint.step_name(args.step) if args.step is not None else checkpoint.latest_committed(storage)
     if name is None:
@@ -167,9 +170,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code."""
     import ray
 
-    from v4train.orchestrator.supervisor import Phase, Supervisor
-    from v4train.orchestrator.telemetry import Telemetry
-    from v4train.orchestrator.worker import WorkerGroup, start_ray
+    from v4train.orchestrator.control.supervisor import Phase, Supervisor
+    from v4train.orchestrator.control.telemetry import Telemetry
+    from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 
     # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -178,8 +181,8 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
     telemetry = Telemetry(run_dir, job.train.steps)
     supervisor = None
 
-    def make_workers() -> WorkerGroup:
-        return WorkerGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
+    def make_workers() -> RayRankGroup:
+        return RayRankGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
                                   gpus_per_rank=1 if cluster.device == "gpu" else 0)
 
     try:
@@ -221,19 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ckpt":
             return _ckpt(args)
         if args.command == "convert":
-            from v4train.orchestrator import convert
+            from v4train.orchestrator.tools import convert
 
             return convert.run_cli(args)
         if args.command in ("status", "logs", "stop"):
-            from v4train.orchestrator import jobs
+            from v4train.orchestrator.tools import jobs
 
             return jobs.run_cli(args)
         if args.command == "plan":
-            from v4train.orchestrator import plan
+            from v4train.orchestrator.tools import plan_cli
 
-            return plan.run_cli(args)
+            return plan_cli.run_cli(args)
         if args.command == "report":
-            from v4train.orchestrator import report
+            from v4train.orchestrator.tools import report
 
             return report.run_cli(args)
     except SpecError as exc:

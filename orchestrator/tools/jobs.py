@@ -10,10 +10,10 @@ makes ``v4train submit`` validate the job here, then hand it to that cluster as 
   v4train is used.
 - the **resolved job and cluster** travel as YAML in the environment variables :data:`JOB_ENV` and
   :data:`CLUSTER_ENV` (a few KB; credentials never do: ranks read them from the cluster's environment).
-- the **entrypoint** is ``python -m v4train.orchestrator.jobs --run-dir RUN_DIR`` on the head node, run by the
-  interpreter ``ray start`` ran in. It writes the specs to files and calls ``v4train submit`` on them with the
-  address removed: the same supervisor as a local run, whose ``ray.init`` joins the cluster through the
-  ``RAY_ADDRESS`` Ray sets for every job entrypoint (``orchestrator.worker.start_ray``).
+- the **entrypoint** is ``python -m v4train.orchestrator.tools.job_entry --run-dir RUN_DIR`` on the head node,
+  run by the interpreter ``ray start`` ran in. It writes the specs to files and calls ``v4train submit`` on them
+  with the address removed: the same supervisor as a local run, whose ``ray.init`` joins the cluster through the
+  ``RAY_ADDRESS`` Ray sets for every job entrypoint (``orchestrator.control.ray_group.start_ray``).
 - **paths**: a relative ``data.path`` and the run directory are made absolute against the submitter's
   current directory, so they must be visible at the same path on the cluster (a shared filesystem, or the
   same machine); checkpoints can go to ``s3://`` instead.
@@ -23,13 +23,11 @@ makes ``v4train submit`` validate the job here, then hand it to that cluster as 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import os
 import shlex
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +41,7 @@ __all__ = ["JobsError", "DEFAULT_EXCLUDES", "JOB_ENV", "CLUSTER_ENV", "TERMINAL"
            "add_cli_arguments", "run_cli"]
 
 JOB_ENV = "V4TRAIN_JOB_YAML"
+ENTRYPOINT_MODULE = "v4train.orchestrator.tools.job_entry"
 CLUSTER_ENV = "V4TRAIN_CLUSTER_YAML"
 # Left out of the shipped working directory (gitignore syntax), besides what .gitignore already names.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "datasets", "__pycache__", "*.pyc", "*.egg-info",
@@ -56,7 +55,7 @@ class JobsError(RuntimeError):
 
 def project_root() -> Path | None:
     """The checkout v4train runs from (holds ``pyproject.toml`` and ``orchestrator/``), or None."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() and (root / "orchestrator").is_dir() else None
 
 
@@ -100,7 +99,8 @@ def submit(job: JobSpec, cluster: ClusterSpec, run_dir: Path, *, overwrite: bool
     for fault in faults:
         args += ["--inject-fault", fault]
     runtime_env: dict = {
-        "env_vars": {JOB_ENV: dump_job(job), CLUSTER_ENV: yaml.safe_dump(inner.model_dump(mode="json"), sort_keys=False),
+        "env_vars": {JOB_ENV: dump_job(job),
+                     CLUSTER_ENV: yaml.safe_dump(inner.model_dump(mode="json"), sort_keys=False),
                      "RAY_DEDUP_LOGS": "1", "PYTHONUNBUFFERED": "1"},
     }
     root = project_root()
@@ -110,7 +110,7 @@ def submit(job: JobSpec, cluster: ClusterSpec, run_dir: Path, *, overwrite: bool
     client = _client(cluster.address)
     try:
         return client.submit_job(
-            entrypoint=" ".join(["python", "-m", "v4train.orchestrator.jobs"] + [shlex.quote(a) for a in args]),
+            entrypoint=" ".join(["python", "-m", ENTRYPOINT_MODULE] + [shlex.quote(a) for a in args]),
             submission_id=job_id,
             runtime_env=runtime_env,
             metadata={"v4train_job": job.name, "run_dir": str(run_dir), "cluster": cluster.name},
@@ -187,7 +187,8 @@ def format_status(state: dict) -> str:
     if state["run_dir"]:
         lines.append(f"run dir   {state['run_dir']}")
     if state["start"]:
-        lines.append(f"started   {state['start']:%Y-%m-%d %H:%M:%S}" + (f"   ended {state['end']:%H:%M:%S}" if state["end"] else ""))
+        ended = f"   ended {state['end']:%H:%M:%S}" if state["end"] else ""
+        lines.append(f"started   {state['start']:%Y-%m-%d %H:%M:%S}" + ended)
     metrics = Path(state["run_dir"] or "/nonexistent") / "metrics.jsonl"
     if metrics.is_file():
         import json
@@ -275,32 +276,3 @@ def run_cli(args) -> int:
     except JobsError as exc:
         print(f"v4train: error: {exc}", file=sys.stderr)
         return 1
-
-
-# ------------------------------------------------------------------ the job's entrypoint (on the cluster)
-def _entrypoint(argv: list[str] | None = None) -> int:
-    """``python -m v4train.orchestrator.jobs --run-dir DIR``: run the job carried in the environment, as ``v4train submit``."""
-    parser = argparse.ArgumentParser(prog="python -m v4train.orchestrator.jobs")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--inject-fault", dest="faults", action="append", default=[])
-    args = parser.parse_args(argv)
-    if JOB_ENV not in os.environ or CLUSTER_ENV not in os.environ:
-        print(f"v4train: error: {JOB_ENV} and {CLUSTER_ENV} must carry the job (this runs as a Ray job's entrypoint)",
-              file=sys.stderr)
-        return 2
-    from v4train.orchestrator.cli import main
-
-    with tempfile.TemporaryDirectory(prefix="v4train-job-") as tmp:
-        job_file, cluster_file = Path(tmp) / "job.yaml", Path(tmp) / "cluster.yaml"
-        job_file.write_text(os.environ[JOB_ENV])
-        cluster_file.write_text(os.environ[CLUSTER_ENV])
-        argv = ["submit", str(job_file), "--cluster", str(cluster_file), "--run-dir", args.run_dir]
-        argv += ["--overwrite"] if args.overwrite else []
-        for fault in args.faults:
-            argv += ["--inject-fault", fault]
-        return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_entrypoint())

@@ -1,9 +1,10 @@
-"""Rank workers on Ray (the control plane) and the group the supervisor drives.
+"""The ranks as Ray actors driven from one supervisor process (the control plane of docs/architecture.md section 3).
 
-:class:`RankWorker` is the Ray actor, one per rank, a thin shell around :class:`orchestrator.trainer.RankTrainer`.
-:class:`WorkerGroup` runs one method on every rank and turns any failure into a :class:`RankFailure` that names
-the rank: an exception or a dead actor is reported as soon as Ray sees it (the other ranks may still be blocked
-in a collective), a stall when ``timeout_s`` passes with some ranks unfinished.
+:class:`RayRankGroup` starts one :class:`orchestrator.rank.worker.RankWorker` actor per rank in a placement
+group and runs each operation of :class:`orchestrator.control.rank_group.RankGroup` on all of them. Any
+failure becomes a :class:`RankFailure` naming the rank: an exception or a dead actor as soon as Ray reports
+it (the other ranks may still be blocked in a collective), a stall when no rank's heartbeat moves for the
+call's timeout.
 """
 
 from __future__ import annotations
@@ -11,106 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
-__all__ = ["RankFailure", "RankWorker", "WorkerGroup", "start_ray", "free_port"]
+from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
+from v4train.orchestrator.curriculum import StepPlan
+from v4train.orchestrator.rank.trainer import RankTrainer
+from v4train.orchestrator.rank.worker import RankWorker
 
-
-@dataclass(frozen=True)
-class RankFailure(Exception):
-    """A rank failed: ``kind`` is ``exception``, ``died`` or ``stall``; ``message`` is the root cause."""
-
-    rank: int
-    kind: str
-    message: str
-    method: str
-
-    def __str__(self) -> str:
-        return f"rank {self.rank} {self.kind} in {self.method}: {self.message}"
-
-
-class RankWorker:
-    """One rank. Methods mirror :class:`RankTrainer`; arguments and results are small picklable values.
-
-    Args:
-        log_path: file receiving this rank's stdout/stderr and logging (None keeps Ray's defaults).
-    """
-
-    def __init__(self, log_path: str | None = None) -> None:
-        if log_path:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the actor
-            os.dup2(stream.fileno(), 1)
-            os.dup2(stream.fileno(), 2)
-            sys.stdout = sys.stderr = stream
-            logging.basicConfig(stream=stream, level=logging.INFO, force=True)
-        self.trainer = None
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def setup(self, job: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
-              threads: int, backend: str, inject: list[str], env: dict[str, str]) -> dict:
-        """Join a job as ``rank``; ``env`` carries credentials (set in this process, never logged)."""
-        from v4train.orchestrator.faults import parse_fault
-        from v4train.orchestrator.spec import JobSpec
-        from v4train.orchestrator.trainer import RankTrainer
-
-        os.environ.update(env)
-        if self.trainer is not None:
-            self.trainer.close()
-        self.trainer = RankTrainer(
-            JobSpec.model_validate(job), rank=rank, world_size=world_size, init_method=init_method,
-            timeout_s=timeout_s, threads=threads, backend=backend, inject=[parse_fault(f) for f in inject],
-        )
-        return self.trainer.describe()
-
-    @ray.method(concurrency_group="heartbeat")
-    def heartbeat(self) -> dict:
-        """Progress of the running call: step, a counter that moves as work is done, and the phase.
-
-        Answered by the actor's own ``heartbeat`` thread while ``train_step`` runs on the default one.
-        """
-        return dict(self.trainer.heartbeat) if self.trainer is not None else {"step": 0, "progress": 0, "phase": "idle"}
-
-    def train_step(self, plan: dict) -> dict:
-        from v4train.orchestrator.curriculum import StepPlan
-
-        return self.trainer.train_step(StepPlan(**plan))
-
-    def evaluate(self, num_batches: int, global_batch: int, micro_batch_size: int, seq_len: int) -> dict:
-        return self.trainer.evaluate(num_batches, global_batch, micro_batch_size, seq_len)
-
-    def save(self, root: str, attempt: str, asynchronous: bool) -> dict:
-        return self.trainer.save(root, attempt, asynchronous)
-
-    def save_done(self) -> bool:
-        return self.trainer.save_done()
-
-    def wait_saved(self) -> None:
-        self.trainer.wait_saved()
-
-    def load(self, root: str, name: str, train_state: dict) -> int:
-        return self.trainer.load(root, name, train_state)
-
-    def rollback(self, newest_allowed: int, skip_data: bool) -> int:
-        return self.trainer.rollback(newest_allowed, skip_data)
-
-    def loader_state(self) -> dict:
-        return self.trainer.loader_state()
-
-    def set_loader_state(self, state: dict) -> None:
-        self.trainer.set_loader_state(state)
-
-    def close(self) -> None:
-        if self.trainer is not None:
-            self.trainer.close()
-            self.trainer = None
+__all__ = ["RayRankGroup", "start_ray", "free_port"]
 
 
 def free_port() -> int:
@@ -121,7 +35,7 @@ def free_port() -> int:
 
 
 def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = None) -> None:
-    """Start (or join) the embedded local Ray cluster as stack-notes section 7 prescribes.
+    """Start (or join) the embedded local Ray cluster.
 
     Token auth off for the local cluster, logical CPUs >= ranks, a small object store (only small control
     messages travel through Ray), no dashboard, worker logs kept out of the driver's terminal.
@@ -130,7 +44,6 @@ def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = 
     instead; its resources are the cluster's own, so ``num_cpus`` and the object store size are not used.
     Without either a new local cluster always starts, never one found on this machine by ``ray start``.
     """
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -139,17 +52,12 @@ def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = 
     if address is not None:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=object_store_memory_mb * 1024 * 1024,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=object_store_memory_mb * 1024 * 1024, log_to_driver=False,
+             logging_level=logging.WARNING)
 
 
-class WorkerGroup:
+class RayRankGroup:
     """The rank actors of one job, addressed together.
 
     Args:
@@ -162,9 +70,12 @@ class WorkerGroup:
             pool); :meth:`abort` kills them either way.
     """
 
+    launcher = "ray"
+
     def __init__(self, actors: list, timeout_s: float, poll_s: float = 1.0, owned: bool = True,
                  grace_s: float = 3.0) -> None:
         self.actors = actors
+        self.world_size = len(actors)
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.grace_s = grace_s
@@ -172,7 +83,8 @@ class WorkerGroup:
         self.placement_group = None
 
     @classmethod
-    def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None, gpus_per_rank: int = 0) -> "WorkerGroup":
+    def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
+               gpus_per_rank: int = 0) -> RayRankGroup:
         """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank).
 
         ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs.
@@ -197,19 +109,66 @@ class WorkerGroup:
         group.placement_group = pg
         return group
 
-    def call(self, method: str, *args, per_rank_args: list | None = None, timeout_s: float | None = None) -> list:
-        """Run ``method`` on every rank and return the results ordered by rank.
+    # ---------------------------------------------------------------- the RankGroup operations
+    def coordinate(self, fn):
+        return fn()
 
-        Raises RankFailure for the first rank that raises or dies (as soon as Ray reports it), or, when no
-        rank has made progress for ``timeout_s`` (default: the group's), a stall of the least advanced
-        unfinished rank.
-        """
+    def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        refs = [a.setup.remote(request, r, self.world_size, init_method) for r, a in enumerate(self.actors)]
+        return self._wait(refs, "setup", timeout_s)
+
+    def train_step(self, plan: StepPlan) -> list[dict]:
+        return self._run(RankTrainer.train_step, plan)
+
+    def evaluate(self, request: EvalRequest) -> list[dict]:
+        return self._run(RankTrainer.evaluate, request)
+
+    def save(self, root: str, attempt: str, asynchronous: bool, timeout_s: float) -> list[RankSave]:
+        return self._run(RankTrainer.save, root, attempt, asynchronous, timeout_s=timeout_s)
+
+    def save_done(self, timeout_s: float) -> bool:
+        return all(self._run(RankTrainer.save_done, timeout_s=timeout_s))
+
+    def wait_saved(self, timeout_s: float) -> None:
+        self._run(RankTrainer.wait_saved, timeout_s=timeout_s)
+
+    def load(self, root: str, name: str, train_state: dict, timeout_s: float) -> list[int]:
+        return self._run(RankTrainer.load, root, name, train_state, timeout_s=timeout_s)
+
+    def rollback(self, newest_allowed: int, skip_data: bool) -> list[int]:
+        return self._run(RankTrainer.rollback, newest_allowed, skip_data)
+
+    def loader_state(self) -> dict:
+        return self._run(RankTrainer.loader_state)[0]  # global: the same on every rank
+
+    def set_loader_state(self, state: dict) -> None:
+        self._run(RankTrainer.set_loader_state, state)
+
+    def shutdown(self) -> None:
+        """End of a job: kill the actors and release the placement group if this group owns them."""
+        if self.owned:
+            self.abort()
+
+    def abort(self) -> None:
+        """Kill every actor (survivors may be blocked in a collective) and release the placement group."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+
+    # ---------------------------------------------------------------- calls, failures, heartbeats
+    def _run(self, fn: Callable, *args, timeout_s: float | None = None) -> list:
+        """``fn(trainer, *args)`` on every rank's trainer; results ordered by rank."""
+        return self._wait([a.run.remote(fn, *args) for a in self.actors], fn.__name__, timeout_s)
+
+    def _wait(self, refs: list, method: str, timeout_s: float | None) -> list:
+        """Results of ``refs`` (one per rank). Raises RankFailure for the first rank that raises or dies (as
+        soon as Ray reports it), or, when no rank has made progress for ``timeout_s`` (default: the group's),
+        a stall of the least advanced unfinished rank."""
         stall_after = self.timeout_s if timeout_s is None else timeout_s
-
-        refs = [
-            getattr(actor, method).remote(*(per_rank_args[r] if per_rank_args else args))
-            for r, actor in enumerate(self.actors)
-        ]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = list(refs)
         last_beats, last_change = None, time.monotonic()
@@ -231,7 +190,6 @@ class WorkerGroup:
         return ray.get(refs)
 
     def _failure_of(self, ref, rank: int, method: str) -> RankFailure | None:
-
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -246,7 +204,6 @@ class WorkerGroup:
         When a rank dies, its peers' collectives fail with connection errors, often before Ray reports
         the death; a dead rank or a rank's own exception outranks such consequences.
         """
-
         failures = [first]
         deadline = time.monotonic() + self.grace_s
         while pending and min(map(_severity, failures)) > 0 and time.monotonic() < deadline:
@@ -256,7 +213,6 @@ class WorkerGroup:
 
     def _heartbeats(self, ranks: list[int], method: str) -> dict[int, dict]:
         """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` keeps its previous value."""
-
         refs = {r: self.actors[r].heartbeat.remote() for r in ranks}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.poll_s)
         beats = {}
@@ -269,21 +225,6 @@ class WorkerGroup:
             else:
                 beats[r] = {"step": -1, "progress": -1, "phase": "unresponsive"}
         return beats
-
-    def shutdown(self) -> None:
-        """End of a job: kill the actors and release the placement group if this group owns them."""
-        if self.owned:
-            self.abort()
-
-    def abort(self) -> None:
-        """Kill every actor (survivors may be blocked in a collective) and release the placement group."""
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        if self.placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self.placement_group)
 
 
 # Messages of errors that are consequences of another rank's failure (a peer gone or silent).

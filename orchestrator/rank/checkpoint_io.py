@@ -1,0 +1,79 @@
+"""Rank-side checkpoint I/O: write this rank's shards into a checkpoint attempt, read them back.
+
+Tensors go through torch DCP by global name (``orchestrator/checkpoint/shards.py``: :func:`shard_state`,
+:func:`load_shards`), so any layout reads any other's checkpoint. An asynchronous save copies the state
+now and writes it on a background thread while training goes on; its collectives run on a gloo group of
+their own, so they never interleave with the training step's on the default group. The coordinator
+commits the attempt once every rank reports its save persisted (``orchestrator/control/checkpointing.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import async_save as dcp_async_save
+from torch.distributed.checkpoint import save as dcp_save
+
+from v4train.orchestrator import checkpoint, faults
+from v4train.orchestrator.spec import JobSpec
+from v4train.orchestrator.checkpoint.storage import Storage
+
+__all__ = ["RankCheckpointIO"]
+
+
+class RankCheckpointIO:
+    """This rank's checkpoint writes and reads.
+
+    Args:
+        job: the job spec (its checkpoint section locates S3 endpoints).
+        inject: this rank's injected faults by (kind, step) (``kill_during_save``, ``kill_during_upload``).
+        timeout_s: bound on the save group's collectives (seconds).
+    """
+
+    def __init__(self, job: JobSpec, inject: dict, timeout_s: float) -> None:
+        self.job = job
+        self.faults = inject
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.pending = None  # (step, future) of an asynchronous save
+
+    def storage(self, root: str) -> Storage:
+        c = self.job.checkpoint
+        return Storage(root, endpoint_url=c.endpoint_url, region=c.region)
+
+    def write(self, root: str, attempt: str, step: int, state: dict[str, torch.Tensor], asynchronous: bool) -> None:
+        """Write ``state`` (this rank's tensors by global name) into ``attempt`` under ``root`` (collective);
+        with ``asynchronous`` in the background (:meth:`done`, :meth:`wait`)."""
+        writer = self.storage(root).dcp_writer(attempt)
+        if ("kill_during_upload", step) in self.faults:
+            writer = faults.dying_writer(writer)
+        if asynchronous:
+            response = dcp_async_save(state, storage_writer=writer, process_group=self.group)
+            self.pending = (step, getattr(response, "upload_completion", response))
+        else:
+            dcp_save(state, storage_writer=writer, process_group=self.group)
+            self._after_persisted(step)
+
+    def done(self) -> bool:
+        """Whether the pending asynchronous save (if any) has persisted; re-raises its error."""
+        if self.pending is not None and self.pending[1].done():
+            self.wait()
+        return self.pending is None
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save has persisted; re-raises its error."""
+        if self.pending is not None:
+            step, future = self.pending
+            future.result()
+            self.pending = None
+            self._after_persisted(step)
+
+    def _after_persisted(self, step: int) -> None:
+        if ("kill_during_save", step) in self.faults:
+            faults.die()
+
+    def read(self, root: str, name: str, stage, optimizer, tp) -> None:
+        """Load model and optimizer state of committed checkpoint ``name`` into this rank's stage
+        (collective); raises CheckpointError naming missing or mis-shaped tensors before changing anything."""
+        checkpoint.load_shards(self.storage(root), name, stage, optimizer, tp)

@@ -1,0 +1,165 @@
+"""The step engine: one rank's share of an optimizer step, evaluation, and the numbers it reports.
+
+:class:`StepEngine` holds what a step computes with (the pipeline stage of the model, its parameter groups,
+the optimizer, the data loader of this rank's data-parallel slice) and the pieces of a step: cutting the
+global batch into micro-batches, running the pipeline schedule (``parallel/schedules.py``; activations and
+gradients move over torch.distributed, the data plane), synchronising gradients across data, expert-data
+and embedding groups, the global gradient norm and its finiteness, the optimizer update, and the global
+mean loss. :class:`orchestrator.rank.trainer.RankTrainer` sequences them into a step.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
+from v4train.model.moe import discard_expert_counts, update_expert_bias
+from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, group_parameters
+from v4train.orchestrator.spec import JobSpec
+from v4train.parallel.data_parallel import all_reduce_gradients
+from v4train.parallel.fp8 import fp8_autocast_context
+from v4train.parallel.optim import clip_grad_norm_
+from v4train.parallel.schedules import forward_backward
+
+__all__ = ["StepEngine"]
+
+
+class StepEngine:
+    """One rank's model, optimizer and data for ``job`` under parallel context ``pctx``.
+
+    ``heartbeat`` ({step, progress, phase}) moves as the step advances; the Ray actor reads it from
+    another thread to tell a slow step from a stalled one.
+    """
+
+    def __init__(self, job: JobSpec, pctx) -> None:
+        self.job = job
+        self.pctx = pctx
+        self.heartbeat = {"step": 0, "progress": 0, "phase": "setup"}
+        self.train_data = TokenDataset.open(job.data.path, "train")
+        self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
+        self.stage, self.tp = build_stage(job, self.cfg, pctx)
+        # what the schedule runs: the stage, or its virtual-stage chunks (interleaved 1F1B)
+        self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
+        self.groups = group_parameters(self.stage, pctx)
+        self.optimizer = build_rank_optimizer(self.stage, job, pctx)
+        self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
+
+    def beat(self, phase: str) -> None:
+        """Record progress for the heartbeat (read from another thread)."""
+        self.heartbeat = {"step": self.heartbeat["step"], "progress": self.heartbeat["progress"] + 1, "phase": phase}
+
+    def micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's rows of a global batch as micro-batches of ``micro_batch_size`` sequences
+        ({input_ids, position_ids, labels}: [micro_batch_size, seq] int64)."""
+        out = []
+        for i in range(0, batch.input_ids.shape[0], micro_batch_size):
+            sl = slice(i, i + micro_batch_size)
+            out.append({
+                "input_ids": torch.from_numpy(np.ascontiguousarray(batch.input_ids[sl])),
+                "position_ids": torch.from_numpy(np.ascontiguousarray(batch.position_ids[sl])),
+                "labels": torch.from_numpy(np.ascontiguousarray(batch.labels[sl])),
+            })
+        return out
+
+    def _forward_step(self, data_iterator, model):
+        self.beat("forward")
+        mb = next(data_iterator)
+        labels = mb["labels"] if model.is_last_stage else None
+        with fp8_autocast_context(self.job.train.fp8):
+            output = model(mb["input_ids"], mb["position_ids"], labels)
+
+        def loss_func(per_token_loss_BS: torch.Tensor):
+            loss = per_token_loss_BS.mean()
+            return loss, {"lm_loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def run_schedule(self, micro: list[dict], seq_len: int, micro_batch_size: int, forward_only: bool) -> list[dict]:
+        """The pipeline schedule over ``micro``; the last stage's per-micro-batch ``{"lm_loss"}``."""
+        chunked = isinstance(self.schedule_model, list)
+        return forward_backward(
+            self._forward_step,
+            [iter(micro) for _ in self.schedule_model] if chunked else iter(micro),  # every chunk reads each one
+            self.schedule_model,
+            num_microbatches=len(micro),
+            seq_length=seq_len,
+            micro_batch_size=micro_batch_size,
+            hidden_size=self.cfg.hc_mult * self.cfg.dim,
+            pctx=self.pctx,
+            forward_only=forward_only,
+        )
+
+    def sync_gradients(self) -> None:
+        """Dense gradients: mean over data parallel; routed experts: sum over the expert-data-parallel
+        group (each expert's rank already holds the gradient of every token dispatched to it), divided by
+        dp; the embedding copies of the first and last stage: summed."""
+        g = self.groups
+        all_reduce_gradients(g.dense, self.pctx.dp_group)
+        all_reduce_gradients(g.expert, self.pctx.expert_dp_group, average=False)
+        if self.pctx.dp > 1:
+            for p in g.expert:
+                if p.grad is not None:
+                    p.grad.div_(self.pctx.dp)
+        if g.shared:
+            all_reduce_gradients(g.shared, self.pctx.embedding_group, average=False)
+
+    def clip_gradients(self) -> tuple[float, bool]:
+        """Clip to ``train.grad_clip`` by the global norm; (that norm, whether it is finite on every rank:
+        one MAX all-reduce over the world)."""
+        grad_norm = clip_grad_norm_(self.groups.params, self.job.train.grad_clip, dist.group.WORLD,
+                                    exclude_from_norm=self.groups.norm_excluded)
+        bad = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return grad_norm, bad.item() == 0.0
+
+    def update(self, lr: float, finite: bool, warmup: bool) -> dict:
+        """Expert-bias balancing and the optimizer step at ``lr``, both only for a finite gradient (the bias
+        also not during the indexer warm-up); returns the MoE balance metrics."""
+        moe_metrics = {}
+        if finite and not warmup:
+            moe_metrics = update_expert_bias(self.stage, self.pctx.dp_group)
+        else:
+            discard_expert_counts(self.stage)
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        return moe_metrics
+
+    def global_mean_loss(self, loss_dicts: list[dict]) -> torch.Tensor:
+        """Mean next-token loss over the global batch, identical on every rank of the last stage."""
+        loss = torch.zeros((), dtype=torch.float64)
+        if self.pctx.is_last_stage:
+            loss = torch.stack([d["lm_loss"].double() for d in loss_dicts]).mean()
+            if self.pctx.dp > 1:
+                dist.all_reduce(loss, group=self.pctx.dp_group)
+                loss /= self.pctx.dp
+        return loss
+
+    def fingerprint(self, batch) -> int:
+        """Sum over the global batch's sequences of their tokens' crc32 (the same data, any layout: the same)."""
+        rows = np.ascontiguousarray(batch.input_ids)
+        crc = torch.tensor([sum(zlib.crc32(row.tobytes()) for row in rows)], dtype=torch.int64)
+        if self.pctx.dp > 1:
+            dist.all_reduce(crc, group=self.pctx.dp_group)
+        return int(crc.item())
+
+    @torch.no_grad()
+    def evaluate(self, request: EvalRequest) -> dict:
+        """Mean next-token loss (nats) over ``request.batches`` fixed validation batches of
+        ``request.global_batch`` sequences of ``request.seq_len`` tokens."""
+        val = TokenDataset.open(self.job.data.path, "val")
+        losses = []
+        seq_len, mbs = request.seq_len, request.micro_batch_size
+        for batch in eval_batches(val, request.batches, request.global_batch, seq_len, self.pctx.dp_rank,
+                                  self.pctx.dp):
+            micro = self.micro_batches(batch, mbs)
+            losses.append(self.global_mean_loss(self.run_schedule(micro, seq_len, mbs, True)))
+        self.stage.pop_aux_metrics()
+        return {"val_loss": float(torch.stack(losses).mean()) if losses else float("nan"), "val_batches": len(losses)}
