@@ -36,6 +36,7 @@ from v4train.orchestrator.storage import Storage
 from v4train.parallel import groups
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.fp8 import enable_fp8, fp8_autocast_context
+from v4train.orchestrator.rank.build import muon_shard_groups
 from v4train.parallel.optim import build_optimizer, clip_grad_norm_, describe_assignment
 from v4train.parallel.schedules import forward_backward
 from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
@@ -142,6 +143,7 @@ class RankTrainer:
             eps=t.adam_eps,
             momentum=t.muon_momentum,
             tp_group=pctx.tp_group if pctx.tp > 1 else None,  # Muon gathers whole matrices of TP shards
+            muon_shard_groups=muon_shard_groups(job, pctx, self.dense_params, self.expert_params),
         )
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.step = 0
