@@ -255,3 +255,88 @@ def test_build_optimizer_makes_the_distributed_muon_and_checks_coverage():
     with pytest.raises(ValueError, match="in no shard_groups"):
         build_optimizer(stages[1].named_parameters(), algorithm="muon", lr=0.01, weight_decay=0.1, eps=1e-20,
                         muon_shard_groups=[(None, params[1][:3])])
+
+
+# ----------------------------------------------------------------------------- checkpoints by global name
+class _Matrices(nn.Module):
+    """The dense cases of ``_CASES`` as one module (whole, unsharded), seeded values."""
+
+    def __init__(self):
+        super().__init__()
+        _, whole = _params(0, 1)
+        self.mats = nn.ParameterDict({n: p for n, p in whole.items()})
+
+
+def _stepped(opt, module: _Matrices, steps: int) -> None:
+    gen = torch.Generator().manual_seed(21)
+    for _ in range(steps):
+        for n, p in module.mats.items():
+            p.grad = torch.randn(_CASES[n][0], generator=gen)
+        opt.step()
+
+
+def _ckpt_rank(rank: int, port: int, root: str) -> None:
+    from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.storage import Storage
+
+    faulthandler.dump_traceback_later(RANK_HANG_S, exit=True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        storage = Storage(root)
+        # a plain single-process checkpoint loads into DP 2: owners get their part, the rest nothing
+        module = _Matrices()
+        opt = DistributedMuon(module.parameters(), **SETTINGS, shard_groups=[(dist.group.WORLD, module.parameters())])
+        checkpoint.load_shards(storage, "plain", module, opt)
+        loaded = {n: (opt.owned_blocks(p), {k: v.clone() for k, v in opt.state.get(p, {}).items()})
+                  for n, p in module.mats.items()}
+        # DP 2 trains on and saves; the main process loads it without distribution
+        _stepped(opt, module, 1)
+        checkpoint.save_shards(storage, "distributed", module, opt)
+        assert all(bool(opt.state.get(p)) == bool(opt.owned_blocks(p)) for p in module.parameters())
+        torch.save(loaded, f"{root}/loaded{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def test_checkpoints_stay_global_across_dp_sizes(tmp_path):
+    """Plain Muon (one process) saves after 2 steps; 2 distributed ranks load it through
+    orchestrator.checkpoint (each keeps only its units' momentum), step once and save; the plain Muon
+    loads that and equals a plain run of 3 steps (momentum and parameters, 1e-6 relative)."""
+    from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    module = _Matrices()
+    opt = Muon(module.parameters(), **SETTINGS)
+    _stepped(opt, module, 2)
+    checkpoint.save_shards(storage, "plain", module, opt)
+    after_two = {n: opt.state[p]["momentum_buffer"].clone() for n, p in module.mats.items()}
+    spawn_ranks(_ckpt_rank, (free_ports(1)[0], str(tmp_path)), 2, POOL_DEADLINE_S, "checkpoint ranks")
+    for rank in range(2):
+        for n, (blocks, state) in torch.load(tmp_path / f"loaded{rank}.pt").items():
+            assert bool(state) == bool(blocks), (rank, n)
+            if state:
+                split = _CASES[n][1]
+                want = split.blocks(after_two[n]) if split is not None else (after_two[n],)
+                got = split.blocks(state["momentum_buffer"]) if split is not None else (state["momentum_buffer"],)
+                for j in range(len(want)):
+                    assert torch.equal(got[j], want[j] if j in blocks else torch.zeros_like(want[j])), (rank, n, j)
+    # the plain reference: 3 steps with the same gradients (2, then the ranks' third)
+    reference = _Matrices()
+    ref_opt = Muon(reference.parameters(), **SETTINGS)
+    _stepped(ref_opt, reference, 2)
+    gen = torch.Generator().manual_seed(21)  # the ranks' third step drew the first gradients again
+    for n, p in reference.mats.items():
+        p.grad = torch.randn(_CASES[n][0], generator=gen)
+    ref_opt.step()
+    resumed = _Matrices()
+    resumed_opt = Muon(resumed.parameters(), **SETTINGS)
+    checkpoint.load_shards(storage, "distributed", resumed, resumed_opt)
+    for n, p in resumed.mats.items():
+        want_p, want_m = reference.mats[n].detach(), ref_opt.state[reference.mats[n]]["momentum_buffer"]
+        assert ((p.detach() - want_p).norm() / want_p.norm()).item() <= 1e-6, n
+        got_m = resumed_opt.state[p]["momentum_buffer"]
+        assert ((got_m - want_m).norm() / want_m.norm()).item() <= 1e-6, n
+        assert resumed_opt.state[p]["step"].item() == 3
