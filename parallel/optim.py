@@ -29,6 +29,7 @@ parameters).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
@@ -36,12 +37,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from v4train.parallel.distributed_muon import DistributedMuon
 from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
 from v4train.parallel.tensor_parallel import is_sharded
 
 __all__ = [
     "ALGORITHMS", "HybridOptimizer", "build_optimizer", "clip_grad_norm_", "describe_assignment",
-    "initial_state",
+    "global_state", "initial_state",
 ]
 
 ALGORITHMS = ("muon", "adamw")
@@ -59,6 +61,7 @@ def build_optimizer(
     nesterov: bool = True,
     update_rms: float = UPDATE_RMS,
     tp_group: dist.ProcessGroup | None = None,
+    muon_shard_groups: Sequence[tuple[dist.ProcessGroup | None, Sequence[torch.nn.Parameter]]] | None = None,
 ) -> torch.optim.AdamW | HybridOptimizer:
     """The optimizer of this rank's stage (module docstring for the assignment rule).
 
@@ -88,6 +91,11 @@ def build_optimizer(
         update_rms: Muon's update RMS gamma; V4 uses 0.18.
         tp_group: the tensor-parallel group, over which Muon gathers the sharded matrices; None
             without tensor parallelism.
+        muon_shard_groups: with ``algorithm="muon"``, ``(data-parallel group, parameters)`` pairs
+            covering every parameter once (V4: dense over data parallel, routed experts over expert data
+            parallel): Muon becomes :class:`parallel.distributed_muon.DistributedMuon`, each matrix
+            updated by one rank of its group. Non-Muon parameters in the pairs are ignored. None: every
+            rank updates every matrix.
     Returns:
         torch AdamW (``"adamw"``) or a :class:`HybridOptimizer` (``"muon"``).
     Raises:
@@ -115,9 +123,15 @@ def build_optimizer(
         return adamw
     muon = None
     if groups["muon"]:
-        muon = Muon([{"name": "muon", "params": groups["muon"]}], lr=lr, weight_decay=weight_decay,
-                    momentum=momentum, nesterov=nesterov, ns_steps=V4_NS_STEPS, update_rms=update_rms,
-                    tp_group=tp_group)
+        settings = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=V4_NS_STEPS, update_rms=update_rms, tp_group=tp_group)
+        muon_group = [{"name": "muon", "params": groups["muon"]}]
+        if muon_shard_groups is None:
+            muon = Muon(muon_group, **settings)
+        else:
+            in_muon = {id(p) for p in groups["muon"]}
+            muon = DistributedMuon(muon_group, **settings, shard_groups=[
+                (group, [p for p in params if id(p) in in_muon]) for group, params in muon_shard_groups])
     return HybridOptimizer([opt for opt in (muon, adamw) if opt is not None])
 
 
@@ -244,6 +258,26 @@ class _MergedState(MutableMapping):
     def clear(self) -> None:
         for opt in self._hybrid.optimizers:
             opt.state.clear()
+
+
+@contextlib.contextmanager
+def global_state(optimizer: torch.optim.Optimizer | HybridOptimizer) -> Iterator[None]:
+    """Inside the block, ``optimizer.state`` holds every parameter's whole state on every rank, as a
+    non-distributed optimizer would (what a checkpoint saves and loads by global name); on exit each
+    rank keeps only the state it owns again (a loaded value included).
+
+    Collective over the data-parallel groups of a :class:`parallel.distributed_muon.DistributedMuon`
+    (enter on every rank); nothing happens for other optimizers.
+    """
+    optimizers = optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else (optimizer,)
+    distributed = [opt for opt in optimizers if isinstance(opt, DistributedMuon)]
+    for opt in distributed:
+        opt.gather_state()
+    try:
+        yield
+    finally:
+        for opt in distributed:
+            opt.scatter_state()
 
 
 def initial_state(optimizer: torch.optim.Optimizer | HybridOptimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from v4train.orchestrator.checkpoint.commit import CheckpointError
 from v4train.orchestrator.checkpoint.storage import Storage
-from v4train.parallel.optim import initial_state
+from v4train.parallel.optim import global_state, initial_state
 from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = ["shard_state", "save_shards", "load_shards", "rng_state", "set_rng_state", "encode_rows", "decode_rows",
@@ -64,8 +64,10 @@ def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer,
     once) and any TP size can load it.
     """
     tp = tp or TensorParallel()
-    return {key: gather_full(value, param, tp) if param is not None else value
-            for key, param, value in _entries(stage, optimizer)}
+    # a distributed optimizer's state is gathered whole for the save and left with its owners after
+    with global_state(optimizer):
+        return {key: gather_full(value, param, tp) if param is not None else value
+                for key, param, value in _entries(stage, optimizer)}
 
 
 def save_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -84,7 +86,12 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
     tp = tp or TensorParallel()
     reader = storage.dcp_reader(rel)
     saved = reader.read_metadata().state_dict_metadata
-    entries = _entries(stage, optimizer)
+    # a distributed optimizer loads every parameter's whole state, then keeps the part this rank owns
+    with global_state(optimizer):
+        _load_entries(storage, rel, reader, saved, _entries(stage, optimizer), tp)
+
+
+def _load_entries(storage: Storage, rel: str, reader, saved: dict, entries: list, tp: TensorParallel) -> None:
     # replicated tensors load in place; a TP shard loads its whole tensor, then keeps its slice
     sharded = [(key, param, value) for key, param, value in entries if param is not None and is_sharded(param)]
     expected = {key: value for key, _, value in entries}

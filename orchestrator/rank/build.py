@@ -21,7 +21,7 @@ from v4train.parallel.fp8 import enable_fp8
 from v4train.parallel.optim import build_optimizer
 from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
 
-__all__ = ["ParameterGroups", "build_stage", "group_parameters", "build_rank_optimizer"]
+__all__ = ["ParameterGroups", "build_stage", "group_parameters", "build_rank_optimizer", "muon_shard_groups"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ def group_parameters(stage: V4Stage, pctx) -> ParameterGroups:
 def build_rank_optimizer(stage: V4Stage, job: JobSpec, pctx):
     """The job's optimizer (Muon + AdamW groups, or AdamW) over the stage's parameters."""
     t = job.train
+    groups = group_parameters(stage, pctx)
     return build_optimizer(
         list(stage.named_parameters()),
         algorithm=t.optimizer,
@@ -97,4 +98,13 @@ def build_rank_optimizer(stage: V4Stage, job: JobSpec, pctx):
         eps=t.adam_eps,
         momentum=t.muon_momentum,
         tp_group=pctx.tp_group if pctx.tp > 1 else None,  # Muon gathers whole matrices of TP shards
+        muon_shard_groups=muon_shard_groups(job, pctx, groups.dense, groups.expert),
     )
+
+
+def muon_shard_groups(job: JobSpec, pctx, dense: list, expert: list):
+    """With ``train.distributed_muon``: dense matrices owned over the data-parallel group, routed experts
+    over the expert-data-parallel group (spec 6); None otherwise (every replica runs the whole Muon)."""
+    if not job.train.distributed_muon:
+        return None
+    return [(pctx.dp_group, dense), (pctx.expert_dp_group, expert)]

@@ -80,7 +80,10 @@ class TrainSpec(_Strict):
     ``adamw`` puts every parameter under AdamW. ``fp8`` runs the attention, expert and MTP projections in
     FP8 (``parallel/fp8.py``: Transformer Engine's blockwise recipe on GPU, an e4m3 1x128 / 128x128
     quantise-dequantise emulation on CPU); the embedding, head, router, mHC, compressors and indexer stay
-    in full precision.
+    in full precision. ``distributed_muon`` (with ``optimizer: muon``) updates each Muon matrix on one
+    rank of its data-parallel group (routed experts: expert-data-parallel group) and shares the update,
+    instead of every replica repeating the whole Newton-Schulz (``parallel/distributed_muon.py``, spec 6);
+    the momentum lives with its owner, checkpoints stay global.
 
     The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
     at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs
@@ -96,6 +99,7 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=0.1, ge=0)
     optimizer: Literal["muon", "adamw"] = "muon"
     fp8: bool = False
+    distributed_muon: bool = False
     muon_momentum: float = Field(default=0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = Field(default=1e-20, gt=0)  # V4's (spec 6)
@@ -106,6 +110,12 @@ class TrainSpec(_Strict):
     max_restarts: int = Field(default=3, ge=0)
     max_consecutive_nonfinite: int = Field(default=3, ge=1)
     nonfinite_policy: Literal["halt", "rollback"] = "halt"
+
+    @model_validator(mode="after")
+    def _distributed_muon_needs_muon(self) -> "TrainSpec":
+        if self.distributed_muon and self.optimizer != "muon":
+            raise ValueError(f"train.distributed_muon: true needs train.optimizer: muon, got {self.optimizer!r}")
+        return self
 
 
 class ParallelSpec(_Strict):

@@ -35,6 +35,32 @@ def test_losses_equal_across_all_parallel_layouts(rank_pool, tiny_dataset, tmp_p
             assert got["consumed_tokens"] == ref["consumed_tokens"]
 
 
+# (TP, PP, EP, DP, VP) layouts of the distributed-Muon parity test (the pool holds 4 ranks)
+DISTRIBUTED_MUON_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 1, 1, 2, 1)]
+
+
+@pytest.mark.timeout(1200)
+def test_distributed_muon_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
+    """train.distributed_muon: losses and every parameter, Muon momentum and AdamW moment after 3 steps
+    equal the plain Muon run of the same layout (1e-6 relative), from the global checkpoint each writes."""
+    for tp, pp, ep, dp, vp in DISTRIBUTED_MUON_LAYOUTS:
+        runs = {}
+        for distributed in (False, True):
+            name = f"tp{tp}pp{pp}ep{ep}dp{dp}_{'distributed' if distributed else 'plain'}"
+            job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
+                           train={"distributed_muon": distributed}, checkpoint={"every_steps": 0, "at_end": True})
+            metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
+            runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        (reference, ref), (metrics, got) = runs[False], runs[True]
+        assert any(k.endswith(".momentum_buffer") for k in ref)
+        for a, b in zip(reference, metrics, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), ((tp, pp, ep, dp), b["step"])
+        assert got.keys() == ref.keys()
+        for key, want in ref.items():
+            if isinstance(want, torch.Tensor) and want.is_floating_point() and want.norm() > 0:
+                assert ((got[key] - want).norm() / want.norm()).item() <= 1e-6, ((tp, pp, ep, dp), key)
+
+
 def _tensors(step_dir, out):
     dcp_to_torch_save(step_dir, out)
     return torch.load(out, weights_only=False)
