@@ -112,7 +112,7 @@ class TrainSpec(_Strict):
     nonfinite_policy: Literal["halt", "rollback"] = "halt"
 
     @model_validator(mode="after")
-    def _distributed_muon_needs_muon(self) -> "TrainSpec":
+    def _distributed_muon_needs_muon(self) -> TrainSpec:
         if self.distributed_muon and self.optimizer != "muon":
             raise ValueError(f"train.distributed_muon: true needs train.optimizer: muon, got {self.optimizer!r}")
         return self
