@@ -136,6 +136,12 @@ def read_train_state(state: dict, where: str, job: JobSpec | None = None) -> dic
     for key in TRAIN_STATE_KEYS:
         if key not in state:
             raise CheckpointError(f"{where}/train_state.json: lacks {key!r}")
-    if job is not None and state["model"] != job.model.model_dump():
+    if job is not None and _architecture(state["model"]) != _architecture(job.model.model_dump()):
         raise CheckpointError(f"{where}: saved for model {state['model']}, this job has {job.model.model_dump()}")
     return state
+
+
+def _architecture(model_section: dict) -> dict:
+    """The model section without ``init_from``: where the first weights came from is not part of the model,
+    so a run resumes whatever it was initialised from (and checkpoints written before the field existed)."""
+    return {k: v for k, v in model_section.items() if k != "init_from"}

@@ -177,6 +177,7 @@ def test_a_train_state_without_restarts_loads_into_the_run_state(tmp_path):
            "rng": {"0": "", "1": ""}, "ranks": 2, "curriculum": {"stage": 1},
            "spike_guard": {"n": 6, "loss_mean": 6.1, "loss_var": 0.01, "grad_mean": 1.5},
            "anticipatory_routing": {"remaining": 2, "delay_steps": 1, "rows": {}}}
+    old["model"].pop("init_from")  # written before the model section had init_from
     state = RunState(restarts=3).restored(read_train_state(old, "old", job))
     assert (state.step, state.consumed_tokens, state.consumed_samples, state.last_committed) == (6, 2560, 48, 6)
     assert state.routing.remaining == 2 and state.guard.n == 6 and state.restarts == 3
