@@ -18,7 +18,7 @@ official inference code) the test pins the difference and v4train follows the of
   v4train (``kernels.indexer_topk``). ReLU makes a score exactly 0 when every head's dot product is
   negative, so the config uses 16 indexer heads, which makes such ties vanishingly rare.
 * the indexer's FP4 / Hadamard path and the FP8 KV rounding exist in neither here (QAT off; see
-  ``model/quant.py`` and ``tests/test_qat.py`` for the quantised path).
+  ``model/quant.py`` and ``tests/model/test_model_qat.py`` for the quantised path).
 """
 
 from __future__ import annotations
