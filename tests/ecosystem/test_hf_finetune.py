@@ -50,6 +50,7 @@ def test_released_checkpoint_finetunes_and_exports_for_transformers(rank_pool, t
     losses = [m["loss"] for m in metrics]
     # the first step trained the imported weights: its loss is theirs on the first global batch
     imported = _stage_from(cfg, tmp_path / "imported")
+    imported.attention_mode = "dense"  # the job has no curriculum: it trains dense attention
     batch = GlobalBatchLoader(TokenDataset.open(str(tiny_dataset), "train"), seed=0).next_batch(8, 64, 0, 1)
     ids, pos, labels = (torch.from_numpy(a) for a in (batch.input_ids, batch.position_ids, batch.labels))
     with torch.no_grad():
@@ -85,6 +86,7 @@ def test_tensor_and_pipeline_parallel_checkpoint_exports_and_reloads_on_one_proc
     cfg = init_from.checkpoint_config(storage, name)
     stage = _stage_from(cfg, tmp_path / "back")
     stage.eval()
+    stage.attention_mode = "dense"  # evaluation runs in the mode the job trained (no curriculum: dense)
     val = TokenDataset.open(str(tiny_dataset), "val")
     losses = []
     with torch.no_grad():
