@@ -130,6 +130,15 @@ def format_summary(run_dir: str | Path, s: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _shade_attention_modes(ax, metrics: list[dict]) -> None:
+    """Shade each run of steps trained in one attention mode (one legend entry per mode)."""
+    shaded = set()
+    for first, last, mode in attention_spans(metrics):
+        ax.axvspan(first - 0.5, last + 0.5, color=_MODE_COLORS.get(mode, "#dddddd"), alpha=0.6, lw=0, zorder=0,
+                   label=None if mode in shaded else f"attention: {mode}")
+        shaded.add(mode)
+
+
 def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str | Path) -> Path:
     """Write the four-panel PNG to ``out``; returns its path."""
     import matplotlib
@@ -146,11 +155,7 @@ def plot(run_dir: str | Path, metrics: list[dict], events: list[dict], out: str 
         loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o", color="#2ca02c", ms=7,
                      label="validation loss")
     loss_ax.set_ylabel("loss (nats)")
-    shaded = set()
-    for first, last, mode in attention_spans(metrics):
-        loss_ax.axvspan(first - 0.5, last + 0.5, color=_MODE_COLORS.get(mode, "#dddddd"), alpha=0.6, lw=0, zorder=0,
-                        label=None if mode in shaded else f"attention: {mode}")
-        shaded.add(mode)
+    _shade_attention_modes(loss_ax, metrics)
     lr_ax.plot(steps, [m["lr"] for m in metrics], color="#9467bd", lw=1.2)
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
