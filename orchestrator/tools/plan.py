@@ -45,7 +45,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buffer_elements, head_elements,
-                                                    stage_parameters)
+                                                    head_weight_elements, stage_parameters)
 
 __all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
            "stage_parameters", "activation_elements", "cp_buffer_elements", "plan_layout", "plan_job", "suggest",
@@ -191,7 +191,8 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     else:
         kept_other, kept_kv = sum(o for o, _ in per_layer) + head, sum(k for _, k in per_layer)
     biggest = max((o + k for o, k in per_layer), default=0.0)
-    parts = {"activations": in_flight * tokens_mb * kept_other * act_bytes,
+    head_weight = head_weight_elements(cfg, tp) if last else 0.0
+    parts = {"activations": in_flight * (tokens_mb * kept_other + head_weight) * act_bytes,
              "kv_compressor": in_flight * tokens_mb * kept_kv * act_bytes,
              "workspace": tokens_mb * (biggest + (cfg.vocab_size / tp if last else 0)) * act_bytes}
     if cp > 1:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["stage_parameters", "activation_elements", "cp_buffer_elements", "head_elements"]
+__all__ = ["stage_parameters", "activation_elements", "cp_buffer_elements", "head_elements",
+           "head_weight_elements"]
 
 
 # ------------------------------------------------------------------ parameters (exact, from the modules)
@@ -79,8 +80,8 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     Fitted to autograd's saved tensors (unique storages, parameters excluded) of this code's layers over 14
     random configurations (nano-sized: D 64-192, H 2-8, head_dim 32-128, window 16-64, K 1-3) and checked
     against nano and small in ``tests/orchestrator/test_plan.py``.
-    Terms: mHC (two reads with Sinkhorn, which saves every
-    iteration, and two writes) and norms; attention (what ``model/attention.py`` keeps after recomputing the
+    Terms: mHC (two fused reads, whose Sinkhorn keeps its 2N
+    normalisers per iteration, and two writes) and norms; attention (what ``model/attention.py`` keeps after recomputing the
     rest in the backward: the sparse core's q and output, c^Q, the layer input, the window kv rows, the slot
     indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and their slot indices (every
     visible entry in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router,
@@ -89,7 +90,7 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
     HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
     W = min(cfg.window, seq_len)
-    block = 5.5 * N * D + 2 * ((2 * it - 1) * (N * N + N) + N * N) + 162
+    block = 2.36 * N * D + 2 * (2 * N * it + N * N) + 162
     attn = 2 * HC / tp + L + D + W + (cfg.o_groups * cfg.o_lora_rank / tp if tp > 1 else 0) + 35
     kv = C
     ratio = cfg.compress_ratios[layer_idx]
@@ -98,8 +99,8 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
         kv += 4.75 * C + slots + 12
         if attention != "dense":
             attn += cfg.index_n_heads * (cfg.index_head_dim + 1) / tp + cfg.index_head_dim / ratio
-    elif ratio:  # HCA
-        kv += 2.1 * C + seq_len / ratio + 5
+    elif ratio:  # HCA: each query's visible entries are one (first, last) slot range
+        kv += 2.1 * C + 7
     F, K = cfg.moe_inter_dim, cfg.n_activated_experts
     ffn = K * (7 * F + 2 * D + 8) + 4 * F * cfg.n_shared_experts / tp + D + cfg.n_routed_experts + 9
     if layer_idx >= cfg.n_layers:  # an MTP block: its projections of the embedding and the streams
@@ -119,7 +120,14 @@ def cp_buffer_elements(cfg, layer_idx: int, seq_len: int, cp: int) -> float:
 
 
 def head_elements(cfg, tp: int) -> float:
-    """Last stage, per token: hc_head, norm, and the log-softmax of every head (main + MTP) over the vocab."""
-    return cfg.vocab_size / tp * (1 + cfg.mtp_depth) + 2 * cfg.hc_mult * cfg.dim + 24
+    """Last stage, per token: hc_head and norm (the fused head and loss, ``model/head_loss.py``, keeps no
+    ``[tokens, vocab]`` tensor)."""
+    return 2 * cfg.hc_mult * cfg.dim + 24
+
+
+def head_weight_elements(cfg, tp: int) -> float:
+    """Last stage, per micro-batch in flight: the fused head and loss forms each head's (main and MTP) weight
+    gradient ``[V / tp, D]`` in the forward and keeps it until the backward."""
+    return (1 + cfg.mtp_depth) * cfg.vocab_size / tp * cfg.dim
 
 

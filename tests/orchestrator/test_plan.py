@@ -73,11 +73,12 @@ def _saved_elements(cfg, B: int, S: int) -> float:
 @pytest.mark.parametrize("preset,seq", [("nano", 128), ("small", 256)])
 def test_activation_model_matches_autograds_saved_tensors(preset, seq):
     from v4train.model.config import ModelConfig
-    from v4train.orchestrator.tools.plan_memory import head_elements
+    from v4train.orchestrator.tools.plan_memory import head_elements, head_weight_elements
 
     cfg = ModelConfig.preset(preset, vocab_size=1024)
     ids = list(range(cfg.n_layers + cfg.mtp_depth))
-    predicted = sum(sum(activation_elements(cfg, i, seq, "dense")) for i in ids) + head_elements(cfg, 1)
+    predicted = (sum(sum(activation_elements(cfg, i, seq, "dense")) for i in ids) + head_elements(cfg, 1)
+                 + head_weight_elements(cfg, 1) / (2 * seq))  # per micro-batch, spread over its 2 x seq tokens
     measured = _saved_elements(cfg, 2, seq) / (2 * seq)
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
