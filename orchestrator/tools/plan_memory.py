@@ -79,13 +79,12 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
 
     Fitted to autograd's saved tensors (unique storages, parameters excluded) of this code's layers over 14
     random configurations (nano-sized: D 64-192, H 2-8, head_dim 32-128, window 16-64, K 1-3) and checked
-    against nano and small in ``tests/orchestrator/test_plan.py``.
-    Terms: mHC (two fused reads, whose Sinkhorn keeps its 2N
-    normalisers per iteration, and two writes) and norms; attention (what ``model/attention.py`` keeps after recomputing the
-    rest in the backward: the sparse core's q and output, c^Q, the layer input, the window kv rows, the slot
-    indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and their slot indices (every
-    visible entry in dense mode, the indexer's top-k in sparse mode, plus the indexer's projections); MoE (router,
-    K routed expert SwiGLUs in fp32, the shared expert).
+    against nano and small in ``tests/orchestrator/test_plan.py``. Terms: mHC (two fused reads, whose Sinkhorn
+    keeps its 2N normalisers per iteration, and two writes) and norms; attention (what ``model/attention.py``
+    keeps after recomputing the rest in the backward: the sparse core's q and output, c^Q, the layer input, the
+    window kv rows, the slot indices, and wo_b's input when it is row-parallel); CSA/HCA compressor entries and
+    their slot indices (every visible entry in dense mode, the indexer's top-k in sparse mode, plus the
+    indexer's projections); MoE (router, K routed expert SwiGLUs in fp32, the shared expert).
     """
     D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
     HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
