@@ -241,7 +241,7 @@ class Attention(nn.Module):
         shifted_BTK = torch.where(slots_BTK >= 0, slots_BTK.to(torch.int32) + T, -1).to(torch.int32)
         return kv_BXC, torch.cat((idx_BTW, shifted_BTK), dim=-1), None, trained
 
-    def _core(self, q_BTHC: torch.Tensor, kv_BXC: torch.Tensor, idx_BTK: torch.Tensor, ranges) -> torch.Tensor:
+    def _core(self, q_BTHC: torch.Tensor, kv_BXC: torch.Tensor, idx_BTK: torch.Tensor, ranges=None) -> torch.Tensor:
         """The single call of the sparse-attention core (the kernels dispatch replaces it here)."""
         return sparse_attention(q_BTHC, kv_BXC, self.attn_sink, idx_BTK, self.head_dim ** -0.5, ranges)
 
