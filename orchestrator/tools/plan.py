@@ -24,6 +24,8 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   compressed) and the compressor's buffers at the job's sequence length, shown on its own line.
 - ``workspace``: the backward's transient peak: one layer's activations again, plus the logits' gradient
   on the last stage.
+- ``head_weight_grad`` (last stage): the fused head and loss forms each head's weight gradient in the
+  forward, one ``[V / tp, D]`` buffer per head and micro-batch in flight.
 - ``checkpoint staging``: an asynchronous save copies parameters and optimizer state between steps, when
   activations are free: the CPU peak is ``state + max(activations + workspace, staging)``; on GPU the copy
   is in host memory and is reported, not counted.
@@ -179,7 +181,8 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
                       act_bytes: float) -> dict[str, float]:
     """Activation memory of pipeline stage ``r`` (bytes): what autograd keeps for ``in_flight`` micro-batches
     (``activations``, of which the attention's KV entries as ``kv_compressor``), the backward's transient
-    ``workspace``, and the context-parallel exchange buffers (``cp_exchange``, when cp > 1)."""
+    ``workspace``, the fused head's weight gradients (``head_weight_grad``, last stage) and the context-parallel
+    exchange buffers (``cp_exchange``, when cp > 1)."""
     tp, pp, cp, mbs = layout.tp, layout.pp, layout.cp, layout.micro_batch_size
     tokens_mb = mbs * shape.seq_len // cp
     last = r == pp - 1
@@ -191,10 +194,11 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     else:
         kept_other, kept_kv = sum(o for o, _ in per_layer) + head, sum(k for _, k in per_layer)
     biggest = max((o + k for o, k in per_layer), default=0.0)
-    head_weight = head_weight_elements(cfg, tp) if last else 0.0
-    parts = {"activations": in_flight * (tokens_mb * kept_other + head_weight) * act_bytes,
+    parts = {"activations": in_flight * tokens_mb * kept_other * act_bytes,
              "kv_compressor": in_flight * tokens_mb * kept_kv * act_bytes,
              "workspace": tokens_mb * (biggest + (cfg.vocab_size / tp if last else 0)) * act_bytes}
+    if last:  # the fused head's weight gradients, formed in the forward: per micro-batch, not per token
+        parts["head_weight_grad"] = in_flight * head_weight_elements(cfg, tp) * act_bytes
     if cp > 1:
         buffers = sum(cp_buffer_elements(cfg, i, shape.seq_len, cp) for i in ids)
         parts["cp_exchange"] = in_flight * mbs * buffers * act_bytes
@@ -227,7 +231,8 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         staging = local * b["staging"] if asynchronous else 0.0
         if device == "cpu":
             # the staged copy is taken between steps, when activations are free
-            transient = parts["activations"] + parts["kv_compressor"] + parts["workspace"]
+            transient = (parts["activations"] + parts["kv_compressor"] + parts["workspace"]
+                         + parts.get("head_weight_grad", 0.0))
             parts["checkpoint_staging"] = max(0.0, staging - transient)
         else:
             stage.host_staging = staging
