@@ -50,8 +50,12 @@ def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_ser
     # The step-4 save that died is never committed; a fresh attempt for step 4 commits after the restart.
     committed = [e for e in events if e["event"] == "checkpoint_committed"]
     assert [e["step"] for e in committed] == [2, 4, 6]
-    assert any(".attempt-" in d for d in committed[1]["deleted"])  # the aborted attempt, after its successor
     storage = Storage(job["checkpoint"]["root"], endpoint_url=s3_server["endpoint_url"])
+    # Whatever of the aborted attempt reached the bucket (the surviving ranks' shards, when they finished
+    # before they were stopped) is deleted once its successor commits: no object of any attempt is left.
+    deleted_attempts = [d for e in committed for d in e["deleted"] if ".attempt-" in d]
+    assert all(".attempt-" not in path for path in storage.files("")), sorted(storage.files(""))
+    assert all(d.rsplit("/", 1)[-1].startswith("step_00000004.attempt-") for d in deleted_attempts), deleted_attempts
     names = [c["name"] for c in checkpoint.list_checkpoints(storage)]
     assert names == ["step_00000002", "step_00000004", "step_00000006"]
     for name in ("step_00000002", "step_00000004", "step_00000006"):

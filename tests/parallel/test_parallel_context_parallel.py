@@ -298,7 +298,8 @@ def _stage_rank_main(rank: int, cp: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+# cp = 4 and the combined layouts each take 25-40 s on 2 cores: in the slow suite (make test-slow)
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_cp_stage_matches_one_rank_for_three_steps(cp):
     """The whole model (SWA, CSA, HCA layers, MoE, MTP) on packed documents, three SGD steps per mode: the
     losses (summed over CP ranks) and the first step's gradients (summed over CP ranks) of one rank."""
@@ -359,6 +360,7 @@ def _tp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_cp2_with_tp2_matches_one_rank_for_three_steps():
     with tempfile.TemporaryDirectory() as tmp:
         spawn_ranks(_tp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x tp=2 stage parity")
@@ -431,6 +433,7 @@ def _pp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_cp2_with_pp2_matches_one_rank_for_three_steps():
     with tempfile.TemporaryDirectory() as tmp:
         spawn_ranks(_pp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x pp=2 stage parity")
@@ -496,6 +499,7 @@ def _two_sequences():
     return torch.cat((ids, ids2)), pos.repeat(2, 1), torch.cat((labels, labels2))
 
 
+@pytest.mark.slow
 def test_cp2_with_dp2_matches_one_rank_for_three_steps():
     with tempfile.TemporaryDirectory() as tmp:
         spawn_ranks(_dp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x dp=2 stage parity")

@@ -67,7 +67,7 @@ def test_partition_of_a_nano_stage_is_a_function_of_the_model_and_group_size():
     """Every unit (each expert matrix, each muon_split block) has one owner; two separately built stages
     of the same model give the same table; at dp 2 and 4 the busiest rank carries at most 1/dp of the
     FLOPs plus the largest unit."""
-    from _model_helpers import small_cfg  # the model stays out of the spawned ranks' imports
+    from support.model import small_cfg  # the model stays out of the spawned ranks' imports
     from v4train.model import V4Stage
 
     tables = []
@@ -232,7 +232,7 @@ def test_distributed_step_equals_plain_muon(four_ranks, tp_size):
 def test_build_optimizer_makes_the_distributed_muon_and_checks_coverage():
     """One process (groups of one): ``muon_shard_groups`` gives a DistributedMuon owning everything, whose
     step equals the plain Muon's; a Muon parameter in no group is refused."""
-    from _model_helpers import small_cfg
+    from support.model import small_cfg
     from v4train.model import V4Stage
 
     torch.manual_seed(0)
