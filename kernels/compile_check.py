@@ -96,7 +96,7 @@ def cases(full: bool = False) -> list[KernelCase]:
                 sig = {"Q": x, "KV": x, "SINK": "*fp32", "IDX": "*i32", "O": x, "LSE": "*fp32", "T": "i32",
                        "N": "i32", "K": "i32", "scale_log2e": "fp32"}
             const = {"H": H, "D": D, "BLOCK_H": cfg.BLOCK_H, "BLOCK_K": cfg.BLOCK_K, "BLOCK_D": cfg.BLOCK_D,
-                     "DOT_PREC": prec}
+                     "DOT_PREC": prec, "HEADS_FASTEST": cfg.heads_fastest}
             kernel = "_sparse_attn_bwd" if backward else "_sparse_attn_fwd"
             out.append(KernelCase(f"{kernel} {dt} H{H} D{D}", kernel, "triton_attention", sig, const,
                                   cfg.num_warps, cfg.num_stages, forward=not backward))
