@@ -209,8 +209,10 @@ def _ckpt(args) -> int:
         if args.ckpt_command == "verify":
             return _verify(storage, args.step)
         print(json.dumps(checkpoint.inspect(storage, checkpoint.step_name(args.step)), indent=1))
-    except (checkpoint.CheckpointError, OSError) as exc:  # OSError: a missing file, refused credentials
+    except checkpoint.CheckpointError as exc:
         return _fail(_first_line(exc), 1)
+    except OSError as exc:  # a missing file, refused credentials
+        return _fail(f"{storage.url}: {_first_line(exc)}", 1)
     return 0
 
 
