@@ -172,3 +172,28 @@ def test_preflight_refuses_a_committed_checkpoint_missing_a_shard_behind_a_consi
         check_resume_target(job, str(tmp_path), "step_00000002")
     assert str(info.value) == (f"{step}/{shard.name}: a shard the checkpoint's DCP metadata references is missing "
                                "or truncated")
+
+
+def test_ckpt_verify_without_a_step_verifies_every_committed_step_and_names_a_corrupt_older_one(tmp_path, capsys):
+    """Seen on main: only the newest committed step was re-hashed; a corrupted older one passed unnoticed."""
+    from v4train.orchestrator.tools import cli
+
+    job = _job(tmp_path, train={"steps": 4}, checkpoint={"at_end": False})
+    assert _run(job, tmp_path, FakeRankGroup(2, Script()))[0] is Phase.FINISHED
+    capsys.readouterr()
+    assert cli.main(["ckpt", "verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{tmp_path}/step_00000002: OK (step 2, every file matches its manifest)",
+                   f"{tmp_path}/step_00000004: OK (step 4, every file matches its manifest)",
+                   f"{tmp_path}: all 2 committed checkpoints verified"]
+    shard = next(p for p in (tmp_path / "step_00000002").iterdir() if p.suffix == ".distcp")
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert cli.main(["ckpt", "verify", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert f"{tmp_path}/step_00000002: FAILED ({tmp_path}/step_00000002/{shard.name}: size or sha256 differs" \
+        in captured.out
+    assert f"{tmp_path}/step_00000004: OK" in captured.out
+    assert captured.err.strip() == ("v4train: error: 1 of 2 committed checkpoint(s) failed verification: "
+                                    "step_00000002")
