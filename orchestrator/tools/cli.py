@@ -227,14 +227,16 @@ def _verify(storage, step: int | None) -> int:
         names = [r["name"] for r in checkpoint.list_checkpoints(storage) if r["committed"]]
         if not names:
             return _fail(f"{storage.url}: no committed checkpoint", 1)
-    bad = []
+    bad = {}
     for name in names:
         try:
             state = checkpoint.verify(storage, name)
             print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest)")
         except (checkpoint.CheckpointError, OSError) as exc:
-            bad.append(name)
-            print(f"{storage.url_of(name)}: FAILED ({_first_line(exc)})")
+            bad[name] = _first_line(exc)
+            print(f"{storage.url_of(name)}: FAILED ({bad[name]})")
+    if len(names) == 1 and bad:
+        return _fail(bad[names[0]], 1)
     if bad:
         return _fail(f"{len(bad)} of {len(names)} committed checkpoint(s) failed verification: {', '.join(bad)}", 1)
     if len(names) > 1:
