@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir)
         if not args.resume and not args.overwrite and run_dir.exists() and any(run_dir.iterdir()):
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --resume or --overwrite)")
+        from v4train.orchestrator.control.preflight import preflight
+
+        # every process checks (it reads the dataset anyway), so none is left waiting at the rendezvous
+        preflight(job, job.checkpoint.root or str(run_dir))
     except (SpecError, ValueError) as exc:
         print(f"v4train launch: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,12 @@ in torch 2.13: imported in this one place).
 S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
 credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
 so they never appear in ``job.yaml``, events or logs.
+
+Object storage under real conditions: every S3 call is retried by botocore's ``standard`` retry mode
+(:data:`S3_RETRIES`: exponential backoff with jitter on 5xx answers such as 503 SlowDown, throttling and
+connection errors), inside which s3fs retries SlowDown again; no bucket is ever created (DCP's writer asks
+fsspec to create the checkpoint "directory", which s3fs turns into ``CreateBucket`` whenever the bucket is not
+visible: :class:`_ObjectStoreWriter` skips it, object stores have no directories).
 """
 
 from __future__ import annotations
@@ -20,10 +26,26 @@ import uuid
 from fsspec.core import url_to_fs
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-__all__ = ["Storage", "CREDENTIAL_ENV_VARS"]
+__all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES"]
 
 # Variables a rank needs to reach S3; forwarded to rank processes, never logged.
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+# botocore's retry policy for every S3 call (attempts include the first).
+S3_RETRIES = {"mode": "standard", "max_attempts": 8}
+
+
+class _ObjectStoreWriter(FsspecWriter):
+    """torch DCP's fsspec writer without its ``mkdir`` of the checkpoint directory: on S3 that call is
+    s3fs's ``makedirs``, which sends ``CreateBucket`` when the bucket is missing or not listable with the
+    credentials at hand. Object stores have no directories; a missing bucket fails the first upload."""
+
+    def __init__(self, path: str, **options) -> None:
+        super().__init__(path, **options)
+        self.fs.mkdir = _no_directories
+
+
+def _no_directories(path: str) -> None:
+    """An object store's ``mkdir``: there is nothing to create."""
 
 
 class Storage:
@@ -40,8 +62,9 @@ class Storage:
         self.options: dict = {}
         if self.url.startswith("s3://"):
             client = {k: v for k, v in (("endpoint_url", endpoint_url), ("region_name", region)) if v}
+            self.options = {"config_kwargs": {"retries": dict(S3_RETRIES)}}
             if client:
-                self.options = {"client_kwargs": client}
+                self.options["client_kwargs"] = client
         self.fs, self._root = url_to_fs(self.url, **self.options)
         self.is_local = self.fs.protocol in ("file", ("file", "local"))
         if self.is_local:
@@ -136,8 +159,10 @@ class Storage:
 
     # ---------------------------------------------------------------- DCP
     def dcp_writer(self, rel: str) -> FsspecWriter:
-        """A DCP storage writer into directory ``rel``."""
-        return FsspecWriter(self.url_of(rel), **self.options)
+        """A DCP storage writer into directory ``rel`` (never creating a bucket)."""
+        if self.is_local:
+            return FsspecWriter(self.url_of(rel), **self.options)
+        return _ObjectStoreWriter(self.url_of(rel), **self.options)
 
     def dcp_reader(self, rel: str) -> FsspecReader:
         """A DCP storage reader of directory ``rel``."""

@@ -19,6 +19,7 @@ from v4train.orchestrator import checkpoint
 from v4train.orchestrator.control.rank_group import RankFailure, RankGroup
 from v4train.orchestrator.control.run_state import RunState, SavedState, read_train_state
 from v4train.orchestrator.faults import SUPERVISOR, Fault, die
+from v4train.orchestrator.recovery.fault_taxonomy import classify
 from v4train.orchestrator.spec import JobSpec
 from v4train.orchestrator.checkpoint.storage import Storage
 
@@ -39,7 +40,9 @@ class CheckpointCoordinator:
 
     Args:
         job: the job spec (checkpoint policy, model, layout).
-        telemetry: receives ``checkpoint_requested``, ``checkpoint_persisted``, ``checkpoint_committed``.
+        telemetry: receives ``checkpoint_requested``, ``checkpoint_persisted``, ``checkpoint_committed``, and
+            ``checkpoint_failed`` when committing hit a storage error that outlived its retries (a transient
+            fault: the run goes on, ``latest`` unchanged).
         io_timeout_s: bound on calls that make no step progress (save, load).
         faults: the supervisor's pending faults (``kill_during_save`` with ``rank=supervisor`` fires
             between the last shard and ``COMMIT``).
@@ -89,8 +92,17 @@ class CheckpointCoordinator:
         step = pending.step
         self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - pending.requested, 2),
                              training_blocked_s=round(pending.blocked_s, 3))
-        final, deleted = group.coordinate(lambda: self._commit(pending))
         self.pending = None
+        try:
+            final, deleted = group.coordinate(lambda: self._commit(pending))
+        except OSError as exc:  # storage; a refused credential or a missing bucket is deterministic
+            verdict = classify(exc)
+            if verdict.deterministic:
+                raise
+            # A storage error that outlived its retries: this save is lost, the run is not. ``latest`` still
+            # names the previous commit; the attempt is deleted by retention after the next commit.
+            self.telemetry.event("checkpoint_failed", step, error=verdict.cause, latest=self.latest(group))
+            return state
         self.telemetry.event("checkpoint_committed", step, path=self.storage.url_of(final),
                              seconds=round(time.perf_counter() - pending.requested, 2), deleted=deleted)
         return state.replace(last_committed=step)

@@ -4,15 +4,19 @@
 ``Supervisor.step()`` advances one transition::
 
     STARTING -> RUNNING -> (CHECKPOINTING -> RUNNING)* -> FINISHING -> FINISHED
-        any rank failure -> RECOVERING -> STARTING (from the last committed checkpoint)
-                         -> FAILED once train.max_restarts recoveries are spent
+        a transient fault -> RECOVERING -> STARTING (from the last committed checkpoint)
+                          -> FAILED once train.max_restarts recoveries are spent
+        a deterministic fault -> FAILED at once, with one line naming its file, field, tensor or rank
 
 Every choice comes from the pure policies of ``orchestrator/control/decisions.py`` applied to the typed
 :class:`RunState`; the supervisor carries them out (``orchestrator/recovery/`` holds the recovery actions).
 The rank group comes from an injected factory: Ray actors (``v4train submit``), the torchrun/srun processes
 (``python -m v4train.orchestrator.launch``, where every process runs this same loop) or a test's fake.
 
-On a failure (an exception, a dead actor, or a stall seen through heartbeats) every rank is released,
+Every failure is classified first (``orchestrator/recovery/fault_taxonomy.py``): bad data, a checkpoint that
+fails verification, a refused credential or a fault that repeats at the same step after a restart stops the
+run without spending the restart budget. On a transient failure (a dead actor, a stall seen through
+heartbeats, a lost peer, a rank's other exceptions) every rank is released,
 because survivors may be blocked in a collective; a new group starts, restores the newest committed
 checkpoint (verified against its manifest, and the restored step checked on every rank) and continues.
 """
@@ -33,6 +37,7 @@ from v4train.orchestrator.control.rank_group import RankFailure, RankGroup, Rank
 from v4train.orchestrator.control.run_state import RunState
 from v4train.orchestrator.faults import SUPERVISOR, Fault, parse_fault, take_fault
 from v4train.orchestrator.recovery import nonfinite, restart, spike_rollback
+from v4train.orchestrator.recovery.fault_taxonomy import DeterministicFault, FaultHistory, Verdict
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
 from v4train.orchestrator.checkpoint.storage import CREDENTIAL_ENV_VARS, Storage
 
@@ -99,6 +104,7 @@ class Supervisor:
         self.phase = Phase.STARTING
         self.state = RunState()
         self.failure: Exception | None = None
+        self.fault_history = FaultHistory()
         self.val_loss: float | None = None
         self.counters_at: dict[int, tuple[int, int]] = {}  # snapshot step -> (consumed tokens, samples)
         self.checkpoints = CheckpointCoordinator(job, self.storage, telemetry, self._io_timeout_s, self.pending_faults)
@@ -143,13 +149,28 @@ class Supervisor:
         }
         try:
             handlers[self.phase]()
-        except RankFailure as exc:
-            self._on_failure(exc, {"rank": exc.rank, "kind": exc.kind})
-        except checkpoint.CheckpointError as exc:
-            # A checkpoint that cannot be restored is not fixed by restarting: stop with its cause.
-            self.failure = exc
-            self.telemetry.event("failure", self.state.step, cause=str(exc), kind="checkpoint")
-            self.phase = Phase.FAILED
+        except Exception as exc:
+            verdict = self.fault_history.classify(exc, self.state.step)
+            if verdict.deterministic:
+                self._stop(exc, verdict)
+            elif isinstance(exc, RankFailure):
+                self._on_failure(exc, {"rank": exc.rank, "kind": exc.kind, "fault_class": "transient"})
+            else:
+                raise
+
+    def _stop(self, exc: Exception, verdict: Verdict) -> None:
+        """A deterministic fault: stop now, restart budget untouched; ``failure`` is its one line."""
+        fields = {"rank": exc.rank, "kind": exc.kind} if isinstance(exc, RankFailure) else {}
+        if isinstance(exc, checkpoint.CheckpointError):
+            fields["kind"] = "checkpoint"
+        step = self.state.step
+        when = f"in step {step + 1}" if self.phase is Phase.RUNNING else f"at step {step} ({self.phase.value})"
+        self.failure = DeterministicFault(f"deterministic fault {when}: {verdict.cause} ({verdict.reason}; "
+                                          "not restarted)")
+        self.telemetry.event("failure", self.state.step, cause=verdict.cause, fault_class="deterministic",
+                             reason=verdict.reason, restarts=self.state.restarts, **fields)
+        self._release_workers(abort=True)
+        self.phase = Phase.FAILED
 
     def _on_failure(self, exc: Exception, fields: dict) -> None:
         self.failure = exc
@@ -183,6 +204,10 @@ class Supervisor:
                   "launcher": self.workers.launcher, "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:
             self.state, fields["resumed_from"] = self.checkpoints.restore(self.workers, self.state, self.resume_from)
+            # Resuming an earlier step abandons the newer commits' trajectory: set them aside, as a rollback does.
+            self.state, superseded = self.checkpoints.supersede_after(self.workers, self.state)
+            if superseded:
+                fields["superseded"] = superseded
         self.telemetry.event("start", self.state.step, **fields)
         self.phase = Phase.RUNNING if self.state.step < self.job.train.steps else Phase.FINISHING
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from v4train.model.moe import discard_expert_counts, update_expert_bias
 from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.control.preflight import check_vocabulary
 from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, group_parameters
 from v4train.orchestrator.spec import JobSpec
 from v4train.parallel.data_parallel import all_reduce_gradients
@@ -43,6 +44,8 @@ class StepEngine:
         self.heartbeat = {"step": 0, "progress": 0, "phase": "setup"}
         self.train_data = TokenDataset.open(job.data.path, "train")
         self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
+        # every token id must have an embedding row (preflight checks it too; a rank must not index past it)
+        check_vocabulary(self.train_data.vocab_size, self.cfg.vocab_size, f"{job.data.path}/dataset.json")
         self.stage, self.tp = build_stage(job, self.cfg, pctx)
         # what the schedule runs: the stage, or its virtual-stage chunks (interleaved 1F1B)
         self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage

@@ -54,20 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     report.add_cli_arguments(sub)
 
     resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint")
-    resume.add_argument("run_dir", help="the run directory of an earlier submit")
+    resume.add_argument("target", metavar="RUN_DIR|JOB.yaml",
+                        help="the run directory of an earlier submit; with --from, the job file")
+    resume.add_argument("--from", dest="from_root", metavar="ROOT",
+                        help="resume from this checkpoint root (a directory or s3://bucket/prefix) and the job file "
+                             "alone, into a new run directory (needs --cluster)")
+    resume.add_argument("--cluster", help="cluster YAML (default: the run directory's cluster.yaml)")
+    resume.add_argument("--run-dir", help="with --from: the new run directory (default runs/<job name>-<timestamp>)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job field, e.g. --set train.steps=400 to train further")
-    resume.add_argument("--step", type=int, help="resume from this committed step (default: the newest)")
+    resume.add_argument("--step", type=int, help="resume from this committed step (default: the newest); newer "
+                                                 "committed checkpoints are set aside as <name>.superseded-<id>")
 
     ckpt = sub.add_parser("ckpt", help="list, verify and inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     ls = ckpt_sub.add_parser("list", help="every checkpoint under ROOT: step, committed, layout, size")
-    verify = ckpt_sub.add_parser("verify", help="re-hash a checkpoint against its manifest (exit 1 on any mismatch)")
+    verify = ckpt_sub.add_parser("verify", help="re-hash committed checkpoints against their manifests (exit 1 on "
+                                                "any mismatch)")
     inspect = ckpt_sub.add_parser("inspect", help="train state and tensor list of a checkpoint")
     for p in (ls, verify, inspect):
         p.add_argument("root", help="checkpoint root: a directory or s3://bucket/prefix")
         p.add_argument("--endpoint-url", help="S3 endpoint (non-AWS services); credentials come from the environment")
-    verify.add_argument("--step", type=int, help="the step to verify (default: the newest committed)")
+    verify.add_argument("--step", type=int, help="the step to verify (default: every committed step)")
     inspect.add_argument("--step", type=int, required=True, help="the step to inspect")
     return parser
 
@@ -92,11 +100,20 @@ def _submit(args) -> int:
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty "
                             f"(use `v4train resume {run_dir}` or --overwrite)")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     faults = _parse_faults(args.faults)
+    checked = _preflight(job, run_dir, resume_from=None)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_job(job))
     shutil.copyfile(args.cluster, run_dir / "cluster.yaml")
-    return _run(job, cluster, run_dir, resume_from=None, faults=faults)
+    return _run(job, cluster, run_dir, resume_from=None, faults=faults, notes=[("preflight", 0, checked)])
+
+
+def _preflight(job, run_dir: Path, resume_from: str | None) -> dict:
+    """Every check before any rank starts (``orchestrator/control/preflight.py``); SpecError (exit 2) on the first
+    that fails, with nothing written under the checkpoint root."""
+    from v4train.orchestrator.control.preflight import preflight
+
+    return preflight(job, job.checkpoint.root or str(run_dir), resume_from)
 
 
 def _parse_faults(texts: list[str]):
@@ -110,16 +127,20 @@ def _parse_faults(texts: list[str]):
 
 def _resume(args) -> int:
     from v4train.orchestrator import checkpoint
-    from v4train.orchestrator.checkpoint.storage import Storage
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "job.yaml").is_file():
-        raise SpecError(f"{run_dir}: not a run directory (no job.yaml)")
-    job = load_job(run_dir / "job.yaml", args.overrides)
-    cluster = load_cluster(run_dir / "cluster.yaml")
+    if args.from_root is not None:
+        job, cluster, run_dir = _fresh_run_dir(args)
+    else:
+        run_dir = Path(args.target)
+        if not (run_dir / "job.yaml").is_file():
+            raise SpecError(f"{run_dir}: not a run directory (no job.yaml); to resume from a checkpoint root "
+                            "alone: v4train resume --from ROOT JOB.yaml --cluster CLUSTER.yaml")
+        job = load_job(run_dir / "job.yaml", args.overrides)
+        cluster = load_cluster(args.cluster or run_dir / "cluster.yaml")
     validate_against_cluster(job, cluster)
     c = job.checkpoint
-    storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
+    root = c.root or str(run_dir)
+    storage = _checkpoint_storage(root, c.endpoint_url, c.region)
     if args.step is not None:
         name = checkpoint.step_name(args.step)
         if not storage.exists(f"{name}/COMMIT"):
@@ -128,37 +149,98 @@ def _resume(args) -> int:
         name = checkpoint.latest_committed(storage)
         if name is None:
             raise SpecError(f"{storage.url}: no committed checkpoint to resume from")
-    if args.overrides:
+    notes = [("preflight", 0, _preflight(job, run_dir, resume_from=name))]
+    if args.from_root is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.cluster, run_dir / "cluster.yaml")
+    if args.overrides or args.from_root is not None:
         (run_dir / "job.yaml").write_text(dump_job(job))
-    return _run(job, cluster, run_dir, resume_from=name, faults=[])
+    return _run(job, cluster, run_dir, resume_from=name, faults=[], notes=notes)
+
+
+def _fresh_run_dir(args):
+    """``resume --from ROOT JOB.yaml``: the job file with its checkpoint root set to ROOT, the cluster from
+    ``--cluster``, and a new run directory (a checkpoint root holds everything a resume needs)."""
+    if args.cluster is None:
+        raise SpecError("--from: give the cluster too (--cluster CLUSTER.yaml)")
+    job = load_job(args.target, [*args.overrides, f"checkpoint.root={args.from_root}"])
+    cluster = load_cluster(args.cluster)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir or f"runs/{job.name}-{stamp}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SpecError(f"--run-dir: {run_dir} exists and is not empty")
+    return job, cluster, run_dir
+
+
+def _checkpoint_storage(root: str, endpoint_url: str | None = None, region: str | None = None):
+    """The checkpoint root's Storage, or SpecError with one line when it cannot be reached."""
+    from v4train.orchestrator.checkpoint.storage import Storage
+
+    try:
+        return Storage(root, endpoint_url=endpoint_url, region=region)
+    except Exception as exc:
+        raise SpecError(f"{root}: cannot open the checkpoint root ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line for an error: its message's first line, prefixed by its type unless it is one of ours."""
+    from v4train.orchestrator.checkpoint import CheckpointError
+
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if isinstance(exc, (CheckpointError, SpecError)) else f"{type(exc).__name__}: {line}".rstrip(": ")
 
 
 def _ckpt(args) -> int:
     import json
 
     from v4train.orchestrator import checkpoint
-    from v4train.orchestrator.checkpoint.storage import Storage
 
-    storage = Storage(args.root, endpoint_url=args.endpoint_url)
-    if args.ckpt_command == "list":
-        rows = checkpoint.list_checkpoints(storage)
-        print(f"{'step':>10}  {'committed':<9}  {'layout':<24}  {'MB':>9}  name")
-        for r in rows:
-            layout = " ".join(f"{k}{v}" for k, v in (r["layout"] or {}).items()) or "-"
-            committed = "yes" if r["committed"] else "no"
-            print(f"{r['step']:>10}  {committed:<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
-        return 0
-    name = checkpoint.step_name(args.step) if args.step is not None else checkpoint.latest_committed(storage)
-    if name is None:
-        return _fail(f"{storage.url}: no committed checkpoint", 1)
+    storage = _checkpoint_storage(args.root, args.endpoint_url)
     try:
+        if args.ckpt_command == "list":
+            rows = checkpoint.list_checkpoints(storage)
+            print(f"{'step':>10}  {'committed':<9}  {'layout':<24}  {'MB':>9}  name")
+            for r in rows:
+                layout = " ".join(f"{k}{v}" for k, v in (r["layout"] or {}).items()) or "-"
+                committed = "yes" if r["committed"] else "no"
+                print(f"{r['step']:>10}  {committed:<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
+            return 0
         if args.ckpt_command == "verify":
+            return _verify(storage, args.step)
+        print(json.dumps(checkpoint.inspect(storage, checkpoint.step_name(args.step)), indent=1))
+    except checkpoint.CheckpointError as exc:
+        return _fail(_first_line(exc), 1)
+    except OSError as exc:  # a missing file, refused credentials
+        return _fail(f"{storage.url}: {_first_line(exc)}", 1)
+    return 0
+
+
+def _verify(storage, step: int | None) -> int:
+    """``ckpt verify``: re-hash one committed step, or every committed step under the root, saying which;
+    exit 1 if any fails."""
+    from v4train.orchestrator import checkpoint
+
+    if step is not None:
+        names = [checkpoint.step_name(step)]
+    else:
+        names = [r["name"] for r in checkpoint.list_checkpoints(storage) if r["committed"]]
+        if not names:
+            return _fail(f"{storage.url}: no committed checkpoint", 1)
+    bad = {}
+    for name in names:
+        try:
             state = checkpoint.verify(storage, name)
             print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest)")
-        else:
-            print(json.dumps(checkpoint.inspect(storage, name), indent=1))
-    except (checkpoint.CheckpointError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1)
+        except (checkpoint.CheckpointError, OSError) as exc:
+            bad[name] = _first_line(exc)
+            print(f"{storage.url_of(name)}: FAILED ({bad[name]})")
+    if len(names) == 1 and bad:
+        return _fail(bad[names[0]], 1)
+    if bad:
+        return _fail(f"{len(bad)} of {len(names)} committed checkpoint(s) failed verification: {', '.join(bad)}", 1)
+    if len(names) > 1:
+        print(f"{storage.url}: all {len(names)} committed checkpoints verified")
     return 0
 
 
@@ -166,19 +248,26 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> int:
-    """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code."""
+def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, notes: list = ()) -> int:
+    """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code.
+
+    ``notes`` are events (name, step, fields) recorded before the run starts (the preflight's timings, the
+    checkpoints a resume set aside).
+    """
     import ray
 
     from v4train.orchestrator.control.supervisor import Phase, Supervisor
     from v4train.orchestrator.control.telemetry import Telemetry
     from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 
-    # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C stops the run whatever this process inherited: a shell that starts a command in the background
+    # without job control (`make test &`) starts it with SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.perf_counter()
     world = job.parallel.world_size
     telemetry = Telemetry(run_dir, job.train.steps)
+    for name, step, fields in notes:
+        telemetry.event(name, step, **fields)
     supervisor = None
 
     def make_workers() -> RayRankGroup:
@@ -187,6 +276,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list) -> 
 
     try:
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)
+        # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does; set after ray.init, which
+        # installs its own SIGTERM handler (sys.exit) in the driver.
+        signal.signal(signal.SIGTERM, _interrupt)
         supervisor = Supervisor(job, cluster, str(run_dir), make_workers, telemetry,
                                 resume_from=resume_from, faults=faults)
         phase = supervisor.run()

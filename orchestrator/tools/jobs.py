@@ -180,7 +180,8 @@ def stop(address: str, job_id: str, wait_s: float = 60.0) -> dict:
 
 
 def format_status(state: dict) -> str:
-    """Lines for ``v4train status``: the job's state, and its progress when the run directory is visible here."""
+    """Lines for ``v4train status``: the job's state, and when the run directory is visible here its progress
+    (step, loss, throughput, restarts) and its last event (with the cause of a failure)."""
     lines = [f"job       {state['job_id']}", f"status    {state['status']}"]
     if state["message"]:
         lines.append(f"message   {state['message']}")
@@ -189,14 +190,21 @@ def format_status(state: dict) -> str:
     if state["start"]:
         ended = f"   ended {state['end']:%H:%M:%S}" if state["end"] else ""
         lines.append(f"started   {state['start']:%Y-%m-%d %H:%M:%S}" + ended)
-    metrics = Path(state["run_dir"] or "/nonexistent") / "metrics.jsonl"
-    if metrics.is_file():
-        import json
+    import json
 
-        rows = metrics.read_text().splitlines()
+    run_dir = Path(state["run_dir"] or "/nonexistent")
+    if (run_dir / "metrics.jsonl").is_file():
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
         if rows:
             last = json.loads(rows[-1])
-            lines.append(f"progress  step {last['step']}  loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s")
+            lines.append(f"progress  step {last['step']}  loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s  "
+                         f"restarts {last.get('restarts', 0)}")
+    if (run_dir / "events.jsonl").is_file():
+        rows = (run_dir / "events.jsonl").read_text().splitlines()
+        if rows:
+            last = json.loads(rows[-1])
+            cause = f": {last['cause']}" if "cause" in last else ""
+            lines.append(f"event     {last['event']} at step {last['step']}{cause}")
     return "\n".join(lines)
 
 

@@ -40,9 +40,11 @@ def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
     reference = {m["step"]: m for m in _records(ref_dir / "metrics.jsonl")}
     assert sorted(reference) == list(range(1, 9))
 
-    # Interrupted run: Ctrl-C as soon as the step-2 checkpoint (saved asynchronously) has committed.
+    # Interrupted run: Ctrl-C as soon as the step-2 checkpoint (saved asynchronously) has committed. It starts
+    # with SIGINT ignored, as a command started in the background by a shell without job control does
+    # (`make test &`): the CLI must stop on Ctrl-C all the same.
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 300
     while not any(e["event"] == "checkpoint_committed" for e in _records(run_dir / "events.jsonl")):
         assert proc.poll() is None, proc.communicate()[1][-2000:]

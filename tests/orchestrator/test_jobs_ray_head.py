@@ -134,3 +134,58 @@ def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dat
     while any(a.class_name == "RankWorker" for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])):
         assert time.monotonic() < deadline, "rank actors outlived the stopped job"
         time.sleep(1)
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_c13_job_status_tells_the_truth(ray_head, tiny_dataset, tmp_path):
+    """A rank raising with no restarts left: FAILED; a killed rank recovered: SUCCEEDED with its restart count; a
+    stopped job: STOPPED. `status --wait` exits non-zero unless SUCCEEDED, the state agrees with the last event
+    in events.jsonl, and `v4train logs` names the rank, step and cause. The three jobs run at once."""
+    from support.jobs import tiny_job
+
+    address, env = ray_head
+    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({"name": "ray2", "devices_per_node": 2, "address": address,
+                                            "collective_timeout_s": 300}))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"dp": 2},
+                                                train={"steps": 4, "warmup_steps": 1, "max_restarts": 1},
+                                                checkpoint={"every_steps": 2, "at_end": False})))
+    runs = {"failed": ["--set", "train.max_restarts=0", "--inject-fault", "raise@3:rank=1"],
+            "recovered": ["--inject-fault", "kill@3:rank=1"],
+            "stopped": ["--set", "train.steps=100000"]}
+    ids = {}
+    for name, extra in runs.items():
+        sub = _v4train("submit", str(job_file), "--cluster", str(cluster_file), "--run-dir", str(tmp_path / name),
+                       *extra, env=env)
+        assert sub.returncode == 0, sub.stderr
+        ids[name] = sub.stdout.strip().splitlines()[-1]
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(e["event"] == "start" for e in _events(tmp_path / "stopped")):
+        assert time.monotonic() < deadline, "the job to stop never started"
+        time.sleep(1)
+    stopped = _v4train("stop", ids["stopped"], "--address", address, env=env)
+    assert "status    STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+
+    expected = {"failed": ("FAILED", "failure"), "recovered": ("SUCCEEDED", "finish"),
+                "stopped": ("STOPPED", "stopped")}
+    for name, (state, last_event) in expected.items():
+        status = _v4train("status", ids[name], "--address", address, "--wait", "--timeout", str(JOB_TIMEOUT_S),
+                          env=env)
+        assert f"status    {state}" in status.stdout, (name, status.stdout)
+        assert (status.returncode == 0) == (state == "SUCCEEDED"), (name, status.returncode)
+        assert _events(tmp_path / name)[-1]["event"] == last_event, (name, _events(tmp_path / name)[-3:])
+        assert f"event     {last_event} at step" in status.stdout
+    recovered = _v4train("status", ids["recovered"], "--address", address, env=env).stdout
+    assert "progress  step 4" in recovered and "restarts 1" in recovered
+    logs = _v4train("logs", ids["failed"], "--address", address, env=env).stdout
+    assert "run failed: rank 1 exception in train_step: RuntimeError: injected fault raise@3 on rank 1" in logs
+    assert "[failure] step 2" in logs
