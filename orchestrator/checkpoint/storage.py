@@ -2,8 +2,8 @@
 
 The one module that knows how files reach a checkpoint root: the commit protocol in
 ``orchestrator/checkpoint/commit.py`` calls only these operations, and the DCP shard writers/readers come from
-here too (torch's fsspec writer lives in a private module, ``torch.distributed.checkpoint._fsspec_filesystem``,
-in torch 2.13: imported in this one place).
+here too (torch's fsspec reader and writer live in a private module,
+``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13: imported here and in ``hashed_writer.py``).
 
 S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
 credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
@@ -18,7 +18,9 @@ import posixpath
 import uuid
 
 from fsspec.core import url_to_fs
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+from v4train.orchestrator.checkpoint.hashed_writer import HashingWriter
 
 __all__ = ["Storage", "CREDENTIAL_ENV_VARS"]
 
@@ -135,9 +137,9 @@ class Storage:
         self.remove(src)
 
     # ---------------------------------------------------------------- DCP
-    def dcp_writer(self, rel: str) -> FsspecWriter:
-        """A DCP storage writer into directory ``rel``."""
-        return FsspecWriter(self.url_of(rel), **self.options)
+    def dcp_writer(self, rel: str) -> HashingWriter:
+        """A DCP storage writer into directory ``rel`` that records every file's sha256 as it writes it."""
+        return HashingWriter(self.url_of(rel), **self.options)
 
     def dcp_reader(self, rel: str) -> FsspecReader:
         """A DCP storage reader of directory ``rel``."""
