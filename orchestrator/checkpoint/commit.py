@@ -7,16 +7,18 @@ Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``d
         .metadata             ("optim.<fqn>.<exp_avg|exp_avg_sq|step>"), keyed by global names so any
                               pipeline or data-parallel layout can read them
         train_state.json      counters, loader cursor, per-rank RNG, layout, curriculum and routing slots
+        shard_hashes.json     each shard's and .metadata's sha256, computed by the ranks while writing
         manifest.json         every other file with its size (bytes) and sha256
         COMMIT                written last; names the step and the manifest's sha256
     step_00000100.attempt-<id>/   a save in progress, or an abandoned one (never read)
     latest                    the newest committed step directory name
 
-Commit, then believe (docs/architecture.md principle 4): ranks write into a fresh attempt directory; the coordinator
-checks that every shard DCP's metadata references is present and long enough, hashes every file (reading
-it back) into the manifest, publishes the attempt as ``step_<N>`` (an atomic rename locally, a copy on S3),
-writes ``COMMIT`` there and only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that
-matches its manifest, so an aborted attempt is never merged with a later save of the same step.
+Commit, then believe (docs/architecture.md principle 4): ranks write into a fresh attempt directory, hashing
+what they write as they write it (``hashed_writer.py``); the coordinator checks that every shard DCP's metadata
+references is present and long enough, builds the manifest from those hashes (no shard is read back),
+publishes the attempt as ``step_<N>`` (an atomic rename locally, a copy on S3), writes ``COMMIT`` there and
+only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that matches its manifest, so an
+aborted attempt is never merged with a later save of the same step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import json
 import uuid
 
+from v4train.orchestrator.checkpoint.hashed_writer import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "step_name", "begin_attempt", "commit", "latest_committed",
@@ -61,6 +64,34 @@ def _check_shards(storage: Storage, attempt: str, sizes: dict[str, int]) -> None
             raise CheckpointError(f"{storage.url_of(attempt)}/{info.relative_path}: shard missing or truncated")
 
 
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written: dict[str, str]) -> dict:
+    """``{file: {"bytes", "sha256"}}`` for every file of ``attempt``, without reading shards back.
+
+    Shards and ``.metadata`` come with the hashes their writers computed while writing them
+    (:data:`HASHES_FILE`); small files the coordinator wrote (``written``: their text) are hashed from
+    memory; only files no writer hashed (a converted checkpoint's shards) are read. A file whose size differs
+    from what its writer hashed is refused.
+    """
+    recorded = json.loads(written.setdefault(HASHES_FILE, storage.read_text(f"{attempt}/{HASHES_FILE}"))) \
+        if HASHES_FILE in sizes else {}
+    out = {}
+    for rel, size in sorted(sizes.items()):
+        if rel in written:
+            out[rel] = {"bytes": size, "sha256": _sha256_text(written[rel])}
+        elif rel in recorded:
+            if recorded[rel]["bytes"] != size:
+                raise CheckpointError(f"{storage.url_of(attempt)}/{rel}: {size} bytes on storage, "
+                                      f"{recorded[rel]['bytes']} written")
+            out[rel] = {"bytes": size, "sha256": recorded[rel]["sha256"]}
+        else:
+            out[rel] = {"bytes": size, "sha256": storage.sha256(f"{attempt}/{rel}")}
+    return out
+
+
 def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
     """Finish a save: verify shards, write train_state.json and manifest.json, publish, COMMIT, ``latest``.
 
@@ -70,14 +101,14 @@ def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
     final = step_name(step)
     if storage.exists(f"{final}/COMMIT"):
         raise CheckpointError(f"{storage.url_of(final)}: a committed checkpoint for step {step} already exists")
-    storage.write_text(f"{attempt}/train_state.json", json.dumps({"format_version": FORMAT_VERSION, **train_state}))
+    state_text = json.dumps({"format_version": FORMAT_VERSION, **train_state})
+    storage.write_text(f"{attempt}/train_state.json", state_text)
     sizes = storage.files(attempt)
     _check_shards(storage, attempt, sizes)
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "files": {rel: {"bytes": size, "sha256": storage.sha256(f"{attempt}/{rel}")}
-                  for rel, size in sorted(sizes.items())},
+        "files": _file_hashes(storage, attempt, sizes, {"train_state.json": state_text}),
     }
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
     storage.write_text(f"{attempt}/manifest.json", manifest_text)

@@ -2,8 +2,8 @@
 
 The one module that knows how files reach a checkpoint root: the commit protocol in
 ``orchestrator/checkpoint/commit.py`` calls only these operations, and the DCP shard writers/readers come from
-here too (torch's fsspec writer lives in a private module, ``torch.distributed.checkpoint._fsspec_filesystem``,
-in torch 2.13: imported in this one place).
+here too (torch's fsspec reader and writer live in a private module,
+``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13: imported here and in ``hashed_writer.py``).
 
 S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
 credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
@@ -13,7 +13,7 @@ Object storage under real conditions: every S3 call is retried by botocore's ``s
 (:data:`S3_RETRIES`: exponential backoff with jitter on 5xx answers such as 503 SlowDown, throttling and
 connection errors), inside which s3fs retries SlowDown again; no bucket is ever created (DCP's writer asks
 fsspec to create the checkpoint "directory", which s3fs turns into ``CreateBucket`` whenever the bucket is not
-visible: :class:`_ObjectStoreWriter` skips it, object stores have no directories).
+visible: :func:`_object_store_writer` skips it, object stores have no directories).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import posixpath
 import uuid
 
 from fsspec.core import url_to_fs
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+from v4train.orchestrator.checkpoint.hashed_writer import HashingWriter
 
 __all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES"]
 
@@ -34,14 +36,12 @@ CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSIO
 S3_RETRIES = {"mode": "standard", "max_attempts": 8}
 
 
-class _ObjectStoreWriter(FsspecWriter):
-    """torch DCP's fsspec writer without its ``mkdir`` of the checkpoint directory: on S3 that call is
-    s3fs's ``makedirs``, which sends ``CreateBucket`` when the bucket is missing or not listable with the
+def _object_store_writer(writer: HashingWriter) -> HashingWriter:
+    """``writer`` without torch DCP's ``mkdir`` of the checkpoint directory: on S3 that call is s3fs's
+    ``makedirs``, which sends ``CreateBucket`` when the bucket is missing or not listable with the
     credentials at hand. Object stores have no directories; a missing bucket fails the first upload."""
-
-    def __init__(self, path: str, **options) -> None:
-        super().__init__(path, **options)
-        self.fs.mkdir = _no_directories
+    writer.fs.mkdir = _no_directories
+    return writer
 
 
 def _no_directories(path: str) -> None:
@@ -158,11 +158,11 @@ class Storage:
         self.remove(src)
 
     # ---------------------------------------------------------------- DCP
-    def dcp_writer(self, rel: str) -> FsspecWriter:
-        """A DCP storage writer into directory ``rel`` (never creating a bucket)."""
-        if self.is_local:
-            return FsspecWriter(self.url_of(rel), **self.options)
-        return _ObjectStoreWriter(self.url_of(rel), **self.options)
+    def dcp_writer(self, rel: str) -> HashingWriter:
+        """A DCP storage writer into directory ``rel`` that records every file's sha256 as it writes it and
+        never creates a bucket (see :func:`_object_store_writer`)."""
+        writer = HashingWriter(self.url_of(rel), **self.options)
+        return writer if self.is_local else _object_store_writer(writer)
 
     def dcp_reader(self, rel: str) -> FsspecReader:
         """A DCP storage reader of directory ``rel``."""

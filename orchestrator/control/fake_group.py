@@ -150,3 +150,7 @@ class FakeRankGroup:
 
     def abort(self) -> None:
         self.calls.append("abort")
+
+    def rejoin(self, failure: RankFailure, timeout_s: float) -> bool:
+        """Never: a failed fake group is aborted and a new one made, so tests see every restart."""
+        return False

@@ -131,3 +131,7 @@ class RankGroup(Protocol):
 
     def abort(self) -> None:
         """After a failure: kill or release every rank at once (survivors may be blocked in a collective)."""
+
+    def rejoin(self, failure: RankFailure, timeout_s: float) -> bool:
+        """After ``failure``: keep the healthy ranks' processes for the next :meth:`setup` and replace the
+        failed rank's; False when the group cannot (the supervisor then aborts it and makes a new one)."""

@@ -5,6 +5,12 @@ group and runs each operation of :class:`orchestrator.control.rank_group.RankGro
 failure becomes a :class:`RankFailure` naming the rank: an exception or a dead actor as soon as Ray reports
 it (the other ranks may still be blocked in a collective), a stall when no rank's heartbeat moves for the
 call's timeout.
+
+After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: a rank whose call fails leaves
+its process groups at once (``RankWorker.run``), so every peer blocked on it fails too and the survivors
+come back idle within seconds; only the failed rank's process is replaced, by a spare actor started ahead
+of time (its imports of torch and Megatron-core already done). The next ``setup`` re-forms the process
+groups in the same processes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.rank.trainer import RankTrainer
 from v4train.orchestrator.rank.worker import RankWorker
 
-__all__ = ["RayRankGroup", "start_ray", "free_port"]
+__all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port"]
 
 
 def free_port() -> int:
@@ -57,6 +63,14 @@ def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = 
              logging_level=logging.WARNING)
 
 
+def start_spare(log_path: str | None = None):
+    """Start an idle RankWorker actor that can take a failed rank's place (its imports done by then).
+
+    It reserves no logical CPU while it waits (on a CPU cluster a rank's CPU is a scheduling label only).
+    """
+    return ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"heartbeat": 1})(RankWorker).remote(log_path)
+
+
 class RayRankGroup:
     """The rank actors of one job, addressed together.
 
@@ -68,12 +82,15 @@ class RayRankGroup:
         grace_s: after a first failure, how long to wait for the others before naming the root cause.
         owned: whether :meth:`shutdown` kills the actors (False for actors borrowed from a longer-lived
             pool); :meth:`abort` kills them either way.
+        spares: idle actors started ahead of time that :meth:`rejoin` puts in a failed rank's place.
+        make_spare: starts one more spare actor; without spares or this, :meth:`rejoin` cannot replace a
+            dead rank and declines.
     """
 
     launcher = "ray"
 
     def __init__(self, actors: list, timeout_s: float, poll_s: float = 1.0, owned: bool = True,
-                 grace_s: float = 3.0) -> None:
+                 grace_s: float = 3.0, spares: list | None = None, make_spare: Callable | None = None) -> None:
         self.actors = actors
         self.world_size = len(actors)
         self.timeout_s = timeout_s
@@ -81,13 +98,20 @@ class RayRankGroup:
         self.grace_s = grace_s
         self.owned = owned
         self.placement_group = None
+        self.spares = list(spares or [])
+        self.make_spare = make_spare
+        self.spares_wanted = len(self.spares)
+        self._in_flight: list = []  # refs of the last call, one per rank
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
-               gpus_per_rank: int = 0) -> RayRankGroup:
-        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank).
+               gpus_per_rank: int = 0, spares: int = 1) -> RayRankGroup:
+        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank), and
+        ``spares`` idle ones outside it.
 
-        ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs.
+        ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs; there a
+        spare would hold a GPU it does not use, so none is started and a failed rank is replaced by a new
+        actor. On CPU a spare reserves no logical CPU: it only waits, its imports done.
         """
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -105,7 +129,14 @@ class RayRankGroup:
             ).remote(str(Path(log_dir) / f"rank_{r}.log") if log_dir else None)
             for r in range(world_size)
         ]
-        group = cls(actors, timeout_s)
+        counter = iter(range(1 << 30))
+
+        def make_spare():
+            return start_spare(str(Path(log_dir) / f"spare_{next(counter)}.log") if log_dir else None)
+
+        n_spares = 0 if gpus_per_rank else spares
+        group = cls(actors, timeout_s, spares=[make_spare() for _ in range(n_spares)],
+                    make_spare=make_spare if n_spares else None)
         group.placement_group = pg
         return group
 
@@ -119,7 +150,11 @@ class RayRankGroup:
         return self._wait(refs, "setup", timeout_s)
 
     def train_step(self, plan: StepPlan) -> list[dict]:
-        return self._run(RankTrainer.train_step, plan)
+        results = self._run(RankTrainer.train_step, plan)
+        # a spare used by a recovery is replaced once training runs again, off the recovery's critical path
+        while self.make_spare is not None and len(self.spares) < self.spares_wanted:
+            self.spares.append(self.make_spare())
+        return results
 
     def evaluate(self, request: EvalRequest) -> list[dict]:
         return self._run(RankTrainer.evaluate, request)
@@ -152,12 +187,33 @@ class RayRankGroup:
 
     def abort(self) -> None:
         """Kill every actor (survivors may be blocked in a collective) and release the placement group."""
-        for actor in self.actors:
+        for actor in self.actors + self.spares:
             ray.kill(actor, no_restart=True)
+        self.spares = []
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement_group)
+
+    def rejoin(self, failure: RankFailure, timeout_s: float) -> bool:
+        """After ``failure``: keep the healthy ranks' processes for the next :meth:`setup` and replace the
+        failed one (killed if it died or stalled; a rank that raised keeps its process). Returns False,
+        leaving the group to :meth:`abort`, when a survivor's call has not returned within ``timeout_s`` or
+        no replacement can be had.
+        """
+        replace = failure.kind in ("died", "stall")
+        if replace:
+            if not self.spares and self.make_spare is None:
+                return False
+            ray.kill(self.actors[failure.rank], no_restart=True)  # a stalled rank must let its peers go
+        survivors = [ref for r, ref in enumerate(self._in_flight) if not (replace and r == failure.rank)]
+        _, unfinished = ray.wait(survivors, num_returns=len(survivors), timeout=timeout_s)
+        if unfinished:
+            return False
+        if replace:
+            self.actors[failure.rank] = self.spares.pop(0) if self.spares else self.make_spare()
+        self._in_flight = []
+        return True
 
     # ---------------------------------------------------------------- calls, failures, heartbeats
     def _run(self, fn: Callable, *args, timeout_s: float | None = None) -> list:
@@ -169,6 +225,7 @@ class RayRankGroup:
         soon as Ray reports it), or, when no rank has made progress for ``timeout_s`` (default: the group's),
         a stall of the least advanced unfinished rank."""
         stall_after = self.timeout_s if timeout_s is None else timeout_s
+        self._in_flight = list(refs)
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = list(refs)
         last_beats, last_change = None, time.monotonic()

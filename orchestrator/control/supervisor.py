@@ -16,9 +16,11 @@ The rank group comes from an injected factory: Ray actors (``v4train submit``), 
 Every failure is classified first (``orchestrator/recovery/fault_taxonomy.py``): bad data, a checkpoint that
 fails verification, a refused credential or a fault that repeats at the same step after a restart stops the
 run without spending the restart budget. On a transient failure (a dead actor, a stall seen through
-heartbeats, a lost peer, a rank's other exceptions) every rank is released,
-because survivors may be blocked in a collective; a new group starts, restores the newest committed
-checkpoint (verified against its manifest, and the restored step checked on every rank) and continues.
+heartbeats, a lost peer, a rank's other exceptions) the group keeps its healthy rank processes where it can
+(:meth:`RankGroup.rejoin`: the failed rank's process is replaced, the others leave their process groups and
+set up again in place); otherwise every rank is released, because survivors may be blocked in a collective,
+and a new group starts. Either way the ranks restore the newest committed checkpoint (verified against its
+manifest, and the restored step checked on every rank) and continue.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from v4train.orchestrator.control.checkpointing import CheckpointCoordinator
 from v4train.orchestrator.control.decisions import (Decision, decide, eval_request, final_evaluation_due, plan_next,
                                                     restart_allowed)
 from v4train.orchestrator.control.rank_group import RankFailure, RankGroup, RankInfo, SetupRequest
+from v4train.orchestrator.control.router_watch import RouterWatch
 from v4train.orchestrator.control.run_state import RunState
 from v4train.orchestrator.faults import SUPERVISOR, Fault, parse_fault, take_fault
 from v4train.orchestrator.recovery import nonfinite, restart, spike_rollback
@@ -56,7 +59,8 @@ class Phase(enum.Enum):
 
 def _model_wide(stage_metrics) -> dict:
     """Auxiliary metrics of the whole model from one rank per pipeline stage (each reports its own layers):
-    losses and dead experts summed, the worst load kept, router entropy averaged over stages."""
+    losses and dead experts summed, the worst load kept, router entropy averaged over stages, and every
+    layer's ``router/<layer>/...`` health."""
     rows = list(stage_metrics)
     out = {}
     for key in ("balance_loss", "moe_dead_experts"):
@@ -69,6 +73,8 @@ def _model_wide(stage_metrics) -> dict:
     entropy = [r["moe_router_entropy"] for r in rows if "moe_router_entropy" in r]
     if entropy:
         out["moe_router_entropy"] = sum(entropy) / len(entropy)
+    for r in rows:  # per-layer router health, already reduced over each stage's data-parallel group
+        out.update({k: v for k, v in r.items() if k.startswith("router/")})
     return out
 
 
@@ -79,7 +85,7 @@ class Supervisor:
         job, cluster: validated specs.
         run_dir: the run directory (telemetry; the default checkpoint root).
         make_workers: returns a fresh rank group with one rank per device of the layout; called at start
-            and after every failure (the previous group is released first).
+            and after a failure the group could not recover from in place (it is released first).
         telemetry: where metrics and events go.
         resume_from: name of a committed step directory under the checkpoint root to restore at start.
         faults: injected faults (``orchestrator/faults.py``), in addition to the job's ``faults``.
@@ -107,6 +113,8 @@ class Supervisor:
         self.fault_history = FaultHistory()
         self.val_loss: float | None = None
         self.counters_at: dict[int, tuple[int, int]] = {}  # snapshot step -> (consumed tokens, samples)
+        self.teardown: dict = {}  # how the last failure's group was torn down, for the restart event
+        self.router_watch = RouterWatch(job.router_health)
         self.checkpoints = CheckpointCoordinator(job, self.storage, telemetry, self._io_timeout_s, self.pending_faults)
 
     @property
@@ -179,17 +187,30 @@ class Supervisor:
         self.pending_faults[:] = [f for f in self.pending_faults
                                   if not restart.fired(f, self.state.step, checkpointing)]
         self.telemetry.event("failure", self.state.step, cause=str(exc), restarts=self.state.restarts, **fields)
-        self._release_workers(abort=True)
-        self.phase = Phase.RECOVERING if restart_allowed(self.state, self.job) else Phase.FAILED
+        started = time.perf_counter()
+        allowed = restart_allowed(self.state, self.job)
+        kept = allowed and isinstance(exc, RankFailure) and self.workers is not None \
+            and self.workers.rejoin(exc, self._rejoin_timeout_s)
+        if not kept:
+            self._release_workers(abort=True)
+        self.teardown = {"teardown_s": round(time.perf_counter() - started, 2), "ranks_kept": bool(kept)}
+        self.phase = Phase.RECOVERING if allowed else Phase.FAILED
 
     def _release_workers(self, abort: bool) -> None:
         if self.workers is not None:
             self.workers.abort() if abort else self.workers.shutdown()
             self.workers = None
 
+    @property
+    def _rejoin_timeout_s(self) -> float:
+        """How long the surviving ranks' calls may take to return after a failure before the group is
+        released instead: a rank that fails leaves its groups, so its peers fail within seconds."""
+        return min(30.0, self._io_timeout_s)
+
     def _start(self) -> None:
         started = time.perf_counter()
-        self.workers = self.make_workers()
+        if self.workers is None:
+            self.workers = self.make_workers()
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
             faults=[str(f) for f in self.pending_faults if f.rank != SUPERVISOR],
@@ -203,7 +224,9 @@ class Supervisor:
         fields = {"world_size": self.job.parallel.world_size, "layout": self.job.parallel.model_dump(),
                   "launcher": self.workers.launcher, "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:
+            restore_started = time.perf_counter()
             self.state, fields["resumed_from"] = self.checkpoints.restore(self.workers, self.state, self.resume_from)
+            fields["restore_s"] = round(time.perf_counter() - restore_started, 2)
             # Resuming an earlier step abandons the newer commits' trajectory: set them aside, as a rollback does.
             self.state, superseded = self.checkpoints.supersede_after(self.workers, self.state)
             if superseded:
@@ -228,7 +251,8 @@ class Supervisor:
 
     def _recover(self) -> None:
         """Count the restart and go back to STARTING from the newest committed checkpoint (or step 0)."""
-        self.state, self.resume_from = restart.recovery_point(self.storage, self.state, self.job, self.telemetry)
+        self.state, self.resume_from = restart.recovery_point(self.storage, self.state, self.job, self.telemetry,
+                                                              **self.teardown)
         self.phase = Phase.STARTING
 
     def _train_one(self) -> None:
@@ -250,6 +274,8 @@ class Supervisor:
         record.update(_model_wide(results[r] for r in self.stage_heads))
         record.update(consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
                       restarts=state.restarts, time=time.time())
+        for collapse in self.router_watch.observe(record):
+            self.telemetry.event("router_collapse", plan.step, **collapse)
         decision = decide(state, record, self.job)
         if decision.routing_off:
             self.telemetry.event("anticipatory_routing_off", plan.step)

@@ -97,6 +97,10 @@ class TorchrunRankGroup:
     def abort(self) -> None:
         self.shutdown()
 
+    def rejoin(self, failure: RankFailure, timeout_s: float) -> bool:
+        """Never: torchrun's elastic agent restarts every process of the job after a failure."""
+        return False
+
     def _run(self, fn: Callable, *args) -> list:
         return self._all(lambda: fn(self.trainer, *args), fn.__name__)
 

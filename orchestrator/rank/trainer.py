@@ -23,6 +23,7 @@ from v4train.orchestrator import checkpoint, faults
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankInfo, RankSave
 from v4train.orchestrator.curriculum import StepPlan, plan_step
+from v4train.orchestrator.rank import router_health
 from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
 from v4train.orchestrator.rank.snapshots import SnapshotRing
@@ -109,7 +110,7 @@ class RankTrainer:
         batch = e.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = e.micro_batches(batch, plan.micro_batch_size)
         e.beat("schedule")
-        loss_dicts, aux_metrics, routing_fingerprint = self._forward_backward(plan, micro)
+        loss_dicts, aux_metrics, routing_fingerprint, router_layers = self._forward_backward(plan, micro)
         warmup = plan.attention_mode == "indexer_warmup"
         if warmup:
             # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
@@ -118,6 +119,7 @@ class RankTrainer:
                 p.grad = None
         self._inject_nan_grad(plan.step)
         e.beat("grad_sync")
+        router_metrics = router_health.reduce(router_layers, self.pctx.dp_group)
         e.sync_gradients()
         grad_norm, finite = e.clip_gradients()
         if plan.prefetch_routing is not None:
@@ -140,14 +142,16 @@ class RankTrainer:
             metrics["routing_fingerprint"] = routing_fingerprint
         metrics.update(aux_metrics)
         metrics.update(moe_metrics)
+        metrics.update(router_metrics)
         guard = self.job.spike_guard
         if guard.enabled and plan.step % guard.snapshot_every == 0:
             self.snapshots.take(self.step, e.stage, e.optimizer, e.loader)
         return metrics
 
-    def _forward_backward(self, plan: StepPlan, micro: list[dict]) -> tuple[list[dict], dict, int | None]:
+    def _forward_backward(self, plan: StepPlan, micro: list[dict]) -> tuple[list[dict], dict, int | None, list]:
         """Forward and backward of every micro-batch (replaying captured routing while anticipatory routing
-        is on); the per-micro-batch losses, the stage's auxiliary metrics and the routing fingerprint."""
+        is on); the per-micro-batch losses, the stage's auxiliary metrics, the routing fingerprint and the
+        MoE layers' routing counts (:func:`router_health.collect`)."""
         e = self.engine
         e.stage.aux_loss_scale = 1.0 / len(micro)
         e.stage.attention_mode = plan.attention_mode
@@ -162,7 +166,8 @@ class RankTrainer:
             routing_fingerprint = routing.fingerprint(rows, self.pctx.tp_rank)
         loss_dicts = e.run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
         set_routing_tape(e.stage, None)
-        return loss_dicts, e.stage.pop_aux_metrics(), routing_fingerprint
+        router_layers = router_health.collect(e.stage)  # before pop_aux_metrics clears the routing statistics
+        return loss_dicts, e.stage.pop_aux_metrics(), routing_fingerprint, router_layers
 
     def _capture_routing(self, micro: list[dict], seq_len: int, micro_batch_size: int) -> dict[int, torch.Tensor]:
         rows = sum(m["input_ids"].shape[0] for m in micro)

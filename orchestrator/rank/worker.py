@@ -58,8 +58,17 @@ class RankWorker:
         return self.trainer.describe()
 
     def run(self, operation: Callable[..., T], *args) -> T:
-        """``operation(trainer, *args)``: one of the trainer's methods, passed as a function."""
-        return operation(self.trainer, *args)
+        """``operation(trainer, *args)``: one of the trainer's methods, passed as a function.
+
+        A failing operation first leaves this rank's process groups: their connections close, so every
+        peer waiting on this rank fails at once instead of at the collective timeout, and the process is
+        idle for the next ``setup`` (the supervisor keeps healthy processes after a failure).
+        """
+        try:
+            return operation(self.trainer, *args)
+        except BaseException:
+            self.close()
+            raise
 
     @ray.method(concurrency_group="heartbeat")
     def heartbeat(self) -> dict:

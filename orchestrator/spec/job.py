@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 __all__ = ["SpecError", "ModelSpec", "DataSpec", "TrainSpec", "ParallelSpec", "CheckpointSpec", "StageSpec",
-           "CurriculumSpec", "SpikeGuardSpec", "JobSpec"]
+           "CurriculumSpec", "SpikeGuardSpec", "RouterHealthSpec", "JobSpec"]
 
 
 class SpecError(ValueError):
@@ -214,6 +214,19 @@ class SpikeGuardSpec(_Strict):
     anticipatory_steps: int = Field(default=20, ge=0)
 
 
+class RouterHealthSpec(_Strict):
+    """``router_health`` section: when a ``router_collapse`` event is raised
+    (``orchestrator/control/router_watch.py``).
+
+    A layer collapses when, for ``collapse_steps`` consecutive steps, some expert received no token from the
+    whole data-parallel group (dead), or its busiest expert took more than ``max_load`` times the mean load
+    (overloaded). One event per layer and episode; the run goes on.
+    """
+
+    collapse_steps: int = Field(default=20, ge=1)
+    max_load: float = Field(default=4.0, gt=1)
+
+
 class JobSpec(_Strict):
     """A whole training job (the resolved form is written to ``RUN_DIR/job.yaml``)."""
 
@@ -226,6 +239,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     curriculum: CurriculumSpec | None = None
     spike_guard: SpikeGuardSpec = SpikeGuardSpec()
+    router_health: RouterHealthSpec = RouterHealthSpec()
     faults: list[str] = []
 
     @model_validator(mode="after")

@@ -99,8 +99,30 @@ def summary(metrics: list[dict], events: list[dict]) -> dict:
         "rollbacks": count("rollback"),
         "stage_changes": count("stage_change"),
         "attention": ", ".join(f"{mode} {a}-{b}" for a, b, mode in attention_spans(metrics)) or None,
+        "router": router_health(metrics),
+        "router_collapses": [f"layer {e['layer']} {e['reason']} at step {e['step']}"
+                             for e in events if e.get("event") == "router_collapse"],
         "state": finish["event"] if finish else "running (or killed)",
     }
+
+
+def router_health(metrics: list[dict]) -> dict[int, dict]:
+    """Per MoE layer, over the run's steps (data-parallel group totals per step): ``max_load`` (worst
+    max/mean expert load), ``dead_steps`` (steps with a dead expert), ``entropy`` (router entropy, nats, of
+    the last step). Empty when no step reported router health."""
+    out: dict[int, dict] = {}
+    for m in metrics:
+        for key, value in m.items():
+            if key.startswith("router/"):
+                _, layer, name = key.split("/")
+                row = out.setdefault(int(layer), {"max_load": 0.0, "dead_steps": 0, "entropy": None})
+                if name == "max_load":
+                    row["max_load"] = max(row["max_load"], value)
+                elif name == "dead_experts":
+                    row["dead_steps"] += value > 0
+                elif name == "entropy":
+                    row["entropy"] = value
+    return dict(sorted(out.items()))
 
 
 def format_summary(run_dir: str | Path, s: dict) -> str:
@@ -126,6 +148,10 @@ def format_summary(run_dir: str | Path, s: dict) -> str:
         ("curriculum stage changes", str(s["stage_changes"])),
         ("attention (steps)", s["attention"] or "-"),
     ]
+    rows += [(f"router layer {layer}", f"max load {r['max_load']:.2f}, dead expert in {r['dead_steps']} steps, "
+                                       f"entropy {num(r['entropy'], '.3f')} nats")
+             for layer, r in s.get("router", {}).items()]
+    rows.append(("router collapses", "; ".join(s.get("router_collapses", [])) or "-"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

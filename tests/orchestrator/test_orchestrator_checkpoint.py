@@ -3,6 +3,7 @@ after it, readers trust nothing else; refusal of checkpoints that lack state."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError
+from v4train.orchestrator.checkpoint.hashed_writer import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
 
@@ -78,6 +80,37 @@ def test_corrupt_or_missing_shard_is_named(storage):
     storage.fs.rm(storage._path(f"{final}/{shard}"))
     with pytest.raises(CheckpointError, match=f"{shard}: listed in the manifest but missing"):
         checkpoint.verify(storage, final)
+
+
+def test_commit_takes_shard_hashes_from_the_writers(storage, monkeypatch):
+    """The ranks hash what they write while writing it; the commit reads no shard back, and the hashes it
+    records are the files' real sha256 (verification reads everything)."""
+    attempt = _save(storage, 10)
+    recorded = json.loads(storage.read_text(f"{attempt}/{HASHES_FILE}"))
+    shards = {f for f in storage.files(attempt) if f.endswith(".distcp")} | {".metadata"}
+    assert set(recorded) == shards
+    for rel in shards:
+        data = storage.fs.cat_file(storage._path(f"{attempt}/{rel}"))
+        assert recorded[rel] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def no_read_back(self, rel):
+        raise AssertionError(f"commit read {rel} back")
+
+    monkeypatch.setattr(Storage, "sha256", no_read_back)
+    final = checkpoint.commit(storage, attempt, 10, {"step": 10})
+    monkeypatch.undo()
+    manifest = json.loads(storage.read_text(f"{final}/manifest.json"))
+    assert {rel: manifest["files"][rel] for rel in shards} == recorded
+    assert checkpoint.verify(storage, final)["step"] == 10
+
+
+def test_commit_refuses_a_shard_whose_size_differs_from_what_was_written(storage):
+    attempt = _save(storage, 10)
+    shard = next(f for f in storage.files(attempt) if f.endswith(".distcp"))
+    path = storage._path(f"{attempt}/{shard}")
+    storage.fs.pipe_file(path, storage.fs.cat_file(path) + b"x")
+    with pytest.raises(CheckpointError, match=f"{shard}: .* bytes on storage"):
+        checkpoint.commit(storage, attempt, 10, {"step": 10})
 
 
 def test_commit_refuses_a_missing_shard(storage):

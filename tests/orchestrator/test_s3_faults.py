@@ -88,7 +88,7 @@ def test_c11_no_create_bucket_is_ever_sent(proxy):
     url = f"s3://missing-{uuid.uuid4().hex[:8]}/prefix/attempt"
     options = Storage("s3://ckpts", endpoint_url=proxy.url).options
     dcp.save({"w": torch.ones(4)}, storage_writer=FsspecWriter(url, **options), no_dist=True)  # creates the bucket
-    assert proxy.creates_bucket(), "torch's writer no longer creates the directory: drop _ObjectStoreWriter"
+    assert proxy.creates_bucket(), "torch's writer no longer creates the directory: drop _object_store_writer"
     proxy.requests.clear()
     url = f"s3://missing-{uuid.uuid4().hex[:8]}/prefix/attempt"
     with pytest.raises(BaseException) as info:  # noqa: B017 - DCP gathers it into a CheckpointException

@@ -181,3 +181,21 @@ def test_a_train_state_without_restarts_loads_into_the_run_state(tmp_path):
     state = RunState(restarts=3).restored(read_train_state(old, "old", job))
     assert (state.step, state.consumed_tokens, state.consumed_samples, state.last_committed) == (6, 2560, 48, 6)
     assert state.routing.remaining == 2 and state.guard.n == 6 and state.restarts == 3
+
+
+def test_c16_save_events_carry_what_the_stall_benchmark_needs(tmp_path):
+    """C16's benchmark (benchmarks/checkpoint_recovery.py) sums the extra wall time of the steps trained
+    between each checkpoint_requested and its checkpoint_persisted: the events must name those steps and
+    the time training was blocked, and every step must carry its completion time."""
+    job = _job(tmp_path, train={"steps": 5}, checkpoint={"every_steps": 2, "at_end": False, "async_save": True})
+    phase, _, _, events, metrics = _run(job, tmp_path, Script())
+    assert phase is Phase.FINISHED
+    requested = {e["step"]: e for e in events if e["event"] == "checkpoint_requested"}
+    persisted = {e["step"]: e for e in events if e["event"] == "checkpoint_persisted"}
+    assert sorted(requested) == sorted(persisted) == [2, 4]
+    times = {m["step"]: m["time"] for m in metrics}
+    for step, done in persisted.items():
+        assert requested[step]["asynchronous"] is True
+        assert done["after_step"] == step + 1  # the fake persists at once: seen after the next step
+        assert 0 <= done["training_blocked_s"] <= done["seconds"] + 0.005  # (seconds: rounded to 0.01)
+        assert requested[step]["time"] <= times[step + 1] <= done["time"]
