@@ -18,13 +18,17 @@ from pathlib import Path
 
 import ray
 
+from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.rank.trainer import RankTrainer
 from v4train.orchestrator.rank.worker import RankWorker
 
-__all__ = ["RayRankGroup", "start_ray", "free_port"]
+__all__ = ["RayRankGroup", "start_ray", "free_port", "PREFLIGHT_TIMEOUT_S"]
+
+# How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
+PREFLIGHT_TIMEOUT_S = 5.0
 
 
 def free_port() -> int:
@@ -84,16 +88,29 @@ class RayRankGroup:
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
-               gpus_per_rank: int = 0) -> RayRankGroup:
-        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank).
+               gpus_per_rank: int = 0, nodes: int = 1) -> RayRankGroup:
+        """Start ``world_size`` RankWorker actors in one placement group.
 
-        ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs.
+        ``gpus_per_rank`` (1 on a GPU cluster) makes each actor hold that many GPUs. With ``nodes`` > 1 and
+        at least that many Ray nodes alive, the group has one bundle per node, each on its own Ray node
+        (``STRICT_SPREAD``), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive ranks
+        (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and data-parallel
+        replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map). Otherwise (one Ray
+        node simulating them, or fewer alive after a node loss) one bundle per rank, packed.
         """
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-        pg = placement_group([bundle] * world_size, strategy="PACK")
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        per_node = world_size // nodes
+        if nodes > 1 and world_size % nodes == 0 and alive >= nodes:
+            bundle = {"CPU": per_node, **({"GPU": gpus_per_rank * per_node} if gpus_per_rank else {})}
+            pg = placement_group([bundle] * nodes, strategy="STRICT_SPREAD")
+            bundle_of = [r // per_node for r in range(world_size)]
+        else:
+            bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+            pg = placement_group([bundle] * world_size, strategy="PACK")
+            bundle_of = list(range(world_size))
         ray.get(pg.ready(), timeout=timeout_s)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
@@ -101,7 +118,7 @@ class RayRankGroup:
                                 concurrency_groups={"heartbeat": 1})(RankWorker)
         actors = [
             remote_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_of[r]),
             ).remote(str(Path(log_dir) / f"rank_{r}.log") if log_dir else None)
             for r in range(world_size)
         ]
@@ -114,7 +131,12 @@ class RayRankGroup:
         return fn()
 
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        """Rank 0 opens the rendezvous on its node's data-plane address; every rank checks that it reaches
+        it and the checkpoint root (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
+        self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
+                   timeout_s)
+        init_method = rendezvous.tcp_url(*address)
         refs = [a.setup.remote(request, r, self.world_size, init_method) for r, a in enumerate(self.actors)]
         return self._wait(refs, "setup", timeout_s)
 
@@ -195,6 +217,8 @@ class RayRankGroup:
         except ray.exceptions.RayActorError as exc:
             return RankFailure(rank, "died", _first_line(exc), method)
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), rendezvous.PreflightError):
+                return RankFailure(rank, "unreachable", str(exc.cause), method)
             return RankFailure(rank, "exception", _root_cause(exc), method)
         return None
 
@@ -233,7 +257,7 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Timed out", "t
 
 def _severity(failure: RankFailure) -> int:
     """Lower is more likely the root cause: a dead rank, a rank's own error, a stall, a peer's collective error."""
-    if failure.kind == "died":
+    if failure.kind in ("died", "unreachable"):
         return 0
     if failure.kind == "stall":
         return 2
