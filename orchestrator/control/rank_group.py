@@ -32,9 +32,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RankFailure(Exception):
-    """A rank failed: ``kind`` is ``exception``, ``died``, ``stall`` or ``unreachable`` (its node cannot reach
-    the rendezvous or the checkpoint root: deterministic, never retried); ``message`` is the root cause;
-    ``method`` the operation it failed in."""
+    """A rank failed: ``kind`` is ``exception``, ``died``, ``stall``, ``node_lost`` (every rank of its node
+    died at once) or ``unreachable`` (its node cannot reach the rendezvous or the checkpoint root:
+    deterministic, never retried); ``message`` is the root cause; ``method`` the operation it failed in."""
 
     rank: int
     kind: str
@@ -50,8 +50,8 @@ class SetupRequest:
     """What every rank needs to join a job: the spec, the bound on collectives (seconds), intra-op CPU
     threads, the torch.distributed backend, the faults to inject (``KIND@STEP[:rank=R]``), environment
     variables to set first (storage credentials; never logged), the data-plane network interface of the
-    cluster file (None: the one holding the node's Ray address) and the checkpoint root every node must
-    reach (checked before setup)."""
+    cluster file (None: the one holding the node's Ray address), the checkpoint root every node must
+    reach (checked before setup) and the supervisor's Ray node id (a rank on another node owns its host)."""
 
     job: JobSpec
     collective_timeout_s: float
@@ -61,6 +61,7 @@ class SetupRequest:
     env: dict[str, str] = field(default_factory=dict)
     interface: str | None = None
     checkpoint_root: str | None = None
+    supervisor_node: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ call's timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -85,6 +86,7 @@ class RayRankGroup:
         self.grace_s = grace_s
         self.owned = owned
         self.placement_group = None
+        self.nodes: list[str] = []  # each rank's node address, once set up
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
@@ -133,12 +135,15 @@ class RayRankGroup:
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
         """Rank 0 opens the rendezvous on its node's data-plane address; every rank checks that it reaches
         it and the checkpoint root (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        request = dataclasses.replace(request, supervisor_node=ray.get_runtime_context().get_node_id())
         address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
         self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
                    timeout_s)
         init_method = rendezvous.tcp_url(*address)
         refs = [a.setup.remote(request, r, self.world_size, init_method) for r, a in enumerate(self.actors)]
-        return self._wait(refs, "setup", timeout_s)
+        infos = self._wait(refs, "setup", timeout_s)
+        self.nodes = [i.node for i in infos]
+        return infos
 
     def train_step(self, plan: StepPlan) -> list[dict]:
         return self._run(RankTrainer.train_step, plan)
@@ -230,10 +235,29 @@ class RayRankGroup:
         """
         failures = [first]
         deadline = time.monotonic() + self.grace_s
-        while pending and min(map(_severity, failures)) > 0 and time.monotonic() < deadline:
+        # after a death keep collecting for the grace period: every rank of one node dying is a node loss
+        while pending and (min(map(_severity, failures)) > 0 or self._multi_node) and time.monotonic() < deadline:
             finished, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             failures += [f for ref in finished if (f := self._failure_of(ref, rank_of[ref], method)) is not None]
-        return min(failures, key=_severity)
+        root = min(failures, key=_severity)
+        return self._node_loss(root, failures) or root
+
+    @property
+    def _multi_node(self) -> bool:
+        return len(set(self.nodes)) > 1
+
+    def _node_loss(self, root: RankFailure, failures: list[RankFailure]) -> RankFailure | None:
+        """A ``node_lost`` failure when every rank of the dead root rank's node died (and ranks ran on
+        other nodes), else None."""
+        if root.kind != "died" or not self._multi_node:
+            return None
+        node = self.nodes[root.rank]
+        on_node = [r for r, n in enumerate(self.nodes) if n == node]
+        died = {f.rank for f in failures if f.kind == "died"}
+        if not set(on_node) <= died:
+            return None
+        return RankFailure(root.rank, "node_lost", f"node {node} lost: ranks {on_node[0]}-{on_node[-1]} died "
+                           f"({root.message})", root.method)
 
     def _heartbeats(self, ranks: list[int], method: str) -> dict[int, dict]:
         """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` keeps its previous value."""
@@ -257,7 +281,7 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Timed out", "t
 
 def _severity(failure: RankFailure) -> int:
     """Lower is more likely the root cause: a dead rank, a rank's own error, a stall, a peer's collective error."""
-    if failure.kind in ("died", "unreachable"):
+    if failure.kind in ("died", "unreachable", "node_lost"):
         return 0
     if failure.kind == "stall":
         return 2

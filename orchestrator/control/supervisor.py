@@ -174,7 +174,8 @@ class Supervisor:
         self.workers = self.make_workers()
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
-            faults=[str(f) for f in self.pending_faults if f.rank != SUPERVISOR],
+            faults=[str(r) for f in self.pending_faults if f.rank != SUPERVISOR
+                    for r in f.on_ranks(self.cluster.devices_per_node)],
             env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ},
             interface=self.cluster.interface, checkpoint_root=self.storage.url)
         # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.

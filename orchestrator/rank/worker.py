@@ -20,7 +20,8 @@ import ray
 
 from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.rank_group import RankInfo, SetupRequest
-from v4train.orchestrator.faults import parse_fault
+from v4train.orchestrator import faults
+from v4train.orchestrator.faults import NODE_KINDS, parse_fault
 from v4train.orchestrator.rank.trainer import RankTrainer
 
 __all__ = ["RankWorker"]
@@ -45,6 +46,9 @@ class RankWorker:
             logging.basicConfig(stream=stream, level=logging.INFO, force=True)
         self.trainer: RankTrainer | None = None
         self.listener: rendezvous.RendezvousListener | None = None
+        self.node_faults: set[tuple[str, int]] = set()
+        self.own_host = False
+        self.interface: str | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -77,10 +81,14 @@ class RankWorker:
         os.environ.update(rendezvous.socket_env(rendezvous.data_plane(request.interface, node)[1]))
         self.close()
         self._release_rendezvous()
+        inject = [parse_fault(f) for f in request.faults]
+        self.node_faults = {(f.kind, f.step) for f in inject if f.rank == rank and f.kind in NODE_KINDS}
+        self.own_host = request.supervisor_node not in (None, ray.get_runtime_context().get_node_id())
+        self.interface = rendezvous.data_plane(request.interface, node)[1]
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            inject=[parse_fault(f) for f in request.faults],
+            inject=inject,
         )
         return dataclasses.replace(self.trainer.describe(), node=node)
 
@@ -98,7 +106,16 @@ class RankWorker:
             self.listener = None
 
     def run(self, operation: Callable[..., T], *args) -> T:
-        """``operation(trainer, *args)``: one of the trainer's methods, passed as a function."""
+        """``operation(trainer, *args)``: one of the trainer's methods, passed as a function. Node faults
+        (``orchestrator/faults.py``) strike here, at the start of their step: they concern the host, not the
+        trainer."""
+        if operation is RankTrainer.train_step and self.node_faults:
+            step = args[0].step
+            if ("node_kill", step) in self.node_faults:
+                faults.kill_host(self.own_host)
+            if ("partition", step) in self.node_faults:
+                self.node_faults.discard(("partition", step))
+                faults.cut_link(self.interface or "")
         return operation(self.trainer, *args)
 
     @ray.method(concurrency_group="heartbeat")

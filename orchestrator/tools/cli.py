@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     submit.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="KIND@STEP[:rank=R]",
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
-                             "kill_during_save, kill_during_upload")
+                             "kill_during_save, kill_during_upload; node_kill@STEP:node=N, partition@STEP:node=N")
 
     from v4train.orchestrator.tools import convert, jobs, plan_cli, report, sim_cluster
 
@@ -96,6 +96,9 @@ def _submit(args) -> int:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     faults = _parse_faults(args.faults)
+    for fault in faults:
+        if fault.node is not None and fault.node >= cluster.nodes:
+            raise SpecError(f"--inject-fault {fault}: cluster {cluster.name} has nodes 0-{cluster.nodes - 1}")
     (run_dir / "job.yaml").write_text(dump_job(job))
     shutil.copyfile(args.cluster, run_dir / "cluster.yaml")
     return _run(job, cluster, run_dir, resume_from=None, faults=faults)

@@ -37,6 +37,11 @@ __all__ = ["SimCluster", "SimHost", "SimClusterError", "can_create", "add_cli_ar
 GCS_PORT = 6379
 NS_IFNAME = "v4eth"  # the data-plane interface inside every host (GLOO_SOCKET_IFNAME)
 DEFAULT_STATE = "/tmp/v4train-sim-cluster.json"
+AGENT_PORTS = {"dashboard-agent-grpc-port": 52366, "dashboard-agent-listen-port": 52365,
+               "metrics-export-port": 52367, "runtime-env-agent-port": 52368}
+
+
+RAY_START = "v4train.orchestrator.tools.ray_start"  # ``ray start`` that waits for a slow node to register
 
 
 class SimClusterError(RuntimeError):
@@ -139,17 +144,29 @@ class SimCluster:
             _ip("-n", host.netns, "link", "set", NS_IFNAME, "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
+        # One node at a time, each retried once: `ray start` gives a raylet 30 s to register with the GCS,
+        # which a loaded machine can exceed.
         for host in self.members:
-            self._start_ray(host)
-        self.wait_nodes(self.hosts, timeout_s)
+            for attempt in (0, 1):
+                self._start_ray(host)
+                try:
+                    self.wait_nodes(host.index + 1, timeout_s)
+                    break
+                except SimClusterError:
+                    if attempt:
+                        raise
+                    _kill_namespace(host.netns, signal.SIGKILL)
 
     def _start_ray(self, host: SimHost) -> None:
-        ray_bin = str(Path(self.python).with_name("ray"))
         role = (["--head", f"--port={GCS_PORT}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}"]
                 if host.index == 0 else [f"--address={self.head_address}"])
-        cmd = ["ip", "netns", "exec", host.netns, ray_bin, "start", "--block", f"--node-ip-address={host.address}",
-               f"--num-cpus={self.cpus}", "--num-gpus=0", "--disable-usage-stats", *role]
-        env = dict(os.environ, RAY_AUTH_MODE="disabled")
+        # Fixed agent ports (each host has its own namespace, so they never collide): with dynamic ones the
+        # raylet waits for the agents to write their port files, which a loaded machine can time out.
+        ports = [f"--{name}={port}" for name, port in AGENT_PORTS.items()]
+        cmd = ["ip", "netns", "exec", host.netns, self.python, "-m", RAY_START, "--block",
+               f"--node-ip-address={host.address}", f"--num-cpus={self.cpus}", "--num-gpus=0", "--disable-usage-stats",
+               *ports, *role]
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_agent_register_timeout_ms="300000")
         env.pop("RAY_ADDRESS", None)
         log = open(Path(self.temp_dir) / f"host{host.index}.log", "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -200,6 +217,7 @@ class SimCluster:
         for host in self.members:
             _kill_namespace(host.netns, signal.SIGKILL)
             _ip("netns", "del", host.netns, check=False)
+            _ip("link", "del", host.veth, check=False)
         self.members = []
         _ip("link", "del", self.bridge, check=False)
 
