@@ -30,6 +30,10 @@ __all__ = ["RayRankGroup", "start_ray", "free_port", "PREFLIGHT_TIMEOUT_S"]
 
 # How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
 PREFLIGHT_TIMEOUT_S = 5.0
+# How long a group spread one bundle per node may take to be placed before the ranks are packed on the
+# nodes that are left (seconds).
+SPREAD_WAIT_S = 60.0
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
 
 
 def free_port() -> int:
@@ -98,22 +102,36 @@ class RayRankGroup:
         (``STRICT_SPREAD``), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive ranks
         (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and data-parallel
         replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map). Otherwise (one Ray
-        node simulating them, or fewer alive after a node loss) one bundle per rank, packed.
+        node simulating them, or fewer alive after a node loss, or the spread group not placed within
+        :data:`SPREAD_WAIT_S`) one bundle per rank, packed on the nodes there are.
         """
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        alive = [n for n in ray.nodes() if n["Alive"]]
         per_node = world_size // nodes
-        if nodes > 1 and world_size % nodes == 0 and alive >= nodes:
+        pg = None
+        if nodes > 1 and world_size % nodes == 0 and len(alive) >= nodes:
             bundle = {"CPU": per_node, **({"GPU": gpus_per_rank * per_node} if gpus_per_rank else {})}
-            pg = placement_group([bundle] * nodes, strategy="STRICT_SPREAD")
+            # node 0 (rank 0, the rendezvous) on the supervisor's own node when it can hold a node's ranks,
+            # so that node indices follow the cluster's order from its head
+            here = ray.get_runtime_context().get_node_id()
+            fits_here = any(n["NodeID"] == here and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
+                            for n in alive)
+            selector = [{NODE_ID_LABEL: here}] + [{}] * (nodes - 1) if fits_here else None
+            pg = placement_group([bundle] * nodes, strategy="STRICT_SPREAD", bundle_label_selector=selector)
             bundle_of = [r // per_node for r in range(world_size)]
-        else:
+            try:
+                # a node lost moments ago still counts as alive until Ray's health checks expire
+                ray.get(pg.ready(), timeout=min(timeout_s, SPREAD_WAIT_S))
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                pg = None
+        if pg is None:
             bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
             pg = placement_group([bundle] * world_size, strategy="PACK")
             bundle_of = list(range(world_size))
-        ray.get(pg.ready(), timeout=timeout_s)
+            ray.get(pg.ready(), timeout=timeout_s)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
         remote_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,
