@@ -37,6 +37,7 @@ __all__ = ["SimCluster", "SimHost", "SimClusterError", "can_create", "add_cli_ar
 GCS_PORT = 6379
 NS_IFNAME = "v4eth"  # the data-plane interface inside every host (GLOO_SOCKET_IFNAME)
 DEFAULT_STATE = "/tmp/v4train-sim-cluster.json"
+START_ATTEMPTS = 5
 AGENT_PORTS = {"dashboard-agent-grpc-port": 52366, "dashboard-agent-listen-port": 52365,
                "metrics-export-port": 52367, "runtime-env-agent-port": 52368}
 
@@ -144,16 +145,16 @@ class SimCluster:
             _ip("-n", host.netns, "link", "set", NS_IFNAME, "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
-        # One node at a time, each retried once: `ray start` gives a raylet 30 s to register with the GCS,
-        # which a loaded machine can exceed.
+        # One node at a time, each tried up to START_ATTEMPTS times: a raylet gives its dashboard agent (a
+        # Python process) a fixed ~15 s to start and aborts after it, which a loaded machine can exceed.
         for host in self.members:
-            for attempt in (0, 1):
+            for attempt in range(START_ATTEMPTS):
                 self._start_ray(host)
                 try:
                     self.wait_nodes(host.index + 1, timeout_s)
                     break
                 except SimClusterError:
-                    if attempt:
+                    if attempt == START_ATTEMPTS - 1:
                         raise
                     _kill_namespace(host.netns, signal.SIGKILL)
 
