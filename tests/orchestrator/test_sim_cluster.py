@@ -119,3 +119,4 @@ def test_node_kill_is_a_node_loss_recovered_on_the_remaining_host(two_hosts, fil
     print(f"node loss: detected {failure['time'] - killed:.1f} s after the step-2 commit (the kill); restarted "
           f"group set up in {restart_start['setup_s']} s; step 3 done again {metrics[-1]['time'] - killed:.1f} s "
           "after the kill")
+
