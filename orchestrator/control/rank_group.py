@@ -32,8 +32,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RankFailure(Exception):
-    """A rank failed: ``kind`` is ``exception``, ``died`` or ``stall``; ``message`` is the root cause;
-    ``method`` the operation it failed in."""
+    """A rank failed: ``kind`` is ``exception``, ``died``, ``stall``, ``node_lost`` (every rank of its node
+    died at once) or ``unreachable`` (its node cannot reach the rendezvous or the checkpoint root:
+    deterministic, never retried); ``message`` is the root cause; ``method`` the operation it failed in."""
 
     rank: int
     kind: str
@@ -47,8 +48,10 @@ class RankFailure(Exception):
 @dataclass(frozen=True)
 class SetupRequest:
     """What every rank needs to join a job: the spec, the bound on collectives (seconds), intra-op CPU
-    threads, the torch.distributed backend, the faults to inject (``KIND@STEP[:rank=R]``), and environment
-    variables to set first (storage credentials; never logged)."""
+    threads, the torch.distributed backend, the faults to inject (``KIND@STEP[:rank=R]``), environment
+    variables to set first (storage credentials; never logged), the data-plane network interface of the
+    cluster file (None: the one holding the node's Ray address), the checkpoint root every node must
+    reach (checked before setup) and the supervisor's Ray node id (a rank on another node owns its host)."""
 
     job: JobSpec
     collective_timeout_s: float
@@ -56,13 +59,17 @@ class SetupRequest:
     backend: str = "gloo"
     faults: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    interface: str | None = None
+    checkpoint_root: str | None = None
+    supervisor_node: str | None = None
 
 
 @dataclass(frozen=True)
 class RankInfo:
     """One rank after setup: its layout coordinates, whether it is the reporter (the rank whose metrics
-    the run records: last stage, data- and tensor-parallel rank 0), and its stage's optimizer table
-    (one rank per pipeline stage carries it, else None)."""
+    the run records: last stage, data- and tensor-parallel rank 0), its stage's optimizer table
+    (one rank per pipeline stage carries it, else None) and the node it runs on (its address; empty where
+    the launcher does not say)."""
 
     rank: int
     pp_rank: int
@@ -71,6 +78,7 @@ class RankInfo:
     stage_params: int
     reporter: bool
     optimizer_assignment: str | None = None
+    node: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ groups in the same processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -24,13 +25,21 @@ from pathlib import Path
 
 import ray
 
+from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.rank.trainer import RankTrainer
 from v4train.orchestrator.rank.worker import RankWorker
 
-__all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port"]
+__all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port", "PREFLIGHT_TIMEOUT_S"]
+
+# How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
+PREFLIGHT_TIMEOUT_S = 5.0
+# How long a group spread one bundle per node may take to be placed before the ranks are packed on the
+# nodes that are left (seconds).
+SPREAD_WAIT_S = 60.0
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
 
 
 def free_port() -> int:
@@ -102,30 +111,57 @@ class RayRankGroup:
         self.make_spare = make_spare
         self.spares_wanted = len(self.spares)
         self._in_flight: list = []  # refs of the last call, one per rank
+        self.nodes: list[str] = []  # each rank's node address, once set up
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
-               gpus_per_rank: int = 0, spares: int = 1) -> RayRankGroup:
-        """Start ``world_size`` RankWorker actors in one placement group (one bundle per rank), and
-        ``spares`` idle ones outside it.
+               gpus_per_rank: int = 0, nodes: int = 1, spares: int = 1) -> RayRankGroup:
+        """Start ``world_size`` RankWorker actors in one placement group, and ``spares`` idle ones outside it.
 
-        ``gpus_per_rank`` (1 on a GPU cluster) makes each bundle and actor hold that many GPUs; there a
-        spare would hold a GPU it does not use, so none is started and a failed rank is replaced by a new
-        actor. On CPU a spare reserves no logical CPU: it only waits, its imports done.
+        ``gpus_per_rank`` (1 on a GPU cluster) makes each actor hold that many GPUs; there a spare would
+        hold a GPU it does not use, so none is started and a failed rank is replaced by a new actor. On CPU a
+        spare reserves no logical CPU: it only waits, its imports done. With ``nodes`` > 1 and
+        at least that many Ray nodes alive, the group has one bundle per node, each on its own Ray node
+        (``STRICT_SPREAD``), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive ranks
+        (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and data-parallel
+        replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map). Otherwise (one Ray
+        node simulating them, or fewer alive after a node loss, or the spread group not placed within
+        :data:`SPREAD_WAIT_S`) one bundle per rank, packed on the nodes there are.
         """
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-        pg = placement_group([bundle] * world_size, strategy="PACK")
-        ray.get(pg.ready(), timeout=timeout_s)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        per_node = world_size // nodes
+        pg = None
+        if nodes > 1 and world_size % nodes == 0 and len(alive) >= nodes:
+            bundle = {"CPU": per_node, **({"GPU": gpus_per_rank * per_node} if gpus_per_rank else {})}
+            # node 0 (rank 0, the rendezvous) on the supervisor's own node when it can hold a node's ranks,
+            # so that node indices follow the cluster's order from its head
+            here = ray.get_runtime_context().get_node_id()
+            fits_here = any(n["NodeID"] == here and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
+                            for n in alive)
+            selector = [{NODE_ID_LABEL: here}] + [{}] * (nodes - 1) if fits_here else None
+            pg = placement_group([bundle] * nodes, strategy="STRICT_SPREAD", bundle_label_selector=selector)
+            bundle_of = [r // per_node for r in range(world_size)]
+            try:
+                # a node lost moments ago still counts as alive until Ray's health checks expire
+                ray.get(pg.ready(), timeout=min(timeout_s, SPREAD_WAIT_S))
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                pg = None
+        if pg is None:
+            bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+            pg = placement_group([bundle] * world_size, strategy="PACK")
+            bundle_of = list(range(world_size))
+            ray.get(pg.ready(), timeout=timeout_s)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
         remote_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,
                                 concurrency_groups={"heartbeat": 1})(RankWorker)
         actors = [
             remote_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_of[r]),
             ).remote(str(Path(log_dir) / f"rank_{r}.log") if log_dir else None)
             for r in range(world_size)
         ]
@@ -145,9 +181,17 @@ class RayRankGroup:
         return fn()
 
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        """Rank 0 opens the rendezvous on its node's data-plane address; every rank checks that it reaches
+        it and the checkpoint root (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        request = dataclasses.replace(request, supervisor_node=ray.get_runtime_context().get_node_id())
+        address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
+        self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
+                   timeout_s)
+        init_method = rendezvous.tcp_url(*address)
         refs = [a.setup.remote(request, r, self.world_size, init_method) for r, a in enumerate(self.actors)]
-        return self._wait(refs, "setup", timeout_s)
+        infos = self._wait(refs, "setup", timeout_s)
+        self.nodes = [i.node for i in infos]
+        return infos
 
     def train_step(self, plan: StepPlan) -> list[dict]:
         results = self._run(RankTrainer.train_step, plan)
@@ -252,6 +296,8 @@ class RayRankGroup:
         except ray.exceptions.RayActorError as exc:
             return RankFailure(rank, "died", _first_line(exc), method)
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), rendezvous.PreflightError):
+                return RankFailure(rank, "unreachable", str(exc.cause), method)
             return RankFailure(rank, "exception", _root_cause(exc), method)
         return None
 
@@ -263,10 +309,29 @@ class RayRankGroup:
         """
         failures = [first]
         deadline = time.monotonic() + self.grace_s
-        while pending and min(map(_severity, failures)) > 0 and time.monotonic() < deadline:
+        # after a death keep collecting for the grace period: every rank of one node dying is a node loss
+        while pending and (min(map(_severity, failures)) > 0 or self._multi_node) and time.monotonic() < deadline:
             finished, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             failures += [f for ref in finished if (f := self._failure_of(ref, rank_of[ref], method)) is not None]
-        return min(failures, key=_severity)
+        root = min(failures, key=_severity)
+        return self._node_loss(root, failures) or root
+
+    @property
+    def _multi_node(self) -> bool:
+        return len(set(self.nodes)) > 1
+
+    def _node_loss(self, root: RankFailure, failures: list[RankFailure]) -> RankFailure | None:
+        """A ``node_lost`` failure when every rank of the dead root rank's node died (and ranks ran on
+        other nodes), else None."""
+        if root.kind != "died" or not self._multi_node:
+            return None
+        node = self.nodes[root.rank]
+        on_node = [r for r, n in enumerate(self.nodes) if n == node]
+        died = {f.rank for f in failures if f.kind == "died"}
+        if not set(on_node) <= died:
+            return None
+        return RankFailure(root.rank, "node_lost", f"node {node} lost: ranks {on_node[0]}-{on_node[-1]} died "
+                           f"({root.message})", root.method)
 
     def _heartbeats(self, ranks: list[int], method: str) -> dict[int, dict]:
         """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` keeps its previous value."""
@@ -290,7 +355,7 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Timed out", "t
 
 def _severity(failure: RankFailure) -> int:
     """Lower is more likely the root cause: a dead rank, a rank's own error, a stall, a peer's collective error."""
-    if failure.kind == "died":
+    if failure.kind in ("died", "unreachable", "node_lost"):
         return 0
     if failure.kind == "stall":
         return 2

@@ -26,6 +26,7 @@ manifest, and the restored step checked on every rank) and continue.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import time
 from collections.abc import Callable
@@ -213,14 +214,17 @@ class Supervisor:
             self.workers = self.make_workers()
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
-            faults=[str(f) for f in self.pending_faults if f.rank != SUPERVISOR],
-            env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ})
+            faults=[str(r) for f in self.pending_faults if f.rank != SUPERVISOR
+                    for r in f.on_ranks(self.cluster.devices_per_node)],
+            env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ},
+            interface=self.cluster.interface, checkpoint_root=self.storage.url)
         # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.
         infos = self.workers.setup(request, self._io_timeout_s)
         self.reporter = next(i.rank for i in infos if i.reporter)
         # one rank per pipeline stage (data- and tensor-parallel rank 0) for the model-wide auxiliary metrics
         self.stage_heads = [i.rank for i in sorted(infos, key=lambda i: i.pp_rank) if i.dp_rank == 0 and i.tp_rank == 0]
         self.workers.coordinate(lambda: self._record_optimizer_assignment(infos))
+        self.workers.coordinate(lambda: self._record_placement(infos))
         fields = {"world_size": self.job.parallel.world_size, "layout": self.job.parallel.model_dump(),
                   "launcher": self.workers.launcher, "setup_s": round(time.perf_counter() - started, 2)}
         if self.resume_from is not None:
@@ -248,6 +252,18 @@ class Supervisor:
             for line in [f"stage {pp}: {lines[0]}", *summary]:
                 self.telemetry.console.print(line, highlight=False, markup=False)
         self.telemetry.console.print(f"every parameter's group: {path}", highlight=False, markup=False)
+
+    def _record_placement(self, infos: list[RankInfo]) -> None:
+        """Write where every rank runs to ``RUN_DIR/placement.json``: ``{"ranks": [{rank, node, tp, pp, dp}],
+        "nodes": {node: [ranks]}}`` (rewritten at every start: a recovery may place ranks elsewhere)."""
+        if not any(i.node for i in infos):
+            return
+        ranks = [{"rank": i.rank, "node": i.node, "tp": i.tp_rank, "pp": i.pp_rank, "dp": i.dp_rank}
+                 for i in sorted(infos, key=lambda i: i.rank)]
+        nodes: dict[str, list[int]] = {}
+        for r in ranks:
+            nodes.setdefault(r["node"], []).append(r["rank"])
+        (self.run_dir / "placement.json").write_text(json.dumps({"ranks": ranks, "nodes": nodes}, indent=1) + "\n")
 
     def _recover(self) -> None:
         """Count the restart and go back to STARTING from the newest committed checkpoint (or step 0)."""

@@ -8,6 +8,7 @@ is written. Heartbeats are answered on their own concurrency group while a step 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,8 +18,10 @@ from typing import TypeVar
 
 import ray
 
+from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.rank_group import RankInfo, SetupRequest
-from v4train.orchestrator.faults import parse_fault
+from v4train.orchestrator import faults
+from v4train.orchestrator.faults import NODE_KINDS, parse_fault
 from v4train.orchestrator.rank.trainer import RankTrainer
 
 __all__ = ["RankWorker"]
@@ -42,28 +45,82 @@ class RankWorker:
             sys.stdout = sys.stderr = stream
             logging.basicConfig(stream=stream, level=logging.INFO, force=True)
         self.trainer: RankTrainer | None = None
+        self.listener: rendezvous.RendezvousListener | None = None
+        self.node_faults: set[tuple[str, int]] = set()
+        self.own_host = False
+        self.interface: str | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
+    def node_address(self) -> str:
+        """The address Ray uses for this actor's node."""
+        return ray.util.get_node_ip_address()
+
+    def open_rendezvous(self, interface: str | None) -> tuple[str, int]:
+        """On rank 0: hold a free port on this node's data-plane address until :meth:`setup` hands it to the
+        rendezvous store; returns ``(address, port)`` for every rank."""
+        address, _ = self._data_plane(interface)
+        self._release_rendezvous()
+        self.listener = rendezvous.RendezvousListener(address)
+        return address, self.listener.port
+
+    def preflight(self, request: SetupRequest, address: tuple[str, int], timeout_s: float) -> None:
+        """Check that this node has the data-plane interface and reaches ``address`` (rank 0's rendezvous)
+        and the checkpoint root; raises :class:`rendezvous.PreflightError` naming the host."""
+        self._data_plane(request.interface)
+        c = request.job.checkpoint
+        rendezvous.preflight(self.node_address(), address, request.checkpoint_root, timeout_s,
+                             {"endpoint_url": c.endpoint_url, "region": c.region})
+
     def setup(self, request: SetupRequest, rank: int, world_size: int, init_method: str) -> RankInfo:
-        """Join a job as ``rank`` (credentials in ``request.env`` are set in this process, never logged)."""
+        """Join a job as ``rank`` (credentials in ``request.env`` are set in this process, never logged);
+        gloo and NCCL bind to this node's data-plane interface."""
         os.environ.update(request.env)
+        node = self.node_address()
+        os.environ.update(rendezvous.socket_env(rendezvous.data_plane(request.interface, node)[1]))
         self.close()
+        self._release_rendezvous()
+        inject = [parse_fault(f) for f in request.faults]
+        self.node_faults = {(f.kind, f.step) for f in inject if f.rank == rank and f.kind in NODE_KINDS}
+        self.own_host = request.supervisor_node not in (None, ray.get_runtime_context().get_node_id())
+        self.interface = rendezvous.data_plane(request.interface, node)[1]
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            inject=[parse_fault(f) for f in request.faults],
+            inject=inject,
         )
-        return self.trainer.describe()
+        return dataclasses.replace(self.trainer.describe(), node=node)
+
+    def _data_plane(self, interface: str | None) -> tuple[str, str | None]:
+        """This node's data-plane (address, interface); a missing interface is a PreflightError."""
+        node = self.node_address()
+        try:
+            return rendezvous.data_plane(interface, node)
+        except ValueError as exc:
+            raise rendezvous.PreflightError(f"host {node}: {exc}") from None
+
+    def _release_rendezvous(self) -> None:
+        if self.listener is not None:
+            self.listener.release()
+            self.listener = None
 
     def run(self, operation: Callable[..., T], *args) -> T:
         """``operation(trainer, *args)``: one of the trainer's methods, passed as a function.
 
-        A failing operation first leaves this rank's process groups: their connections close, so every
-        peer waiting on this rank fails at once instead of at the collective timeout, and the process is
-        idle for the next ``setup`` (the supervisor keeps healthy processes after a failure).
+        Node faults (``orchestrator/faults.py``) strike here, at the start of their step: they concern the
+        host, not the trainer. A failing operation first leaves this rank's process groups: their
+        connections close, so every peer waiting on this rank fails at once instead of at the collective
+        timeout, and the process is idle for the next ``setup`` (the supervisor keeps healthy processes
+        after a failure).
         """
+        if operation is RankTrainer.train_step and self.node_faults:
+            step = args[0].step
+            if ("node_kill", step) in self.node_faults:
+                faults.kill_host(self.own_host)
+            if ("partition", step) in self.node_faults:
+                self.node_faults.discard(("partition", step))
+                faults.cut_link(self.interface or "")
         try:
             return operation(self.trainer, *args)
         except BaseException:

@@ -90,9 +90,12 @@ def classify(exc: BaseException) -> Verdict:
     itself raised) without history; :meth:`FaultHistory.classify` adds the repeat rule."""
     if isinstance(exc, RankFailure):
         where = f"rank {exc.rank} ({exc.method})"
-        if exc.kind in ("died", "stall"):
+        if exc.kind in ("died", "stall", "node_lost"):
             return Verdict(FaultClass.TRANSIENT, "", f"{where}: {exc.kind}: {root_line(exc.message)}",
                            f"a rank {exc.kind}")
+        if exc.kind == "unreachable":  # a node that cannot reach the rendezvous or the root will not by restarting
+            return Verdict(FaultClass.DETERMINISTIC, "unreachable", f"{where}: {root_line(exc.message)}",
+                           "a node cannot reach the rendezvous or the checkpoint root")
         line = root_line(exc.message)
         type_name = _type_of(line)
         names = {type_name, _type_of(exc.message)}

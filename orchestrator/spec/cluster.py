@@ -45,10 +45,16 @@ class HardwareSpec(_Strict):
 class ClusterSpec(_Strict):
     """Where ranks run: ``nodes x devices_per_node`` devices; one rank per device.
 
-    ``simulated: true`` runs every rank as a CPU process on this machine (gloo over 127.0.0.1).
+    ``simulated: true`` runs every rank as a CPU process (gloo): on this machine over 127.0.0.1, or on the
+    hosts of a simulated multi-host cluster (``v4train sim-cluster``).
     ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step;
     ``heartbeat_timeout_s`` is how long the supervisor waits without any rank making progress before it
     declares a stall and names the least advanced rank.
+
+    ``interface`` names the network interface of the data plane on every node (gloo's
+    ``GLOO_SOCKET_IFNAME``, NCCL's ``NCCL_SOCKET_IFNAME``; e.g. ``ib0``, ``eth1``): the rendezvous listens on
+    its address on rank 0's node. Without it, each node uses the address Ray uses for it and the interface
+    holding that address (``orchestrator/control/rendezvous.py``).
 
     ``address`` names a running Ray cluster's job server (its dashboard, ``http://HEAD:8265``): ``v4train
     submit`` then submits the supervisor there as a Ray job (``orchestrator/tools/jobs.py``) instead of starting
@@ -62,6 +68,7 @@ class ClusterSpec(_Strict):
     simulated: bool = True
     backend: Literal["gloo", "nccl"] = "gloo"
     address: str | None = None
+    interface: str | None = None
     threads_per_rank: PositiveInt = 1
     collective_timeout_s: float = Field(default=300.0, gt=0)
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)

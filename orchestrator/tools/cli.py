@@ -5,7 +5,8 @@ cluster, then train, or submit it as a Ray job when the cluster names an ``addre
 / ``stop`` (a submitted Ray job), ``plan`` (memory, bubble, communication and step time of a layout),
 ``report`` (a run's PNG and summary), ``resume`` (continue a run from a committed checkpoint),
 ``ckpt list|verify|inspect`` (recovery tooling over a checkpoint root), ``convert from-hf|to-hf``
-(Hugging Face DeepSeek-V4 checkpoints in and out). Every command has
+(Hugging Face DeepSeek-V4 checkpoints in and out), ``sim-cluster up|down|exec`` (a multi-host Ray cluster in
+network namespaces on this machine). Every command has
 ``--help``; errors exit non-zero with one line on stderr: 2 for bad input (before any actor starts),
 1 for a failed run, 130 for an interrupted one.
 """
@@ -44,14 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     submit.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="KIND@STEP[:rank=R]",
                         help="inject a fault for a recovery drill (repeatable): kill, raise, stall, nan_grad, "
-                             "kill_during_save, kill_during_upload")
+                             "kill_during_save, kill_during_upload; node_kill@STEP:node=N, partition@STEP:node=N")
 
-    from v4train.orchestrator.tools import convert, jobs, plan_cli, report
+    from v4train.orchestrator.tools import convert, jobs, plan_cli, report, sim_cluster
 
     convert.add_cli_arguments(sub)  # convert from-hf / to-hf (Hugging Face checkpoints)
     jobs.add_cli_arguments(sub)   # status, logs, stop (Ray Jobs on a running cluster)
     plan_cli.add_cli_arguments(sub)
     report.add_cli_arguments(sub)
+    sim_cluster.add_cli_arguments(sub)  # sim-cluster up / down / exec (network namespaces, root)
 
     resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint")
     resume.add_argument("target", metavar="RUN_DIR|JOB.yaml",
@@ -101,6 +103,9 @@ def _submit(args) -> int:
                             f"(use `v4train resume {run_dir}` or --overwrite)")
         shutil.rmtree(run_dir)
     faults = _parse_faults(args.faults)
+    for fault in faults:
+        if fault.node is not None and fault.node >= cluster.nodes:
+            raise SpecError(f"--inject-fault {fault}: cluster {cluster.name} has nodes 0-{cluster.nodes - 1}")
     checked = _preflight(job, run_dir, resume_from=None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_job(job))
@@ -272,7 +277,7 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
 
     def make_workers() -> RayRankGroup:
         return RayRankGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
-                                  gpus_per_rank=1 if cluster.device == "gpu" else 0)
+                                  gpus_per_rank=1 if cluster.device == "gpu" else 0, nodes=cluster.nodes)
 
     try:
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)
@@ -327,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             from v4train.orchestrator.tools import plan_cli
 
             return plan_cli.run_cli(args)
+        if args.command == "sim-cluster":
+            from v4train.orchestrator.tools import sim_cluster
+
+            return sim_cluster.run_cli(args)
         if args.command == "report":
             from v4train.orchestrator.tools import report
 

@@ -36,7 +36,9 @@ all-gathers/reduce-scatters (4 per layer per micro-batch, forward and backward),
 and combine, forward and backward), PP activations and their gradients at each stage boundary.
 **Step time**: ``(m + pp - 1)`` times the slowest stage's micro-batch time (6 x active parameters x tokens
 plus attention FLOPs from :mod:`model.budget`, over ``peak_tflops x mfu``, plus its TP/EP/PP transfers over
-the link bandwidths) plus the unoverlapped data-parallel gradient sync. An estimate: good for ranking
+the link each group uses: inter-node when one of its groups spans two nodes, else intra-node, with rank
+``r`` on node ``r // devices_per_node`` (:mod:`orchestrator.tools.placement`)) plus the unoverlapped
+data-parallel gradient sync. An estimate: good for ranking
 layouts and spotting what dominates, not a promise.
 """
 
@@ -46,6 +48,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
+from v4train.orchestrator.tools.placement import crosses_nodes
 from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buffer_elements, head_elements,
                                                     head_weight_elements, stage_parameters)
 
@@ -146,12 +149,6 @@ def _capacity(cluster) -> float:
     return psutil.virtual_memory().total / cluster.devices_per_node
 
 
-def _link_gbps(cluster, span: int) -> float:
-    """Bandwidth (GB/s per rank) of a group whose ranks lie within ``span`` consecutive ranks."""
-    hw = cluster.hardware
-    return hw.intra_node_gbps if span <= cluster.devices_per_node else hw.inter_node_gbps
-
-
 def _communication(cfg, layout: Layout, stages: list[StageMemory], m: int, tokens_mb: int, b: dict,
                    seq_len: int) -> dict:
     """Bytes each rank moves per step over the tensor-, expert-, pipeline-, context- and data-parallel groups
@@ -246,8 +243,8 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     hw = cluster.hardware
     rate = hw.peak_tflops * 1e12 * hw.mfu * (2 if hw.fp8 and device == "gpu" else 1)
     comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)
-    span = {"tp": tp, "ep": tp * ep, "dp": tp * cp * dp, "pp": tp * cp * dp * pp, "cp": tp * cp}
-    link = {k: _link_gbps(cluster, v) * 1e9 for k, v in span.items()}
+    crosses = crosses_nodes(tp, pp, ep, dp, cluster.devices_per_node, cp)
+    link = {k: (hw.inter_node_gbps if crossing else hw.intra_node_gbps) * 1e9 for k, crossing in crosses.items()}
     t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
                                       + comm.get("cp", 0.0) / link["cp"]) / m
     time_parts = {"compute": (m + pp - 1) * max(stage_flops) / rate,

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from v4train.orchestrator.spec import JobSpec, ParallelSpec, SpecError, apply_overrides, load_cluster
 from v4train.orchestrator.spec.files import _dataset_vocab, _format_validation_error, _read_yaml
+from v4train.orchestrator.tools.placement import format_placement
 from v4train.orchestrator.tools.plan import FIT_FRACTION, GiB, Layout, MiB, Plan, plan_job, suggest
 
 __all__ = ["load_job_for_plan", "format_plan", "add_cli_arguments", "run_cli"]
@@ -133,6 +134,9 @@ def run_cli(args) -> int:
           f"{counts['active'] / 1e9:.3g}B active) on {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} "
           f"{cluster.device} devices")
     print(format_plan(plan, f"layout {layout} (the job's)" if not args.layout else f"layout {layout}"))
+    hw = cluster.hardware
+    print(format_placement(layout.tp, layout.pp, layout.ep, layout.dp, cluster.devices_per_node, plan.comm_bytes,
+                           hw.intra_node_gbps, hw.inter_node_gbps, cp=layout.cp))
     if not plan.fits and layout.recompute == "none":
         full = plan_job(cfg, job, cluster, dataclasses.replace(layout, recompute="full"))
         verdict = "fits" if full.fits else "does not fit either"

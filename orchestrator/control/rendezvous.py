@@ -1,0 +1,136 @@
+"""The data plane's addresses: where the torch.distributed rendezvous listens and which interface the
+collectives use, chosen on the node of the rank that owns it (docs/architecture.md section 3).
+
+Rank 0's process hosts the rendezvous store, so rank 0 picks the address and a free port on its own node
+and every rank, on every node, is given that address. The address is the one of the interface the cluster
+file names (``interface``: gloo's ``GLOO_SOCKET_IFNAME``, NCCL's ``NCCL_SOCKET_IFNAME``), else the address
+Ray uses for the node. Each rank also points gloo and NCCL at its own node's interface: without it gloo
+binds to what the host name resolves to, which on a multi-homed host or a network namespace is not an
+address the other nodes reach (gloo then falls back to loopback).
+
+Before setup every rank runs :func:`preflight`: it must reach rank 0's rendezvous listener and the
+checkpoint root. A node that cannot is a deterministic fault (:class:`PreflightError`, naming the host),
+never a stall retried against the restart budget.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import uuid
+
+import psutil
+
+__all__ = ["PreflightError", "interface_address", "interface_of", "data_plane", "socket_env", "tcp_url",
+           "RendezvousListener", "preflight"]
+
+# The environment variables gloo and NCCL read for the interface their sockets bind to.
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+class PreflightError(RuntimeError):
+    """A node cannot reach the rendezvous or the checkpoint root; the message names the host."""
+
+
+def _ipv4_addresses() -> dict[str, list[str]]:
+    """Interface name -> its IPv4 addresses on this host (its network namespace)."""
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items()}
+
+
+def interface_address(ifname: str) -> str:
+    """The first IPv4 address of interface ``ifname`` on this host.
+
+    Raises ValueError naming the interface and the ones this host has, when it is missing or has no IPv4
+    address.
+    """
+    table = _ipv4_addresses()
+    if not table.get(ifname):
+        present = ", ".join(sorted(n for n, a in table.items() if a)) or "none"
+        raise ValueError(f"interface {ifname!r} has no IPv4 address on host {socket.gethostname()} "
+                         f"(interfaces with one: {present})")
+    return table[ifname][0]
+
+
+def interface_of(address: str) -> str | None:
+    """The interface of this host that holds ``address``, or None."""
+    return next((name for name, addrs in _ipv4_addresses().items() if address in addrs), None)
+
+
+def data_plane(interface: str | None, node_address: str) -> tuple[str, str | None]:
+    """(address, interface) of this node's data plane.
+
+    ``interface`` (the cluster file's) wins; else ``node_address`` (the address Ray uses for the node) and
+    the interface holding it (None when no local interface does, e.g. a NAT'd address: then gloo and NCCL
+    keep their own choice).
+    """
+    if interface is not None:
+        return interface_address(interface), interface
+    return node_address, interface_of(node_address)
+
+
+def socket_env(interface: str | None) -> dict[str, str]:
+    """Environment pointing gloo and NCCL at ``interface`` (empty when None)."""
+    return {var: interface for var in SOCKET_IFNAME_VARS} if interface else {}
+
+
+def tcp_url(address: str, port: int) -> str:
+    """The ``tcp://`` init method of torch.distributed for ``address:port`` (IPv6 in brackets)."""
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    return f"tcp://{host}:{port}"
+
+
+class RendezvousListener:
+    """A listening socket on ``address`` holding a free port until rank 0's store takes it over.
+
+    Other nodes probe it in :func:`preflight`; :meth:`release` closes it just before the store binds the
+    same port (SO_REUSEADDR, so accepted probes in TIME_WAIT do not block the bind).
+    """
+
+    def __init__(self, address: str) -> None:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, 0))
+        self.sock.listen(256)
+        self.address = address
+        self.port = self.sock.getsockname()[1]
+
+    def release(self) -> None:
+        self.sock.close()
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def preflight(node_address: str, rendezvous: tuple[str, int], checkpoint_root: str | None, timeout_s: float,
+              storage_kwargs: dict | None = None) -> None:
+    """Check from this node that the rendezvous ``(address, port)`` accepts a TCP connection within
+    ``timeout_s`` and that ``checkpoint_root`` (a directory or ``s3://``) can be written and read back.
+
+    Raises PreflightError naming the host (``node_address``) and what it cannot reach.
+    """
+    who = f"host {node_address} ({_host()})"
+    address, port = rendezvous
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise PreflightError(f"{who} cannot reach the rendezvous {address}:{port}: {exc.strerror or exc}") from None
+    if checkpoint_root is None:
+        return
+    from v4train.orchestrator.checkpoint.storage import Storage
+
+    probe = f".preflight-{node_address}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        storage = Storage(checkpoint_root, **(storage_kwargs or {}))
+        storage.write_text(probe, node_address)
+        ok = storage.read_text(probe) == node_address
+        storage.remove(probe)
+    except Exception as exc:  # OSError, botocore errors: one line naming the host
+        raise PreflightError(f"{who} cannot write the checkpoint root {checkpoint_root}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not ok:
+        raise PreflightError(f"{who} reads back something else than it wrote under {checkpoint_root}")

@@ -1,0 +1,52 @@
+"""Node faults: the ``node_kill`` / ``partition`` grammar, their expansion onto the ranks of the node, the
+partition drill's refusal in the machine's own network namespace, and the rank group's node-loss verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from v4train.orchestrator.control.rank_group import RankFailure
+from v4train.orchestrator.control.ray_group import RayRankGroup
+from v4train.orchestrator.faults import Fault, cut_link, parse_fault
+
+
+def test_node_fault_grammar_round_trips():
+    fault = parse_fault("node_kill@3:node=1")
+    assert fault == Fault("node_kill", 3, node=1) and str(fault) == "node_kill@3:node=1"
+    assert parse_fault("partition@2:node=0") == Fault("partition", 2, node=0)
+    # the per-rank share the supervisor hands out parses back to one rank
+    assert parse_fault("node_kill@3:rank=5") == Fault("node_kill", 3, rank=5)
+
+
+@pytest.mark.parametrize("text", ["node_kill@3", "node_kill@3:node=x", "partition@2:host=1", "node_kill@0:node=1"])
+def test_bad_node_faults_say_what_is_wrong(text):
+    with pytest.raises(ValueError, match="node_kill|partition|STEP"):
+        parse_fault(text)
+
+
+def test_node_fault_lands_on_every_rank_of_the_node():
+    assert Fault("node_kill", 3, node=1).on_ranks(4) == [Fault("node_kill", 3, rank=r) for r in (4, 5, 6, 7)]
+    assert Fault("kill", 3, rank=2).on_ranks(4) == [Fault("kill", 3, rank=2)]
+
+
+def test_partition_refuses_outside_a_simulated_host():
+    with pytest.raises(RuntimeError, match="refusing to take eth0 down outside a simulated host's network namespace"):
+        cut_link("eth0")
+
+
+def _group(nodes: list[str]) -> RayRankGroup:
+    group = RayRankGroup([None] * len(nodes), timeout_s=1.0)
+    group.nodes = nodes
+    return group
+
+
+def test_every_rank_of_one_node_dying_is_a_node_loss():
+    group = _group(["10.0.0.1"] * 2 + ["10.0.0.2"] * 2)
+    died = [RankFailure(r, "died", "actor died", "run") for r in (2, 3)]
+    lost = group._node_loss(died[0], died)
+    assert (lost.rank, lost.kind) == (2, "node_lost")
+    assert lost.message.startswith("node 10.0.0.2 lost: ranks 2-3 died")
+    # one rank of the node alive: a rank death, not a node loss
+    assert group._node_loss(died[0], died[:1]) is None
+    # one node only: nothing to tell apart
+    assert _group(["10.0.0.1"] * 4)._node_loss(died[0], died) is None

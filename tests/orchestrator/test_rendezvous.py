@@ -1,0 +1,87 @@
+"""The data plane's address choice (interface named by the cluster file, else the node's Ray address), the
+handover of rank 0's rendezvous port to torch's TCPStore, and the preflight that names an unreachable host."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch.distributed as dist
+
+from v4train.orchestrator.control import rendezvous
+from v4train.orchestrator.control.rendezvous import PreflightError, RendezvousListener
+from v4train.orchestrator.spec import ClusterSpec
+
+
+def _loopback_name() -> str:
+    found = rendezvous.interface_of("127.0.0.1")
+    assert found is not None, "this host has no interface holding 127.0.0.1"
+    return found
+
+
+def test_named_interface_gives_its_address_whatever_ray_says():
+    lo = _loopback_name()
+    assert rendezvous.data_plane(lo, "198.51.100.7") == ("127.0.0.1", lo)
+    assert rendezvous.interface_address(lo) == "127.0.0.1"
+
+
+def test_without_interface_the_node_address_and_the_interface_holding_it():
+    lo = _loopback_name()
+    assert rendezvous.data_plane(None, "127.0.0.1") == ("127.0.0.1", lo)
+    # an address no local interface holds (NAT): kept, and gloo/NCCL keep their own interface choice
+    assert rendezvous.data_plane(None, "198.51.100.7") == ("198.51.100.7", None)
+    assert rendezvous.socket_env(None) == {}
+
+
+def test_missing_interface_is_named_with_the_host_and_the_present_ones():
+    with pytest.raises(ValueError, match=r"'nosuch0' has no IPv4 address on host .*interfaces with one: .*lo"):
+        rendezvous.data_plane("nosuch0", "127.0.0.1")
+
+
+def test_socket_env_points_gloo_and_nccl_at_the_interface():
+    assert rendezvous.socket_env("eth1") == {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "eth1"}
+
+
+def test_tcp_url_brackets_ipv6():
+    assert rendezvous.tcp_url("10.213.0.1", 29500) == "tcp://10.213.0.1:29500"
+    assert rendezvous.tcp_url("fd00::1", 29500) == "tcp://[fd00::1]:29500"
+
+
+def test_cluster_file_field():
+    spec = ClusterSpec(name="two", nodes=2, devices_per_node=4, interface="v4eth")
+    assert spec.interface == "v4eth"
+    assert ClusterSpec(name="one", devices_per_node=4).interface is None
+
+
+def test_listener_port_is_taken_over_by_the_store_after_probes(tmp_path):
+    listener = RendezvousListener("127.0.0.1")
+    rendezvous.preflight("127.0.0.1", (listener.address, listener.port), str(tmp_path / "ckpt"), 2.0)
+    listener.release()
+    # the probe's accepted connection is in TIME_WAIT on the listener's side; the store must still bind
+    store = dist.TCPStore("127.0.0.1", listener.port, 1, is_master=True, wait_for_workers=False)
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the probe file is gone
+
+
+def test_unreachable_rendezvous_fails_within_the_timeout_naming_the_host(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    expected = rf"host 10\.213\.9\.2 \(.*\) cannot reach the rendezvous 127\.0\.0\.1:{port}"
+    with pytest.raises(PreflightError, match=expected):
+        rendezvous.preflight("10.213.9.2", ("127.0.0.1", port), str(tmp_path), 2.0)
+    assert time.monotonic() - started < 3.0
+
+
+def test_unwritable_checkpoint_root_names_the_host(tmp_path):
+    listener = RendezvousListener("127.0.0.1")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    try:
+        with pytest.raises(PreflightError, match=r"host 127\.0\.0\.1 \(.*\) cannot write the checkpoint root"):
+            rendezvous.preflight("127.0.0.1", (listener.address, listener.port), str(blocker / "ckpt"), 2.0)
+    finally:
+        listener.release()

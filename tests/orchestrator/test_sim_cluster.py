@@ -1,0 +1,122 @@
+"""The multi-host simulated cluster (network namespaces, one Ray node each; needs root): (TP, PP, DP) =
+(2, 2, 2) across two hosts gives the one-host losses, the rank-to-node map keeps each tensor-parallel group on
+one host, and a checkpoint written on two hosts resumes on one host and back. Everything runs through
+``v4train submit`` / ``resume`` as a user runs them; the cluster is torn down by its namespaces' pids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from support.cli import V4TRAIN, cli_env
+from support.jobs import tiny_job
+from v4train.orchestrator.tools.sim_cluster import SimCluster, can_create
+
+REASON = can_create()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+RUN_TIMEOUT_S = 900  # one 8-rank run on a loaded 2-core machine; a hang fails the test
+
+
+def _cluster_file(path: Path, nodes: int, interface: str | None) -> Path:
+    spec = {"name": path.stem, "nodes": nodes, "devices_per_node": 8 // nodes, "device": "cpu", "simulated": True,
+            "backend": "gloo", "collective_timeout_s": 120, "heartbeat_timeout_s": 120,
+            "ray": {"num_cpus": 8, "object_store_memory_mb": 256}}
+    if interface:
+        spec["interface"] = interface
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(prefix: list[str], args: list[str]) -> None:
+    proc = subprocess.run([*prefix, *V4TRAIN, *args], env=cli_env(), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr[-3000:]}"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    # 8 logical CPUs per host: after a node loss the remaining host takes every rank
+    with SimCluster(2, cpus=8) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sim")
+    job = tiny_job(tiny_dataset, parallel={"tp": 2, "pp": 2, "dp": 2}, train={"max_restarts": 1},
+                   checkpoint={"every_steps": 2, "at_end": False, "async_save": False})
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    return {"job": root / "job.yaml", "multi": _cluster_file(root / "two-host.yaml", 2, "v4eth"),
+            "single": _cluster_file(root / "one-host.yaml", 1, None)}
+
+
+@pytest.fixture(scope="module")
+def one_host(files, tmp_path_factory) -> Path:
+    """The reference: the same job with every rank on this machine's own Ray (embedded)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    _run([], ["submit", str(files["job"]), "--cluster", str(files["single"]), "--run-dir", str(run_dir)])
+    return run_dir
+
+
+@pytest.mark.timeout(5 * RUN_TIMEOUT_S)
+def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(two_hosts, files, one_host, tmp_path):
+    job_file, multi, single = files["job"], files["multi"], files["single"]
+    inside = two_hosts.exec_prefix(0)
+    _run(inside, ["submit", str(job_file), "--cluster", str(multi), "--run-dir", str(tmp_path / "two")])
+    shutil.copytree(one_host, tmp_path / "one")
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+    # placement: host i holds ranks 4i..4i+3 (pipeline stage i), so each TP group sits on one host
+    placement = json.loads((tmp_path / "two" / "placement.json").read_text())
+    assert placement["nodes"] == {h.address: list(range(4 * h.index, 4 * h.index + 4)) for h in two_hosts.members}
+    assert {r["pp"] for r in placement["ranks"] if r["node"] == two_hosts.members[1].address} == {1}
+    assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == sorted(f"rank_{r}.log" for r in range(8))
+
+    # the two-host checkpoint of step 2 resumes on one host, the one-host one on two hosts: same step 3
+    for run, cluster, prefix in (("two", single, []), ("one", multi, inside)):
+        (tmp_path / run / "cluster.yaml").write_text(cluster.read_text())
+        _run(prefix, ["resume", str(tmp_path / run), "--step", "2"])
+        resumed = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert resumed[-1]["step"] == 3
+        assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+def test_node_kill_is_a_node_loss_recovered_on_the_remaining_host(two_hosts, files, one_host, tmp_path):
+    """Runs last: host 1's Ray node stays dead. Every process of host 1 dies at the start of step 3; the
+    supervisor names a node loss, restarts from the step-2 checkpoint on host 0 alone and reaches the
+    one-host losses."""
+    run_dir = tmp_path / "drill"
+    _run(two_hosts.exec_prefix(0), ["submit", str(files["job"]), "--cluster", str(files["multi"]), "--run-dir",
+                                    str(run_dir), "--inject-fault", "node_kill@3:node=1"])
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    failure = next(e for e in events if e["event"] == "failure")
+    host1 = two_hosts.members[1].address
+    assert failure["kind"] == "node_lost" and f"node {host1} lost: ranks 4-7 died" in failure["cause"], failure
+    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "finish"
+    reference = _losses(one_host)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3 and metrics[-1]["restarts"] == 1
+    assert metrics[-1]["loss"] == pytest.approx(reference[3], rel=1e-5)
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert set(placement["nodes"]) == {two_hosts.members[0].address}
+    killed = next(e["time"] for e in events if e["event"] == "checkpoint_committed" and e["step"] == 2)
+    restart_start = [e for e in events if e["event"] == "start"][-1]
+    print(f"node loss: detected {failure['time'] - killed:.1f} s after the step-2 commit (the kill); restarted "
+          f"group set up in {restart_start['setup_s']} s; step 3 done again {metrics[-1]['time'] - killed:.1f} s "
+          "after the kill")
+
