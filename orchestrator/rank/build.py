@@ -55,6 +55,7 @@ def build_stage(job: JobSpec, cfg, pctx) -> tuple[V4Stage, TensorParallel]:
     stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, vp_size=job.parallel.vp, tp=tp,
                     experts_factory=experts)
     stage.init_weights(job.seed)
+    stage.recompute = job.train.recompute
     if job.model.init_from is not None:  # start from converted or earlier weights (fresh optimizer)
         load_model(job.model.init_from, stage, tp)
     if job.train.fp8:

@@ -54,6 +54,7 @@ def _submit(tmp_path, job, capsys, *extra):
         (lambda j: j["data"].update(path="/nonexistent/dir"), "data.path: directory /nonexistent/dir not found"),
         (lambda j: j["train"].update(global_batch=6), "train.global_batch"),
         (lambda j: j["model"].update(n_layers=0), "model:"),
+        (lambda j: j["train"].update(recompute="most"), "train.recompute"),
     ],
 )
 def test_bad_input_one_line_naming_the_field(job_files, capsys, mutate, field):
