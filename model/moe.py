@@ -237,8 +237,9 @@ class LocalExperts(nn.Module):
             self.experts[str(e)](x_chunk, w_chunk)
             for e, (x_chunk, w_chunk) in enumerate(zip(x_pairs.split(counts), w_pairs.split(counts)))
         ])
-        # un-permute: sum each token's K weighted expert outputs
-        return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_pairs.to(x_TD.dtype))
+        # un-permute: sum each token's K weighted expert outputs, in fp32 (spec 0.1 item 8)
+        sum_TD = torch.zeros_like(x_TD, dtype=torch.float32).index_add_(0, token_of_pair, y_pairs.float())
+        return sum_TD.to(x_TD.dtype)
 
 
 def expert_parallel_experts(cfg: ModelConfig, *, ep_group: dist.ProcessGroup | None, ep_rank: int,
@@ -339,8 +340,8 @@ class MoE(nn.Module):
         y_TD = gather_tokens(self.experts(scatter_tokens(x_TD, self.tp), scatter_tokens(route.weights, self.tp),
                                           route.indices[rows]), self.tp)
         y_BSD = y_TD.view(B, S, D)
-        if self.shared_experts is not None:
-            y_BSD = y_BSD + self.shared_experts(x_BSD)
+        if self.shared_experts is not None:  # the routed and shared outputs add in fp32 (spec 0.1 item 8)
+            y_BSD = (y_BSD.float() + self.shared_experts(x_BSD).float()).to(x_BSD.dtype)
         if self.training and torch.is_grad_enabled() and not self.recomputing:
             self._log_routing(route)
         if self.training and torch.is_grad_enabled() and not self.gate.is_hash:

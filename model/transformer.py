@@ -195,8 +195,9 @@ class V4Stage(nn.Module):
             X_BSND = self.layers[str(i)](X_BSND, ctx)
         if not (self.is_last_stage and chunk == self.vp_size - 1):
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
-            # storage of sent outputs and refuses views
-            return X_BSND.flatten(2).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+            # storage of sent outputs and refuses views; the boundary is fp32 whatever the compute precision
+            return X_BSND.flatten(2).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format,
+                                                        copy=True)
         h_BSD = self.norm(self.hc_head(X_BSND))
         if labels is None:  # this TP rank's vocabulary rows, gathered
             return gather_heads(self.head(h_BSD).float(), self.tp, dim=-1)
@@ -236,7 +237,9 @@ class V4Stage(nn.Module):
         expected = (input_ids_BS.shape[1], input_ids_BS.shape[0], self.cfg.hc_mult * self.cfg.dim)
         if tuple(t_SBF.shape) != expected:
             raise RuntimeError(f"stage {self.pp_rank}: input tensor shape {tuple(t_SBF.shape)}, expected {expected}")
-        return t_SBF.transpose(0, 1).unflatten(-1, (self.cfg.hc_mult, self.cfg.dim))
+        # the streams compute in the precision of the layers' weights (bf16 under mixed precision)
+        dtype = self.layers[str(self.chunk_ranges[chunk][0])].attn.wq_a.weight.dtype
+        return t_SBF.transpose(0, 1).unflatten(-1, (self.cfg.hc_mult, self.cfg.dim)).to(dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -87,7 +87,7 @@ def test_recompute_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
             metrics, got = runs[recompute]
             for a, b in zip(reference, metrics, strict=True):
                 for key in ("loss", "grad_norm", "balance_loss", "mtp_loss"):
-                    assert b[key] == a[key], ((tp, pp, ep, dp, vp), recompute, key, b["step"])
+                    assert b.get(key) == a.get(key), ((tp, pp, ep, dp, vp), recompute, key, b["step"])
             assert got.keys() == ref.keys()
             for key, want in ref.items():
                 if isinstance(want, torch.Tensor):
