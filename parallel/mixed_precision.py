@@ -23,7 +23,7 @@ plus the optimizer state, Megatron's layout without a distributed optimizer.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -33,7 +33,8 @@ def test_which_parameters_compute_in_bf16():
     names = {n for n, _ in _stage().named_parameters()}
     bf16 = {n for n in names if computes_in_bf16(n)}
     for name in ("embed.weight", "head.weight", "layers.0.attn.wq_a.weight", "layers.1.attn.indexer.wq_b.weight",
-                 "layers.1.ffn.experts.experts.0.w1.weight", "layers.1.ffn.shared_experts.w2.weight", "mtp.0.e_proj.weight"):
+                 "layers.1.ffn.experts.experts.0.w1.weight", "layers.1.ffn.shared_experts.w2.weight",
+                 "mtp.0.e_proj.weight"):
         assert name in bf16, name
     for name in ("layers.0.hc_attn.fn", "hc_head.base", "layers.0.attn_norm.weight", "norm.weight",
                  "layers.1.attn.compressor.wkv.weight", "layers.1.attn.indexer.compressor.ape",
