@@ -55,6 +55,9 @@ def _submit(tmp_path, job, capsys, *extra):
         (lambda j: j["train"].update(global_batch=6), "train.global_batch"),
         (lambda j: j["model"].update(n_layers=0), "model:"),
         (lambda j: j["train"].update(recompute="most"), "train.recompute"),
+        (lambda j: j["train"].update(precision="fp16"), "train.precision"),
+        (lambda j: j["model"].update(preset="flash"), "parallel: layout tp1 pp2 ep1 dp2 mbs2 recompute=none with "
+                                                      "train.precision fp32 needs"),
     ],
 )
 def test_bad_input_one_line_naming_the_field(job_files, capsys, mutate, field):
