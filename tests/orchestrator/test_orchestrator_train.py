@@ -61,6 +61,53 @@ def test_distributed_muon_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path
                 assert ((got[key] - want).norm() / want.norm()).item() <= 1e-6, ((tp, pp, ep, dp), key)
 
 
+# (TP, PP, EP, DP, VP) layouts of the distributed-optimizer parity test (each with data parallelism)
+DISTRIBUTED_OPTIMIZER_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 1, 1, 2, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_distributed_optimizer_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
+    """train.distributed_optimizer: losses and every parameter, AdamW moment and Muon momentum of the global end
+    checkpoint after 3 steps equal the plain run of the same layout (1e-6 relative: Muon's batched bmm)."""
+    for tp, pp, ep, dp, vp in DISTRIBUTED_OPTIMIZER_LAYOUTS:
+        runs = {}
+        for distributed in (False, True):
+            name = f"tp{tp}pp{pp}ep{ep}dp{dp}_{'zero1' if distributed else 'plain'}"
+            job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
+                           train={"distributed_optimizer": distributed}, checkpoint={"every_steps": 0, "at_end": True})
+            metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
+            runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        (reference, ref), (metrics, got) = runs[False], runs[True]
+        assert any(".exp_avg_sq" in k for k in ref) and any(k.endswith(".momentum_buffer") for k in ref)
+        for a, b in zip(reference, metrics, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), ((tp, pp, ep, dp), b["step"])
+        assert got.keys() == ref.keys()
+        for key, want in ref.items():
+            if isinstance(want, torch.Tensor) and want.is_floating_point() and want.norm() > 0:
+                assert ((got[key] - want).norm() / want.norm()).item() <= 1e-6, ((tp, pp, ep, dp), key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_distributed_optimizer_checkpoint_resumes_without_it_and_at_another_dp(rank_pool, tiny_dataset, tmp_path):
+    """A checkpoint written with the distributed optimizer at DP 4 resumes without it at DP 4 (the straight
+    run's losses, 1e-6) and with it at PP 2 x DP 2 (1e-5: another reduction order)."""
+    def job(parallel, distributed):
+        return tiny_job(tiny_dataset, parallel=parallel, train={"steps": 4, "distributed_optimizer": distributed},
+                        checkpoint={"every_steps": 2, "at_end": True})
+
+    straight, _, _ = run_job(rank_pool, job({"dp": 4}, True), tmp_path / "straight")
+    for name, parallel, distributed, rel in (("plain_dp4", {"dp": 4}, False, 1e-6),
+                                             ("zero1_pp2dp2", {"pp": 2, "dp": 2}, True, 1e-5)):
+        shutil.copytree(tmp_path / "straight" / "step_00000002", tmp_path / name / "step_00000002")
+        resumed, events, _ = run_job(rank_pool, job(parallel, distributed), tmp_path / name,
+                                     resume_from="step_00000002")
+        assert events[0]["event"] == "start" and events[0]["step"] == 2
+        for a, b in zip(straight[2:], resumed, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=rel), (name, b["step"])
+
+
 # (TP, PP, EP, DP, VP) layouts of the recompute parity test (the pool holds 4 ranks): data parallel,
 # pipeline with expert parallel, tensor parallel under interleaved pipelining
 RECOMPUTE_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 2, 1, 1, 2)]
