@@ -14,7 +14,7 @@ from v4train.orchestrator.checkpoint import init_from
 from v4train.orchestrator.spec.cluster import ClusterSpec
 from v4train.orchestrator.spec.job import JobSpec, SpecError
 
-__all__ = ["load_job", "load_cluster", "apply_overrides", "validate_against_cluster", "dump_job"]
+__all__ = ["load_job", "load_cluster", "apply_overrides", "validate_against_cluster", "job_warnings", "dump_job"]
 
 
 
@@ -161,6 +161,17 @@ def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int
     if p.cp > 1:
         raise SpecError(f"parallel.cp={p.cp}: the trainer does not run context parallelism yet "
                         "(`v4train plan` evaluates the layout)")
+
+
+def job_warnings(job: JobSpec) -> list[str]:
+    """Choices that are valid but buy nothing, one line each naming the field (``submit`` prints them)."""
+    out = []
+    p = job.parallel
+    expert_dp = p.tp * p.cp * p.dp // p.ep
+    if job.train.distributed_optimizer and p.dp == 1 and expert_dp == 1:
+        out.append("train.distributed_optimizer: true with parallel.dp 1 shards nothing (every rank owns all "
+                   "of its optimizer state)")
+    return out
 
 
 def dump_job(job: JobSpec) -> str:

@@ -9,7 +9,7 @@ import yaml
 from v4train.orchestrator.control import ray_group
 from v4train.orchestrator.tools import cli
 from v4train.orchestrator.curriculum import lr_at, plan_at, plan_step
-from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
+from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, job_warnings, load_job
 
 
 @pytest.fixture
@@ -107,3 +107,13 @@ def test_plan_without_a_curriculum_is_the_job_shape_and_the_step_lr(job_files):
     # no warmup: the cosine from 1e-3 to 1e-4 over 4 steps, at 3/4 of the way
     assert plan.lr == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 3 / 4)))
     assert plan_at(spec, 3, consumed_tokens=0) == plan  # without a curriculum only the step counts
+
+
+def test_distributed_optimizer_without_data_parallelism_is_a_warning(job_files):
+    tmp_path, job = job_files
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    sharded = load_job(path, ["train.distributed_optimizer=true"])
+    assert job_warnings(sharded) == [] and job_warnings(load_job(path, [])) == []
+    (warning,) = job_warnings(load_job(path, ["train.distributed_optimizer=true", "parallel.dp=1", "parallel.pp=4"]))
+    assert warning.startswith("train.distributed_optimizer: true with parallel.dp 1")
