@@ -154,6 +154,7 @@ def test_bf16_trains_close_to_fp32_and_resumes_across_precisions(rank_pool, tiny
     bf16, _, _ = run_job(rank_pool, job("bf16"), tmp_path / "bf16")
     for a, b in zip(fp32, bf16, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), b["step"]
+    assert all(a["loss"] != b["loss"] for a, b in zip(fp32, bf16, strict=True))  # bf16 did compute in bf16
     ref = _tensors(tmp_path / "fp32" / "step_00000004", tmp_path / "fp32.pt")
     got = _tensors(tmp_path / "bf16" / "step_00000004", tmp_path / "bf16.pt")
     assert got.keys() == ref.keys()
