@@ -26,7 +26,8 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
 - ``kv_compressor``: the part of the activations that is the attention's key/value entries (window and
   compressed) and the compressor's buffers at the job's sequence length, shown on its own line.
 - ``workspace``: the backward's transient peak: one layer's activations again, plus the logits' gradient
-  on the last stage.
+  on the last stage. ``recomputed_layer`` (recompute selective or full): the layer the backward rebuilds
+  keeps its activations while its backward runs, one layer's worth on top of the workspace.
 - ``head_weight_grad`` (last stage): the fused head and loss forms each head's weight gradient in the
   forward, one ``[V / tp, D]`` buffer per head and micro-batch in flight.
 - ``checkpoint staging``: an asynchronous save copies parameters and optimizer state between steps, when
@@ -215,6 +216,8 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     parts = {"activations": in_flight * tokens_mb * kept_other * act_bytes,
              "kv_compressor": in_flight * tokens_mb * kept_kv * act_bytes,
              "workspace": tokens_mb * (biggest + (cfg.vocab_size / tp if last else 0)) * act_bytes}
+    if layout.recompute != "none":  # the rebuilt layer's activations live beside the backward's workspace
+        parts["recomputed_layer"] = tokens_mb * biggest * act_bytes
     if last:  # the fused head's weight gradients, formed in the forward: per micro-batch, not per token
         parts["head_weight_grad"] = in_flight * head_weight_elements(cfg, tp) * act_bytes
     if cp > 1:
@@ -248,7 +251,7 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         if device == "cpu":
             # the staged copy is taken between steps, when activations are free
             transient = (parts["activations"] + parts["kv_compressor"] + parts["workspace"]
-                         + parts.get("head_weight_grad", 0.0))
+                         + parts.get("head_weight_grad", 0.0) + parts.get("recomputed_layer", 0.0))
             parts["checkpoint_staging"] = max(0.0, staging - transient)
         else:
             stage.host_staging = staging
