@@ -15,8 +15,9 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   experts over EP), as the trainer holds them (every term follows a job option, :func:`state_bytes`): fp32
   parameters (``train.precision: fp32``) or fp32 masters plus their bf16 compute copies during a step
   (``bf16``, ``parallel/mixed_precision.py``), fp32 gradients, and the optimizer's two fp32 moments per
-  parameter (AdamW; Muon's single momentum is counted as two, an upper bound). The trainer has no
-  distributed optimizer, so nothing is sharded over data parallelism; a layout counting on one does not fit.
+  parameter (AdamW; Muon's single momentum is counted as two, an upper bound). Nothing is counted as sharded
+  over data parallelism, even with ``train.distributed_optimizer``: it owns whole parameters, which does not
+  reach 1/DP of the state when a few tensors dominate (BENCHMARKS.md), so the replicated state is the bound.
 - ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
   saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
   micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
