@@ -33,7 +33,8 @@ def test_node_without_the_interface_fails_at_once_without_restarts(rank_pool, ti
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     failure = next(e for e in events if e["event"] == "failure")
     assert failure["kind"] == "unreachable" and failure["step"] == 0
-    assert failure["cause"].startswith("rank 0 unreachable in rendezvous: host ")
+    assert failure["fault_class"] == "deterministic"
+    assert failure["cause"].startswith("rank 0 (rendezvous): host ")
     assert "interface 'nosuch0' has no IPv4 address" in failure["cause"]
     assert [e for e in events if e["event"] in ("restart", "start")] == []
     assert sup.restarts == 0
