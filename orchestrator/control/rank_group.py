@@ -47,13 +47,14 @@ class RankFailure(Exception):
 @dataclass(frozen=True)
 class SetupRequest:
     """What every rank needs to join a job: the spec, the bound on collectives (seconds), intra-op CPU
-    threads, the torch.distributed backend, the faults to inject (``KIND@STEP[:rank=R]``), and environment
-    variables to set first (storage credentials; never logged)."""
+    threads, the torch.distributed backend, the device kind (``cpu`` / ``gpu``), the faults to inject
+    (``KIND@STEP[:rank=R]``), and environment variables to set first (storage credentials; never logged)."""
 
     job: JobSpec
     collective_timeout_s: float
     threads: int = 1
     backend: str = "gloo"
+    device: str = "cpu"
     faults: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 

@@ -171,7 +171,7 @@ class Supervisor:
         self.workers = self.make_workers()
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
-            faults=[str(f) for f in self.pending_faults if f.rank != SUPERVISOR],
+            device=self.cluster.device, faults=[str(f) for f in self.pending_faults if f.rank != SUPERVISOR],
             env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ})
         # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.
         infos = self.workers.setup(request, self._io_timeout_s)

@@ -53,6 +53,7 @@ class RankWorker:
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
+            device=request.device,
             inject=[parse_fault(f) for f in request.faults],
         )
         return self.trainer.describe()
