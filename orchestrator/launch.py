@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run this rank of the job; returns the exit code (2: bad input, 1: a failure)."""
     args = _parser().parse_args(argv)
+    from v4train.orchestrator.rank.placement import PlacementError, resolve_placement
     from v4train.orchestrator.spec import SpecError, load_cluster, load_job
 
     try:
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir)
         if not args.resume and not args.overwrite and run_dir.exists() and any(run_dir.iterdir()):
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --resume or --overwrite)")
-    except (SpecError, ValueError) as exc:
+        # what this process cannot run as configured stops it here, in one line (the rank checks again)
+        resolve_placement(cluster.device if cluster else "cpu", cluster.backend if cluster else "gloo", job.train.fp8)
+    except (SpecError, ValueError, PlacementError) as exc:
         print(f"v4train launch: error: {exc}", file=sys.stderr)
         return 2
     return _run(job, cluster, run_dir, rank, world, init_method, args)
