@@ -7,11 +7,11 @@ measured):
 * ``environment``: device name, driver, CUDA, and the torch / triton / numpy / megatron-core / pydantic /
   transformer-engine versions.
 * ``kernels``: the Triton sparse attention (forward, forward + backward) and indexer top-k at V4-Flash
-  attention shapes (H = 64, D = 512, W = 128, top-512 of T/4 compressed entries, indexer 64 x 128), T =
-  4k..64k, through ``benchmarks/kernels_gpu.py`` (imported, not copied): errors against the torch
-  reference where it fits in memory (T <= 8k; within the interpreter tests' bf16 tolerance, 2e-2 of
-  max(1, |reference|)), time against compiled FlexAttention on the same picks (T <= 16k: Flex computes
-  every picked block for a whole query block, which at 64k takes seconds), TFLOP/s.
+  attention shapes (H = 64, D = 512, W = 128, top-512 of T/4 compressed entries, indexer 64 x 128),
+  T = 4k, 16k, 32k, 64k (``--seq-lens``), through ``benchmarks/kernels_gpu.py`` (imported, not copied):
+  errors against the torch reference (T <= 8k, memory; within the interpreter tests' bf16 tolerance,
+  2e-2 of max(1, |reference|)), time against compiled FlexAttention on the same picks (T <= 16k, each T
+  a fresh compile: Flex computes every picked block for a whole query block, seconds at 64k), TFLOP/s.
 * ``train``: the ``small`` preset on one device through ``orchestrator.launch`` in this process (the
   torchrun path: the real Supervisor and RankTrainer, no Ray), FP8 off then on. The trainer computes in
   fp32 (it has no bf16 mode), which the table says. Per run: the loss of every step, the median step time
@@ -139,7 +139,7 @@ def kernel_args(device: str, seq_lens):
     import kernels_gpu
 
     if device == "cuda":
-        argv = ["--seq-lens", *map(str, seq_lens or [4096, 8192, 16384, 32768, 65536]), "--repeats", "3",
+        argv = ["--seq-lens", *map(str, seq_lens or [4096, 16384, 32768, 65536]), "--repeats", "3",
                 "--ref-max-t", "8192", "--flex-max-t", "16384"]
     else:   # FlexAttention's CPU compile alone takes minutes on a small machine: the GPU runs it
         argv = ["--device", "cpu", "--seq-lens", *map(str, seq_lens or [128]), "--heads", "2", "--head-dim", "32",
