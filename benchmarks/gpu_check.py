@@ -269,6 +269,7 @@ def train_run(work: Path, dataset: Path, tc: dict, fp8: bool, device: str, vocab
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["exit_code"] = rc
     lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip()]
+    result["placement"] = next((ln.split(": ", 1)[1] for ln in lines if ln.startswith("v4train launch: device")), None)
     if rc != 0:
         result["failure_line"] = result.get("exception") or next(
             (ln for ln in reversed(lines) if "error" in ln.lower() or "fail" in ln.lower()), lines[-1] if lines else "")

@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume and not args.overwrite and run_dir.exists() and any(run_dir.iterdir()):
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --resume or --overwrite)")
         # what this process cannot run as configured stops it here, in one line (the rank checks again)
-        resolve_placement(cluster.device if cluster else "cpu", cluster.backend if cluster else "gloo", job.train.fp8)
+        placement = resolve_placement(cluster.device if cluster else "cpu", cluster.backend if cluster else "gloo",
+                                      job.train.fp8)
     except (SpecError, ValueError, PlacementError) as exc:
         print(f"v4train launch: error: {exc}", file=sys.stderr)
         return 2
+    if rank == 0:
+        print(f"v4train launch: {placement.describe()}", file=sys.stderr)
     return _run(job, cluster, run_dir, rank, world, init_method, args)
 
 

@@ -63,7 +63,7 @@ class RankTrainer:
         self.placement = resolve_placement(device, backend, job.train.fp8)
         if self.placement.device.type == "cuda":
             torch.cuda.set_device(self.placement.device)
-        if rank == 0:
+        if rank == 0:  # the Ray worker's log (torchrun's launch prints it before the rank starts)
             log.info("rank placement: %s", self.placement.describe())
         self.job = job
         self.rank = rank

@@ -28,6 +28,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert row["idx_same"] == 1.0 and row["within_tol"] == [True] * 4
     base, fp8 = sections["train"]["runs"]
     assert base["exit_code"] == 0 and fp8["exit_code"] == 0, (base, fp8)
+    assert base["placement"] == "device cpu, data plane gloo, attention kernels torch, fp8 off"
+    assert fp8["placement"].endswith("fp8 emulation")
     assert len(base["losses"]) == len(fp8["losses"]) == sections["train"]["config"]["steps"]
     # the FP8 emulation moves the loss a little, never a lot
     assert 0 < sections["train"]["fp8_vs_base_max_rel_loss_diff"] < 1e-2
