@@ -96,7 +96,7 @@ def cases(full: bool = False) -> list[KernelCase]:
                 sig = {"Q": x, "KV": x, "SINK": "*fp32", "IDX": "*i32", "O": x, "LSE": "*fp32", "T": "i32",
                        "N": "i32", "K": "i32", "scale_log2e": "fp32"}
             const = {"H": H, "D": D, "BLOCK_H": cfg.BLOCK_H, "BLOCK_K": cfg.BLOCK_K, "BLOCK_D": cfg.BLOCK_D,
-                     "DOT_PREC": prec}
+                     "DOT_PREC": prec, "HEADS_FASTEST": cfg.heads_fastest}
             kernel = "_sparse_attn_bwd" if backward else "_sparse_attn_fwd"
             out.append(KernelCase(f"{kernel} {dt} H{H} D{D}", kernel, "triton_attention", sig, const,
                                   cfg.num_warps, cfg.num_stages, forward=not backward))
@@ -115,6 +115,15 @@ def cases(full: bool = False) -> list[KernelCase]:
            "t_begin": "i32", "TC": "i32", "NC": "i32", "KK": "i32"}
     out.append(KernelCase("_indexer_select", "_indexer_select", "triton_indexer", sig,
                           {"BLOCK": cfg.SELECT_BLOCK}, 4, 1, forward=True))
+    # the mHC split (spec 4): hc_mult N = 4, 20 Sinkhorn iterations (2 * 20 - 1 normalisation steps)
+    mhc = triton_module("triton_mhc", interpret=False)
+    const = {"N": 4, "STEPS": 39, "BLOCK_T": mhc.BLOCK_T}
+    fwd_sig = {"z_ptr": "*fp32", "pre_ptr": "*fp32", "post_ptr": "*fp32", "comb_ptr": "*fp32", "den_ptr": "*fp32",
+               "T": "i32", "eps": "fp32"}
+    bwd_sig = {f"{name}_ptr": "*fp32" for name in ("dpre", "dpost", "dcomb", "pre", "post", "comb", "den", "dz")}
+    bwd_sig.update(T="i32", eps="fp32")
+    out.append(KernelCase("_split_fwd N4", "_split_fwd", "triton_mhc", fwd_sig, const, 4, 1, forward=True))
+    out.append(KernelCase("_split_bwd N4", "_split_bwd", "triton_mhc", bwd_sig, const, 4, 1, forward=False))
     return out
 
 

@@ -47,6 +47,7 @@ class AttentionConfig:
     BLOCK_D: int
     num_warps: int
     num_stages: int
+    heads_fastest: bool = False  # launch order: a token's head blocks back to back (they share its KV gather)
 
 
 def attention_config(H: int, D: int, dtype: torch.dtype, backward: bool = False) -> AttentionConfig:
@@ -68,16 +69,28 @@ def attention_config(H: int, D: int, dtype: torch.dtype, backward: bool = False)
 
 
 @triton.jit
+def _program(T, H: tl.constexpr, BLOCK_H: tl.constexpr, HEADS_FASTEST: tl.constexpr):
+    """(token, head block) of this program. Axis 0 enumerates T * HB programs (HB = cdiv(H, BLOCK_H)): the
+    grid's x axis is the only one that holds 64k+ tokens. ``HEADS_FASTEST`` runs a token's head blocks next
+    to each other, so their identical KV gathers meet in L2; otherwise consecutive tokens (whose windows
+    overlap) run next to each other."""
+    HB: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    pid = tl.program_id(0).to(tl.int64)
+    if HEADS_FASTEST:
+        return pid // HB, (pid % HB).to(tl.int32)
+    return pid % T, (pid // T).to(tl.int32)
+
+
+@triton.jit
 def _sparse_attn_fwd(
     Q, KV, SINK, IDX, O, LSE, T, N, K, scale_log2e,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
-    """Grid (T, cdiv(H, BLOCK_H), B). Q, O [B,T,H,D]; KV [B,N,D]; SINK [H] fp32; IDX [B,T,K] int32;
-    LSE [B,T,H] fp32 (base 2, sink included)."""
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    """Grid (T * cdiv(H, BLOCK_H), B), see :func:`_program`. Q, O [B,T,H,D]; KV [B,N,D]; SINK [H] fp32;
+    IDX [B,T,K] int32; LSE [B,T,H] fp32 (base 2, sink included)."""
+    t, hb = _program(T, H, BLOCK_H, HEADS_FASTEST)
+    b = tl.program_id(1).to(tl.int64)
     row = b * T + t
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -113,13 +126,12 @@ def _sparse_attn_fwd(
 def _sparse_attn_bwd(
     Q, KV, SINK, IDX, O, DO, LSE, DQ, DKV, DSINK, T, N, K, scale, scale_log2e,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
-    """Grid (T, cdiv(H, BLOCK_H), B). DQ [B,T,H,D] (q dtype); DKV [B,N,D] fp32, accumulated with atomics;
-    DSINK [B,T,H] fp32 per-token sink gradients (summed over B, T by the caller)."""
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    """Grid (T * cdiv(H, BLOCK_H), B), see :func:`_program`. DQ [B,T,H,D] (q dtype); DKV [B,N,D] fp32,
+    accumulated with atomics; DSINK [B,T,H] fp32 per-token sink gradients (summed over B, T by the caller)."""
+    t, hb = _program(T, H, BLOCK_H, HEADS_FASTEST)
+    b = tl.program_id(1).to(tl.int64)
     row = b * T + t
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -165,7 +177,7 @@ class _SparseAttention(torch.autograd.Function):
     """Autograd wrapper: forward and backward kernels; gradients for q, kv and attn_sink."""
 
     @staticmethod
-    def forward(ctx, q, kv, attn_sink, indices, scale):
+    def forward(ctx, q, kv, attn_sink, indices, scale, fwd_config, bwd_config):
         B, T, H, D, N, K = check_attention_args(q, kv, attn_sink, indices)
         q, kv = q.contiguous(), kv.contiguous()
         sink = attn_sink.detach().float().contiguous()
@@ -173,16 +185,17 @@ class _SparseAttention(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         if B * T > 0:
-            cfg = attention_config(H, D, q.dtype)
-            grid = (T, triton.cdiv(H, cfg.BLOCK_H), B)
-            _sparse_attn_fwd[grid](
+            cfg = fwd_config or attention_config(H, D, q.dtype)
+            _sparse_attn_fwd[(T * triton.cdiv(H, cfg.BLOCK_H), B)](
                 q, kv, sink, idx, o, lse, T, N, K, float(scale) * _LOG2E,
                 H=H, D=D, BLOCK_H=cfg.BLOCK_H, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                DOT_PREC=_dot_precision(q.dtype), HEADS_FASTEST=cfg.heads_fastest,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         ctx.save_for_backward(q, kv, sink, idx, o, lse)
         ctx.scale = float(scale)
         ctx.sink_dtype = attn_sink.dtype
+        ctx.bwd_config = bwd_config
         return o
 
     @staticmethod
@@ -195,17 +208,22 @@ class _SparseAttention(torch.autograd.Function):
         dkv = torch.zeros(B, N, D, dtype=torch.float32, device=q.device)
         dsink = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         if B * T > 0:
-            cfg = attention_config(H, D, q.dtype, backward=True)
-            grid = (T, triton.cdiv(H, cfg.BLOCK_H), B)
-            _sparse_attn_bwd[grid](
+            cfg = ctx.bwd_config or attention_config(H, D, q.dtype, backward=True)
+            _sparse_attn_bwd[(T * triton.cdiv(H, cfg.BLOCK_H), B)](
                 q, kv, sink, idx, o, do, lse, dq, dkv, dsink, T, N, K, ctx.scale, ctx.scale * _LOG2E,
                 H=H, D=D, BLOCK_H=cfg.BLOCK_H, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                DOT_PREC=_dot_precision(q.dtype), HEADS_FASTEST=cfg.heads_fastest,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        return dq, dkv.to(kv.dtype), dsink.sum((0, 1)).to(ctx.sink_dtype), None, None
+        return dq, dkv.to(kv.dtype), dsink.sum((0, 1)).to(ctx.sink_dtype), None, None, None, None
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, indices: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Triton path of :func:`kernels.reference.sparse_attention` (same arguments, result and errors)."""
-    return _SparseAttention.apply(q, kv, attn_sink, indices, scale)
+                     scale: float, *, fwd_config: AttentionConfig | None = None,
+                     bwd_config: AttentionConfig | None = None) -> torch.Tensor:
+    """Triton path of :func:`kernels.reference.sparse_attention` (same arguments, result and errors).
+
+    ``fwd_config`` / ``bwd_config`` replace :func:`attention_config`'s launch parameters (the tuning sweep
+    ``benchmarks/sparse_attention_configs.py`` compares them); None keeps the defaults.
+    """
+    return _SparseAttention.apply(q, kv, attn_sink, indices, scale, fwd_config, bwd_config)

@@ -76,8 +76,8 @@ def _split_bwd(dpre_ptr, dpost_ptr, dcomb_ptr, pre_ptr, post_ptr, comb_ptr, den_
     tnn = t[:, None, None] * (N * N) + jk[None, :, :]
     y = tl.load(comb_ptr + tnn, mask=ok3, other=0.0)
     g = tl.load(dcomb_ptr + tnn, mask=ok3, other=0.0)
-    for step in tl.static_range(STEPS):
-        i: tl.constexpr = STEPS - 1 - step
+    # the Sinkhorn iterations in reverse; a loop variable, since the compiler refuses to reassign a constexpr
+    for i in tl.static_range(STEPS - 1, -1, -1):
         den = tl.load(den_ptr + t[:, None] * (STEPS * N) + i * N + n[None, :], mask=ok2, other=1.0)
         if i % 2 == 0:
             g = (g - tl.sum(g * y, axis=1)[:, None, :]) / den[:, None, :]

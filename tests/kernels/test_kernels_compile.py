@@ -30,7 +30,8 @@ def _run(*args: str) -> None:
                           capture_output=True, text=True, timeout=300)
     print("\n" + proc.stdout)
     assert proc.returncode == 0, f"sm_90 compile check failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    for kernel in ("_sparse_attn_fwd", "_sparse_attn_bwd", "_indexer_scores", "_indexer_select"):
+    for kernel in ("_sparse_attn_fwd", "_sparse_attn_bwd", "_indexer_scores", "_indexer_select", "_split_fwd",
+                   "_split_bwd"):
         assert kernel in proc.stdout
 
 
