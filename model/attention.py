@@ -163,6 +163,7 @@ class Attention(nn.Module):
         self.register_buffer("rope_freqs", layer_rope_frequencies(cfg, layer_idx), persistent=False)
         self.qat_rope_dims = cfg.rope_head_dim if cfg.qat else None  # FP8 KV rounding spares the RoPE dims
         self.aux_log: dict[str, list[torch.Tensor]] = {"indexer_loss": [], "indexer_recall": []}
+        self.recomputing = False  # True during a recompute's re-run (model/recompute.py): log nothing
 
     def forward(self, x_BTD: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x_BTD: the attn_norm output; ``ctx`` carries positions, layouts, mode and the aux scale."""
@@ -254,6 +255,8 @@ class Attention(nn.Module):
         score_BTK = reduce_from_region(
             _recomputed(self._indexer_scores, st.qr, k_BNE, st.w, st.slots, *rope_T), self.tp)
         loss = indexer_kl(score_BTK, mass_BTK, st.slots)
+        if self.recomputing:
+            return loss
         self.aux_log["indexer_loss"].append(loss.detach())
         if mode == "indexer_warmup":
             recall = indexer_recall(score_BTK.detach(), mass_BTK, st.slots, self.indexer.topk)

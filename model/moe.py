@@ -75,6 +75,7 @@ class Router(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.tape: RoutingTape | None = None  # anticipatory routing (spec 8.1), set by set_routing_tape
+        self.routing_replay = None  # a model.recompute.RegionReplay while inside a recomputed region
         self.n_experts, self.k = cfg.n_routed_experts, cfg.n_activated_experts
         self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
         self.is_hash = layer_idx < cfg.n_hash_layers
@@ -88,22 +89,31 @@ class Router(nn.Module):
                                  persistent=False)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RouterOutput:
-        """Route T tokens; token_ids_T (int64) is read only by hash layers."""
+        """Route T tokens; token_ids_T (int64) is read only by hash layers. Inside a recomputed region
+        (``routing_replay`` set, :mod:`model.recompute`) the re-run replays the first forward's indices."""
         scores_TE = F.softplus(x_TD.float() @ self.weight.float().t()).sqrt()
-        if self.is_hash:
-            indices_TK = self.tid2eid[token_ids_T].long()
-        elif self.tape is not None and self.tape.mode == "replay" and self.tape.recorded(self.layer_idx):
-            # anticipatory routing: the indices were chosen earlier with older parameters; the weights
-            # still come from the current scores (TK fix_routing_mask semantics)
-            indices_TK = self.tape.pop(self.layer_idx, x_TD.shape[0])
-        else:
-            # the bias shifts the selection only; it never enters the weights
-            indices_TK = (scores_TE.detach() + self.bias).topk(self.k, dim=-1).indices
-            if self.tape is not None:
-                self.tape.push(self.layer_idx, indices_TK)
+
+        def decide() -> torch.Tensor:
+            return self._select(scores_TE, token_ids_T)
+
+        indices_TK = decide() if self.routing_replay is None else self.routing_replay.indices(decide)
         weights_TK = scores_TE.gather(1, indices_TK)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.route_scale
         return RouterOutput(weights_TK, indices_TK, scores_TE)
+
+    def _select(self, scores_TE: torch.Tensor, token_ids_T: torch.Tensor) -> torch.Tensor:
+        """The ``[T, K]`` int64 expert indices: hash table, anticipatory-routing tape, or biased top-k."""
+        if self.is_hash:
+            return self.tid2eid[token_ids_T].long()
+        if self.tape is not None and self.tape.mode == "replay" and self.tape.recorded(self.layer_idx):
+            # anticipatory routing: the indices were chosen earlier with older parameters; the weights
+            # still come from the current scores (TK fix_routing_mask semantics)
+            return self.tape.pop(self.layer_idx, scores_TE.shape[0])
+        # the bias shifts the selection only; it never enters the weights
+        indices_TK = (scores_TE.detach() + self.bias).topk(self.k, dim=-1).indices
+        if self.tape is not None:
+            self.tape.push(self.layer_idx, indices_TK)
+        return indices_TK
 
 
 class RoutingTape:
@@ -227,8 +237,9 @@ class LocalExperts(nn.Module):
             self.experts[str(e)](x_chunk, w_chunk)
             for e, (x_chunk, w_chunk) in enumerate(zip(x_pairs.split(counts), w_pairs.split(counts)))
         ])
-        # un-permute: sum each token's K weighted expert outputs
-        return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_pairs.to(x_TD.dtype))
+        # un-permute: sum each token's K weighted expert outputs, in fp32 (spec 0.1 item 8)
+        sum_TD = torch.zeros_like(x_TD, dtype=torch.float32).index_add_(0, token_of_pair, y_pairs.float())
+        return sum_TD.to(x_TD.dtype)
 
 
 def expert_parallel_experts(cfg: ModelConfig, *, ep_group: dist.ProcessGroup | None, ep_rank: int,
@@ -309,6 +320,7 @@ class MoE(nn.Module):
         # logging only (pop_moe_stats): tokens per expert and mean router entropy of training forwards
         self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         self.entropy_log: list[torch.Tensor] = []
+        self.recomputing = False  # True during a recompute's re-run (model/recompute.py): log nothing
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, aux_loss_scale: float = 1.0,
                 cp=None) -> torch.Tensor:
@@ -328,15 +340,16 @@ class MoE(nn.Module):
         y_TD = gather_tokens(self.experts(scatter_tokens(x_TD, self.tp), scatter_tokens(route.weights, self.tp),
                                           route.indices[rows]), self.tp)
         y_BSD = y_TD.view(B, S, D)
-        if self.shared_experts is not None:
-            y_BSD = y_BSD + self.shared_experts(x_BSD)
-        if self.training and torch.is_grad_enabled():
+        if self.shared_experts is not None:  # the routed and shared outputs add in fp32 (spec 0.1 item 8)
+            y_BSD = (y_BSD.float() + self.shared_experts(x_BSD).float()).to(x_BSD.dtype)
+        if self.training and torch.is_grad_enabled() and not self.recomputing:
             self._log_routing(route)
         if self.training and torch.is_grad_enabled() and not self.gate.is_hash:
             if self.balance_loss_weight > 0:
                 aux = self.balance_loss_weight * sequence_balance_loss(
                     route.scores.view(B, S, -1), route.indices.view(B, S, -1), cp)
-                self.aux_log.append(aux.detach())
+                if not self.recomputing:
+                    self.aux_log.append(aux.detach())
                 y_BSD = AuxLossInjector.apply(y_BSD, aux, aux_loss_scale)
         return y_BSD
 

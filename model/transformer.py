@@ -36,6 +36,7 @@ from v4train.model.mhc import HyperHead
 from v4train.model.moe import AuxLossInjector, MoE, Router, pop_moe_stats
 from v4train.model.mtp import IGNORE_INDEX, MTPBlock, shift_left
 from v4train.model.norm import RMSNorm
+from v4train.model.recompute import check_recompute_mode
 from v4train.parallel import context_parallel as cpar  # module import: context_parallel imports model/
 from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, full_shape, gather_heads, shard_of,
                                       vocab_embedding)
@@ -73,7 +74,8 @@ class V4Stage(nn.Module):
     gradients of the auxiliary losses; ``attention_mode`` is one of "dense", "sparse", "indexer_warmup"
     (CSA layers; ValueError otherwise) and has no default: a forward before it is set raises
     RuntimeError, so no caller trains dense by omission; ``mtp_loss_weight`` (default 0.3)
-    weighs the MTP loss (0 skips MTP). Raises ValueError for a bad pp_rank/pp_size.
+    weighs the MTP loss (0 skips MTP); ``recompute`` (default "none") is every block's activation-recompute
+    mode (:mod:`model.recompute`). Raises ValueError for a bad pp_rank/pp_size.
 
     Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the
     shared expert's hidden units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-
@@ -126,6 +128,19 @@ class V4Stage(nn.Module):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
         self._attention_mode = mode
+
+    @property
+    def recompute(self) -> str:
+        """Activation-recompute mode of every block, MTP blocks included (:mod:`model.recompute`);
+        ValueError naming ``recompute`` for a mode other than none / selective / full."""
+        return next((b.recompute for b in self.modules() if isinstance(b, Block)), "none")
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        check_recompute_mode(mode)
+        for block in self.modules():
+            if isinstance(block, Block):
+                block.recompute = mode
 
     def shared_embedding_parameters(self) -> list[nn.Parameter]:
         """The embedding parameters whose gradients the trainer sums across the first and last stage.
@@ -180,8 +195,9 @@ class V4Stage(nn.Module):
             X_BSND = self.layers[str(i)](X_BSND, ctx)
         if not (self.is_last_stage and chunk == self.vp_size - 1):
             # a fresh tensor, never a view (B = 1 would make contiguous() a no-op): Megatron frees the
-            # storage of sent outputs and refuses views
-            return X_BSND.flatten(2).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+            # storage of sent outputs and refuses views; the boundary is fp32 whatever the compute precision
+            return X_BSND.flatten(2).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format,
+                                                        copy=True)
         h_BSD = self.norm(self.hc_head(X_BSND))
         if labels is None:  # this TP rank's vocabulary rows, gathered
             return gather_heads(self.head(h_BSD).float(), self.tp, dim=-1)
@@ -221,7 +237,9 @@ class V4Stage(nn.Module):
         expected = (input_ids_BS.shape[1], input_ids_BS.shape[0], self.cfg.hc_mult * self.cfg.dim)
         if tuple(t_SBF.shape) != expected:
             raise RuntimeError(f"stage {self.pp_rank}: input tensor shape {tuple(t_SBF.shape)}, expected {expected}")
-        return t_SBF.transpose(0, 1).unflatten(-1, (self.cfg.hc_mult, self.cfg.dim))
+        # the streams compute in the precision of the layers' weights (bf16 under mixed precision)
+        dtype = self.layers[str(self.chunk_ranges[chunk][0])].attn.wq_a.weight.dtype
+        return t_SBF.transpose(0, 1).unflatten(-1, (self.cfg.hc_mult, self.cfg.dim)).to(dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -453,6 +453,8 @@ def _indexer_loss(attn, seq: CPSequence, q_BLHC, kv_BXC, idx_BLK, n_window, trai
     total = seq.global_count(rows)
     share = rows.to(torch.float32) / total.clamp(min=1.0)
     loss = indexer_kl(score_BLK, mass_BLK, slots_BLK) * share
+    if attn.recomputing:  # a recompute's re-run logs nothing (model/recompute.py)
+        return loss
     attn.aux_log["indexer_loss"].append(loss.detach())
     if seq.attention_mode == "indexer_warmup":
         recall = indexer_recall(score_BLK.detach(), mass_BLK, slots_BLK, attn.indexer.topk)

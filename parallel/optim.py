@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from v4train.parallel.distributed_adamw import DistributedAdamW
 from v4train.parallel.distributed_muon import DistributedMuon
 from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
 from v4train.parallel.tensor_parallel import is_sharded
@@ -62,6 +63,7 @@ def build_optimizer(
     update_rms: float = UPDATE_RMS,
     tp_group: dist.ProcessGroup | None = None,
     muon_shard_groups: Sequence[tuple[dist.ProcessGroup | None, Sequence[torch.nn.Parameter]]] | None = None,
+    adamw_shard_groups: Sequence[tuple[dist.ProcessGroup | None, Sequence[torch.nn.Parameter]]] | None = None,
 ) -> torch.optim.AdamW | HybridOptimizer:
     """The optimizer of this rank's stage (module docstring for the assignment rule).
 
@@ -96,6 +98,9 @@ def build_optimizer(
             parallel): Muon becomes :class:`parallel.distributed_muon.DistributedMuon`, each matrix
             updated by one rank of its group. Non-Muon parameters in the pairs are ignored. None: every
             rank updates every matrix.
+        adamw_shard_groups: the same pairs for the AdamW parameters: AdamW becomes
+            :class:`parallel.distributed_adamw.DistributedAdamW`, each parameter's moments and update on one
+            rank of its group (ZeRO-1). Non-AdamW parameters in the pairs are ignored. None: replicated.
     Returns:
         torch AdamW (``"adamw"``) or a :class:`HybridOptimizer` (``"muon"``).
     Raises:
@@ -117,8 +122,13 @@ def build_optimizer(
         for group, params in groups.items()
         if params and group != "muon"
     ]
-    adamw = (torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-             if adamw_groups else None)
+    adamw = None
+    if adamw_groups and adamw_shard_groups is None:
+        adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    elif adamw_groups:
+        in_adamw = {id(p) for g in adamw_groups for p in g["params"]}
+        adamw = DistributedAdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, shard_groups=[
+            (group, [p for p in params if id(p) in in_adamw]) for group, params in adamw_shard_groups])
     if algorithm == "adamw":
         return adamw
     muon = None
@@ -266,11 +276,11 @@ def global_state(optimizer: torch.optim.Optimizer | HybridOptimizer) -> Iterator
     non-distributed optimizer would (what a checkpoint saves and loads by global name); on exit each
     rank keeps only the state it owns again (a loaded value included).
 
-    Collective over the data-parallel groups of a :class:`parallel.distributed_muon.DistributedMuon`
-    (enter on every rank); nothing happens for other optimizers.
+    Collective over the data-parallel groups of a :class:`parallel.distributed_muon.DistributedMuon` or
+    :class:`parallel.distributed_adamw.DistributedAdamW` (enter on every rank); nothing happens for others.
     """
     optimizers = optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else (optimizer,)
-    distributed = [opt for opt in optimizers if isinstance(opt, DistributedMuon)]
+    distributed = [opt for opt in optimizers if isinstance(opt, (DistributedMuon, DistributedAdamW))]
     for opt in distributed:
         opt.gather_state()
     try:

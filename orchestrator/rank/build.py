@@ -21,7 +21,8 @@ from v4train.parallel.fp8 import enable_fp8
 from v4train.parallel.optim import build_optimizer
 from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
 
-__all__ = ["ParameterGroups", "build_stage", "group_parameters", "build_rank_optimizer", "muon_shard_groups"]
+__all__ = ["ParameterGroups", "build_stage", "group_parameters", "build_rank_optimizer", "muon_shard_groups",
+           "adamw_shard_groups"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, Tenso
     stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, vp_size=job.parallel.vp, tp=tp,
                     experts_factory=experts)
     stage.init_weights(job.seed)
+    stage.recompute = job.train.recompute
     if job.model.init_from is not None:  # start from converted or earlier weights (fresh optimizer)
         load_model(job.model.init_from, stage, tp)
     if placement is not None:
@@ -107,12 +109,22 @@ def build_rank_optimizer(stage: V4Stage, job: JobSpec, pctx):
         momentum=t.muon_momentum,
         tp_group=pctx.tp_group if pctx.tp > 1 else None,  # Muon gathers whole matrices of TP shards
         muon_shard_groups=muon_shard_groups(job, pctx, groups.dense, groups.expert),
+        adamw_shard_groups=adamw_shard_groups(job, pctx, groups.dense, groups.expert),
     )
 
 
 def muon_shard_groups(job: JobSpec, pctx, dense: list, expert: list):
-    """With ``train.distributed_muon``: dense matrices owned over the data-parallel group, routed experts
-    over the expert-data-parallel group (spec 6); None otherwise (every replica runs the whole Muon)."""
-    if not job.train.distributed_muon:
+    """With ``train.distributed_muon`` (or ``distributed_optimizer``): dense matrices owned over the
+    data-parallel group, routed experts over the expert-data-parallel group (spec 6); None otherwise (every
+    replica runs the whole Muon)."""
+    if not (job.train.distributed_muon or job.train.distributed_optimizer):
+        return None
+    return [(pctx.dp_group, dense), (pctx.expert_dp_group, expert)]
+
+
+def adamw_shard_groups(job: JobSpec, pctx, dense: list, expert: list):
+    """With ``train.distributed_optimizer``: each AdamW parameter's moments owned over the data-parallel group
+    (routed experts: the expert-data-parallel group); None otherwise (replicated)."""
+    if not job.train.distributed_optimizer:
         return None
     return [(pctx.dp_group, dense), (pctx.expert_dp_group, expert)]

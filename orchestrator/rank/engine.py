@@ -25,6 +25,7 @@ from v4train.orchestrator.rank.placement import RankPlacement
 from v4train.orchestrator.spec import JobSpec
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.fp8 import fp8_autocast_context
+from v4train.parallel.mixed_precision import MixedPrecision
 from v4train.parallel.optim import clip_grad_norm_
 from v4train.parallel.schedules import forward_backward
 
@@ -53,6 +54,7 @@ class StepEngine:
         self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
         self.groups = group_parameters(self.stage, pctx)
         self.optimizer = build_rank_optimizer(self.stage, job, pctx)
+        self.precision = MixedPrecision(self.stage, job.train.precision)
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
 
     def beat(self, phase: str) -> None:
@@ -88,17 +90,18 @@ class StepEngine:
     def run_schedule(self, micro: list[dict], seq_len: int, micro_batch_size: int, forward_only: bool) -> list[dict]:
         """The pipeline schedule over ``micro``; the last stage's per-micro-batch ``{"lm_loss"}``."""
         chunked = isinstance(self.schedule_model, list)
-        return forward_backward(
-            self._forward_step,
-            [iter(micro) for _ in self.schedule_model] if chunked else iter(micro),  # every chunk reads each one
-            self.schedule_model,
-            num_microbatches=len(micro),
-            seq_length=seq_len,
-            micro_batch_size=micro_batch_size,
-            hidden_size=self.cfg.hc_mult * self.cfg.dim,
-            pctx=self.pctx,
-            forward_only=forward_only,
-        )
+        with self.precision.compute():  # bf16 weights inside, fp32 masters and gradients after
+            return forward_backward(
+                self._forward_step,
+                [iter(micro) for _ in self.schedule_model] if chunked else iter(micro),  # every chunk reads each one
+                self.schedule_model,
+                num_microbatches=len(micro),
+                seq_length=seq_len,
+                micro_batch_size=micro_batch_size,
+                hidden_size=self.cfg.hc_mult * self.cfg.dim,
+                pctx=self.pctx,
+                forward_only=forward_only,
+            )
 
     def sync_gradients(self) -> None:
         """Dense gradients: mean over data parallel; routed experts: sum over the expert-data-parallel

@@ -9,10 +9,11 @@ micro-batch size x data-parallel size, a dataset that exists, a model config tha
 """
 
 from v4train.orchestrator.spec.cluster import ClusterSpec, HardwareSpec, RaySpec
-from v4train.orchestrator.spec.files import apply_overrides, dump_job, load_cluster, load_job, validate_against_cluster
+from v4train.orchestrator.spec.files import (apply_overrides, dump_job, job_warnings, load_cluster, load_job,
+                                             validate_against_cluster)
 from v4train.orchestrator.spec.job import (CheckpointSpec, CurriculumSpec, DataSpec, JobSpec, ModelSpec, ParallelSpec,
                                            SpecError, SpikeGuardSpec, StageSpec, TrainSpec)
 
 __all__ = ["SpecError", "ModelSpec", "DataSpec", "TrainSpec", "ParallelSpec", "CheckpointSpec", "StageSpec",
            "CurriculumSpec", "SpikeGuardSpec", "JobSpec", "ClusterSpec", "HardwareSpec", "RaySpec", "load_job",
-           "load_cluster", "apply_overrides", "validate_against_cluster", "dump_job"]
+           "load_cluster", "apply_overrides", "validate_against_cluster", "job_warnings", "dump_job"]

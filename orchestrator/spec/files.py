@@ -14,7 +14,7 @@ from v4train.orchestrator.checkpoint import init_from
 from v4train.orchestrator.spec.cluster import ClusterSpec
 from v4train.orchestrator.spec.job import JobSpec, SpecError
 
-__all__ = ["load_job", "load_cluster", "apply_overrides", "validate_against_cluster", "dump_job"]
+__all__ = ["load_job", "load_cluster", "apply_overrides", "validate_against_cluster", "job_warnings", "dump_job"]
 
 
 
@@ -133,29 +133,45 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 
 
 def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int | None = None) -> None:
-    """Raise SpecError if the job's layout does not use exactly the cluster's devices, or (cp > 1) if a
-    stage's sequence does not fit a device's memory at this cp (the planner's figure), or because the
-    trainer does not run context parallelism yet."""
+    """Raise SpecError if the job's layout does not use exactly the cluster's devices, if the planner's peak
+    memory of a rank (with the job's precision and recompute, ``orchestrator/tools/plan.py``) does not fit a
+    device of the cluster at some training shape, or (cp > 1) because the trainer does not run context
+    parallelism yet."""
     p = job.parallel
     if p.world_size != cluster.world_size:
         raise SpecError(
             f"parallel: tp x cp x pp x dp = {p.tp} x {p.cp} x {p.pp} x {p.dp} = {p.world_size} does not match "
             f"cluster {cluster.name}'s {cluster.world_size} devices"
         )
-    if p.cp > 1:
-        from v4train.orchestrator.tools.plan import Layout, job_shapes, plan_layout  # the planner imports specs
+    from v4train.orchestrator.tools.plan import Layout, job_shapes, plan_layout  # the planner imports specs
 
-        cfg = job.model.build(vocab_size=vocab_size)
-        layout = Layout(p.tp, p.pp, p.ep, p.dp, job.train.micro_batch_size, cp=p.cp)
-        for i, shape in enumerate(job_shapes(job)):
-            plan = plan_layout(cfg, job, cluster, dataclasses.replace(layout, micro_batch_size=shape.micro_batch_size),
-                               shape)
-            if not plan.fits:
-                field = f"curriculum.stages.{i}.seq_len" if job.curriculum is not None else "data.seq_len"
-                raise SpecError(f"{field}={shape.seq_len}: {plan.peak.total / 2**30:.1f} GiB per device at "
-                                f"parallel.cp={p.cp} (planner) exceeds what a device of {cluster.name} offers")
+    cfg = job.model.build(vocab_size=vocab_size)
+    layout = Layout(p.tp, p.pp, p.ep, p.dp, job.train.micro_batch_size, job.train.recompute, cp=p.cp)
+    for i, shape in enumerate(job_shapes(job)):
+        plan = plan_layout(cfg, job, cluster, dataclasses.replace(layout, micro_batch_size=shape.micro_batch_size),
+                           shape)
+        if not plan.fits:
+            field = f"curriculum.stages.{i}.seq_len" if job.curriculum is not None else "data.seq_len"
+            need = f"{plan.peak.total / 2**30:.1f} GiB per device"
+            offer = f"exceeds what a device of {cluster.name} offers ({plan.capacity / 2**30:.1f} GiB)"
+            if p.cp > 1:
+                raise SpecError(f"{field}={shape.seq_len}: {need} at parallel.cp={p.cp} (planner) {offer}")
+            raise SpecError(f"parallel: layout {layout} with train.precision {job.train.precision} needs {need} at "
+                            f"{field}={shape.seq_len} (planner), which {offer}; `v4train plan` lists layouts that fit")
+    if p.cp > 1:
         raise SpecError(f"parallel.cp={p.cp}: the trainer does not run context parallelism yet "
                         "(`v4train plan` evaluates the layout)")
+
+
+def job_warnings(job: JobSpec) -> list[str]:
+    """Choices that are valid but buy nothing, one line each naming the field (``submit`` prints them)."""
+    out = []
+    p = job.parallel
+    expert_dp = p.tp * p.cp * p.dp // p.ep
+    if job.train.distributed_optimizer and p.dp == 1 and expert_dp == 1:
+        out.append("train.distributed_optimizer: true with parallel.dp 1 shards nothing (every rank owns all "
+                   "of its optimizer state)")
+    return out
 
 
 def dump_job(job: JobSpec) -> str:

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from v4train.orchestrator.spec import SpecError, dump_job, load_cluster, load_job, validate_against_cluster
+from v4train.orchestrator.spec import (SpecError, dump_job, job_warnings, load_cluster, load_job,
+                                       validate_against_cluster)
 
 __all__ = ["main"]
 
@@ -85,6 +86,8 @@ def _submit(args) -> int:
         return jobs.submit_from_cli(args, cluster)
     job = load_job(args.job, args.overrides)
     validate_against_cluster(job, cluster)
+    for warning in job_warnings(job):
+        print(f"v4train: warning: {warning}", file=sys.stderr)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{job.name}-{stamp}")
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -12,14 +12,17 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   parameters: gloo and Megatron groups, the opened dataset). GPU: an assumed allowance for the CUDA
   context, cuBLAS and NCCL workspaces (not measured here: no GPU).
 - ``parameters``, ``gradients``, ``optimizer``: the stage's parameters (dense ones split over TP, routed
-  experts over EP). CPU runs fp32 everything with torch AdamW (4 + 4 + 8 bytes per parameter, unsharded);
-  GPU assumes Megatron's recipe: bf16 parameters, fp32 main gradients, and the distributed optimizer's fp32
-  master weights and two moments (12 bytes) sharded over the data-parallel group (experts: over the
-  expert-data-parallel group of size tp*dp/ep).
+  experts over EP), as the trainer holds them (every term follows a job option, :func:`state_bytes`): fp32
+  parameters (``train.precision: fp32``) or fp32 masters plus their bf16 compute copies during a step
+  (``bf16``, ``parallel/mixed_precision.py``), fp32 gradients, and the optimizer's two fp32 moments per
+  parameter (AdamW; Muon's single momentum is counted as two, an upper bound). The trainer has no
+  distributed optimizer, so nothing is sharded over data parallelism; a layout counting on one does not fit.
 - ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
   saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
-  micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``recompute="full"`` keeps only
-  each layer's input (the N-stream residual) and rebuilds one layer at a time in the backward.
+  micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
+  ``selective`` keeps each layer's mHC and norm tensors and the inputs of its attention and MoE sub-layers;
+  ``full`` keeps only each layer's input (the N-stream residual); both rebuild one layer at a time in the
+  backward. Bytes per element: 4 under fp32, :data:`BF16_ACTIVATION_BYTES` under bf16.
 - ``kv_compressor``: the part of the activations that is the attention's key/value entries (window and
   compressed) and the compressor's buffers at the job's sequence length, shown on its own line.
 - ``workspace``: the backward's transient peak: one layer's activations again, plus the logits' gradient
@@ -47,18 +50,20 @@ import itertools
 from dataclasses import dataclass, field
 
 from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buffer_elements, head_elements,
-                                                    head_weight_elements, stage_parameters)
+                                                    head_weight_elements, mhc_elements, stage_parameters)
 
-__all__ = ["RUNTIME_BASELINE_MB", "GPU_ACTIVATION_BYTES", "FIT_FRACTION", "Layout", "Shape", "StageMemory", "Plan",
+__all__ = ["RUNTIME_BASELINE_MB", "BF16_ACTIVATION_BYTES", "RECOMPUTE_MODES", "FIT_FRACTION", "state_bytes",
+           "Layout", "Shape", "StageMemory", "Plan",
            "stage_parameters", "activation_elements", "cp_buffer_elements", "plan_layout", "plan_job", "suggest",
            "job_shapes"]
 
 # Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
 # gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
 RUNTIME_BASELINE_MB = {"cpu": 595.0, "gpu": 4096.0}
-# Bytes per saved activation element on GPU: bf16 tensors, with the fp32 mHC, router and SwiGLU
-# intermediates this code keeps (an estimate); CPU runs fp32 (4).
-GPU_ACTIVATION_BYTES = 2.5
+# Bytes per saved activation element under train.precision bf16: bf16 tensors, with the fp32 mHC, router and
+# SwiGLU intermediates this code keeps (an estimate); fp32 keeps 4.
+BF16_ACTIVATION_BYTES = 2.5
+RECOMPUTE_MODES = ("none", "selective", "full")
 # A layout fits when its peak rank uses at most this share of the device's memory (allocator fragmentation,
 # transient spikes the model does not count).
 FIT_FRACTION = 0.9
@@ -68,15 +73,20 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout plus the per-rank choices that change memory: micro-batch size and recompute."""
+    """A parallel layout plus the per-rank choices that change memory: micro-batch size and recompute
+    (``train.recompute``: none | selective | full; ValueError naming ``recompute`` otherwise)."""
 
     tp: int
     pp: int
     ep: int
     dp: int
     micro_batch_size: int
-    recompute: str = "none"  # "none" | "full"
+    recompute: str = "none"
     cp: int = 1  # context parallel: each sequence split over cp ranks
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute {self.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
 
     def __str__(self) -> str:
         cp = f" cp{self.cp}" if self.cp > 1 else ""
@@ -132,10 +142,15 @@ class Plan:
 
 
 # ------------------------------------------------------------------ one layout
-def _bytes(device: str) -> dict[str, float]:
-    if device == "gpu":
-        return {"param": 2, "grad": 4, "optim": 12, "act": GPU_ACTIVATION_BYTES, "comm": 2, "staging": 14}
-    return {"param": 4, "grad": 4, "optim": 8, "act": 4, "comm": 4, "staging": 12}
+def state_bytes(precision: str) -> dict[str, float]:
+    """Bytes per parameter (``param``, ``grad``, ``optim``, ``staging``: the asynchronous checkpoint's copy of
+    the fp32 parameters and moments), per activation element (``act``) and per communicated value (``comm``)
+    under ``train.precision`` (module docstring); ValueError naming ``precision`` otherwise."""
+    if precision == "bf16":
+        return {"param": 4 + 2, "grad": 4, "optim": 8, "act": BF16_ACTIVATION_BYTES, "comm": 2, "staging": 12}
+    if precision == "fp32":
+        return {"param": 4, "grad": 4, "optim": 8, "act": 4, "comm": 4, "staging": 12}
+    raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
 
 
 def _capacity(cluster) -> float:
@@ -191,6 +206,9 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     head = head_elements(cfg, tp) if last else 0.0
     if layout.recompute == "full":
         kept_other, kept_kv = cfg.hc_mult * cfg.dim * len(ids) + head, 0.0
+    elif layout.recompute == "selective":  # the mHC and norm terms, and each sub-layer's input
+        kept_other = sum(mhc_elements(cfg, i) + 2 * cfg.dim for i in ids) + head
+        kept_kv = 0.0
     else:
         kept_other, kept_kv = sum(o for o, _ in per_layer) + head, sum(k for _, k in per_layer)
     biggest = max((o + k for o, k in per_layer), default=0.0)
@@ -210,13 +228,12 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     from v4train.model.budget import attention_flops_per_token
 
     device = cluster.device
-    b = _bytes(device)
+    b = state_bytes(job.train.precision)
     tp, pp, ep, dp, mbs, cp = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size, layout.cp
     m = max(1, shape.global_batch // (mbs * dp))
     # context parallel: a rank holds seq_len / cp tokens of each sequence (activations, KV, FLOPs); the
     # per-token terms keep the whole sequence's visible compressed entries (they are all-gathered)
     tokens_mb = mbs * shape.seq_len // cp
-    edp = max(1, tp * cp * dp // ep)
     stages = []
     stage_flops = []
     asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
@@ -224,8 +241,7 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         local = dense / tp + expert / ep
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
                  "gradients": local * b["grad"]}
-        sharded = dense / tp / dp + expert / ep / edp
-        parts["optimizer"] = (sharded if device == "gpu" else local) * b["optim"]
+        parts["optimizer"] = local * b["optim"]
         parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"]))
         stage = StageMemory(r, layers, dense, expert, parts)
         staging = local * b["staging"] if asynchronous else 0.0
@@ -240,7 +256,8 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         embedding = cfg.vocab_size * cfg.dim if r == 0 else 0
         active = dense - embedding + expert * cfg.n_activated_experts / cfg.n_routed_experts
         attn = attention_flops_per_token(cfg, max(1, shape.seq_len // 2)) * len(layers) / cfg.n_layers
-        flops = tokens_mb * (6 * active + 3 * attn) * (4 / 3 if layout.recompute == "full" else 1)
+        # a recomputed layer runs its forward twice: 8 instead of 6 FLOPs per parameter and token
+        flops = tokens_mb * (6 * active + 3 * attn) * (4 / 3 if layout.recompute != "none" else 1)
         stage_flops.append(flops / tp)
 
     hw = cluster.hardware
@@ -284,7 +301,8 @@ def suggest(cfg, job, cluster, limit: int = 5) -> list[Plan]:
     """Layouts of the cluster's devices that fit, fastest first (at most ``limit``).
 
     Searched: tp among the divisors of devices_per_node that divide n_heads, pp up to n_layers, ep dividing
-    tp*dp and n_routed_experts, micro-batch sizes dividing the per-rank batch (up to 8), recompute none/full.
+    tp*dp and n_routed_experts, micro-batch sizes dividing the per-rank batch (up to 8), every recompute mode;
+    the job's precision.
     """
     world = cluster.world_size
     found = []
@@ -292,10 +310,11 @@ def suggest(cfg, job, cluster, limit: int = 5) -> list[Plan]:
         for pp in [p for p in _divisors(world // tp) if p <= cfg.n_layers]:
             dp = world // (tp * pp)
             eps = [e for e in _divisors(tp * dp) if cfg.n_routed_experts % e == 0]
-            for ep, recompute in itertools.product(eps, ("none", "full")):
+            for ep, recompute in itertools.product(eps, RECOMPUTE_MODES):
                 for mbs in [x for x in (1, 2, 4, 8) if job.train.global_batch % (x * dp) == 0]:
                     plan = plan_job(cfg, job, cluster, Layout(tp, pp, ep, dp, mbs, recompute))
-                    if plan.fits:
+                    # a curriculum's stages fix their micro-batch size: several mbs give one plan
+                    if plan.fits and all(p.layout != plan.layout for p in found):
                         found.append(plan)
     found.sort(key=lambda p: (p.step_time_s, p.peak.total))
     return found[:limit]

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from v4train.orchestrator.spec import JobSpec, ParallelSpec, SpecError, apply_overrides, load_cluster
 from v4train.orchestrator.spec.files import _dataset_vocab, _format_validation_error, _read_yaml
-from v4train.orchestrator.tools.plan import FIT_FRACTION, GiB, Layout, MiB, Plan, plan_job, suggest
+from v4train.orchestrator.tools.plan import (FIT_FRACTION, RECOMPUTE_MODES, GiB, Layout, MiB, Plan, plan_job,
+                                              suggest)
 
 __all__ = ["load_job_for_plan", "format_plan", "add_cli_arguments", "run_cli"]
 
@@ -88,8 +89,8 @@ def add_cli_arguments(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field")
     p.add_argument("--layout", help="plan this layout instead of the job's, e.g. tp=1,pp=16,ep=64,dp=64,mbs=1")
-    p.add_argument("--recompute", choices=("none", "full"), default="none",
-                   help="activation recomputation assumed for the job's layout (default none: what ranks do today)")
+    p.add_argument("--recompute", choices=RECOMPUTE_MODES, default=None,
+                   help="activation recompute for the job's layout (default: the job's train.recompute)")
     p.add_argument("--suggest", type=int, default=3, metavar="N", help="layouts that fit to list (0: none)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
 
@@ -112,7 +113,8 @@ def run_cli(args) -> int:
 
     job, cfg, par = load_job_for_plan(args.job, args.overrides)
     cluster = load_cluster(args.cluster)
-    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size, args.recompute, cp=par.cp)
+    layout = Layout(par.tp, par.pp, par.ep, par.dp, job.train.micro_batch_size,
+                    args.recompute or job.train.recompute, cp=par.cp)
     if args.layout:
         layout = _parse_layout(args.layout, layout)
     world = layout.tp * layout.cp * layout.pp * layout.dp
@@ -133,10 +135,10 @@ def run_cli(args) -> int:
           f"{counts['active'] / 1e9:.3g}B active) on {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} "
           f"{cluster.device} devices")
     print(format_plan(plan, f"layout {layout} (the job's)" if not args.layout else f"layout {layout}"))
-    if not plan.fits and layout.recompute == "none":
+    if not plan.fits and layout.recompute != "full":
         full = plan_job(cfg, job, cluster, dataclasses.replace(layout, recompute="full"))
         verdict = "fits" if full.fits else "does not fit either"
-        print(f"  with --recompute full: peak {_gib(full.peak.total)}, {verdict}, "
+        print(f"  with train.recompute full: peak {_gib(full.peak.total)}, {verdict}, "
               f"step {full.step_time_s:.3g} s")
     if others:
         print("\nlayouts that fit, fastest first:")

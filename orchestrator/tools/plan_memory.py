@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["stage_parameters", "activation_elements", "cp_buffer_elements", "head_elements",
+__all__ = ["stage_parameters", "activation_elements", "mhc_elements", "cp_buffer_elements", "head_elements",
            "head_weight_elements"]
 
 
@@ -86,10 +86,10 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
     their slot indices (every visible entry in dense mode, the indexer's top-k in sparse mode, plus the
     indexer's projections); MoE (router, K routed expert SwiGLUs in fp32, the shared expert).
     """
-    D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
+    D = cfg.dim
     HC, C, L = cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.q_lora_rank
     W = min(cfg.window, seq_len)
-    block = 2.36 * N * D + 2 * (2 * N * it + N * N) + 162
+    block = mhc_elements(cfg, layer_idx)
     attn = 2 * HC / tp + L + D + W + (cfg.o_groups * cfg.o_lora_rank / tp if tp > 1 else 0) + 35
     kv = C
     ratio = cfg.compress_ratios[layer_idx]
@@ -102,9 +102,18 @@ def activation_elements(cfg, layer_idx: int, seq_len: int, attention: str, tp: i
         kv += 2.1 * C + 7
     F, K = cfg.moe_inter_dim, cfg.n_activated_experts
     ffn = K * (7 * F + 2 * D + 8) + 4 * F * cfg.n_shared_experts / tp + D + cfg.n_routed_experts + 9
-    if layer_idx >= cfg.n_layers:  # an MTP block: its projections of the embedding and the streams
-        block += 4.3 * N * D
     return block + attn + ffn, kv
+
+
+def mhc_elements(cfg, layer_idx: int) -> float:
+    """The mHC and norm part of :func:`activation_elements` (elements per token of block ``layer_idx``):
+    two fused reads (Sinkhorn keeps its 2N normalisers per iteration), two writes, the norms, and an MTP
+    block's projections of the embedding and the streams. What ``recompute: selective`` keeps."""
+    D, N, it = cfg.dim, cfg.hc_mult, cfg.hc_sinkhorn_iters
+    block = 2.36 * N * D + 2 * (2 * N * it + N * N) + 162
+    if layer_idx >= cfg.n_layers:
+        block += 4.3 * N * D
+    return block
 
 
 def cp_buffer_elements(cfg, layer_idx: int, seq_len: int, cp: int) -> float:

@@ -9,7 +9,7 @@ import yaml
 from v4train.orchestrator.control import ray_group
 from v4train.orchestrator.tools import cli
 from v4train.orchestrator.curriculum import lr_at, plan_at, plan_step
-from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, load_job
+from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, job_warnings, load_job
 
 
 @pytest.fixture
@@ -54,6 +54,10 @@ def _submit(tmp_path, job, capsys, *extra):
         (lambda j: j["data"].update(path="/nonexistent/dir"), "data.path: directory /nonexistent/dir not found"),
         (lambda j: j["train"].update(global_batch=6), "train.global_batch"),
         (lambda j: j["model"].update(n_layers=0), "model:"),
+        (lambda j: j["train"].update(recompute="most"), "train.recompute"),
+        (lambda j: j["train"].update(precision="fp16"), "train.precision"),
+        (lambda j: j["model"].update(preset="flash"), "parallel: layout tp1 pp2 ep1 dp2 mbs2 recompute=none with "
+                                                      "train.precision fp32 needs"),
     ],
 )
 def test_bad_input_one_line_naming_the_field(job_files, capsys, mutate, field):
@@ -103,3 +107,13 @@ def test_plan_without_a_curriculum_is_the_job_shape_and_the_step_lr(job_files):
     # no warmup: the cosine from 1e-3 to 1e-4 over 4 steps, at 3/4 of the way
     assert plan.lr == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 3 / 4)))
     assert plan_at(spec, 3, consumed_tokens=0) == plan  # without a curriculum only the step counts
+
+
+def test_distributed_optimizer_without_data_parallelism_is_a_warning(job_files):
+    tmp_path, job = job_files
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    sharded = load_job(path, ["train.distributed_optimizer=true"])
+    assert job_warnings(sharded) == [] and job_warnings(load_job(path, [])) == []
+    (warning,) = job_warnings(load_job(path, ["train.distributed_optimizer=true", "parallel.dp=1", "parallel.pp=4"]))
+    assert warning.startswith("train.distributed_optimizer: true with parallel.dp 1")

@@ -61,6 +61,116 @@ def test_distributed_muon_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path
                 assert ((got[key] - want).norm() / want.norm()).item() <= 1e-6, ((tp, pp, ep, dp), key)
 
 
+# (TP, PP, EP, DP, VP) layouts of the distributed-optimizer parity test (each with data parallelism)
+DISTRIBUTED_OPTIMIZER_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 1, 1, 2, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_distributed_optimizer_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
+    """train.distributed_optimizer: losses and every parameter, AdamW moment and Muon momentum of the global end
+    checkpoint after 3 steps equal the plain run of the same layout (1e-6 relative: Muon's batched bmm)."""
+    for tp, pp, ep, dp, vp in DISTRIBUTED_OPTIMIZER_LAYOUTS:
+        runs = {}
+        for distributed in (False, True):
+            name = f"tp{tp}pp{pp}ep{ep}dp{dp}_{'zero1' if distributed else 'plain'}"
+            job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
+                           train={"distributed_optimizer": distributed}, checkpoint={"every_steps": 0, "at_end": True})
+            metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
+            runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        (reference, ref), (metrics, got) = runs[False], runs[True]
+        assert any(".exp_avg_sq" in k for k in ref) and any(k.endswith(".momentum_buffer") for k in ref)
+        for a, b in zip(reference, metrics, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), ((tp, pp, ep, dp), b["step"])
+        assert got.keys() == ref.keys()
+        for key, want in ref.items():
+            if isinstance(want, torch.Tensor) and want.is_floating_point() and want.norm() > 0:
+                assert ((got[key] - want).norm() / want.norm()).item() <= 1e-6, ((tp, pp, ep, dp), key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_distributed_optimizer_checkpoint_resumes_without_it_and_at_another_dp(rank_pool, tiny_dataset, tmp_path):
+    """A checkpoint written with the distributed optimizer at DP 4 resumes without it at DP 4 (the straight
+    run's losses, 1e-6) and with it at PP 2 x DP 2 (1e-5: another reduction order)."""
+    def job(parallel, distributed):
+        return tiny_job(tiny_dataset, parallel=parallel, train={"steps": 4, "distributed_optimizer": distributed},
+                        checkpoint={"every_steps": 2, "at_end": True})
+
+    straight, _, _ = run_job(rank_pool, job({"dp": 4}, True), tmp_path / "straight")
+    for name, parallel, distributed, rel in (("plain_dp4", {"dp": 4}, False, 1e-6),
+                                             ("zero1_pp2dp2", {"pp": 2, "dp": 2}, True, 1e-5)):
+        shutil.copytree(tmp_path / "straight" / "step_00000002", tmp_path / name / "step_00000002")
+        resumed, events, _ = run_job(rank_pool, job(parallel, distributed), tmp_path / name,
+                                     resume_from="step_00000002")
+        assert events[0]["event"] == "start" and events[0]["step"] == 2
+        for a, b in zip(straight[2:], resumed, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=rel), (name, b["step"])
+
+
+# (TP, PP, EP, DP, VP) layouts of the recompute parity test (the pool holds 4 ranks): data parallel,
+# pipeline with expert parallel, tensor parallel under interleaved pipelining
+RECOMPUTE_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 2, 1, 1, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_recompute_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
+    """train.recompute selective and full: losses, balance and MTP metrics and every tensor of the end
+    checkpoint (parameters, router biases, Muon momentum, AdamW moments) after 3 steps are bit-identical to
+    the run without recompute of the same layout (recomputed regions re-run the same operations, their
+    collectives included, and replay the routing)."""
+    for tp, pp, ep, dp, vp in RECOMPUTE_LAYOUTS:
+        runs = {}
+        for recompute in ("none", "selective", "full"):
+            name = f"tp{tp}pp{pp}ep{ep}dp{dp}vp{vp}_{recompute}"
+            job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
+                           train={"recompute": recompute}, checkpoint={"every_steps": 0, "at_end": True})
+            metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
+            runs[recompute] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        reference, ref = runs["none"]
+        assert any(k.endswith(".momentum_buffer") for k in ref) and any(".exp_avg_sq" in k for k in ref)
+        for recompute in ("selective", "full"):
+            metrics, got = runs[recompute]
+            for a, b in zip(reference, metrics, strict=True):
+                for key in ("loss", "grad_norm", "balance_loss", "mtp_loss"):
+                    assert b.get(key) == a.get(key), ((tp, pp, ep, dp, vp), recompute, key, b["step"])
+            assert got.keys() == ref.keys()
+            for key, want in ref.items():
+                if isinstance(want, torch.Tensor):
+                    assert torch.equal(got[key], want), ((tp, pp, ep, dp, vp), recompute, key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_bf16_trains_close_to_fp32_and_resumes_across_precisions(rank_pool, tiny_dataset, tmp_path):
+    """train.precision bf16 at pp 2 x dp 2: losses within 2% of the fp32 run, checkpoints hold fp32 masters
+    (the same keys and dtypes as fp32's), a bf16 run resumes an fp32 checkpoint and an fp32 run a bf16 one."""
+    def job(precision):
+        return tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 4, "precision": precision},
+                        checkpoint={"every_steps": 2, "at_end": True})
+
+    fp32, _, _ = run_job(rank_pool, job("fp32"), tmp_path / "fp32")
+    bf16, _, _ = run_job(rank_pool, job("bf16"), tmp_path / "bf16")
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), b["step"]
+    assert all(a["loss"] != b["loss"] for a, b in zip(fp32, bf16, strict=True))  # bf16 did compute in bf16
+    ref = _tensors(tmp_path / "fp32" / "step_00000004", tmp_path / "fp32.pt")
+    got = _tensors(tmp_path / "bf16" / "step_00000004", tmp_path / "bf16.pt")
+    assert got.keys() == ref.keys()
+    for key, want in ref.items():
+        if isinstance(want, torch.Tensor):
+            assert got[key].dtype == want.dtype, key
+    for precision, source in (("bf16", "fp32"), ("fp32", "bf16")):
+        run = tmp_path / f"{precision}_from_{source}"
+        shutil.copytree(tmp_path / source / "step_00000002", run / "step_00000002")
+        resumed, events, _ = run_job(rank_pool, job(precision), run, resume_from="step_00000002")
+        assert events[0]["event"] == "start" and events[0]["step"] == 2
+        assert [m["step"] for m in resumed] == [3, 4]
+        for a, b in zip(fp32[2:], resumed, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (precision, b["step"])
+
+
 def _tensors(step_dir, out):
     dcp_to_torch_save(step_dir, out)
     return torch.load(out, weights_only=False)

@@ -126,8 +126,11 @@ def test_plan_cli(capsys):
     for text in ("baseline", "optimizer", "activations", "kv_compressor", "pipeline bubble (1F1B): 33.3%", "fits",
                  "layouts that fit"):
         assert text in out
-    assert main(["plan", "configs/pro-h200.yaml", "--cluster", "clusters/h200-pro.yaml", "--suggest", "0"]) == 1
-    assert "with --recompute full" in capsys.readouterr().out
+    assert main(["plan", "configs/pro-h200.yaml", "--cluster", "clusters/h200-pro.yaml", "--suggest", "0"]) == 0
+    assert "recompute=full" in capsys.readouterr().out  # the job's train.recompute
+    assert main(["plan", "configs/pro-h200.yaml", "--cluster", "clusters/h200-pro.yaml", "--recompute", "none",
+                 "--suggest", "0"]) == 1
+    assert "with train.recompute full" in capsys.readouterr().out
     assert main(["plan", "configs/pro-h200.yaml", "--cluster", "clusters/h200-pro.yaml", "--recompute", "full",
                  "--suggest", "0", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
