@@ -2,34 +2,45 @@
 
 Sections (each catches its own exception, records it with the traceback's last lines, and the next runs;
 the JSON and the table are rewritten after every measurement, so a run cut short still returns what it
-measured):
+measured). They run in this order, the figures that matter most first:
 
-* ``environment``: device name, driver, CUDA, and the torch / triton / numpy / megatron-core / pydantic /
-  transformer-engine versions.
-* ``kernels``: the Triton sparse attention (forward, forward + backward) and indexer top-k at V4-Flash
-  attention shapes (H = 64, D = 512, W = 128, top-512 of T/4 compressed entries, indexer 64 x 128),
-  T = 4k, 16k, 32k, 64k (``--seq-lens``), through ``benchmarks/kernels_gpu.py`` (imported, not copied):
-  errors against the torch reference (T <= 8k, memory; within the interpreter tests' bf16 tolerance,
-  2e-2 of max(1, |reference|)), time against compiled FlexAttention on the same picks (T <= 16k, each T
-  a fresh compile: Flex computes every picked block for a whole query block, seconds at 64k), TFLOP/s.
-* ``train``: the ``small`` preset on one device through ``orchestrator.launch`` in this process (the
-  torchrun path: the real Supervisor and RankTrainer, no Ray), FP8 off then on. The trainer computes in
-  fp32 (it has no bf16 mode), which the table says. Per run: the loss of every step, the median step time
-  and tokens/s after the warm-up steps, MFU against the device's dense BF16 peak with
-  :func:`model.budget.training_flops_per_sequence` (the sparse attention's real picked entries), and the
-  peak CUDA memory against ``v4train plan``'s prediction for the layout (the planner counts bf16 weights
-  and activations). FP8 on GPU needs Transformer Engine: without it the run must fail at start with one
-  line, which is recorded.
+1. ``environment``: device name, driver, CUDA, and the torch / triton / numpy / megatron-core / pydantic /
+   transformer-engine versions.
+2. ``kernels`` at T = 64k: the Triton sparse attention (forward, forward + backward) and indexer top-k at
+   V4-Flash attention shapes (H = 64, D = 512, W = 128, top-512 of T/4 compressed entries, indexer
+   64 x 128) through ``benchmarks/kernels_gpu.py`` (imported, not copied): time and TFLOP/s.
+3. ``train``, ``train.precision: bf16`` with FP8 off, then on: the ``small`` preset on one device through
+   ``orchestrator.launch`` in this process (the torchrun path: the real Supervisor and RankTrainer, no
+   Ray). Per run: the loss of every step, the median step time and tokens/s after the warm-up steps, MFU
+   against the device's dense BF16 peak with :func:`model.budget.training_flops_per_sequence` (the sparse
+   attention's real picked entries), and the peak CUDA memory against ``v4train plan``'s prediction for
+   the layout and precision. FP8 on GPU needs Transformer Engine: without it the run must fail at start
+   with one line, which is recorded.
+4. ``kernels`` at T = 4k, 16k, 32k: as 2, plus errors against the torch reference (T <= 8k, memory;
+   within the interpreter tests' bf16 tolerance, 2e-2 of max(1, |reference|)) and time against compiled
+   FlexAttention on the same picks (T <= 16k, each T a fresh compile: Flex computes every picked block
+   for a whole query block, seconds at 64k).
+5. ``sweep``: the launch-configuration sweep of the sparse-attention kernels
+   (``benchmarks/sparse_attention_configs.py``'s ``sweep``) at T = 16k and 64k.
+6. ``train`` in fp32 with FP8 off: the baseline the bf16 losses are compared with.
 
-``--device cpu`` runs the same logic end to end at tiny sizes, the kernels under ``TRITON_INTERPRET=1``
-(set by the script; the training step takes the torch kernels there, the interpreter would make it
-minutes long) and FlexAttention left out (its CPU compile alone takes minutes): the test that keeps this
-script working (``tests/kernels/test_gpu_check.py``). Without an
-installed v4train (the device machine's Python is newer than ``requires-python``) the script imports the
+Time on an H200, estimated (nothing of it was measured yet) from the probe's kernel figures (64k: indexer
+45 ms, forward 57 ms, forward + backward 650 ms) and a Triton compile of a few seconds per kernel: 2, about
+1 min (compiles, then 4 runs of each); each ``small`` run (2.3 TFLOP per step, 6 steps) well under 1 min
+after its first compiles; 4, about 2 min (FlexAttention compiles, 12 s of Flex backward at 16k); 5, about
+1.5 min (10 candidates compiled once, 4 runs each at 2 lengths); 6, under 1 min: 6 to 7 minutes in all.
+``--budget-s`` (default 420) guards the 8 minutes: a part that would start after it is recorded as
+skipped, not run.
+
+``--device cpu`` runs the same logic end to end at tiny sizes, the kernels and the sweep under
+``TRITON_INTERPRET=1`` (set by the script; the training step takes the torch kernels there, the
+interpreter would make it minutes long) and FlexAttention left out (its CPU compile alone takes minutes):
+the test that keeps this script working (``tests/kernels/test_gpu_check.py``). Without an installed
+v4train (the device machine's Python is newer than ``requires-python``) the script imports the
 repository through a temporary ``v4train/`` folder of symlinks to its top-level packages.
 
     python benchmarks/gpu_check.py --out runs/gpu_check                 # on the GPU (make gpu-check OUT=...)
-    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu_check    # the logic, on CPU (about a minute)
+    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu_check    # the logic, on CPU
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "parallel", "kernels", "data", "orchestrator")
 BF16_TOL = 2e-2                     # tests/kernels/test_kernels_{attention,indexer}.py, relative to max(1, |ref|)
 H200_BF16_PEAK_TFLOPS = 989.0       # dense BF16, H100/H200 SXM (clusters/h200-*.yaml)
+SECTIONS = ("environment", "kernels", "train", "sweep")
 
 
 def ensure_importable() -> str:
@@ -77,11 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
-    p.add_argument("--sections", nargs="+", default=["environment", "kernels", "train"],
-                   choices=["environment", "kernels", "train"])
-    p.add_argument("--seq-lens", type=int, nargs="+", help="kernel T values (cuda: 4k..64k; cpu: 256)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                   help="which sections run (always in the module docstring's order)")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="kernel T values (cuda: 64k first, then 4k, 16k, 32k; "
+                                                           "cpu: 64)")
+    p.add_argument("--sweep-seq-lens", type=int, nargs="+", help="sweep T values (cuda: 16k, 64k; cpu: 32)")
     p.add_argument("--train-steps", type=int, help="training steps per run (cuda: 6; cpu: 2); the first "
                                                    "ones are warm-up")
+    p.add_argument("--budget-s", type=float, help="seconds after which no further part starts (cuda: 420; cpu: none)")
     return p.parse_args(argv)
 
 
@@ -92,6 +107,7 @@ class Report:
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.data: dict = {"device_arg": device, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
+        self.cache: dict = {}   # what later parts reuse (the training data), not written out
 
     def section(self, name: str) -> dict:
         return self.data["sections"].setdefault(name, {})
@@ -134,28 +150,30 @@ def environment(device: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ kernels
 
-def kernel_args(device: str, seq_lens):
+def kernel_args(device: str, seq_lens=None):
+    """``benchmarks/kernels_gpu.py`` and its arguments for this device (V4-Flash shapes on CUDA, tiny on CPU)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import kernels_gpu
 
     if device == "cuda":
-        argv = ["--seq-lens", *map(str, seq_lens or [4096, 16384, 32768, 65536]), "--repeats", "3",
+        argv = ["--seq-lens", *map(str, seq_lens or [65536, 4096, 16384, 32768]), "--repeats", "3",
                 "--ref-max-t", "8192", "--flex-max-t", "16384"]
     else:   # FlexAttention's CPU compile alone takes minutes on a small machine: the GPU runs it
-        argv = ["--device", "cpu", "--seq-lens", *map(str, seq_lens or [128]), "--heads", "2", "--head-dim", "32",
+        argv = ["--device", "cpu", "--seq-lens", *map(str, seq_lens or [64]), "--heads", "2", "--head-dim", "32",
                 "--window", "16", "--topk", "8", "--indexer-heads", "2", "--indexer-dim", "16", "--repeats", "1",
-                "--ref-max-t", "128", "--no-flex"]
+                "--ref-max-t", "64", "--no-flex"]
     return kernels_gpu, kernels_gpu.parse_args(argv)
 
 
-def kernels_section(report: Report, device: str, seq_lens) -> None:
+def kernels_section(report: Report, device: str, seq_lens: list[int]) -> None:
+    """Rows for the lengths ``seq_lens``, added to the section's rows (the table sorts them by T)."""
     import torch
 
     sec = report.section("kernels")
     kernels_gpu, args = kernel_args(device, seq_lens)
     sec["shape"] = {k: getattr(args, k) for k in ("batch", "heads", "head_dim", "window", "ratio", "topk",
                                                    "indexer_heads", "indexer_dim", "dtype", "repeats")}
-    sec["rows"] = []
+    sec.setdefault("rows", [])
     dev = torch.device(device)
     for T in args.seq_lens:
         row = {"T": T}
@@ -171,15 +189,40 @@ def kernels_section(report: Report, device: str, seq_lens) -> None:
         report.write()
 
 
+# ------------------------------------------------------------------------------------------ sweep
+
+def sweep_section(report: Report, device: str, seq_lens: list[int] | None) -> None:
+    """The launch-configuration sweep (``benchmarks/sparse_attention_configs.py``) at the kernel section's
+    shapes: one row per candidate and length (ms, TFLOP/s, difference from the default configuration)."""
+    import torch
+
+    import sparse_attention_configs
+
+    sec = report.section("sweep")
+    _, args = kernel_args(device)
+    sec.setdefault("rows", [])
+    for T in seq_lens or ([16384, 65536] if device == "cuda" else [32]):
+        try:
+            sec["rows"] += sparse_attention_configs.sweep(args, T, torch.device(device))
+        except Exception as exc:  # noqa: BLE001 - recorded; the next T runs
+            report.error(sec.setdefault("errors", {}).setdefault(str(T), {}), exc)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        report.write()
+
+
 # ------------------------------------------------------------------------------------------ train
 
-def _documents() -> list[str]:
-    """Offline English text: the docstrings of standard-library modules and their members."""
+def _documents(device: str) -> list[str]:
+    """Offline English text: the docstrings of standard-library modules and their members (a few on CPU,
+    whose tiny runs read a few thousand tokens)."""
     import inspect
 
     names = ["argparse", "collections", "contextlib", "dataclasses", "functools", "itertools", "json", "logging",
              "pathlib", "re", "subprocess", "textwrap", "threading", "unittest", "urllib.request", "typing",
              "asyncio", "email", "http.client", "decimal", "fractions", "statistics", "datetime", "os", "shutil"]
+    if device == "cpu":
+        names = names[:4]
     docs = []
     for name in names:
         mod = importlib.import_module(name)
@@ -203,15 +246,16 @@ def train_config(device: str, steps: int | None) -> dict:
     return dict(seq_len=64, global_batch=2, micro_batch_size=1, steps=steps or 2, warmup=1, vocab=512)
 
 
-def write_job(work: Path, dataset: Path, tc: dict, fp8: bool, device: str) -> tuple[Path, Path]:
+def write_job(work: Path, dataset: Path, tc: dict, precision: str, fp8: bool, device: str) -> tuple[Path, Path]:
     import yaml
 
     job = {
-        "name": f"gpu-check-{'fp8' if fp8 else 'base'}", "seed": 1234,
+        "name": f"gpu-check-{precision}-{'fp8' if fp8 else 'base'}", "seed": 1234,
         "model": {"preset": "small"},
         "data": {"path": str(dataset), "seq_len": tc["seq_len"]},
         "train": {"steps": tc["steps"], "global_batch": tc["global_batch"], "micro_batch_size": tc["micro_batch_size"],
-                  "lr": 1e-3, "warmup_steps": 1, "eval_batches": 0, "fp8": fp8},
+                  "lr": 1e-3, "warmup_steps": 1, "eval_batches": 0, "fp8": fp8,
+                  "precision": precision},
         "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
         "checkpoint": {"every_steps": 0, "at_end": False},
         "spike_guard": {"enabled": False},
@@ -240,16 +284,16 @@ def planned_peak_gib(job_path: Path, cluster_path: Path, vocab_size: int) -> flo
     return plan.peak.total / 2**30
 
 
-def train_run(work: Path, dataset: Path, tc: dict, fp8: bool, device: str, vocab_size: int) -> dict:
+def train_run(work: Path, dataset: Path, tc: dict, precision: str, fp8: bool, device: str, vocab_size: int) -> dict:
     """One in-process ``orchestrator.launch`` run; its metrics, failure line and memory."""
     import torch
 
     from v4train.model.budget import training_flops_per_sequence
     from v4train.orchestrator import launch
 
-    job_path, cluster_path = write_job(work, dataset, tc, fp8, device)
+    job_path, cluster_path = write_job(work, dataset, tc, precision, fp8, device)
     run_dir = work / job_path.stem
-    result = {"fp8": fp8, "precision": "fp32 (the trainer has no bf16 mode)", "seq_len": tc["seq_len"],
+    result = {"fp8": fp8, "precision": precision, "seq_len": tc["seq_len"],
               "global_batch": tc["global_batch"], "micro_batch_size": tc["micro_batch_size"]}
     try:
         result["planned_peak_gib"] = round(planned_peak_gib(job_path, cluster_path, vocab_size), 3)
@@ -300,42 +344,54 @@ def _built_config(job_path: Path, vocab_size: int):
     return load_job(str(job_path)).model.build(vocab_size=vocab_size)
 
 
-def train_section(report: Report, device: str, steps: int | None) -> None:
+def train_data(report: Report, device: str, steps: int | None) -> tuple[Path, Path, dict, int]:
+    """The section's work folder, tokenised dataset, run sizes and vocabulary size, made on the first call."""
     from v4train.data.loader import TokenDataset
     from v4train.data.prepare import prepare_dataset
 
     sec = report.section("train")
-    tc = train_config(device, steps)
-    sec["config"] = tc
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-train-"))
-    texts = work / "docs"
-    texts.mkdir()
-    for i, doc in enumerate(_documents()):
-        (texts / f"{i:03d}.txt").write_text(doc)
-    dataset = work / "dataset"
-    prepare_dataset(dataset, inputs=sorted(texts.glob("*.txt")), vocab_size=tc["vocab"], val_fraction=0.05, seed=0)
-    vocab_size = TokenDataset.open(str(dataset), "train").vocab_size
-    sec["vocab_size"] = vocab_size
-    sec["runs"] = []
+    if "_data" not in report.cache:
+        tc = train_config(device, steps)
+        sec["config"] = tc
+        work = Path(tempfile.mkdtemp(prefix="gpu-check-train-"))
+        texts = work / "docs"
+        texts.mkdir()
+        for i, doc in enumerate(_documents(device)):
+            (texts / f"{i:03d}.txt").write_text(doc)
+        dataset = work / "dataset"
+        prepare_dataset(dataset, inputs=sorted(texts.glob("*.txt")), vocab_size=tc["vocab"], val_fraction=0.05,
+                        seed=0)
+        sec["vocab_size"] = TokenDataset.open(str(dataset), "train").vocab_size
+        report.cache["_data"] = (work, dataset, tc, sec["vocab_size"])
+    return report.cache["_data"]
+
+
+def train_section(report: Report, device: str, steps: int | None, runs: list[tuple[str, bool]]) -> None:
+    """Runs ``(precision, fp8)`` added to the section's runs; then the loss comparisons the runs so far allow."""
+    sec = report.section("train")
+    work, dataset, tc, vocab_size = train_data(report, device, steps)
+    sec.setdefault("runs", [])
     # On CPU the step takes the torch kernels: the interpreter would make it minutes long; the model's
     # training path through the Triton kernels is tested against the torch path in tests/kernels.
     interpret = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        for fp8 in (False, True):
-            run = {"fp8": fp8}
+        for precision, fp8 in runs:
+            run = {"precision": precision, "fp8": fp8}
             sec["runs"].append(run)
             try:
-                run.update(train_run(work, dataset, tc, fp8, device, vocab_size))
+                run.update(train_run(work, dataset, tc, precision, fp8, device, vocab_size))
             except Exception as exc:  # noqa: BLE001 - recorded; the next run goes ahead
                 report.error(run, exc)
             report.write()
     finally:
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
-    base, fp8_run = sec["runs"]
-    if base.get("losses") and fp8_run.get("losses") and len(base["losses"]) == len(fp8_run["losses"]):
-        sec["fp8_vs_base_max_rel_loss_diff"] = max(abs(a - b) / abs(a) for a, b in zip(base["losses"],
-                                                                                     fp8_run["losses"]))
+    found = {(r["precision"], r["fp8"]): r.get("losses") for r in sec["runs"]}
+    for key, a, b in (("fp8_vs_base_max_rel_loss_diff", ("bf16", False), ("bf16", True)),
+                      ("bf16_vs_fp32_max_rel_loss_diff", ("fp32", False), ("bf16", False))):
+        la, lb = found.get(a), found.get(b)
+        if la and lb and len(la) == len(lb):
+            sec[key] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
 
 
 # ------------------------------------------------------------------------------------------ markdown
@@ -357,7 +413,7 @@ def markdown(data: dict) -> str:
                 "| T | K | indexer ms | same picks | triton fwd ms | triton fwd+bwd ms | TFLOP/s fwd / all | "
                 "flex fwd ms | flex fwd+bwd ms | ref fwd ms | ref fwd+bwd ms | err vs ref o/dq/dkv/dsink | "
                 "within bf16 tol | err vs flex | error |", "|" + "---|" * 15]
-        for r in ker.get("rows", []):
+        for r in sorted(ker.get("rows", []), key=lambda r: r["T"]):
             err = "/".join(f"{e:.1e}" for e in r["err_ref"]) if "err_ref" in r else "-"
             tol = "/".join("yes" if w else "NO" for w in r["within_tol"]) if "within_tol" in r else "-"
             out.append(f"| {r['T']} | {r.get('K', '-')} | {_f(r.get('idx_ms'), '.2f')} | "
@@ -384,13 +440,51 @@ def markdown(data: dict) -> str:
                        f"{_f(r.get('peak_cuda_gib'), '.2f')} / {_f(r.get('peak_cuda_reserved_gib'), '.2f')} | "
                        f"{_f(r.get('planned_peak_gib'), '.2f')} | {r.get('failure_line') or r.get('error') or ''} |")
         if "fp8_vs_base_max_rel_loss_diff" in tr:
-            out.append(f"\nFP8 vs base, largest relative loss difference: {tr['fp8_vs_base_max_rel_loss_diff']:.2e}")
+            out.append(f"\nbf16, FP8 on vs off, largest relative loss difference: "
+                       f"{tr['fp8_vs_base_max_rel_loss_diff']:.2e}")
+        if "bf16_vs_fp32_max_rel_loss_diff" in tr:
+            out.append(f"\nbf16 vs fp32 (FP8 off), largest relative loss difference: "
+                       f"{tr['bf16_vs_fp32_max_rel_loss_diff']:.2e}")
         if tr.get("error"):
             out.append(f"\ntrain section failed: {tr['error']}")
+        out.append("")
+    sw = s.get("sweep", {})
+    if sw:
+        out += ["sweep: sparse-attention launch configurations, kernels' shapes", "",
+                "| T | pass | config | ms | TFLOP/s | max abs diff vs default | error |", "|" + "---|" * 7]
+        for r in sw.get("rows", []):
+            out.append(f"| {r['T']} | {r['kind']} | {r['config']} | {_f(r.get('ms'), '.2f')} | "
+                       f"{_f(r.get('tflops'), '.0f')} | {_f(r.get('max_diff'), '.1e')} | {r.get('error', '')} |")
+        for T, e in sw.get("errors", {}).items():
+            out.append(f"\nsweep at T = {T} failed: {e['error']}")
+        if sw.get("error"):
+            out.append(f"\nsweep section failed: {sw['error']}")
+        out.append("")
+    parts = data.get("parts", [])
+    if parts:
+        out += ["| part | seconds | outcome |", "|---|---|---|"]
+        out += [f"| {p['part']} | {_f(p.get('seconds'))} | {p.get('outcome', '')} |" for p in parts]
     return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ main
+
+def plan(args) -> list[tuple[str, str, object]]:
+    """``(part name, section, call)`` in run order (module docstring), only the chosen sections."""
+    cuda = args.device == "cuda"
+    first, rest = (args.seq_lens[:1], args.seq_lens[1:]) if args.seq_lens else (
+        ([65536], [4096, 16384, 32768]) if cuda else ([64], []))
+    parts = [
+        ("environment", "environment", lambda r: r.section("environment").update(environment(args.device))),
+        (f"kernels T={first}", "kernels", lambda r: kernels_section(r, args.device, first)),
+        ("train bf16, fp8 off", "train", lambda r: train_section(r, args.device, args.train_steps, [("bf16", False)])),
+        ("train bf16, fp8 on", "train", lambda r: train_section(r, args.device, args.train_steps, [("bf16", True)])),
+        (f"kernels T={rest}", "kernels", lambda r: kernels_section(r, args.device, rest)),
+        ("sweep", "sweep", lambda r: sweep_section(r, args.device, args.sweep_seq_lens)),
+        ("train fp32, fp8 off", "train", lambda r: train_section(r, args.device, args.train_steps, [("fp32", False)])),
+    ]
+    return [p for p in parts if p[1] in args.sections and p[0] != "kernels T=[]"]
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -404,21 +498,29 @@ def main(argv=None) -> int:
         print("gpu_check: --device cuda but torch sees no CUDA device (use --device cpu for the logic check)",
               file=sys.stderr)
         return 2
-    for name in args.sections:
+    budget = args.budget_s if args.budget_s is not None else (420.0 if args.device == "cuda" else None)
+    report.data["budget_s"] = budget
+    report.data["parts"] = []
+    t0 = time.perf_counter()
+    for part, name, call in plan(args):
+        record = {"part": part}
+        report.data["parts"].append(record)
+        if budget is not None and time.perf_counter() - t0 > budget:
+            record["outcome"] = f"skipped: past the {budget:.0f} s budget"
+            report.write()
+            continue
         sec = report.section(name)
         started = time.perf_counter()
         try:
-            if name == "environment":
-                sec.update(environment(args.device))
-            elif name == "kernels":
-                kernels_section(report, args.device, args.seq_lens)
-            else:
-                train_section(report, args.device, args.train_steps)
-        except Exception as exc:  # noqa: BLE001 - recorded; the next section runs
+            call(report)
+            record["outcome"] = "done"
+        except Exception as exc:  # noqa: BLE001 - recorded; the next part runs
             report.error(sec, exc)
-        sec["section_s"] = round(time.perf_counter() - started, 1)
+            record["outcome"] = f"failed: {sec['error']}"
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        sec["section_s"] = round(sec.get("section_s", 0.0) + record["seconds"], 1)
         report.write()
-        print(f"gpu_check: {name} done in {sec['section_s']} s", file=sys.stderr, flush=True)
+        print(f"gpu_check: {part} done in {record['seconds']} s", file=sys.stderr, flush=True)
     print(markdown(report.data))
     return 0
 
