@@ -43,3 +43,11 @@ clean:
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_bubble.py --out runs/bench/pipeline_bubble.json
 	$(PY) benchmarks/step_time.py --out runs/bench
+
+# make gpu-check OUT=DIR : the device check on one GPU (benchmarks/gpu_check.py; under 8 minutes on an H200),
+#                          gpu_check.json + gpu_check.md in DIR. Runs without installing v4train (the GPU
+#                          machine's Python), so it uses $(PYTHON), not the venv.
+OUT ?= runs/gpu_check
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)

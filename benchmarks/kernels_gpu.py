@@ -232,6 +232,7 @@ def run_one(args, T: int, device: torch.device) -> dict:
                                         args.repeats, device)
         row["ref_all"], ref_grads = timed(lambda: fwd_bwd(reference_attn, prob), args.repeats, device)
         row["err_ref"] = [max_err(a, b) for a, b in zip(grads, ref_grads)]
+        row["ref_scale"] = [b.float().abs().max().item() for b in ref_grads]   # for relative tolerances
         del ref_out, ref_grads
     if not args.no_flex and T <= args.flex_max_t and T % FLEX_BLOCK == 0:
         try:

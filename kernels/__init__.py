@@ -16,6 +16,13 @@ chunked, memory-efficient torch path ``kernels.torch_cores`` (the model's CPU pa
 takes ``kernels.reference`` and the mHC split ``kernels.torch_mhc``. Semantics, shapes and errors are
 documented in :mod:`kernels.reference`.
 
+Under ``torch.autocast`` (not how the trainer computes in bf16: ``parallel.mixed_precision`` gives the
+model bf16 weights, so q and kv arrive in one dtype) autocast's per-op rules can hand the attention
+core an fp32 q (its per-head norm runs ``rsqrt`` in fp32 on CUDA) next to bf16 kv. The two operands of
+:func:`sparse_attention` and :func:`indexer_topk` are then cast to the autocast dtype, as autocast casts
+the operands of any matmul, and the kernel runs with autocast off: its own precision (fp32 softmax and
+accumulation, P in the input dtype before P.V, spec 0.1 item 8) is not rewritten by autocast's op lists.
+
 Importing this package imports only torch and the reference: Triton modules load on the first call
 that needs them. The mode they were built in (``@triton.jit`` picks JIT or interpreter when it runs)
 is checked on every call, and a module built in the other mode is reloaded, so flipping
@@ -52,6 +59,10 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
     ``ranges`` ``(lo [B, T], hi [B, T], offset)``: each query also attends rows ``offset + lo .. offset +
     hi - 1`` (:func:`kernels.torch_cores.sparse_attention`); the Triton kernel takes them as indices.
     """
+    cast = _autocast_dtype(q)
+    if cast is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return sparse_attention(q.to(cast), kv.to(cast), attn_sink, indices, scale, ranges)
     if q.is_cuda or interpret_requested():
         if ranges is not None:
             indices = torch.cat((indices.to(torch.int32), torch_cores.range_indices(*ranges)), dim=-1)
@@ -76,8 +87,21 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, ratio: int, 
                  visible_start: torch.Tensor | None = None, visible_end: torch.Tensor | None = None,
                  ) -> IndexerTopK:
     """Lightning Indexer scores + top-k; see :func:`kernels.reference.indexer_topk`."""
+    cast = _autocast_dtype(q)
+    if cast is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return indexer_topk(q.to(cast), k.to(cast), w, ratio, topk, visible_start=visible_start,
+                                visible_end=visible_end)
     impl = triton_module("triton_indexer") if (q.is_cuda or interpret_requested()) else reference
     return impl.indexer_topk(q, k, w, ratio, topk, visible_start=visible_start, visible_end=visible_end)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes matmuls in on ``x``'s device type, None when it is off there."""
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def interpret_requested() -> bool:

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from v4train.model.config import ModelConfig
 
 __all__ = ["param_counts", "kv_cache_bytes_per_token", "attention_flops_per_token", "BaselineConfig",
-           "V32_BASELINE", "baseline_param_counts", "comparison_table"]
+           "V32_BASELINE", "baseline_param_counts", "comparison_table",
+           "training_flops_per_sequence"]
 
 _CSA_RATIO = 4  # OC: ratio 4 layers overlap and carry an indexer (model.attention.CSA_RATIO)
 
@@ -197,6 +198,54 @@ def attention_flops_per_token(cfg: ModelConfig | BaselineConfig, context_len: in
             attended += L // ratio
         total += per_entry * attended
     return total
+
+
+def training_flops_per_sequence(cfg: ModelConfig, seq_len: int, attention_mode: str = "sparse") -> float:
+    """Real FLOPs of one training forward + backward over one sequence of ``seq_len`` tokens (for MFU).
+
+    Counted (2 FLOPs per multiply-add, backward = 2x forward):
+
+    * matmuls: ``6 * seq_len * P`` with P the parameters one token multiplies: ``param_counts(cfg)["active"]``
+      (head included, embedding lookup excluded) plus, per MTP block, its fixed and ``n_activated_experts``
+      routed-expert parameters, its projections and one more pass through the shared head;
+    * attention cores, main and MTP layers: token t (0-based) attends ``min(window, t + 1)`` raw entries
+      plus its compressed entries (spec 3.3, 3.6): HCA every visible one, ``(t + 1) // m``; CSA the same in
+      ``dense`` / ``indexer_warmup`` mode and ``min(index_topk, (t + 1) // m)`` in ``sparse`` mode; each
+      entry costs ``4 * n_heads * head_dim`` forward (q.k and p.v), 3x that with the backward;
+    * the Lightning Indexer of CSA layers outside ``dense`` mode: its scores over every visible compressed
+      entry forward (``2 * index_n_heads * index_head_dim`` each; the picks are not differentiated) and its
+      KL loss's scores over the picked (sparse) or visible (warm-up) entries forward and backward.
+
+    Not counted: compressors' pooling, mHC mixing and Sinkhorn, norms, softmaxes, the loss (all
+    elementwise or O(dim) per token). Raises ValueError for ``seq_len < 1`` or an unknown mode.
+    """
+    if seq_len < 1:
+        raise ValueError(f"training_flops_per_sequence: seq_len={seq_len} must be >= 1")
+    if attention_mode not in ("dense", "indexer_warmup", "sparse"):
+        raise ValueError(f"training_flops_per_sequence: attention_mode={attention_mode!r} is not one of "
+                         "dense, indexer_warmup, sparse")
+    d, n, L = cfg.dim, cfg.hc_mult, seq_len
+    per_token = param_counts(cfg)["active"]
+    for ratio in cfg.compress_ratios[cfg.n_layers:]:
+        fixed, expert = _layer_params(cfg, ratio)
+        per_token += (fixed + cfg.n_activated_experts * expert + 2 * d * d + 3 * d + n * n * d + n + 1
+                      + cfg.vocab_size * d)
+    flops = 6.0 * L * per_token
+    t = range(1, L + 1)                                    # t + 1 for the 0-based positions
+    per_entry = 3 * 4 * cfg.n_heads * cfg.head_dim
+    per_score = 2 * cfg.index_n_heads * cfg.index_head_dim
+    window = sum(min(cfg.window, u) for u in t)
+    for ratio in cfg.compress_ratios:                      # main layers, then the MTP blocks
+        visible = sum(u // ratio for u in t) if ratio else 0
+        entries = window + visible
+        if ratio == _CSA_RATIO and attention_mode == "sparse":
+            picked = sum(min(cfg.index_topk, u // ratio) for u in t)
+            entries = window + picked
+            flops += per_score * visible + 3 * per_score * picked
+        elif ratio == _CSA_RATIO and attention_mode == "indexer_warmup":
+            flops += per_score * visible + 3 * per_score * visible
+        flops += per_entry * entries
+    return flops
 
 
 def comparison_table(context_len: int = 1 << 20) -> list[dict[str, float | str]]:

@@ -15,12 +15,16 @@ Under tensor parallelism the head's rows (the vocabulary) are split over the TP 
 ``vocab_parallel_cross_entropy`` (Shoeybi et al. 2019, §3) splits them: per chunk one all-reduce of
 the row maxima (max), of the exponential sums and of the target logits (sums). The input passes
 through Megatron's *f* operator, so its gradient (a partial sum over this rank's vocabulary rows) is
-summed over the ranks in the backward. All arithmetic is fp32.
+summed over the ranks in the backward. All arithmetic is fp32 (spec 0.1 item 8: logits in fp32), with
+bf16 inputs too and under ``torch.autocast``, which is switched off inside (it would run the chunk GEMMs
+in bf16 next to the fp32 accumulators).
 
 Shape letters: B batch, S sequence, T = B*S tokens, D model dim, V vocabulary (this rank's rows), c chunk.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -50,8 +54,17 @@ def fused_head_loss(h_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: tor
     h_TD = copy_to_region(h_BSD, tp).reshape(B * S, D)
     # Function.apply reports needs_input_grad even under no_grad: decide here whether to form gradients
     want_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
-    loss_T = _FusedHeadLoss.apply(h_TD, weight_VD, labels_BS.reshape(B * S), tp, ignore_index, chunk, want_grad)
+    with _autocast_off(h_TD):
+        loss_T = _FusedHeadLoss.apply(h_TD, weight_VD, labels_BS.reshape(B * S), tp, ignore_index, chunk, want_grad)
     return loss_T.view(B, S)
+
+
+def _autocast_off(x: torch.Tensor):
+    """A context with ``torch.autocast`` off on ``x``'s device type (nothing to do where autocast does not exist)."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 def _all_reduce(x: torch.Tensor, tp: TensorParallel, op) -> torch.Tensor:
@@ -96,6 +109,11 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_T):
+        with _autocast_off(grad_T):  # a backward called inside an autocast region runs under it
+            return _FusedHeadLoss._backward(ctx, grad_T)
+
+    @staticmethod
+    def _backward(ctx, grad_T):
         h32, w32, labels_T, local_T, lse_T, gw_TD, gth_VD = ctx.saved_tensors
         counted_T = labels_T != ctx.ignore_index
         g_counted = grad_T[counted_T]

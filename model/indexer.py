@@ -183,7 +183,7 @@ def indexer_recall(score_BTK: torch.Tensor, mass_BTK: torch.Tensor, slots_BTK: t
     total_BT = mass_BTK.sum(-1)
     rows_BT = total_BT > 0
     if not rows_BT.any() or score_BTK.shape[-1] == 0:
-        return torch.ones(())
+        return torch.ones((), device=score_BTK.device)
     pick_BTK, _ = select_topk(score_BTK.clone(), valid_BTK, min(topk, score_BTK.shape[-1]))
     kept_BT = torch.where(pick_BTK >= 0, mass_BTK.gather(-1, pick_BTK.long().clamp(min=0)), 0.0).sum(-1)
     return (kept_BT[rows_BT] / total_BT[rows_BT]).mean()

@@ -107,8 +107,9 @@ class Router(nn.Module):
             return self.tid2eid[token_ids_T].long()
         if self.tape is not None and self.tape.mode == "replay" and self.tape.recorded(self.layer_idx):
             # anticipatory routing: the indices were chosen earlier with older parameters; the weights
-            # still come from the current scores (TK fix_routing_mask semantics)
-            return self.tape.pop(self.layer_idx, scores_TE.shape[0])
+            # still come from the current scores (TK fix_routing_mask semantics); a tape restored from a
+            # checkpoint holds them on the CPU
+            return self.tape.pop(self.layer_idx, scores_TE.shape[0]).to(scores_TE.device)
         # the bias shifts the selection only; it never enters the weights
         indices_TK = (scores_TE.detach() + self.bias).topk(self.k, dim=-1).indices
         if self.tape is not None:

@@ -120,7 +120,7 @@ def quantize_fp8_blocks(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale per 128x128 block (edge blocks partial)."""
     n_out, n_in = w_OI.shape
     b = FP8_BLOCK
-    pad = torch.zeros(-(-n_out // b) * b, -(-n_in // b) * b, dtype=torch.float32)
+    pad = torch.zeros(-(-n_out // b) * b, -(-n_in // b) * b, dtype=torch.float32, device=w_OI.device)
     pad[:n_out, :n_in] = w_OI.float()
     tiles = pad.view(pad.shape[0] // b, b, pad.shape[1] // b, b)
     scale = pow2_scale(tiles.abs().amax(dim=(1, 3)), E4M3_MAX)

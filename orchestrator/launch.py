@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run this rank of the job; returns the exit code (2: bad input, 1: a failure)."""
     args = _parser().parse_args(argv)
+    from v4train.orchestrator.rank.devices import PlacementError, resolve_placement
     from v4train.orchestrator.spec import SpecError, load_cluster, load_job
 
     try:
@@ -67,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # every process checks (it reads the dataset anyway), so none is left waiting at the rendezvous
         preflight(job, job.checkpoint.root or str(run_dir))
-    except (SpecError, ValueError) as exc:
+        # what this process cannot run as configured stops it here, in one line (the rank checks again)
+        placement = resolve_placement(cluster.device if cluster else "cpu", cluster.backend if cluster else "gloo",
+                                      job.train.fp8)
+    except (SpecError, ValueError, PlacementError) as exc:
         print(f"v4train launch: error: {exc}", file=sys.stderr)
         return 2
+    if rank == 0:
+        print(f"v4train launch: {placement.describe()}", file=sys.stderr)
     return _run(job, cluster, run_dir, rank, world, init_method, args)
 
 

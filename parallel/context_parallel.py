@@ -186,7 +186,7 @@ class _HaloExchange(torch.autograd.Function):
         B, _, D = grad_BED.shape
         grad_BLD = grad_BED[:, plan.local_rows[cp.rank]].clone()
         _exchange(cp, plan, lambda recv_rows: grad_BED[:, recv_rows].contiguous(),
-                  lambda sent_rows, buf: grad_BLD.index_add_(1, sent_rows, buf),
+                  lambda sent_rows, buf: grad_BLD.index_add_(1, sent_rows.to(buf.device), buf),
                   B, D, grad_BED.dtype, grad_BED.device, reverse=True)
         return grad_BLD, None, None
 

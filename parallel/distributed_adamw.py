@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from v4train.parallel import groups
 from v4train.parallel.distributed_muon import partition_units
 
 __all__ = ["DistributedAdamW"]
@@ -115,7 +116,7 @@ class DistributedAdamW(torch.optim.AdamW):
             return
         rank = dist.get_rank(group)
         dtype = stepped[0][0].dtype
-        packed = torch.zeros(max(lengths), dtype=dtype)
+        packed = torch.zeros(max(lengths), dtype=dtype, device=stepped[0][0].device)
         if per_rank[rank]:
             torch.cat([p.detach().reshape(-1) for p in per_rank[rank]], out=packed[:lengths[rank]])
         received = [torch.empty_like(packed) for _ in range(size)]
@@ -144,7 +145,7 @@ class DistributedAdamW(torch.optim.AdamW):
             flat = torch.cat([t.reshape(-1) for ts in moments for t in ts])
             if size > 1:
                 dist.all_reduce(flat, group=group)
-                dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+                steps = groups.all_reduce_on(steps, flat.device, group, dist.ReduceOp.MAX)
             offset = 0
             whole: dict[str, list[torch.Tensor]] = {}
             for k, ts in zip(_MOMENTS, moments, strict=True):
@@ -162,3 +163,4 @@ class DistributedAdamW(torch.optim.AdamW):
         load). Local, no communication."""
         for p in [p for p in self.state if not self._owner[id(p)]]:
             del self.state[p]
+

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from v4train.parallel import groups
 from v4train.parallel.muon import Muon, MuonSplit, hybrid_newton_schulz
 from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
@@ -250,7 +251,7 @@ class DistributedMuon(Muon):
         for k in active:
             by_rank[shard.owners[k]].append(k)
         width = max(sum(numel[k] for k in ks) for ks in by_rank)
-        packed = torch.zeros(width, dtype=torch.float32)
+        packed = torch.zeros(width, dtype=torch.float32, device=shard.params[0].device)
         if mine:
             packed[: sum(numel[k] for k in mine)] = torch.cat([local[k].reshape(-1) for k in mine])
         if shard.size > 1:
@@ -266,7 +267,7 @@ class DistributedMuon(Muon):
                 u = shard.units[k]
                 p = shard.params[u.param]
                 if u.param not in full_update:
-                    full_update[u.param] = torch.empty(p.shape, dtype=torch.float32)
+                    full_update[u.param] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
                 view = _block_views(full_update[u.param], p, self._tp)[u.block]
                 view.copy_(received[rank][offset: offset + numel[k]].view(view.shape))
                 offset += numel[k]
@@ -291,7 +292,7 @@ class DistributedMuon(Muon):
             flat = torch.cat([b.reshape(-1).float() for b in buffers]) if buffers else torch.zeros(0)
             if shard.size > 1:
                 dist.all_reduce(flat, group=shard.group)
-                dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=shard.group)
+                steps = groups.all_reduce_on(steps, flat.device, shard.group, dist.ReduceOp.MAX)
             offset = 0
             for p, b, step in zip(shard.params, buffers, steps.unbind(0), strict=True):
                 whole = flat[offset: offset + b.numel()].view(b.shape).to(p.dtype)

@@ -49,7 +49,8 @@ from torch import nn
 
 __all__ = [
     "E4M3_MAX", "FP32_MODULE_NAMES", "Fp8Linear", "Fp8Recipe", "dequantize_activation", "dequantize_weight",
-    "enable_fp8", "fp8_autocast_context", "fp8_linear", "quantize_activation", "quantize_weight",
+    "enable_fp8", "fp8_autocast_context", "fp8_eligible_linears", "fp8_linear", "quantize_activation",
+    "quantize_weight",
 ]
 
 E4M3 = torch.float8_e4m3fn
@@ -338,21 +339,11 @@ def enable_fp8(module: nn.Module, *, min_features: int = 16, recipe: Fp8Recipe =
             fused wgrad writes ``weight.main_grad`` from the unquantised weight; turn it off); a linear
             carries module hooks.
     """
-    if min_features < 1:
-        raise ValueError(f"enable_fp8: min_features={min_features} must be >= 1")
-    megatron = _megatron_classes()
-    chosen = []
-    for name, child in module.named_modules():
-        if not name or isinstance(child, Fp8Linear) or getattr(child, "fp8_recipe", None) is not None:
-            continue
-        if not isinstance(child, (nn.Linear, *megatron)):
-            continue
-        if FP32_MODULE_NAMES.intersection(name.split(".")) or min(_features(child)) < min_features:
-            continue
+    chosen = fp8_eligible_linears(module, min_features=min_features)
+    for name, child in chosen:
         if not isinstance(child, nn.Linear) and child.gradient_accumulation_fusion:
             raise ValueError(f"enable_fp8: {name} uses gradient_accumulation_fusion; set it False in the "
                              "Megatron config to run FP8 emulation")
-        chosen.append((name, child))
     for name, child in chosen:
         if isinstance(child, nn.Linear):
             parent_name, _, leaf = name.rpartition(".")
@@ -361,6 +352,28 @@ def enable_fp8(module: nn.Module, *, min_features: int = 16, recipe: Fp8Recipe =
             child.fp8_recipe = recipe
             child._forward_impl = functools.partial(_megatron_forward_impl, child._forward_impl, recipe)
     return [name for name, _ in chosen]
+
+
+def fp8_eligible_linears(module: nn.Module, *, min_features: int = 16) -> list[tuple[str, nn.Module]]:
+    """``(dotted name, module)`` of the linears below ``module`` that FP8 runs (rule: :func:`enable_fp8`).
+
+    ``nn.Linear`` and Megatron-core's parallel linears whose in and out features (Megatron: full sizes) are
+    both >= ``min_features``, with no name component in :data:`FP32_MODULE_NAMES`, not in FP8 already.
+    Raises ValueError for ``min_features`` < 1.
+    """
+    if min_features < 1:
+        raise ValueError(f"enable_fp8: min_features={min_features} must be >= 1")
+    megatron = _megatron_classes()
+    chosen = []
+    for name, child in module.named_modules():
+        if not name or isinstance(child, Fp8Linear) or getattr(child, "fp8_recipe", None) is not None:
+            continue
+        if not isinstance(child, (nn.Linear, *megatron)) or getattr(child, "te_fp8", False):
+            continue
+        if FP32_MODULE_NAMES.intersection(name.split(".")) or min(_features(child)) < min_features:
+            continue
+        chosen.append((name, child))
+    return chosen
 
 
 def fp8_autocast_context(enabled: bool) -> contextlib.AbstractContextManager:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.distributed as dist
 
 from v4train.parallel import megatron_compat
 
-__all__ = ["ParallelContext", "destroy", "initialize"]
+__all__ = ["ParallelContext", "all_reduce_on", "collective_device", "destroy", "initialize"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -183,6 +184,23 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, cp: int = 1, timeout_minut
         cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
         dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True) if cp > 1 else None,
     )
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor made for a collective of ``group`` (default: the world) must be on: this rank's
+    CUDA device under NCCL (which communicates from GPU memory only), the CPU under gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_on(x: torch.Tensor, device: torch.device, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``x`` all-reduced (``op``) over ``group`` through a copy on ``device``, returned on ``x``'s device: for
+    small CPU-held tensors (the optimizers' step counts, as torch's AdamW keeps them) that meet a group whose
+    backend communicates from ``device`` only (NCCL: the GPU)."""
+    on_device = x.to(device)
+    dist.all_reduce(on_device, op=op, group=group)
+    return on_device.to(x.device)
 
 
 def destroy() -> None:

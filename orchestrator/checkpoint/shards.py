@@ -124,7 +124,7 @@ def set_rng_state(encoded: str) -> None:
 
 def encode_rows(t: torch.Tensor) -> dict:
     """Routed expert indices ``[rows, S, K]`` as JSON for train_state.json: int16 (ids < 32768), base64."""
-    return {"shape": list(t.shape), "data": base64.b64encode(t.to(torch.int16).numpy().tobytes()).decode()}
+    return {"shape": list(t.shape), "data": base64.b64encode(t.to(torch.int16).cpu().numpy().tobytes()).decode()}
 
 
 def decode_rows(blob: dict) -> torch.Tensor:

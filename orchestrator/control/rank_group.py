@@ -48,15 +48,17 @@ class RankFailure(Exception):
 @dataclass(frozen=True)
 class SetupRequest:
     """What every rank needs to join a job: the spec, the bound on collectives (seconds), intra-op CPU
-    threads, the torch.distributed backend, the faults to inject (``KIND@STEP[:rank=R]``), environment
-    variables to set first (storage credentials; never logged), the data-plane network interface of the
-    cluster file (None: the one holding the node's Ray address), the checkpoint root every node must
-    reach (checked before setup) and the supervisor's Ray node id (a rank on another node owns its host)."""
+    threads, the torch.distributed backend, the device kind (``cpu`` / ``gpu``), the faults to inject
+    (``KIND@STEP[:rank=R]``), environment variables to set first (storage credentials; never logged), the
+    data-plane network interface of the cluster file (None: the one holding the node's Ray address), the
+    checkpoint root every node must reach (checked before setup) and the supervisor's Ray node id (a rank
+    on another node owns its host)."""
 
     job: JobSpec
     collective_timeout_s: float
     threads: int = 1
     backend: str = "gloo"
+    device: str = "cpu"
     faults: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     interface: str | None = None

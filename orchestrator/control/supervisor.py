@@ -214,6 +214,7 @@ class Supervisor:
             self.workers = self.make_workers()
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
+            device=self.cluster.device,
             faults=[str(r) for f in self.pending_faults if f.rank != SUPERVISOR
                     for r in f.on_ranks(self.cluster.devices_per_node)],
             env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ},

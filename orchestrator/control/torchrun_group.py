@@ -55,6 +55,7 @@ class TorchrunRankGroup:
         self.trainer = RankTrainer(
             request.job, rank=self.rank, world_size=self.world_size, init_method=self.init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
+            device=request.device,
             inject=[parse_fault(f) for f in request.faults],
         )
         # metrics and small state between the processes, whatever the data-plane backend

@@ -44,8 +44,10 @@ class ParameterGroups:
     frozen_in_warmup: list
 
 
-def build_stage(job: JobSpec, cfg, pctx) -> tuple[V4Stage, TensorParallel]:
-    """This rank's pipeline stage of the model (initialised from ``job.seed``) and its tensor-parallel helper."""
+def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, TensorParallel]:
+    """This rank's pipeline stage of the model (initialised from ``job.seed``, on ``placement.device``, CPU by
+    default) and its tensor-parallel helper. ``train.fp8`` installs what ``placement.fp8`` names: Transformer
+    Engine layers (``parallel/te_layers.py``) or the CPU emulation (``parallel/fp8.py``)."""
     # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
     torch.manual_seed(job.seed)
     tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp) if pctx.tp > 1 else TensorParallel()
@@ -59,7 +61,13 @@ def build_stage(job: JobSpec, cfg, pctx) -> tuple[V4Stage, TensorParallel]:
     stage.recompute = job.train.recompute
     if job.model.init_from is not None:  # start from converted or earlier weights (fresh optimizer)
         load_model(job.model.init_from, stage, tp)
-    if job.train.fp8:
+    if placement is not None:
+        stage.to(placement.device)
+    if job.train.fp8 and placement is not None and placement.fp8 == "transformer_engine":
+        from v4train.parallel.te_layers import enable_te_fp8
+
+        enable_te_fp8(stage)  # same names and shapes: checkpoints stay interchangeable
+    elif job.train.fp8:
         enable_fp8(stage)  # same Parameter objects and names: checkpoints stay interchangeable
     return stage, tp
 

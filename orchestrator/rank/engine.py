@@ -22,6 +22,7 @@ from v4train.model.moe import discard_expert_counts, update_expert_bias
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.preflight import check_vocabulary
 from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, group_parameters
+from v4train.orchestrator.rank.devices import RankPlacement
 from v4train.orchestrator.spec import JobSpec
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.fp8 import fp8_autocast_context
@@ -33,21 +34,25 @@ __all__ = ["StepEngine"]
 
 
 class StepEngine:
-    """One rank's model, optimizer and data for ``job`` under parallel context ``pctx``.
+    """One rank's model, optimizer and data for ``job`` under parallel context ``pctx``, on ``placement.device``
+    (:mod:`orchestrator.rank.devices`; default: CPU).
 
     ``heartbeat`` ({step, progress, phase}) moves as the step advances; the Ray actor reads it from
     another thread to tell a slow step from a stalled one.
     """
 
-    def __init__(self, job: JobSpec, pctx) -> None:
+    def __init__(self, job: JobSpec, pctx, placement: RankPlacement | None = None) -> None:
         self.job = job
         self.pctx = pctx
+        self.placement = placement or RankPlacement(torch.device("cpu"), "gloo", "torch",
+                                                    "emulation" if job.train.fp8 else "off")
+        self.device = self.placement.device
         self.heartbeat = {"step": 0, "progress": 0, "phase": "setup"}
         self.train_data = TokenDataset.open(job.data.path, "train")
         self.cfg = job.model.build(vocab_size=self.train_data.vocab_size)
         # every token id must have an embedding row (preflight checks it too; a rank must not index past it)
         check_vocabulary(self.train_data.vocab_size, self.cfg.vocab_size, f"{job.data.path}/dataset.json")
-        self.stage, self.tp = build_stage(job, self.cfg, pctx)
+        self.stage, self.tp = build_stage(job, self.cfg, pctx, self.placement)
         # what the schedule runs: the stage, or its virtual-stage chunks (interleaved 1F1B)
         self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
         self.groups = group_parameters(self.stage, pctx)
@@ -61,14 +66,14 @@ class StepEngine:
 
     def micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This rank's rows of a global batch as micro-batches of ``micro_batch_size`` sequences
-        ({input_ids, position_ids, labels}: [micro_batch_size, seq] int64)."""
+        ({input_ids, position_ids, labels}: [micro_batch_size, seq] int64, on the rank's device)."""
         out = []
         for i in range(0, batch.input_ids.shape[0], micro_batch_size):
             sl = slice(i, i + micro_batch_size)
             out.append({
-                "input_ids": torch.from_numpy(np.ascontiguousarray(batch.input_ids[sl])),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(batch.position_ids[sl])),
-                "labels": torch.from_numpy(np.ascontiguousarray(batch.labels[sl])),
+                "input_ids": torch.from_numpy(np.ascontiguousarray(batch.input_ids[sl])).to(self.device),
+                "position_ids": torch.from_numpy(np.ascontiguousarray(batch.position_ids[sl])).to(self.device),
+                "labels": torch.from_numpy(np.ascontiguousarray(batch.labels[sl])).to(self.device),
             })
         return out
 
@@ -120,7 +125,7 @@ class StepEngine:
         one MAX all-reduce over the world)."""
         grad_norm = clip_grad_norm_(self.groups.params, self.job.train.grad_clip, dist.group.WORLD,
                                     exclude_from_norm=self.groups.norm_excluded)
-        bad = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0])
+        bad = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return grad_norm, bad.item() == 0.0
 
@@ -140,7 +145,7 @@ class StepEngine:
 
     def global_mean_loss(self, loss_dicts: list[dict]) -> torch.Tensor:
         """Mean next-token loss over the global batch, identical on every rank of the last stage."""
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pctx.is_last_stage:
             loss = torch.stack([d["lm_loss"].double() for d in loss_dicts]).mean()
             if self.pctx.dp > 1:
@@ -151,7 +156,7 @@ class StepEngine:
     def fingerprint(self, batch) -> int:
         """Sum over the global batch's sequences of their tokens' crc32 (the same data, any layout: the same)."""
         rows = np.ascontiguousarray(batch.input_ids)
-        crc = torch.tensor([sum(zlib.crc32(row.tobytes()) for row in rows)], dtype=torch.int64)
+        crc = torch.tensor([sum(zlib.crc32(row.tobytes()) for row in rows)], dtype=torch.int64, device=self.device)
         if self.pctx.dp > 1:
             dist.all_reduce(crc, group=self.pctx.dp_group)
         return int(crc.item())

@@ -11,6 +11,7 @@ cross the control plane.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import resource
 import time
@@ -26,6 +27,7 @@ from v4train.orchestrator.curriculum import StepPlan, plan_step
 from v4train.orchestrator.rank import router_health
 from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
+from v4train.orchestrator.rank.devices import resolve_placement
 from v4train.orchestrator.rank.snapshots import SnapshotRing
 from v4train.orchestrator.recovery import anticipatory_routing as routing
 from v4train.orchestrator.spec import JobSpec
@@ -33,6 +35,8 @@ from v4train.parallel import groups
 from v4train.parallel.optim import describe_assignment
 
 __all__ = ["RankTrainer"]
+
+log = logging.getLogger(__name__)
 
 
 class RankTrainer:
@@ -46,13 +50,22 @@ class RankTrainer:
         timeout_s: bound on every collective (seconds); a stalled peer fails the step instead of hanging.
         threads: intra-op CPU threads for this rank.
         backend: ``gloo`` (CPU) or ``nccl`` (GPU).
+        device: ``cpu`` or ``gpu`` (the cluster file's); with ``backend`` and ``train.fp8`` resolved by
+            :func:`orchestrator.rank.devices.resolve_placement` before anything else (PlacementError if
+            this process cannot run them).
         inject: faults (see ``orchestrator/faults.py``) this rank must produce; others are ignored.
     """
 
     def __init__(self, job: JobSpec, *, rank: int, world_size: int, init_method: str, timeout_s: float,
-                 threads: int = 1, backend: str = "gloo", inject: list[faults.Fault] = ()) -> None:
+                 threads: int = 1, backend: str = "gloo", device: str = "cpu",
+                 inject: list[faults.Fault] = ()) -> None:
         if job.parallel.cp > 1:  # the model and its exchanges exist (parallel/context_parallel.py), the step does not
             raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
+        self.placement = resolve_placement(device, backend, job.train.fp8)
+        if self.placement.device.type == "cuda":
+            torch.cuda.set_device(self.placement.device)
+        if rank == 0:  # the Ray worker's log (torchrun's launch prints it before the rank starts)
+            log.info("rank placement: %s", self.placement.describe())
         self.job = job
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
@@ -60,12 +73,12 @@ class RankTrainer:
         if dist.is_initialized():
             groups.destroy()
             dist.destroy_process_group()
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+        dist.init_process_group(self.placement.backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         p = job.parallel
         self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp,
                                       timeout_minutes=max(1, math.ceil(timeout_s / 60)))
-        self.engine = StepEngine(job, self.pctx)
+        self.engine = StepEngine(job, self.pctx, self.placement)
         self.step = 0
         self.io = RankCheckpointIO(job, self.faults, timeout_s)
         self.snapshots = SnapshotRing(keep=2)

@@ -88,7 +88,7 @@ class RankWorker:
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            inject=inject,
+            device=request.device, inject=inject,
         )
         return dataclasses.replace(self.trainer.describe(), node=node)
 

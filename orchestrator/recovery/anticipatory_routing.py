@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from v4train.model.moe import Router, RoutingTape, set_routing_tape
 from v4train.orchestrator import checkpoint
+from v4train.parallel import groups
 
 __all__ = ["RoutingRows", "replay_tape", "capture", "fingerprint"]
 
@@ -50,8 +51,8 @@ def capture(stage, run_forward: Callable[[], object], batch_rows: int, seq_len: 
 def fingerprint(rows: Rows, tp_rank: int) -> int:
     """Sum over layers and sequences of crc32 of the routed indices replayed this step (all ranks)."""
     # TP ranks replay the same rows: count them once
-    crc = 0 if tp_rank else sum(zlib.crc32(r.to(torch.int16).numpy().tobytes()) for t in rows.values() for r in t)
-    total = torch.tensor([crc], dtype=torch.int64)
+    crc = 0 if tp_rank else sum(zlib.crc32(r.to(torch.int16).cpu().numpy().tobytes()) for t in rows.values() for r in t)
+    total = torch.tensor([crc], dtype=torch.int64, device=groups.collective_device())
     dist.all_reduce(total)
     return int(total.item())
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from v4train import kernels
@@ -44,3 +45,31 @@ def test_triton_modules_rebuild_for_the_requested_mode():
     assert not kernels.triton_module("triton_attention", interpret=False).INTERPRETED
     assert kernels.triton_module("triton_indexer", interpret=False) is kernels.triton_module(
         "triton_indexer", interpret=False)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_autocast_casts_both_operands_to_its_dtype(monkeypatch, interpret):
+    """Under ``torch.autocast`` an fp32 q next to bf16 kv (autocast's rules on CUDA hand the core exactly that)
+    is cast to the autocast dtype, and the kernel runs as it does on bf16 inputs outside autocast; the
+    gradient reaches the fp32 q in fp32. Same for the indexer's q and k. Torch path and Triton interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 6, 2, 16, generator=g), torch.randn(1, 9, 16, generator=g).bfloat16()
+    sink, idx = torch.randn(2, generator=g), torch.randint(-1, 9, (1, 6, 5), generator=g, dtype=torch.int32)
+    do = torch.randn(1, 6, 2, 16, generator=g).bfloat16()
+    q16 = q.bfloat16().requires_grad_()
+    want = kernels.sparse_attention(q16, kv, sink, idx, 0.3)
+    want.backward(do)
+    q32 = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.sparse_attention(q32, kv, sink, idx, 0.3)
+    got.backward(do)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert q32.grad.dtype == torch.float32 and torch.equal(q32.grad, q16.grad.float())
+
+    qi, ki = torch.randn(1, 12, 2, 16, generator=g), torch.randn(1, 3, 16, generator=g).bfloat16()
+    w = torch.randn(1, 12, 2, generator=g)
+    want = kernels.indexer_topk(qi.bfloat16(), ki, w, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.indexer_topk(qi, ki, w, 4, 2)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)

@@ -112,3 +112,23 @@ def test_fused_forms_no_gradient_under_no_grad():
     want = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), reduction="none").view(B, S)
     torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
     assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("upstream", ["mean", "weighted"])
+def test_bf16_inputs_under_autocast_compute_in_fp32(upstream):
+    """bf16 h and head weight inside ``torch.autocast``: the fused head keeps its fp32 arithmetic (spec 0.1
+    item 8, logits in fp32), so it equals the fp32 unfused head on the same bf16 values, loss and gradients
+    (returned in bf16), the backward run inside the autocast region too."""
+    h, w, labels, grads = _inputs()
+    h16, w16 = h.bfloat16(), w.bfloat16()
+
+    def unfused(h, w, labels):
+        return F.cross_entropy((h.float() @ w.float().t()).flatten(0, 1), labels.flatten(), reduction="none").view(B, S)
+
+    want = _value_and_grads(unfused, h16, w16, labels, grads[upstream])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _value_and_grads(lambda h, w, y: fused_head_loss(h, w, y, TensorParallel(), chunk_tokens=5),
+                               h16, w16, labels, grads[upstream])
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    for g, x in zip(got, want):
+        torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5)

@@ -200,3 +200,16 @@ def test_routing_statistics_for_logging():
     entropy0 = float(-(p0 * p0.log()).sum(-1).mean())
     assert stats["moe_router_entropy"] == pytest.approx((entropy0 + entropy1) / 2, rel=1e-5)
     assert pop_moe_stats(stage) == {} and int(stage["1"].load_counts.sum()) == 0
+
+
+def test_replayed_routing_from_a_cpu_tape_follows_the_scores_device():
+    """Anticipatory routing restored from a checkpoint holds its indices on the CPU; on a GPU rank the router
+    must hand them out on the scores' device (shown with ``meta`` scores)."""
+    from v4train.model.moe import RoutingTape
+
+    router = Router(_cfg(), layer_idx=1).to("meta")
+    recorded = torch.tensor([[0, 3], [5, 1]])
+    router.tape = RoutingTape("replay", {1: [recorded]})
+    scores = torch.empty(2, 6, device="meta")
+    got = router._select(scores, torch.zeros(2, dtype=torch.long, device="meta"))
+    assert got.device == scores.device and got.shape == recorded.shape
