@@ -67,7 +67,9 @@ class RankWorker:
 
     def preflight(self, request: SetupRequest, address: tuple[str, int], timeout_s: float) -> None:
         """Check that this node has the data-plane interface and reaches ``address`` (rank 0's rendezvous)
-        and the checkpoint root; raises :class:`rendezvous.PreflightError` naming the host."""
+        and the checkpoint root; raises :class:`rendezvous.PreflightError` naming the host. The storage
+        credentials in ``request.env`` are set first: the probe must use what the rank will have."""
+        os.environ.update(request.env)
         self._data_plane(request.interface)
         c = request.job.checkpoint
         rendezvous.preflight(self.node_address(), address, request.checkpoint_root, timeout_s,

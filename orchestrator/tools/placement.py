@@ -12,6 +12,7 @@ to ``RUN_DIR/placement.json``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 __all__ = ["rank_nodes", "groups", "crosses_nodes", "format_placement"]
@@ -56,8 +57,10 @@ def groups(tp: int, pp: int, ep: int, dp: int, cp: int = 1) -> dict[str, list[li
     return out
 
 
+@functools.cache
 def crosses_nodes(tp: int, pp: int, ep: int, dp: int, devices_per_node: int, cp: int = 1) -> dict[str, bool]:
-    """For each group kind, whether any of its groups spans more than one node."""
+    """For each group kind, whether any of its groups spans more than one node (cached: the planner asks for
+    the same layout under every micro-batch size and recompute mode; do not mutate the result)."""
     nodes = rank_nodes(tp * cp * pp * dp, devices_per_node)
     return {kind: any(len({nodes[r] for r in g}) > 1 for g in gs)
             for kind, gs in groups(tp, pp, ep, dp, cp).items()}
