@@ -34,12 +34,12 @@ def _dataset(tmp: Path) -> Path:
     if (demo / "dataset.json").is_file():
         return demo
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import _stdlib_documents
+    from support.jobs import stdlib_documents
 
     from v4train.data.prepare import prepare_dataset
 
     inputs = []
-    for i, text in enumerate(_stdlib_documents()):
+    for i, text in enumerate(stdlib_documents()):
         path = tmp / f"doc{i:02d}.txt"
         path.write_text(text)
         inputs.append(path)
