@@ -242,9 +242,11 @@ class RayRankGroup:
     def rejoin(self, failure: RankFailure, timeout_s: float) -> bool:
         """After ``failure``: keep the healthy ranks' processes for the next :meth:`setup` and replace the
         failed one (killed if it died or stalled; a rank that raised keeps its process). Returns False,
-        leaving the group to :meth:`abort`, when a survivor's call has not returned within ``timeout_s`` or
-        no replacement can be had.
+        leaving the group to :meth:`abort`, when a survivor's call has not returned within ``timeout_s``, no
+        replacement can be had, or the failure is a node's (``node_lost``, ``unreachable``).
         """
+        if failure.kind not in ("exception", "died", "stall"):
+            return False  # a lost or unreachable node takes several ranks: rebuild the group on the nodes left
         replace = failure.kind in ("died", "stall")
         if replace:
             if not self.spares and self.make_spare is None:

@@ -50,3 +50,12 @@ def test_every_rank_of_one_node_dying_is_a_node_loss():
     assert group._node_loss(died[0], died[:1]) is None
     # one node only: nothing to tell apart
     assert _group(["10.0.0.1"] * 4)._node_loss(died[0], died) is None
+
+
+@pytest.mark.parametrize("kind", ["node_lost", "unreachable"])
+def test_a_node_failure_is_never_rejoined_in_place(kind):
+    """A lost or unreachable node takes several ranks with it: keeping the processes would set up again with
+    dead actors, so the group declines and the supervisor rebuilds it on the nodes that are left."""
+    group = RayRankGroup(actors=[object()] * 4, timeout_s=1.0, spares=[object()], make_spare=object)
+    assert group.rejoin(RankFailure(2, kind, "node 10.0.0.2 lost", "train_step"), timeout_s=1.0) is False
+    assert len(group.spares) == 1
