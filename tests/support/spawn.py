@@ -6,6 +6,7 @@ them within a deadline and, past it, kills them and fails the test, so a hang is
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -14,13 +15,24 @@ import torch.multiprocessing as mp
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    """``n`` distinct free TCP ports on 127.0.0.1 for the ranks' rendezvous.
+
+    Drawn from 20000-32767, below Linux's ephemeral range (32768-60999), where the kernel picks the source
+    ports of other processes' outgoing connections (Ray's, the other tests') and ``bind(0)``'s answers: a
+    port found free there can be taken by such a connection before the rank binds it.
+    """
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 32768)
+        if port in ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
     return ports
 
 
