@@ -34,17 +34,9 @@ def _dataset(tmp: Path) -> Path:
     if (demo / "dataset.json").is_file():
         return demo
     sys.path.insert(0, str(ROOT / "tests"))
-    from support.jobs import stdlib_documents
+    from support.jobs import stdlib_dataset
 
-    from v4train.data.prepare import prepare_dataset
-
-    inputs = []
-    for i, text in enumerate(stdlib_documents()):
-        path = tmp / f"doc{i:02d}.txt"
-        path.write_text(text)
-        inputs.append(path)
-    prepare_dataset(tmp / "dataset", inputs=inputs, vocab_size=2048, val_fraction=0.05, seed=0)
-    return tmp / "dataset"
+    return stdlib_dataset(tmp / "dataset", vocab_size=2048, val_fraction=0.05)
 
 
 def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: float) -> dict:

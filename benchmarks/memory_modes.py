@@ -94,17 +94,9 @@ def optimizer_section() -> list[dict]:
 
 # ------------------------------------------------------------------ recompute
 def _dataset(tmp: Path) -> Path:
-    from support.jobs import stdlib_documents
+    from support.jobs import stdlib_dataset
 
-    from v4train.data.prepare import prepare_dataset
-
-    inputs = []
-    for i, text in enumerate(stdlib_documents()):
-        path = tmp / f"doc{i:02d}.txt"
-        path.write_text(text)
-        inputs.append(path)
-    prepare_dataset(tmp / "dataset", inputs=inputs, vocab_size=2048, val_fraction=0.05, seed=0)
-    return tmp / "dataset"
+    return stdlib_dataset(tmp / "dataset", vocab_size=2048, val_fraction=0.05)
 
 
 def _job(data: Path, seq: int, steps: int, recompute: str) -> dict:

@@ -42,9 +42,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
-    from support.jobs import stdlib_documents, tiny_job
+    from support.jobs import stdlib_dataset, stdlib_documents, tiny_job
 
-    from v4train.data.prepare import prepare_dataset
     from v4train.orchestrator.control import preflight as pf
     from v4train.orchestrator.control.fake_group import FakeRankGroup, Script
     from v4train.orchestrator.control.supervisor import Supervisor
@@ -54,19 +53,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="preflight-"))
     data = Path(args.data) if args.data else None
     if data is None:
-        inputs = []
-        for i, text in enumerate(stdlib_documents()):
-            (tmp / f"doc{i}.txt").write_text(text)
-            inputs.append(tmp / f"doc{i}.txt")
-        data = tmp / "dataset"
-        prepare_dataset(data, inputs=inputs, vocab_size=512, val_fraction=0.1, seed=0)
+        data = stdlib_dataset(tmp / "dataset", vocab_size=512)
         if args.scale > 1:
-            big = []
-            for i, text in enumerate(stdlib_documents() * args.scale):
-                (tmp / f"big{i}.txt").write_text(text)
-                big.append(tmp / f"big{i}.txt")
-            prepare_dataset(tmp / "big", inputs=big, tokenizer=data / "tokenizer.json", val_fraction=0.1, seed=0)
-            data = tmp / "big"
+            data = stdlib_dataset(tmp / "big", documents=stdlib_documents() * args.scale,
+                                  tokenizer=data / "tokenizer.json")
     vocab = json.loads((data / "dataset.json").read_text())["vocab_size"]
     shard_mb = sum(p.stat().st_size for p in data.glob("*.parquet")) / 1e6
     job = JobSpec.model_validate(tiny_job(data, model={**tiny_job(data)["model"], "vocab_size": vocab},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.jobs import POOL_SIZE, RankPool, stdlib_documents
+from support.jobs import POOL_SIZE, RankPool, stdlib_dataset, stdlib_documents
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -16,17 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset (vocab 512) of standard-library docstrings, one document per module."""
-    from v4train.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("corpus")
-    inputs = []
-    for i, text in enumerate(stdlib_documents()):
-        path = root / f"doc{i:02d}.txt"
-        path.write_text(text)
-        inputs.append(path)
-    out = root / "dataset"
-    prepare_dataset(out, inputs=inputs, vocab_size=512, val_fraction=0.1, seed=0)
-    return out
+    return stdlib_dataset(tmp_path_factory.mktemp("corpus") / "dataset", vocab_size=512)
 
 
 @pytest.fixture(scope="session")
@@ -70,14 +60,5 @@ def s3_server():
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A dataset of a few thousand tokens, so that a global batch of 8 x 64 tokens passes an epoch in a few steps."""
-    from v4train.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("small")
-    inputs = []
-    for i, text in enumerate(stdlib_documents()[:4]):
-        path = root / f"doc{i}.txt"
-        path.write_text(text[:1200])
-        inputs.append(path)
-    out = root / "dataset"
-    prepare_dataset(out, inputs=inputs, vocab_size=300, val_fraction=0.2, seed=0)
-    return out
+    return stdlib_dataset(tmp_path_factory.mktemp("small") / "dataset", vocab_size=300, val_fraction=0.2,
+                          documents=[text[:1200] for text in stdlib_documents()[:4]])

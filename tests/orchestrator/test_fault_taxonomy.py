@@ -10,16 +10,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from support.jobs import tiny_job
+from support.fake_supervisor import fake_job, run_supervisor
 from v4train.data.errors import DataError
 from v4train.orchestrator.checkpoint import CheckpointError
 from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.orchestrator.control.fake_group import FakeRankGroup, Script
 from v4train.orchestrator.control.rank_group import RankFailure
-from v4train.orchestrator.control.supervisor import Phase, Supervisor
-from v4train.orchestrator.control.telemetry import Telemetry
+from v4train.orchestrator.control.supervisor import Phase
 from v4train.orchestrator.recovery.fault_taxonomy import FaultClass, FaultHistory, classify, root_line
-from v4train.orchestrator.spec import ClusterSpec, JobSpec
+from v4train.orchestrator.spec import JobSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,11 +74,7 @@ def test_a_fault_repeating_at_the_same_step_with_the_same_cause_is_deterministic
 
 # ---------------------------------------------------------------- the supervisor acting on the class
 def _job(tmp_path, **sections) -> JobSpec:
-    base = tiny_job(tmp_path / "no-dataset", train={"steps": 6, "max_restarts": 3},
-                    checkpoint={"every_steps": 2, "at_end": True, "async_save": False})
-    for key, value in sections.items():
-        base[key] = {**base[key], **value}
-    return JobSpec.model_validate(base)
+    return fake_job(tmp_path, 3, **sections)
 
 
 class _Repeating(FakeRankGroup):
@@ -97,14 +92,7 @@ class _Repeating(FakeRankGroup):
 
 
 def _run(job, run_dir, group, resume_from=None):
-    telemetry = Telemetry(run_dir, job.train.steps, live=False)
-    sup = Supervisor(job, ClusterSpec(name="fake", devices_per_node=2), str(run_dir), lambda: group, telemetry,
-                     resume_from=resume_from)
-    try:
-        phase = sup.run()
-    finally:
-        telemetry.close()
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    phase, sup, events, _ = run_supervisor(job, run_dir, group, resume_from)
     return phase, sup, events
 
 

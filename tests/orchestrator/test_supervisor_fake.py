@@ -7,38 +7,24 @@ import json
 
 import pytest
 
-from support.jobs import tiny_job
+from support.fake_supervisor import fake_job, run_supervisor
 from v4train.orchestrator.control.decisions import decide, eval_request, plan_next
 from v4train.orchestrator.control.fake_group import FakeRankGroup, Script
 from v4train.orchestrator.control.run_state import RunState, read_train_state
-from v4train.orchestrator.control.supervisor import Phase, Supervisor
-from v4train.orchestrator.control.telemetry import Telemetry
+from v4train.orchestrator.control.supervisor import Phase
 from v4train.orchestrator.checkpoint import CheckpointError
-from v4train.orchestrator.spec import ClusterSpec, JobSpec
+from v4train.orchestrator.spec import JobSpec
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _job(tmp_path, **sections) -> JobSpec:
-    base = tiny_job(tmp_path / "no-dataset", train={"steps": 6, "max_restarts": 1},
-                    checkpoint={"every_steps": 2, "at_end": True, "async_save": False})
-    for key, value in sections.items():
-        base[key] = {**base[key], **value} if isinstance(base.get(key), dict) else value
-    return JobSpec.model_validate(base)
+    return fake_job(tmp_path, 1, **sections)
 
 
 def _run(job: JobSpec, tmp_path, script: Script, resume_from=None):
     group = FakeRankGroup(2, script)
-    telemetry = Telemetry(tmp_path, job.train.steps, live=False)
-    sup = Supervisor(job, ClusterSpec(name="fake", devices_per_node=2), str(tmp_path), lambda: group, telemetry,
-                     resume_from=resume_from)
-    try:
-        phase = sup.run()
-    finally:
-        telemetry.close()
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] \
-        if (tmp_path / "metrics.jsonl").exists() else []
+    phase, sup, events, metrics = run_supervisor(job, tmp_path, group, resume_from)
     return phase, sup, group, events, metrics
 
 

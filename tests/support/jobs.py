@@ -50,6 +50,27 @@ def stdlib_documents() -> list[str]:
     return docs
 
 
+def stdlib_dataset(out: Path, vocab_size: int = 8192, val_fraction: float = 0.1, documents=None,
+                   tokenizer: Path | None = None) -> Path:
+    """Prepare a dataset at ``out`` from ``documents`` (default: ``stdlib_documents()``), one text file each.
+
+    The texts are written beside ``out`` (``<out>.docs/``). Either ``vocab_size`` trains a new tokenizer or
+    ``tokenizer`` (a ``tokenizer.json``) reuses one. Returns ``out``.
+    """
+    from v4train.data.prepare import prepare_dataset
+
+    docs_dir = out.parent / f"{out.name}.docs"
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for i, text in enumerate(stdlib_documents() if documents is None else documents):
+        path = docs_dir / f"doc{i:03d}.txt"
+        path.write_text(text)
+        inputs.append(path)
+    prepare_dataset(out, inputs=inputs, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+                    seed=0)
+    return out
+
+
 def tiny_job(dataset: Path, **sections) -> dict:
     """A job dict for the tiny model; keyword arguments update whole sections (e.g. parallel={...})."""
     job = {
