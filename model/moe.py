@@ -178,27 +178,18 @@ class SwiGLU(nn.Module):
         self.w3 = column_linear(dim, inter_dim, tp, what="n_shared_experts*moe_inter_dim")
 
     def forward(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None = None) -> torch.Tensor:
-        if self.qat:  # routed experts under QAT compute with their FP4 -> FP8 weights (model/quant.py)
-            return self._forward_qat(x_TD, weight_T1)
-        gate_TF, up_TF = self.w1(x_TD).float(), self.w3(x_TD).float()
+        gate_TF, up_TF = self._project(self.w1, x_TD).float(), self._project(self.w3, x_TD).float()
         if self.limit > 0:
             gate_TF = gate_TF.clamp(max=self.limit)
             up_TF = up_TF.clamp(-self.limit, self.limit)
         h_TF = F.silu(gate_TF) * up_TF
         if weight_T1 is not None:
             h_TF = h_TF * weight_T1
-        return self.w2(h_TF.to(x_TD.dtype))
+        return self._project(self.w2, h_TF.to(x_TD.dtype))
 
-    def _forward_qat(self, x_TD: torch.Tensor, weight_T1: torch.Tensor | None) -> torch.Tensor:
-        gate_TF = F.linear(x_TD, qat_expert_weight(self.w1.weight)).float()
-        up_TF = F.linear(x_TD, qat_expert_weight(self.w3.weight)).float()
-        if self.limit > 0:
-            gate_TF = gate_TF.clamp(max=self.limit)
-            up_TF = up_TF.clamp(-self.limit, self.limit)
-        h_TF = F.silu(gate_TF) * up_TF
-        if weight_T1 is not None:
-            h_TF = h_TF * weight_T1
-        return F.linear(h_TF.to(x_TD.dtype), qat_expert_weight(self.w2.weight))
+    def _project(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)``; under QAT the routed experts compute with their FP4 -> FP8 weights (model/quant.py)."""
+        return F.linear(x, qat_expert_weight(layer.weight)) if self.qat else layer(x)
 
 
 class RoutedExperts(Protocol):
