@@ -382,20 +382,22 @@ def fp8_autocast_context(enabled: bool) -> contextlib.AbstractContextManager:
     With ``enabled`` and ``torch.cuda.is_available()`` and an importable ``transformer_engine.pytorch``:
     ``te.fp8_autocast(enabled=True, fp8_recipe=Float8BlockScaling())`` (TE 2.9-2.11 API, renamed
     ``te.autocast`` in later releases; e4m3 in forward and backward, 1 x 128 activation and 128 x 128
-    weight scales). It affects TE modules only; wrap the forward, not the backward (TE docs). Otherwise
-    ``contextlib.nullcontext()``, and FP8 is whatever :func:`enable_fp8` installed. TE is imported here,
-    never at module import.
+    weight scales). It affects TE modules only; wrap the forward, not the backward (TE docs). Without
+    ``enabled`` or CUDA: ``contextlib.nullcontext()``, and FP8 is whatever :func:`enable_fp8` installed
+    (the CPU emulation). TE is imported here, never at module import.
 
     Raises:
-        Whatever TE raises for a broken installation (any error but ImportError, which means "not
-        installed") or, on entering the context, for a GPU without blockwise-FP8 support: FP8 was asked
-        for and must not silently turn off.
+        RuntimeError: FP8 asked for on CUDA and Transformer Engine not importable (the rank's device check
+            refuses this at start; FP8 asked for must never silently turn off).
+        Whatever TE raises for a broken installation or, on entering the context, for a GPU without
+        blockwise-FP8 support.
     """
     if not enabled or not torch.cuda.is_available():
         return contextlib.nullcontext()
     try:
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import Float8BlockScaling
-    except ImportError:
-        return contextlib.nullcontext()
+    except ImportError as exc:
+        raise RuntimeError(f"train.fp8: FP8 on CUDA needs Transformer Engine, which is not importable ({exc})") \
+            from exc
     return te.fp8_autocast(enabled=True, fp8_recipe=Float8BlockScaling())

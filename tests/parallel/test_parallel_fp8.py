@@ -2,6 +2,7 @@
 Megatron TP layers, and the Transformer Engine context (GPU only)."""
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -272,10 +273,16 @@ def test_megatron_tensor_parallel_layers(tmp_path):
         dist.destroy_process_group()
 
 
-def test_fp8_autocast_context_without_te_is_a_no_op():
+def test_fp8_autocast_context_is_a_no_op_off_cuda_and_refuses_cuda_without_te(monkeypatch):
     assert isinstance(fp8_autocast_context(False), contextlib.nullcontext)
     if not torch.cuda.is_available():
         assert isinstance(fp8_autocast_context(True), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import fails as if TE were not installed
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    assert isinstance(fp8_autocast_context(False), contextlib.nullcontext)
+    with pytest.raises(RuntimeError, match="train.fp8: FP8 on CUDA needs Transformer Engine"):
+        fp8_autocast_context(True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine FP8 needs CUDA")
