@@ -1,9 +1,10 @@
-"""Step-time benchmarks in one table: the per-part profile of a PP1 step, the attention layers at 32k
-against SDPA, and the fused vocabulary head + loss against the unfused one.
+"""Step-time benchmarks in one table: the per-part profile of a PP1 step, the pipeline stage balance of the
+demo's PP2 layout (even split against ``stage_layers: auto``), the attention layers at 32k against SDPA, and
+the fused vocabulary head + loss against the unfused one.
 
-Runs ``step_profile.py``, ``attention_layer.py`` (T = ``--seq-len``, the three V4 layer types and SDPA)
-and ``head_loss.py`` one after another (each writes its JSON under ``--out``), then writes one markdown
-table, ``step_time.md``, with every figure as a ratio measured within one run of its script.
+Runs ``step_profile.py``, ``stage_balance.py --balance``, ``attention_layer.py`` (T = ``--seq-len``, the three
+V4 layer types and SDPA) and ``head_loss.py`` one after another (each writes its JSON under ``--out``), then
+writes one markdown table, ``step_time.md``, with every figure as a ratio measured within one run of its script.
 
     python benchmarks/step_time.py --out runs/bench            # make bench
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     _run("step_profile.py", "--json", str(args.out / "step_profile.json"))
+    _run("stage_balance.py", "--balance", "--json", str(args.out / "stage_balance.json"))
     _run("attention_layer.py", "--seq-lens", str(args.seq_len), "--repeats", "1", "--variants",
          "v4 csa", "v4 hca", "v4 swa", "sdpa mha", "--json", str(args.out / "attention_layer.json"))
     _run("head_loss.py", "--json", str(args.out / "head_loss.json"))
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> str:
     for part, seconds in profile["parts_s"].items():
         lines.append(f"| PP1 step profile | {part} share of the step | {100 * seconds / step:.1f}% |")
     lines.append(f"| PP1 step profile | step wall time (not profiled, median) | {profile['step_s']:.2f} s |")
+    balance = json.loads((args.out / "stage_balance.json").read_text())["balance"]
+    for name, split in balance["splits"].items():
+        lines.append(f"| stage balance PP{balance['pp']} ({balance['model']}, S={balance['seq_len']}) | {name} split "
+                     f"{split['stage_layers']}: slowest / mean stage | {split['slowest_over_mean']:.2f}x |")
     sdpa = attention["sdpa mha"]
     for variant in ("v4 csa", "v4 hca", "v4 swa"):
         r = attention[variant]

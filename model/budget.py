@@ -41,7 +41,7 @@ from v4train.model.config import ModelConfig
 
 __all__ = ["param_counts", "kv_cache_bytes_per_token", "attention_flops_per_token", "BaselineConfig",
            "V32_BASELINE", "baseline_param_counts", "comparison_table",
-           "training_flops_per_sequence"]
+           "training_flops_per_sequence", "attention_core_flops", "layer_params"]
 
 _CSA_RATIO = 4  # OC: ratio 4 layers overlap and carry an indexer (model.attention.CSA_RATIO)
 
@@ -69,8 +69,9 @@ def _attention_params(cfg: ModelConfig, ratio: int) -> int:
     return n
 
 
-def _layer_params(cfg: ModelConfig, ratio: int) -> tuple[int, int]:
-    """``(fixed, per_routed_expert)`` parameters of one block."""
+def layer_params(cfg: ModelConfig, ratio: int) -> tuple[int, int]:
+    """``(fixed, per_routed_expert)`` parameters of one block of compression ratio ``ratio``: attention, two
+    mHC, two norms, router and shared experts; and one routed expert."""
     d, n = cfg.dim, cfg.hc_mult
     mix = (2 + n) * n
     hyper = 2 * (mix * n * d + mix + 3)                              # hc_attn, hc_ffn
@@ -87,12 +88,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     total = embed + head
     active = head
     for ratio in cfg.compress_ratios[: cfg.n_layers]:
-        fixed, expert = _layer_params(cfg, ratio)
+        fixed, expert = layer_params(cfg, ratio)
         total += fixed + cfg.n_routed_experts * expert
         active += fixed + cfg.n_activated_experts * expert
     mtp = 0
     for ratio in cfg.compress_ratios[cfg.n_layers:]:
-        fixed, expert = _layer_params(cfg, ratio)
+        fixed, expert = layer_params(cfg, ratio)
         mtp += fixed + cfg.n_routed_experts * expert + 2 * d * d + 3 * d + n * n * d + n + 1
     return {"total": total, "active": active, "active_with_embedding": active + embed, "mtp": mtp,
             "total_with_mtp": total + mtp}
@@ -200,6 +201,27 @@ def attention_flops_per_token(cfg: ModelConfig | BaselineConfig, context_len: in
     return total
 
 
+def attention_core_flops(cfg: ModelConfig, ratio: int, seq_len: int, attention_mode: str) -> float:
+    """FLOPs of one layer's attention core and Lightning Indexer over one training sequence of ``seq_len``
+    tokens, forward + backward (the counting of :func:`training_flops_per_sequence`), for a layer of
+    compression ratio ``ratio`` (0 SWA, 4 CSA, else HCA)."""
+    t = range(1, seq_len + 1)                              # t + 1 for the 0-based positions
+    per_entry = 3 * 4 * cfg.n_heads * cfg.head_dim
+    per_score = 2 * cfg.index_n_heads * cfg.index_head_dim
+    entries = sum(min(cfg.window, u) for u in t)
+    visible = sum(u // ratio for u in t) if ratio else 0
+    flops = 0.0
+    if ratio == _CSA_RATIO and attention_mode == "sparse":
+        picked = sum(min(cfg.index_topk, u // ratio) for u in t)
+        entries += picked
+        flops += per_score * visible + 3 * per_score * picked
+    else:
+        entries += visible
+        if ratio == _CSA_RATIO and attention_mode == "indexer_warmup":
+            flops += per_score * visible + 3 * per_score * visible
+    return flops + per_entry * entries
+
+
 def training_flops_per_sequence(cfg: ModelConfig, seq_len: int, attention_mode: str = "sparse") -> float:
     """Real FLOPs of one training forward + backward over one sequence of ``seq_len`` tokens (for MFU).
 
@@ -227,24 +249,12 @@ def training_flops_per_sequence(cfg: ModelConfig, seq_len: int, attention_mode: 
     d, n, L = cfg.dim, cfg.hc_mult, seq_len
     per_token = param_counts(cfg)["active"]
     for ratio in cfg.compress_ratios[cfg.n_layers:]:
-        fixed, expert = _layer_params(cfg, ratio)
+        fixed, expert = layer_params(cfg, ratio)
         per_token += (fixed + cfg.n_activated_experts * expert + 2 * d * d + 3 * d + n * n * d + n + 1
                       + cfg.vocab_size * d)
     flops = 6.0 * L * per_token
-    t = range(1, L + 1)                                    # t + 1 for the 0-based positions
-    per_entry = 3 * 4 * cfg.n_heads * cfg.head_dim
-    per_score = 2 * cfg.index_n_heads * cfg.index_head_dim
-    window = sum(min(cfg.window, u) for u in t)
     for ratio in cfg.compress_ratios:                      # main layers, then the MTP blocks
-        visible = sum(u // ratio for u in t) if ratio else 0
-        entries = window + visible
-        if ratio == _CSA_RATIO and attention_mode == "sparse":
-            picked = sum(min(cfg.index_topk, u // ratio) for u in t)
-            entries = window + picked
-            flops += per_score * visible + 3 * per_score * picked
-        elif ratio == _CSA_RATIO and attention_mode == "indexer_warmup":
-            flops += per_score * visible + 3 * per_score * visible
-        flops += per_entry * entries
+        flops += attention_core_flops(cfg, ratio, L, attention_mode)
     return flops
 
 

@@ -44,17 +44,22 @@ from v4train.parallel.tensor_parallel import (TensorParallel, column_linear, ful
 __all__ = ["Block", "StageChunk", "V4Stage", "stage_layer_ranges"]
 
 
-def stage_layer_ranges(n_layers: int, pp_size: int) -> list[range]:
-    """Contiguous, balanced global layer ranges per pipeline stage; earlier stages take the remainder
-    (the last stage also runs the output head and MTP). Raises ValueError unless 1 <= pp_size <= n_layers."""
+def stage_layer_ranges(n_layers: int, pp_size: int, sizes: list[int] | None = None) -> list[range]:
+    """Contiguous global layer ranges per pipeline stage: ``sizes[s]`` layers for stage s when given (the
+    cost-balanced split of ``orchestrator/tools/stage_costs.py``, or the job's explicit list), else as even as
+    possible with the earlier stages taking the remainder. Raises ValueError unless 1 <= pp_size <= n_layers,
+    or when ``sizes`` is not pp_size counts >= 1 summing to n_layers."""
     if not 1 <= pp_size <= n_layers:
         raise ValueError(f"pp_size {pp_size} must be between 1 and n_layers ({n_layers}): each stage needs a layer")
-    base, extra = divmod(n_layers, pp_size)
+    if sizes is None:
+        base, extra = divmod(n_layers, pp_size)
+        sizes = [base + (1 if rank < extra else 0) for rank in range(pp_size)]
+    elif len(sizes) != pp_size or sum(sizes) != n_layers or min(sizes) < 1:
+        raise ValueError(f"stage layers {list(sizes)}: need {pp_size} counts >= 1 summing to n_layers ({n_layers})")
     ranges, start = [], 0
-    for rank in range(pp_size):
-        stop = start + base + (1 if rank < extra else 0)
-        ranges.append(range(start, stop))
-        start = stop
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
     return ranges
 
 
@@ -75,7 +80,9 @@ class V4Stage(nn.Module):
     (CSA layers; ValueError otherwise) and has no default: a forward before it is set raises
     RuntimeError, so no caller trains dense by omission; ``mtp_loss_weight`` (default 0.3)
     weighs the MTP loss (0 skips MTP); ``recompute`` (default "none") is every block's activation-recompute
-    mode (:mod:`model.recompute`). Raises ValueError for a bad pp_rank/pp_size.
+    mode (:mod:`model.recompute`). ``stage_layers`` gives the layers of each of the pp_size * vp_size virtual
+    stages (default: as even as possible, :func:`stage_layer_ranges`). Raises ValueError for a bad
+    pp_rank/pp_size or stage_layers.
 
     Parallel context (passed in explicitly, never read from globals): ``tp`` splits heads, output groups, the
     shared expert's hidden units and the vocabulary (embedding, head and cross-entropy: Megatron's vocab-
@@ -90,12 +97,12 @@ class V4Stage(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, pp_rank: int, pp_size: int, vp_size: int = 1,
                  tp: TensorParallel = TensorParallel(), experts_factory=None,
-                 cp: cpar.ContextParallel | None = None):
+                 cp: cpar.ContextParallel | None = None, stage_layers: list[int] | None = None):
         super().__init__()
         self.tp, self.cp = tp, cp or cpar.ContextParallel()
         if vp_size < 1 or (vp_size > 1 and pp_size < 2):
             raise ValueError(f"vp_size {vp_size}: virtual stages need vp_size >= 1, and pp_size >= 2 when > 1")
-        ranges = stage_layer_ranges(cfg.n_layers, pp_size * vp_size)
+        ranges = stage_layer_ranges(cfg.n_layers, pp_size * vp_size, stage_layers)
         if not 0 <= pp_rank < pp_size:
             raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
         self.cfg, self.pp_rank, self.pp_size, self.vp_size = cfg, pp_rank, pp_size, vp_size

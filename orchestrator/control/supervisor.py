@@ -289,6 +289,9 @@ class Supervisor:
         record = dict(results[self.reporter])
         record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the largest rank's resident peak
         record.update(_model_wide(results[r] for r in self.stage_heads))
+        record.pop("compute_cpu_s", None)  # the reporter's own; every stage's instead:
+        record.update({f"stage_cpu_s/{s}": results[r]["compute_cpu_s"] for s, r in enumerate(self.stage_heads)
+                       if "compute_cpu_s" in results[r]})
         record.update(consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
                       restarts=state.restarts, time=time.time())
         for collapse in self.router_watch.observe(record):

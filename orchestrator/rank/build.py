@@ -17,6 +17,7 @@ from v4train.model import V4Stage
 from v4train.model.moe import expert_parallel_experts
 from v4train.orchestrator.checkpoint.init_from import load_model
 from v4train.orchestrator.spec import JobSpec
+from v4train.orchestrator.tools.stage_costs import job_stage_layers
 from v4train.parallel.fp8 import enable_fp8
 from v4train.parallel.optim import build_optimizer
 from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
@@ -46,7 +47,8 @@ class ParameterGroups:
 
 def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, TensorParallel]:
     """This rank's pipeline stage of the model (initialised from ``job.seed``, on ``placement.device``, CPU by
-    default) and its tensor-parallel helper. ``train.fp8`` installs what ``placement.fp8`` names: Transformer
+    default; its layers from ``parallel.stage_layers``, balanced for the device kind) and its tensor-parallel
+    helper. ``train.fp8`` installs what ``placement.fp8`` names: Transformer
     Engine layers (``parallel/te_layers.py``) or the CPU emulation (``parallel/fp8.py``)."""
     # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
     torch.manual_seed(job.seed)
@@ -55,8 +57,9 @@ def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, Tenso
     if pctx.ep > 1:
         def experts(_layer):
             return expert_parallel_experts(cfg, ep_group=pctx.ep_group, ep_rank=pctx.ep_rank, ep_size=pctx.ep)
+    device = "gpu" if placement is not None and placement.device.type == "cuda" else "cpu"
     stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, vp_size=job.parallel.vp, tp=tp,
-                    experts_factory=experts)
+                    experts_factory=experts, stage_layers=job_stage_layers(job, cfg, device))
     stage.init_weights(job.seed)
     stage.recompute = job.train.recompute
     if job.model.init_from is not None:  # start from converted or earlier weights (fresh optimizer)

@@ -123,7 +123,9 @@ class RankTrainer:
         batch = e.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = e.micro_batches(batch, plan.micro_batch_size)
         e.beat("schedule")
+        compute_start = time.process_time()
         loss_dicts, aux_metrics, routing_fingerprint, router_layers = self._forward_backward(plan, micro)
+        compute_cpu_s = time.process_time() - compute_start
         warmup = plan.attention_mode == "indexer_warmup"
         if warmup:
             # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
@@ -149,6 +151,9 @@ class RankTrainer:
             "global_batch_tokens": plan.global_batch_tokens, "step_time_s": elapsed,
             "tokens_per_s": plan.global_batch_tokens / elapsed, "data_fingerprint": e.fingerprint(batch),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            # CPU seconds of this rank's forward and backward passes: its stage's compute, without the waits
+            # for other stages (blocked receives sleep), the figure the stage balance is judged by on CPU
+            "compute_cpu_s": compute_cpu_s,
             "skipped": not finite,
         }
         if routing_fingerprint is not None:

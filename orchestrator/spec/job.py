@@ -135,7 +135,13 @@ class ParallelSpec(_Strict):
     pipeline stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1 and micro-batches per step a
     multiple of pp). ``cp`` splits each sequence over cp ranks (``parallel/context_parallel.py``): every
     sequence length must split into 2 cp chunks of whole compression blocks; ``v4train plan`` counts it,
-    the trainer does not run it yet (``submit`` refuses cp > 1)."""
+    the trainer does not run it yet (``submit`` refuses cp > 1).
+
+    ``stage_layers`` cuts the layers into the pp x vp (virtual) pipeline stages: ``auto`` (default) balances the
+    stages' predicted step times by the cost model of ``orchestrator/tools/stage_costs.py``, calibrated on the
+    cluster's device kind, at the job's sequence length and attention mode (:meth:`JobSpec.sequence_for_costs`);
+    a list gives the layers of each stage in order (each >= 1, summing to the model's ``n_layers``). Parameter
+    names stay global, so a checkpoint saved under one split resumes under any other."""
 
     tp: PositiveInt = 1
     cp: PositiveInt = 1
@@ -143,6 +149,7 @@ class ParallelSpec(_Strict):
     ep: PositiveInt = 1
     dp: PositiveInt = 1
     vp: PositiveInt = 1
+    stage_layers: Literal["auto"] | list[PositiveInt] = "auto"
 
     @property
     def world_size(self) -> int:
@@ -293,6 +300,11 @@ class JobSpec(_Strict):
                 if unit % p.pp:
                     raise ValueError(f"parallel.vp: interleaving needs micro-batches per step a multiple of pp = "
                                      f"{p.pp}; {field} / (micro_batch_size x dp) = {unit}")
+        if p.stage_layers != "auto":
+            n_layers, stages = self.model.build().n_layers, p.pp * p.vp
+            if len(p.stage_layers) != stages or sum(p.stage_layers) != n_layers:
+                raise ValueError(f"parallel.stage_layers: {p.stage_layers} must give {stages} stages (pp x vp) "
+                                 f"summing to the model's n_layers = {n_layers}")
         if (p.tp * p.cp * p.dp) % p.ep:
             raise ValueError(f"parallel.ep: {p.ep} must divide tp x cp x dp = {p.tp * p.cp * p.dp} (the experts of "
                              "a stage are spread over its tensor-, context- and data-parallel ranks)")
@@ -305,6 +317,14 @@ class JobSpec(_Strict):
             for field, seq_len in lengths:
                 check_cp_seq_len(seq_len, p.cp, ratios, field=field)
         return self
+
+    def sequence_for_costs(self) -> tuple[int, str]:
+        """``(seq_len, attention mode)`` the stage split is balanced for: the last curriculum stage's (where a
+        V4 recipe spends most of its tokens, at its longest sequences), else ``data.seq_len`` in dense mode."""
+        if self.curriculum is None:
+            return self.data.seq_len, "dense"
+        last = self.curriculum.stages[-1]
+        return last.seq_len, last.attention
 
     @property
     def num_microbatches(self) -> int:

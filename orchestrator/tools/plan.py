@@ -39,8 +39,12 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
 **Communication per step per rank**: DP gradient all-reduce (or reduce-scatter + all-gather), TP
 all-gathers/reduce-scatters (4 per layer per micro-batch, forward and backward), EP all-to-all (dispatch
 and combine, forward and backward), PP activations and their gradients at each stage boundary.
-**Step time**: ``(m + pp - 1)`` times the slowest stage's micro-batch time (6 x active parameters x tokens
-plus attention FLOPs from :mod:`model.budget`, over ``peak_tflops x mfu``, plus its TP/EP/PP transfers over
+**Layers per stage**: the job's ``parallel.stage_layers``, as the trainer resolves it (``auto``: balanced by the
+stage cost model of :mod:`orchestrator.tools.stage_costs`); a layout with another pp than the job's, or with
+virtual stages, is planned with the balanced split of pp contiguous stages.
+**Step time**: ``(m + pp - 1)`` times the slowest stage's micro-batch time (the stage cost model's prediction:
+calibrated seconds on a calibrated device kind, else its FLOPs over ``peak_tflops x mfu``; divided by tp and
+cp, x 4/3 under recompute), plus its TP/EP/PP transfers over
 the link each group uses: inter-node when one of its groups spans two nodes, else intra-node, with rank
 ``r`` on node ``r // devices_per_node`` (:mod:`orchestrator.tools.placement`)) plus the unoverlapped
 data-parallel gradient sync. An estimate: good for ranking
@@ -53,14 +57,15 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
+from v4train.orchestrator.tools import stage_costs
 from v4train.orchestrator.tools.placement import crosses_nodes
 from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buffer_elements, head_elements,
                                                     head_weight_elements, mhc_elements, stage_parameters)
 
 __all__ = ["RUNTIME_BASELINE_MB", "BF16_ACTIVATION_BYTES", "RECOMPUTE_MODES", "FIT_FRACTION", "state_bytes",
            "Layout", "Shape", "StageMemory", "Plan",
-           "stage_parameters", "activation_elements", "cp_buffer_elements", "plan_layout", "plan_job", "suggest",
-           "job_shapes"]
+           "stage_parameters", "activation_elements", "cp_buffer_elements", "planned_stage_layers", "plan_layout",
+           "plan_job", "suggest", "job_shapes"]
 
 # Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
 # gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
@@ -136,6 +141,7 @@ class Plan:
     step_time_s: float
     time_parts: dict[str, float]
     tokens_per_step: int
+    stage_time_s: list[float] = field(default_factory=list)  # predicted forward + backward per micro-batch
 
     @property
     def peak(self) -> StageMemory:
@@ -224,10 +230,17 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     return parts
 
 
+def planned_stage_layers(cfg, job, device: str, pp: int) -> list[int]:
+    """Layers per pipeline stage the planner assumes for ``pp`` stages (module docstring, *Layers per stage*):
+    the trainer's split, balanced at the job's :meth:`JobSpec.sequence_for_costs` whatever the shape planned."""
+    p = job.parallel
+    seq_len, mode = job.sequence_for_costs()
+    chosen = p.stage_layers if pp == p.pp and p.vp == 1 else "auto"
+    return stage_costs.resolve_stage_layers(chosen, cfg, pp, seq_len, mode, device)
+
+
 def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
-    from v4train.model.budget import attention_flops_per_token
-
     device = cluster.device
     b = state_bytes(job.train.precision)
     tp, pp, ep, dp, mbs, cp = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size, layout.cp
@@ -235,10 +248,16 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     # context parallel: a rank holds seq_len / cp tokens of each sequence (activations, KV, FLOPs); the
     # per-token terms keep the whole sequence's visible compressed entries (they are all-gathered)
     tokens_mb = mbs * shape.seq_len // cp
+    hw = cluster.hardware
+    rate = hw.peak_tflops * 1e12 * hw.mfu * (2 if hw.fp8 and device == "gpu" else 1)
+    sizes = planned_stage_layers(cfg, job, device, pp)
+    costs = stage_costs.stage_costs(cfg, shape.seq_len, shape.attention,
+                                    stage_costs.load_calibration(device, flops_per_s=rate))
+    # a recomputed layer runs its forward twice: 8 instead of 6 FLOPs per parameter and token
+    stage_time = [c * mbs / (tp * cp) * (4 / 3 if layout.recompute != "none" else 1) for c in costs.of_stages(sizes)]
     stages = []
-    stage_flops = []
     asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
-    for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp)):
+    for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp, sizes)):
         local = dense / tp + expert / ep
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
                  "gradients": local * b["grad"]}
@@ -254,26 +273,18 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         else:
             stage.host_staging = staging
         stages.append(stage)
-        embedding = cfg.vocab_size * cfg.dim if r == 0 else 0
-        active = dense - embedding + expert * cfg.n_activated_experts / cfg.n_routed_experts
-        attn = attention_flops_per_token(cfg, max(1, shape.seq_len // 2)) * len(layers) / cfg.n_layers
-        # a recomputed layer runs its forward twice: 8 instead of 6 FLOPs per parameter and token
-        flops = tokens_mb * (6 * active + 3 * attn) * (4 / 3 if layout.recompute != "none" else 1)
-        stage_flops.append(flops / tp)
 
-    hw = cluster.hardware
-    rate = hw.peak_tflops * 1e12 * hw.mfu * (2 if hw.fp8 and device == "gpu" else 1)
     comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)
     crosses = crosses_nodes(tp, pp, ep, dp, cluster.devices_per_node, cp)
     link = {k: (hw.inter_node_gbps if crossing else hw.intra_node_gbps) * 1e9 for k, crossing in crosses.items()}
-    t_mb = max(stage_flops) / rate + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
-                                      + comm.get("cp", 0.0) / link["cp"]) / m
-    time_parts = {"compute": (m + pp - 1) * max(stage_flops) / rate,
-                  "tp_ep_pp_comm": (m + pp - 1) * (t_mb - max(stage_flops) / rate),
+    t_mb = max(stage_time) + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
+                              + comm.get("cp", 0.0) / link["cp"]) / m
+    time_parts = {"compute": (m + pp - 1) * max(stage_time),
+                  "tp_ep_pp_comm": (m + pp - 1) * (t_mb - max(stage_time)),
                   "dp_sync": comm["dp"] / link["dp"]}
     return Plan(layout=layout, shape=shape, stages=stages, capacity=_capacity(cluster),
                 bubble=(pp - 1) / (m + pp - 1), comm_bytes=comm, step_time_s=sum(time_parts.values()),
-                time_parts=time_parts, tokens_per_step=shape.global_batch * shape.seq_len)
+                time_parts=time_parts, tokens_per_step=shape.global_batch * shape.seq_len, stage_time_s=stage_time)
 
 
 def job_shapes(job) -> list[Shape]:

@@ -51,6 +51,9 @@ def format_plan(plan: Plan, title: str = "") -> str:
     header = f"  {'per rank':<20}" + "".join(f"{'stage ' + str(s.pp_rank):>14}" for s in show)
     lines.append(header)
     lines.append(f"  {'  layers':<20}" + "".join(f"{f'{s.layers.start}-{s.layers.stop - 1}':>14}" for s in show))
+    if plan.stage_time_s:
+        times = [plan.stage_time_s[s.pp_rank] for s in show]
+        lines.append(f"  {'  s per micro-batch':<20}" + "".join(f"{t:>14.3g}" for t in times))
     params = [f"{s.dense_params / 1e6:.0f}M/{s.expert_params / 1e6:.0f}M" for s in show]
     lines.append(f"  {'  params (dense/exp)':<20}" + "".join(f"{p:>14}" for p in params))
     for name in names:
@@ -75,7 +78,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
 def _plan_dict(plan: Plan) -> dict:
     return {"layout": dataclasses.asdict(plan.layout), "shape": dataclasses.asdict(plan.shape), "fits": plan.fits,
             "capacity_bytes": plan.capacity, "bubble": plan.bubble, "comm_bytes": plan.comm_bytes,
-            "step_time_s": plan.step_time_s, "time_parts": plan.time_parts,
+            "step_time_s": plan.step_time_s, "time_parts": plan.time_parts, "stage_time_s": plan.stage_time_s,
             "stages": [{"pp_rank": s.pp_rank, "layers": [s.layers.start, s.layers.stop], "dense_params": s.dense_params,
                         "expert_params": s.expert_params, "parts": s.parts, "total_bytes": s.total,
                         "host_staging_bytes": s.host_staging} for s in plan.stages]}

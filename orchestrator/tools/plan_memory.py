@@ -52,12 +52,13 @@ def _layer_key(cfg, i: int) -> int:
     return next(j for j in range(cfg.n_layers) if cfg.compress_ratios[j] == ratio and (j < cfg.n_hash_layers) == hashed)
 
 
-def stage_parameters(cfg, pp: int) -> list[tuple[range, int, int]]:
-    """``[(layers, dense, routed_expert)]`` parameter counts of every pipeline stage (as ``V4Stage`` builds them)."""
+def stage_parameters(cfg, pp: int, stage_layers: list[int] | None = None) -> list[tuple[range, int, int]]:
+    """``[(layers, dense, routed_expert)]`` parameter counts of every pipeline stage (as ``V4Stage`` builds them),
+    with ``stage_layers[r]`` layers on stage r (default: the even split)."""
     from v4train.model.transformer import stage_layer_ranges
 
     out = []
-    for r, layers in enumerate(stage_layer_ranges(cfg.n_layers, pp)):
+    for r, layers in enumerate(stage_layer_ranges(cfg.n_layers, pp, stage_layers)):
         dense = expert = 0
         for i in layers:
             d, e = _block_params(cfg, _layer_key(cfg, i), False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from v4train.model.budget import _layer_params, param_counts, training_flops_per_sequence
+from v4train.model.budget import layer_params, param_counts, training_flops_per_sequence
 from v4train.model.config import ModelConfig
 
 
@@ -25,7 +25,7 @@ def _enumerated(cfg: ModelConfig, L: int, mode: str) -> float:
     d, n = cfg.dim, cfg.hc_mult
     per_token = param_counts(cfg)["active"]
     for ratio in cfg.compress_ratios[cfg.n_layers:]:
-        fixed, expert = _layer_params(cfg, ratio)
+        fixed, expert = layer_params(cfg, ratio)
         per_token += (fixed + cfg.n_activated_experts * expert + 2 * d * d + 3 * d + n * n * d + n + 1
                       + cfg.vocab_size * d)
     return total + 6 * L * per_token

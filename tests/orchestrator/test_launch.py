@@ -93,7 +93,8 @@ PATH_SPECIFIC = {"time", "step_time_s", "tokens_per_s", "peak_rss_mb", "setup_s"
 def _records(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
-        record = {k: v for k, v in json.loads(line).items() if k not in PATH_SPECIFIC}
+        record = {k: v for k, v in json.loads(line).items()
+                  if k not in PATH_SPECIFIC and not k.startswith("stage_cpu_s/")}
         if "path" in record:
             record["path"] = Path(record["path"]).name.split(".attempt-")[0]
         out.append(record)

@@ -85,7 +85,9 @@ def test_activation_model_matches_autograds_saved_tensors(preset, seq):
 
 @pytest.mark.parametrize("preset", ["nano", "small"])
 def test_plan_memory_is_within_25_percent_of_measured_runs(preset):
-    job, cfg, cluster, layout = _demo(preset)
+    # the measured runs split the layers evenly
+    job, cfg, cluster, layout = _demo(preset, extra=["parallel.stage_layers=[2, 2]" if preset == "nano"
+                                                     else "parallel.stage_layers=[3, 3]"])
     plan = plan_job(cfg, job, cluster, layout)
     for stage, measured in zip(plan.stages, MEASURED_MB[preset], strict=True):
         assert stage.total / 2**20 == pytest.approx(measured, rel=0.25), (preset, stage.pp_rank, stage.total / 2**20)

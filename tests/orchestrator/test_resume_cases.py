@@ -36,8 +36,8 @@ def test_c02_data_stream_survives_restart_mid_second_epoch(rank_pool, small_data
 @pytest.fixture(scope="module")
 def saved_pp2_dp2(rank_pool, tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("c3")
-    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 5, "warmup_steps": 2},
-                   checkpoint={"every_steps": 3, "at_end": False})
+    job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2, "stage_layers": [1, 3]},
+                   train={"steps": 5, "warmup_steps": 2}, checkpoint={"every_steps": 3, "at_end": False})
     straight, _, _ = run_job(rank_pool, job, root / "straight")
     return job, root, {m["step"]: m for m in straight}
 
@@ -46,10 +46,12 @@ def saved_pp2_dp2(rank_pool, tiny_dataset, tmp_path_factory):
 @pytest.mark.parametrize("tp, pp, ep, dp", [(1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 1, 2), (1, 1, 2, 2), (2, 2, 1, 1),
                                             (2, 1, 2, 1)])
 def test_c03_resume_on_another_parallel_layout(rank_pool, saved_pp2_dp2, tmp_path, tp, pp, ep, dp):
-    """Saved under (TP, PP, EP, DP) = (1, 2, 1, 2), resumed under tensor, pipeline, expert and data parallel
-    layouts: same data, losses within fp32 reduction noise of the uninterrupted run."""
+    """Saved under (TP, PP, EP, DP) = (1, 2, 1, 2) with layers split 1 + 3, resumed under tensor, pipeline (split
+    3 + 1), expert and data parallel layouts: same data, losses within fp32 reduction noise of the uninterrupted
+    run; every pipeline stage's compute time is logged."""
     job, root, straight = saved_pp2_dp2
-    other = {**job, "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp}}
+    split = {"stage_layers": [3, 1]} if pp == 2 else {}
+    other = {**job, "parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, **split}}
     shutil.copytree(root / "straight" / "step_00000003", tmp_path / "step_00000003")
     resumed, events, _ = run_job(rank_pool, other, tmp_path, resume_from="step_00000003")
     assert events[0]["event"] == "start" and events[0]["step"] == 3
@@ -58,3 +60,5 @@ def test_c03_resume_on_another_parallel_layout(rank_pool, saved_pp2_dp2, tmp_pat
         assert m["data_fingerprint"] == ref["data_fingerprint"], m["step"]
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5), m["step"]
         assert m["consumed_tokens"] == ref["consumed_tokens"]
+        assert sorted(k for k in m if k.startswith("stage_cpu_s/")) == [f"stage_cpu_s/{s}" for s in range(pp)]
+        assert all(m[f"stage_cpu_s/{s}"] > 0 for s in range(pp))
