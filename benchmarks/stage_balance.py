@@ -1,14 +1,15 @@
 """Pipeline stage balance: calibrate the stage cost model on this device, and measure the split it chooses.
 
-``--calibrate`` times the forward + backward of single-layer pipeline stages (``pp_size = n_layers``: the first
-with the embedding, the last with the head, its loss and MTP) of the ``nano`` and ``small`` models, with and
-without MTP, at several sequence lengths and in dense and sparse attention, one thread, on this device; fits the
-coefficients of ``orchestrator/tools/stage_costs.py`` by non-negative least squares on relative error, and
-prints measured against predicted for every stage. ``--write`` stores them in ``stage_calibration.json``.
+``--calibrate`` times (CPU seconds, one thread) the forward + backward of single-layer pipeline stages
+(``pp_size = n_layers``: the first with the embedding, the last with the head, its loss and MTP) of the
+``nano`` and ``small`` models, with and without MTP, at several sequence lengths and in dense and sparse
+attention; fits the coefficients of ``orchestrator/tools/stage_costs.py`` by non-negative least squares on
+relative error, and prints measured against predicted for every stage. ``--write`` stores them in
+``stage_calibration.json``.
 
-``--balance`` times each stage of a layout in-process (forward + backward of its micro-batches, no
-communication: the compute a rank of that stage does in a step) under the even split and under
-``stage_layers: auto``, and reports slowest / mean stage, measured in one run.
+``--balance`` times (CPU seconds, one thread) each stage of a layout in-process (forward + backward of its
+micro-batches, no communication: the compute a rank of that stage does in a step) under the even split and
+under ``stage_layers: auto``, and reports slowest / mean stage, measured in one run.
 
     python benchmarks/stage_balance.py --calibrate --write          # on the device kind the jobs run on
     python benchmarks/stage_balance.py --balance                   # the demo's PP2 layout (nano, seq 256)
@@ -34,8 +35,9 @@ from v4train.orchestrator.tools import stage_costs as sc
 
 def _time_stage(cfg: ModelConfig, sizes: list[int], rank: int, seq_len: int, batch: int, mode: str,
                 micro_batches: int, repeats: int) -> float:
-    """Fastest of ``repeats`` timings (the least disturbed by other processes), in seconds, of forward + backward
-    of ``micro_batches`` micro-batches ``[batch, seq_len]`` through stage ``rank`` of the split ``sizes``."""
+    """Fastest of ``repeats`` timings, in CPU seconds of this process (one thread: unlike wall time, hardly
+    changed by other processes' load), of forward + backward of ``micro_batches`` micro-batches
+    ``[batch, seq_len]`` through stage ``rank`` of the split ``sizes``."""
     pp = len(sizes)
     stage = V4Stage(cfg, pp_rank=rank, pp_size=pp, stage_layers=sizes)
     stage.init_weights(0)
@@ -60,9 +62,9 @@ def _time_stage(cfg: ModelConfig, sizes: list[int], rank: int, seq_len: int, bat
     step()  # warm-up: allocations, lazy initialisation
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
@@ -74,7 +76,7 @@ def _features_of_stage(cfg: ModelConfig, sizes: list[int], rank: int, seq_len: i
 
 
 def _nnls(rows: list[list[float]], targets: list[float]) -> list[float]:
-    """Non-negative least squares by trying every support (5 unknowns: 31 small solves)."""
+    """Non-negative least squares by trying every support (6 unknowns: 63 small solves)."""
     A, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
     best, n = None, A.shape[1]
     for k in range(1, n + 1):

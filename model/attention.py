@@ -226,10 +226,12 @@ class Attention(nn.Module):
         kv_BXC = torch.cat((kv_BTC, self.compressor(x_BTD, layout, *rope_N)), dim=1)
         mode, trained = ctx.attention_mode, None
         sparse = self.kind == "csa" and mode == "sparse"
-        slots_BTK = None if sparse else layout.dense_indices()  # the indexer's KL reads every visible slot
         train_indexer = self.kind == "csa" and mode != "dense" and self.training and torch.is_grad_enabled()
         if not (sparse or train_indexer):
             return kv_BXC, idx_BTW, (layout.lo_BT, layout.hi_BT, T), None
+        # the indexer's KL reads every visible slot outside sparse mode; built only here, since the list is
+        # [T, T/m] and the layout caches it for the whole step (T^2/32 int32 for an HCA layer)
+        slots_BTK = None if sparse else layout.dense_indices()
         if sparse or train_indexer:
             # the indexer sees detached inputs: only its KL loss trains it (spec 3.3)
             qr_I = qr_BTL.detach()

@@ -2,13 +2,14 @@
 
 A pipeline stage's step time is modelled as the sum of its components' times: the embedding (first stage),
 each block, and the output head with its loss and the MTP blocks (last stage). One component's time over one
-sequence of S tokens is linear in five features, each summed over the component's modules:
+sequence of S tokens is linear in six features, each summed over the component's modules:
 
 * ``matmul``     6 x S x the parameters one token multiplies (FLOPs, forward + backward; spec 10.1 counting);
 * ``attention``  the attention cores' and Lightning Indexer's FLOPs (``model.budget.attention_core_flops``);
 * ``streams``    S x hc_mult x dim, the elements the mHC read, Sinkhorn and write touch (spec 2.2);
 * ``vocab``      S x vocab_size, the loss's softmax over the vocabulary;
-* ``modules``    1 per block, head or embedding (per-module overhead, which dominates small models on CPU).
+* ``modules``    1 per block, head or embedding (per-module overhead, which dominates small models on CPU);
+* ``experts``    the routed experts of a block (each runs as its own call on its slice of the tokens).
 
 The coefficients (seconds per unit) are measured per device kind by ``benchmarks/stage_balance.py
 --calibrate``, which times single-layer stages of the ``nano`` and ``small`` models on that device and fits them
@@ -34,7 +35,7 @@ from v4train.model.config import ModelConfig
 __all__ = ["FEATURES", "Calibration", "StageCosts", "balanced_stage_layers", "component_features", "job_stage_layers",
            "load_calibration", "resolve_stage_layers", "stage_costs"]
 
-FEATURES = ("matmul", "attention", "streams", "vocab", "modules")
+FEATURES = ("matmul", "attention", "streams", "vocab", "modules", "experts")
 CALIBRATION_FILE = Path(__file__).with_name("stage_calibration.json")
 
 
@@ -75,7 +76,8 @@ def _block_features(cfg: ModelConfig, ratio: int, seq_len: int, mode: str, extra
     fixed, expert = layer_params(cfg, ratio)
     params = fixed + cfg.n_activated_experts * expert + extra_params
     return {"matmul": 6.0 * seq_len * params, "attention": attention_core_flops(cfg, ratio, seq_len, mode),
-            "streams": float(seq_len * cfg.hc_mult * cfg.dim), "vocab": 0.0, "modules": 1.0}
+            "streams": float(seq_len * cfg.hc_mult * cfg.dim), "vocab": 0.0, "modules": 1.0,
+            "experts": float(cfg.n_routed_experts)}
 
 
 def _add(*parts: dict) -> dict:
@@ -88,11 +90,12 @@ def component_features(cfg: ModelConfig, seq_len: int, mode: str) -> tuple[dict,
     sequence of ``seq_len`` tokens in attention mode ``mode``; ``head`` is the hyper-connection head, the norm,
     the vocabulary projection with its loss and every MTP block with its pass through the shared head."""
     S, D, N, V = seq_len, cfg.dim, cfg.hc_mult, cfg.vocab_size
-    embed = {"matmul": 0.0, "attention": 0.0, "streams": float(S * N * D), "vocab": 0.0, "modules": 1.0}
+    embed = {"matmul": 0.0, "attention": 0.0, "streams": float(S * N * D), "vocab": 0.0, "modules": 1.0,
+             "experts": 0.0}
     blocks = [_block_features(cfg, cfg.compress_ratios[i], S, mode) for i in range(cfg.n_layers)]
     head_params = N * N * D + N + 1 + D + V * D                    # hc_head, norm, head (model.budget)
     head = {"matmul": 6.0 * S * head_params, "attention": 0.0, "streams": float(S * N * D),
-            "vocab": float(S * V), "modules": 1.0}
+            "vocab": float(S * V), "modules": 1.0, "experts": 0.0}
     # an MTP block: a block, its projections, hc head and norms (model.budget), and a pass through the shared head
     mtp_params = 2 * D * D + 3 * D + N * N * D + N + 1 + V * D
     on_head = {"streams": float(S * N * D), "vocab": float(S * V), "modules": 1.0}

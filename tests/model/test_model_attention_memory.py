@@ -107,3 +107,17 @@ def test_nano_csa_layer_saves_under_a_thousand_floats_per_token():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         attn(x, SequenceContext(pos, pos, attention_mode="sparse"))
     assert sum(saved.values()) / 4 / T < 1000
+
+
+@pytest.mark.parametrize("layer, mode", [(HCA, "dense"), (HCA, "sparse"), (CSA, "dense"), (CSA, "sparse")])
+def test_no_layer_builds_the_dense_index_list_it_does_not_read(layer, mode):
+    """The [T, T/m] list of every visible slot is cached by the layout for the whole step; only a CSA layer
+    training its indexer outside sparse mode reads it (an HCA layer at 32k would keep T^2/32 int32)."""
+    attn = make_attention(layer).train()
+    x, pos = random_input(1, 64), docs_positions([64], 1)
+    ctx = SequenceContext(pos, torch.zeros_like(pos), attention_mode=mode)
+    attn(x, ctx).sum().backward()
+    assert ctx.layout(attn.ratio)._dense is None
+    warmup = SequenceContext(pos, torch.zeros_like(pos), attention_mode="indexer_warmup")
+    attn(x, warmup)
+    assert (warmup.layout(attn.ratio)._dense is not None) == (layer == CSA)
