@@ -99,11 +99,19 @@ def summary(metrics: list[dict], events: list[dict]) -> dict:
         "rollbacks": count("rollback"),
         "stage_changes": count("stage_change"),
         "attention": ", ".join(f"{mode} {a}-{b}" for a, b, mode in attention_spans(metrics)) or None,
+        "stage_cpu_s": stage_balance(metrics),
         "router": router_health(metrics),
         "router_collapses": [f"layer {e['layer']} {e['reason']} at step {e['step']}"
                              for e in events if e.get("event") == "router_collapse"],
         "state": finish["event"] if finish else "running (or killed)",
     }
+
+
+def stage_balance(metrics: list[dict]) -> list[float]:
+    """Median over steps of each pipeline stage's CPU seconds of forward and backward (``stage_cpu_s/<stage>``,
+    one rank per stage); empty when the steps do not report it."""
+    stages = sorted({int(k.split("/")[1]) for m in metrics for k in m if k.startswith("stage_cpu_s/")})
+    return [statistics.median(m[f"stage_cpu_s/{s}"] for m in metrics if f"stage_cpu_s/{s}" in m) for s in stages]
 
 
 def router_health(metrics: list[dict]) -> dict[int, dict]:
@@ -148,6 +156,10 @@ def format_summary(run_dir: str | Path, s: dict) -> str:
         ("curriculum stage changes", str(s["stage_changes"])),
         ("attention (steps)", s["attention"] or "-"),
     ]
+    stage_s = s.get("stage_cpu_s") or []
+    if len(stage_s) > 1:
+        rows.append(("stage CPU s (median)", " / ".join(f"{t:.2f}" for t in stage_s)
+                     + f" (slowest / mean {max(stage_s) * len(stage_s) / sum(stage_s):.2f}x)"))
     rows += [(f"router layer {layer}", f"max load {r['max_load']:.2f}, dead expert in {r['dead_steps']} steps, "
                                        f"entropy {num(r['entropy'], '.3f')} nats")
              for layer, r in s.get("router", {}).items()]

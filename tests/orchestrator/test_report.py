@@ -22,7 +22,7 @@ def _write_run(run, steps: int = 120) -> None:
         rows.append({"step": s, "loss": loss, "lr": 1e-3 * min(1, s / 10), "seq_len": seq, "attention_mode": mode,
                      "global_batch_tokens": seq * batch, "consumed_tokens": s * 2048,
                      "tokens_per_s": 3000 + 10 * (s % 7), "step_time_s": 0.7, "peak_rss_mb": 900 + s,
-                     "time": t0 + s})
+                     "stage_cpu_s/0": 0.8 + 0.1 * (s % 3), "stage_cpu_s/1": 1.2, "time": t0 + s})
     # step 40-45 replayed after a restart: the later records win
     rows[40:40] = [dict(r, loss=r["loss"] + 5) for r in rows[39:45]]
     events += [{"event": "checkpoint_committed", "step": s, "time": t0 + s} for s in (30, 60, 90, 120)]
@@ -45,6 +45,7 @@ def test_summary_keeps_the_last_record_of_a_replayed_step(tmp_path):
     assert s["steps"] == 120 and s["restarts"] == 1 and s["failures"] == 1 and s["spikes"] == 1
     assert s["checkpoints"] == 4 and s["last_committed"] == 120 and s["val_loss"] == 3.4
     assert s["peak_rss_mb"] == 1020 and s["state"] == "finish"
+    assert s["stage_cpu_s"] == pytest.approx([0.9, 1.2])  # per stage, the median over steps
     assert s["last_loss"] == pytest.approx(metrics[-1]["loss"])
 
 
@@ -56,7 +57,7 @@ def test_report_cli_writes_a_png_and_prints_the_table(tmp_path, capsys):
     png = run / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     for text in ("steps                     120", "restarts / failures       1 / 1", "validation loss           3.4000",
-                 "peak RSS (largest rank)   1020 MiB",
+                 "peak RSS (largest rank)   1020 MiB", "stage CPU s (median)      0.90 / 1.20 (slowest / mean 1.14x)",
                  "attention (steps)         dense 1-60, indexer_warmup 61-70, sparse 71-120", str(png)):
         assert text in out
 
