@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4train.model import V4Stage
+from support.model import next_token_batch, whole_stage
 from v4train.model.config import ModelConfig
 from v4train.parallel.fp8 import (
     E4M3_MAX, FP32_MODULE_NAMES, Fp8Linear, Fp8Recipe, dequantize_activation, dequantize_weight, enable_fp8,
@@ -162,19 +162,11 @@ def test_from_linear_keeps_parameters_and_refuses_hooks():
 
 
 def _nano_stage():
-    stage = V4Stage(ModelConfig.preset("nano", vocab_size=512), pp_rank=0, pp_size=1)
-    stage.attention_mode = "dense"
-    stage.init_weights(0)
-    return stage
+    return whole_stage(ModelConfig.preset("nano", vocab_size=512), "dense", 0)
 
 
 def _batch(B=2, S=32):
-    gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, 512, (B, S), generator=gen)
-    pos = torch.arange(S).expand(B, S)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    return ids, pos, labels
+    return next_token_batch(512, 6, B, S)
 
 
 def test_enable_fp8_on_a_nano_stage():

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from v4train.model import ModelConfig, V4Stage
+from support.model import next_token_batch, whole_stage
+from v4train.model import ModelConfig
 from v4train.parallel.mixed_precision import MixedPrecision, computes_in_bf16
 
 SEED = 1234
@@ -14,19 +15,11 @@ SEED = 1234
 def _stage():
     cfg = ModelConfig.preset("nano", vocab_size=256, dim=64, q_lora_rank=32, o_lora_rank=32, moe_inter_dim=64,
                              window=8)
-    stage = V4Stage(cfg, pp_rank=0, pp_size=1)
-    stage.init_weights(SEED)
-    stage.attention_mode = "sparse"
-    return stage
+    return whole_stage(cfg, "sparse", SEED)
 
 
 def _batch(seed, B=2, S=24):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (B, S), generator=gen)
-    pos = torch.arange(S).expand(B, S)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    return ids, pos, labels
+    return next_token_batch(256, seed, B, S)
 
 
 def test_which_parameters_compute_in_bf16():

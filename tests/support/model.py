@@ -28,3 +28,23 @@ def make_attention(layer_idx=0, seed=0, **overrides):
 
 def run(attn, x, pos, mode="dense"):
     return attn(x, SequenceContext(pos, torch.zeros_like(pos), attention_mode=mode))
+
+
+def whole_stage(cfg, mode, seed):
+    """The whole model as one pipeline stage, initialised from ``seed``, in attention mode ``mode``."""
+    from v4train.model import V4Stage
+
+    stage = V4Stage(cfg, pp_rank=0, pp_size=1)
+    stage.init_weights(seed)
+    stage.attention_mode = mode
+    return stage
+
+
+def next_token_batch(vocab_size, seed, B, S):
+    """``(input_ids, position_ids, labels)`` ``[B, S]``: random tokens, one document per row, next-token labels
+    (-100 at the end)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (B, S), generator=gen)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+    return ids, torch.arange(S).expand(B, S), labels
