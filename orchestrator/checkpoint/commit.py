@@ -30,14 +30,10 @@ import uuid
 from v4train.orchestrator.checkpoint.hashed_writer import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
-__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "step_name", "begin_attempt", "commit",
-           "latest_committed", "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention",
-           "supersede_after"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "step_name", "begin_attempt", "commit", "latest_committed",
+           "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention", "supersede_after"]
 
-# The version this code writes, and those it reads: 1 held one torch.save record per tensor in the DCP shards,
-# 2 one safetensors record per rank (``dcp_safetensors.py`` reads both); the rest of the layout is the same.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 1
 _STEP_PREFIX = "step_"
 
 
@@ -182,9 +178,8 @@ def verify(storage: Storage, name: str) -> dict:
     if hashlib.sha256(manifest_text.encode()).hexdigest() != record["manifest_sha256"]:
         raise CheckpointError(f"{where}/manifest.json: does not match the hash recorded in COMMIT")
     manifest = json.loads(manifest_text)
-    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
-        raise CheckpointError(f"{where}: format version {manifest.get('format_version')}; this v4train reads "
-                              f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     sizes = storage.files(name)
     for rel, entry in manifest["files"].items():
         if rel not in sizes:
@@ -192,7 +187,7 @@ def verify(storage: Storage, name: str) -> dict:
         if sizes[rel] != entry["bytes"] or storage.sha256(f"{name}/{rel}") != entry["sha256"]:
             raise CheckpointError(f"{where}/{rel}: size or sha256 differs from the manifest")
     state = read_train_state(storage, name)
-    if state.get("format_version") != manifest["format_version"]:
+    if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}/train_state.json: format version {state.get('format_version')}")
     return state
 

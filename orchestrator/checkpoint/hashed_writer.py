@@ -7,8 +7,7 @@ coordinator rank with the write results (one ``gather_object`` DCP already does)
 ``.metadata``. The commit protocol (``commit.py``) builds the manifest from that file instead of hashing
 what it lists; verification on load still reads everything.
 
-Each rank's tensors go into its shard as one safetensors record (``dcp_safetensors.py``), hashed and written
-in one pass. Built on torch's fsspec writer, which lives in a private module
+Built on torch's fsspec writer, which lives in a private module
 (``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13); ``storage.py`` imports this class.
 """
 
@@ -24,8 +23,6 @@ import posixpath
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.futures import Future
-
-from v4train.orchestrator.checkpoint.dcp_safetensors import SERIALIZATION
 
 __all__ = ["HASHES_FILE", "HashingWriter"]
 
@@ -78,8 +75,7 @@ class _WriteResults(list):
 
 
 class HashingWriter(FsspecWriter):
-    """torch DCP's fsspec storage writer (local path or ``s3://``), one file per rank holding its tensors as
-    one safetensors record, hashing each file as it is written.
+    """torch DCP's fsspec storage writer (local path or ``s3://``), hashing each file as it is written.
 
     Args:
         path: the checkpoint directory (URL or local path).
@@ -87,7 +83,7 @@ class HashingWriter(FsspecWriter):
     """
 
     def __init__(self, path: str, **options) -> None:
-        super().__init__(path, serialization_format=SERIALIZATION, **options)
+        super().__init__(path, **options)
         fs = _HashingFileSystem()
         fs.fs = self.fs.fs  # the fsspec file system FsspecWriter opened for ``path``
         self.fs = fs

@@ -3,8 +3,7 @@
 The one module that knows how files reach a checkpoint root: the commit protocol in
 ``orchestrator/checkpoint/commit.py`` calls only these operations, and the DCP shard writers/readers come from
 here too (torch's fsspec reader and writer live in a private module,
-``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13: imported by ``hashed_writer.py`` and
-``dcp_safetensors.py``).
+``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13: imported here and in ``hashed_writer.py``).
 
 S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
 credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
@@ -25,7 +24,8 @@ import posixpath
 import uuid
 
 from fsspec.core import url_to_fs
-from v4train.orchestrator.checkpoint.dcp_safetensors import ShardReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
 from v4train.orchestrator.checkpoint.hashed_writer import HashingWriter
 
 __all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES"]
@@ -164,6 +164,6 @@ class Storage:
         writer = HashingWriter(self.url_of(rel), **self.options)
         return writer if self.is_local else _object_store_writer(writer)
 
-    def dcp_reader(self, rel: str) -> ShardReader:
-        """A DCP storage reader of directory ``rel`` (shards of either serialisation, ``dcp_safetensors.py``)."""
-        return ShardReader(self.url_of(rel), **self.options)
+    def dcp_reader(self, rel: str) -> FsspecReader:
+        """A DCP storage reader of directory ``rel``."""
+        return FsspecReader(self.url_of(rel), **self.options)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from v4train.orchestrator.checkpoint import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, CheckpointError
+from v4train.orchestrator.checkpoint import FORMAT_VERSION, CheckpointError
 from v4train.orchestrator.spec import JobSpec
 
 __all__ = ["TRAIN_STATE_VERSION", "TRAIN_STATE_KEYS", "GuardStats", "RoutingWindow", "RunState", "SavedState",
@@ -126,14 +126,13 @@ class RunState:
 def read_train_state(state: dict, where: str, job: JobSpec | None = None) -> dict:
     """Check a parsed ``train_state.json`` (from ``where``, for messages) and return it.
 
-    Raises CheckpointError when its ``format_version`` is not one this code reads (the schema is the same in
-    every readable version, :data:`TRAIN_STATE_VERSION` is the one written), when it lacks a
+    Raises CheckpointError when its ``format_version`` is not :data:`TRAIN_STATE_VERSION`, when it lacks a
     field of :data:`TRAIN_STATE_KEYS`, or (given ``job``) when it was saved for another model.
     """
     version = state.get("format_version")
-    if version not in READABLE_FORMAT_VERSIONS:
-        raise CheckpointError(f"{where}/train_state.json: format version {version}; this v4train reads versions "
-                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
+    if version != TRAIN_STATE_VERSION:
+        raise CheckpointError(f"{where}/train_state.json: format version {version}; this v4train reads version "
+                              f"{TRAIN_STATE_VERSION}")
     for key in TRAIN_STATE_KEYS:
         if key not in state:
             raise CheckpointError(f"{where}/train_state.json: lacks {key!r}")
