@@ -3,9 +3,11 @@
 Four gloo processes hold the ``nano`` model as PP=2 x DP=2 would (each rank its pipeline stage's parameters
 and optimizer state, data-parallel replicas written once), and save it round after round into the same
 checkpoint root through the whole rank path (``shard_state``, ``dcp.save`` with the hashing writer,
-``commit``: manifest, publish, ``COMMIT``), alternating torch DCP's two serialisations: one ``torch.save``
-record per tensor (what v4train writes) and one safetensors record per rank (DCP's
-``serialization_format=SAFETENSORS``, which the format could adopt: this measures whether it would pay).
+``commit``: manifest, publish, ``COMMIT``), alternating three ways of saving: what v4train does (one
+``torch.save`` record per tensor), torch DCP's ``serialization_format=SAFETENSORS`` (one safetensors record
+per rank, which the format could adopt), and DCP's save-plan caching (``DefaultSavePlanner(
+enable_plan_caching=True)``: after the first save, unchanged plans are not gathered, deduplicated and
+sent back again), to measure whether either would pay.
 Each round also writes the same number of bytes as one plain sequential file (+fsync). Medians over the
 rounds; the CPU seconds the four ranks spent in ``dcp.save`` are a less load-dependent view of the cost.
 
@@ -28,11 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 WORLD = 4
-FORMATS = {"one torch.save record per tensor (v4train's format)": SerializationFormat.TORCH_SAVE,
-           "one safetensors record per rank (DCP option)": SerializationFormat.SAFETENSORS}
+# name: (DCP serialisation, DCP save-plan caching)
+VARIANTS = {"v4train: one torch.save record per tensor": (SerializationFormat.TORCH_SAVE, False),
+            "DCP option: one safetensors record per rank": (SerializationFormat.SAFETENSORS, False),
+            "DCP option: save-plan caching": (SerializationFormat.TORCH_SAVE, True)}
 
 
 def _plain_write_s(path: Path, nbytes: int) -> float:
@@ -66,7 +71,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     storage = Storage(root)
     step = 0
     for _ in range(rounds):
-        for name, fmt in FORMATS.items():
+        for name, (fmt, caching) in VARIANTS.items():
             step += 1
             dist.barrier()
             start = time.perf_counter()
@@ -74,7 +79,8 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
             dist.broadcast_object_list(box, 0)
             state = checkpoint.shard_state(stage, optimizer)
             cpu = time.process_time()
-            dcp.save(state, storage_writer=HashingWriter(storage.url_of(box[0]), serialization_format=fmt))
+            dcp.save(state, storage_writer=HashingWriter(storage.url_of(box[0]), serialization_format=fmt),
+                     planner=DefaultSavePlanner(enable_plan_caching=caching))
             cpu = time.process_time() - cpu
             dist.barrier()
             if rank == 0:
@@ -105,13 +111,13 @@ def main() -> None:
     procs = [ctx.Process(target=_rank, args=(r, root, args.preset, args.rounds, port, results)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    rows = [results.get(timeout=1800) for _ in range(args.rounds * len(FORMATS))]
+    rows = [results.get(timeout=1800) for _ in range(args.rounds * len(VARIANTS))]
     for p in procs:
         p.join(timeout=60)
     shutil.rmtree(root, ignore_errors=True)
     print(f"| {args.preset}, PP=2 x DP=2, {args.rounds} rounds (medians) | checkpoint | save | plain write + fsync "
           "| ratio | CPU in dcp.save, 4 ranks |\n|---|---|---|---|---|---|")
-    for name in FORMATS:
+    for name in VARIANTS:
         mine = [r for r in rows if r[0] == name]
         nbytes = statistics.median(r[1] for r in mine)
         save_s = statistics.median(r[2] for r in mine)
