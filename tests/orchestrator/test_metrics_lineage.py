@@ -14,6 +14,7 @@ from v4train.orchestrator.control.supervisor import Phase, Supervisor
 from v4train.orchestrator.control.telemetry import Telemetry
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
 from v4train.orchestrator.tools.cli import main
+from v4train.orchestrator.tools.jobs import format_status
 from v4train.orchestrator.tools.report import read_run, summary
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,6 +61,9 @@ def test_records_after_the_restored_step_are_history_before_the_first_new_step(t
     metrics, events = read_run(run)
     assert [m["step"] for m in metrics] == [1, 2]
     assert summary(metrics, events)["last_committed"] == 2
+    status = format_status({"job_id": "j", "status": "RUNNING", "message": "", "run_dir": str(run), "start": None,
+                            "end": None})
+    assert "progress  step 2  " in status  # v4train status: not step 6 of the abandoned trajectory
 
 
 def test_a_restart_after_a_failure_replaces_the_replayed_steps(tmp_path):
