@@ -12,7 +12,8 @@
    spare, so it is released and a new one started) and after (healthy ranks kept, the dead one replaced by
    a spare started ahead of time).
 
-Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano]
+Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano] [--no-recovery]
+(``--no-recovery``: sections 1 and 2 only; ``benchmarks/checkpoint_save.py`` measures the save path alone.)
 Prints Markdown tables (paste into BENCHMARKS.md).
 """
 
