@@ -12,7 +12,8 @@
    spare, so it is released and a new one started) and after (healthy ranks kept, the dead one replaced by
    a spare started ahead of time).
 
-Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano]
+Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano] [--no-recovery]
+(``--no-recovery``: sections 1 and 2 only; ``benchmarks/checkpoint_save.py`` measures the save path alone.)
 Prints Markdown tables (paste into BENCHMARKS.md).
 """
 
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--steps", type=int, default=24, help="steps of the stall runs")
     parser.add_argument("--every", type=int, default=6, help="checkpoint interval of the stall runs")
+    parser.add_argument("--no-recovery", action="store_true", help="measure the saves only (sections 1 and 2)")
     args = parser.parse_args()
     start_ray(8, 512)
     Path("runs").mkdir(exist_ok=True)
@@ -110,9 +112,14 @@ def main() -> None:
         tmp = Path(tmp)
         sync_metrics, sync_events = _run(_job(args.data, args.preset, args.steps, args.every, False), tmp / "sync")
         async_metrics, async_events = _run(_job(args.data, args.preset, args.steps, args.every, True), tmp / "async")
-        kill = [parse_fault("kill@5:rank=1")]
-        before = _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "before", kill, spares=0))
-        after = _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "after", kill, spares=1))
+        recoveries = []
+        if not args.no_recovery:
+            kill = [parse_fault("kill@5:rank=1")]
+            recoveries = [
+                ("before: every rank process replaced",
+                 _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "before", kill, spares=0))),
+                ("after: healthy ranks kept, spare",
+                 _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "after", kill, spares=1)))]
         committed = [e for e in sync_events if e["event"] == "checkpoint_committed"]
         step_dir = tmp / "sync" / f"step_{committed[-1]['step']:08d}"
         nbytes = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
@@ -134,9 +141,11 @@ def main() -> None:
     print(f"| asynchronous save's whole cost (blocked + extra) vs synchronous save, per save | {async_cost:.3f} s | "
           f"{sync_s:.3f} s | {async_cost / sync_s:.2f} |")
     print(f"\nmedian step time (rank-measured): synchronous run {sync_median:.3f} s\n")
+    if not recoveries:
+        return
     print("| SIGKILL of rank 1 to the next completed step (s) | detection | teardown | rank start | restore | "
           "first step | total |\n|---|---|---|---|---|---|---|")
-    for name, r in (("before: every rank process replaced", before), ("after: healthy ranks kept, spare", after)):
+    for name, r in recoveries:
         print(f"| {name} (ranks kept: {r['kept']}) | " + " | ".join(
             f"{r[k]:.2f}" for k in ("detection", "teardown", "rank start", "restore", "first step", "total")) + " |")
 

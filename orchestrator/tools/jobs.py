@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from v4train.orchestrator.spec import ClusterSpec, JobSpec, SpecError, dump_job
+from v4train.orchestrator.tools.report import read_run
 
 __all__ = ["JobsError", "DEFAULT_EXCLUDES", "JOB_ENV", "CLUSTER_ENV", "TERMINAL", "submit", "job_status", "wait",
            "job_logs", "follow_logs", "stop", "format_status", "resolve_address", "project_root", "submit_from_cli",
@@ -194,9 +195,9 @@ def format_status(state: dict) -> str:
 
     run_dir = Path(state["run_dir"] or "/nonexistent")
     if (run_dir / "metrics.jsonl").is_file():
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows = read_run(run_dir)[0]  # the current trajectory (a resume to an earlier step abandons the rest)
         if rows:
-            last = json.loads(rows[-1])
+            last = rows[-1]
             lines.append(f"progress  step {last['step']}  loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s  "
                          f"restarts {last.get('restarts', 0)}")
     if (run_dir / "events.jsonl").is_file():

@@ -19,8 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-__all__ = ["read_run", "summary", "attention_spans", "format_summary", "plot", "write_tensorboard", "add_cli_arguments",
-           "run_cli"]
+__all__ = ["read_run", "current_lineage", "summary", "attention_spans", "format_summary", "plot", "write_tensorboard",
+           "add_cli_arguments", "run_cli"]
 
 _RED_EVENTS = ("restart", "failure")
 _ORANGE_EVENTS = ("spike", "rollback", "nonfinite_grad")
@@ -56,17 +56,43 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """``(metrics, events)`` of a run directory; the metrics keep the last record of each step (a step
-    replayed after a restart or rollback overwrites the earlier one). Raises FileNotFoundError when the
-    directory has no ``metrics.jsonl``."""
+    """``(metrics, events)`` of a run directory, as of the run's current trajectory (:func:`current_lineage`).
+    Raises FileNotFoundError when the directory has no ``metrics.jsonl``."""
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run}: no metrics.jsonl (not a run directory, or no step finished yet)")
-    by_step = {}
-    for record in _jsonl(run / "metrics.jsonl"):
-        if "step" in record:
-            by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)], _jsonl(run / "events.jsonl")
+    return current_lineage(_jsonl(run / "metrics.jsonl"), _jsonl(run / "events.jsonl"))
+
+
+def current_lineage(metrics: list[dict], events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The step records and events of the run's current trajectory, from the append-only streams.
+
+    A restore to step k (a ``start`` event at step k: a resume, ``resume --step k``, a restart after a
+    failure; or a ``rollback`` event to step k) abandons what the run had recorded after step k: those step
+    records, and the ``checkpoint_committed`` and ``eval`` events of steps after k, are history, not the
+    run's state, even before the restored run trains its first step. A step trained again replaces its
+    earlier record and every later one. Returns ``(metrics, events)``: one record per step in step order, and
+    the events without the abandoned commits and evaluations (failures, restarts and the rest are kept).
+    """
+    restores = [(e["time"], e["step"]) for e in events
+                if e.get("event") in ("start", "rollback") and "time" in e and "step" in e]
+
+    def abandoned(step: int, time: float | None) -> bool:
+        return time is not None and any(time < t and step > k for t, k in restores)
+
+    by_step: dict[int, dict] = {}
+    last = None
+    for record in metrics:
+        if "step" not in record:
+            continue
+        step = record["step"]
+        if last is not None and step <= last:
+            by_step = {s: r for s, r in by_step.items() if s < step}
+        by_step[step], last = record, step
+    current = [by_step[s] for s in sorted(by_step) if not abandoned(s, by_step[s].get("time"))]
+    kept = [e for e in events
+            if e.get("event") not in ("checkpoint_committed", "eval") or not abandoned(e["step"], e.get("time"))]
+    return current, kept
 
 
 def summary(metrics: list[dict], events: list[dict]) -> dict:
