@@ -15,6 +15,7 @@ import datetime
 from collections.abc import Callable
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
@@ -43,7 +44,7 @@ class TorchrunRankGroup:
         if self.rank == 0:
             try:
                 box[0] = (True, fn())
-            except Exception as exc:  # re-raised on every rank below
+            except (Exception, CheckpointException) as exc:  # re-raised on every rank below
                 box[0] = (False, exc)
         dist.broadcast_object_list(box, src=0, group=self.control)
         ok, value = box[0]
@@ -109,8 +110,8 @@ class TorchrunRankGroup:
         """``local()`` on this rank; every rank's result, or the same RankFailure on every rank."""
         try:
             outcome = (True, local())
-        except Exception as exc:  # every process must learn of it: they all take the next decision
-            outcome = (False, f"{type(exc).__name__}: {exc}")
+        except (Exception, CheckpointException) as exc:  # every process must learn of it: they all take the next
+            outcome = (False, f"{type(exc).__name__}: {exc}")  # decision (DCP's errors are BaseExceptions)
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, outcome, group=self.control)
         for rank, (ok, value) in enumerate(gathered):
