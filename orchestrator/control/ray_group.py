@@ -6,9 +6,10 @@ failure becomes a :class:`RankFailure` naming the rank: an exception or a dead a
 it (the other ranks may still be blocked in a collective), a stall when no rank's heartbeat moves for the
 call's timeout.
 
-After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: a rank whose call fails leaves
-its process groups at once (``RankWorker.run``), so every peer blocked on it fails too and the survivors
-come back idle within seconds; only the failed rank's process is replaced, by a spare actor started ahead
+After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: every survivor is asked to
+abandon its call (``RankWorker.abort``: a replica of a dead rank would otherwise compute its whole step
+before its next collective with it fails), a rank whose call fails leaves its process groups at once
+(``RankWorker.run``), so every peer blocked on it fails too and the survivors come back idle; only the failed rank's process is replaced, by a spare actor started ahead
 of time (its imports of torch and Megatron-core already done). The next ``setup`` re-forms the process
 groups in the same processes.
 """
@@ -252,7 +253,10 @@ class RayRankGroup:
             if not self.spares and self.make_spare is None:
                 return False
             ray.kill(self.actors[failure.rank], no_restart=True)  # a stalled rank must let its peers go
-        survivors = [ref for r, ref in enumerate(self._in_flight) if not (replace and r == failure.rank)]
+        kept = [r for r in range(self.world_size) if not (replace and r == failure.rank)]
+        for r in kept:  # a survivor learns of the death only at its next collective with the dead rank
+            self.actors[r].abort.remote()
+        survivors = [self._in_flight[r] for r in kept if r < len(self._in_flight)]
         _, unfinished = ray.wait(survivors, num_returns=len(survivors), timeout=timeout_s)
         if unfinished:
             return False

@@ -28,6 +28,7 @@ from v4train.orchestrator.rank import router_health
 from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
 from v4train.orchestrator.rank.devices import resolve_placement
+from v4train.orchestrator.rank.phase_clock import PhaseClock
 from v4train.orchestrator.rank.snapshots import SnapshotRing
 from v4train.orchestrator.recovery import anticipatory_routing as routing
 from v4train.orchestrator.spec import JobSpec
@@ -70,20 +71,27 @@ class RankTrainer:
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
         torch.set_num_threads(threads)
+        clock = PhaseClock()
         if dist.is_initialized():
             groups.destroy()
             dist.destroy_process_group()
+        clock.lap("left_old_groups")
         dist.init_process_group(self.placement.backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        clock.lap("process_group")
         p = job.parallel
         self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp,
                                       timeout_minutes=max(1, math.ceil(timeout_s / 60)))
+        clock.lap("megatron_groups")
         self.engine = StepEngine(job, self.pctx, self.placement)
+        clock.lap("engine")
         self.step = 0
         self.io = RankCheckpointIO(job, self.faults, timeout_s)
+        clock.lap("save_group")
         self.snapshots = SnapshotRing(keep=2)
         self.routing = routing.RoutingRows()
         self.engine.heartbeat["phase"] = "ready"
+        log.info("rank %d set up in %s", rank, clock)
 
     @property
     def heartbeat(self) -> dict:
@@ -120,10 +128,13 @@ class RankTrainer:
         e = self.engine
         e.heartbeat = {"step": plan.step, "progress": 0, "phase": "data"}
         start = time.perf_counter()
+        clock = PhaseClock()
         batch = e.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = e.micro_batches(batch, plan.micro_batch_size)
+        clock.lap("data")
         e.beat("schedule")
         loss_dicts, aux_metrics, routing_fingerprint, router_layers = self._forward_backward(plan, micro)
+        clock.lap("forward_backward")
         warmup = plan.attention_mode == "indexer_warmup"
         if warmup:
             # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
@@ -135,14 +146,17 @@ class RankTrainer:
         router_metrics = router_health.reduce(router_layers, self.pctx.dp_group)
         e.sync_gradients()
         grad_norm, finite = e.clip_gradients()
+        clock.lap("grad_sync")
         if plan.prefetch_routing is not None:
             # Before this step's update: the next step's routing comes from these (older) parameters.
             self.routing.put(plan.step + 1, self._prefetch_routing(StepPlan(**plan.prefetch_routing)))
         moe_metrics = e.update(plan.lr, finite, warmup)
         loss = e.global_mean_loss(loss_dicts)
+        clock.lap("update")
         self.step = plan.step
         e.beat("done")
         elapsed = time.perf_counter() - start
+        log.info("rank %d step %d: %s", self.rank, plan.step, clock)
         metrics = {
             "step": plan.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": plan.lr,
             "seq_len": plan.seq_len, "attention_mode": plan.attention_mode,
