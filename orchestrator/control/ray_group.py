@@ -9,9 +9,10 @@ call's timeout.
 After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: every survivor is asked to
 abandon its call (``RankWorker.abort``: a replica of a dead rank would otherwise compute its whole step
 before its next collective with it fails), a rank whose call fails leaves its process groups at once
-(``RankWorker.run``), so every peer blocked on it fails too and the survivors come back idle; only the failed rank's process is replaced, by a spare actor started ahead
-of time (its imports of torch and Megatron-core already done). The next ``setup`` re-forms the process
-groups in the same processes.
+(``RankWorker.run``), so every peer blocked on it fails too and the survivors come back idle; only the
+failed rank's process is replaced, by a spare actor started ahead of time (its imports of torch and
+Megatron-core already done). The next ``setup`` re-forms the process groups in the same processes, and the
+survivors restore the last commit from their in-memory copy of what they wrote (``rank/saved_copies.py``).
 """
 
 from __future__ import annotations

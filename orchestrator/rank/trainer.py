@@ -29,6 +29,7 @@ from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
 from v4train.orchestrator.rank.devices import resolve_placement
 from v4train.orchestrator.rank.phase_clock import PhaseClock
+from v4train.orchestrator.rank.saved_copies import SavedCopies
 from v4train.orchestrator.rank.snapshots import SnapshotRing
 from v4train.orchestrator.recovery import anticipatory_routing as routing
 from v4train.orchestrator.spec import JobSpec
@@ -55,11 +56,14 @@ class RankTrainer:
             :func:`orchestrator.rank.devices.resolve_placement` before anything else (PlacementError if
             this process cannot run them).
         inject: faults (see ``orchestrator/faults.py``) this rank must produce; others are ignored.
+        saved: the process's copies of what it wrote into its latest checkpoint saves
+            (:mod:`orchestrator.rank.saved_copies`); they outlive the trainer, so a rank kept after a peer's
+            failure restores the committed checkpoint from memory. None: a new, empty store.
     """
 
     def __init__(self, job: JobSpec, *, rank: int, world_size: int, init_method: str, timeout_s: float,
                  threads: int = 1, backend: str = "gloo", device: str = "cpu",
-                 inject: list[faults.Fault] = ()) -> None:
+                 inject: list[faults.Fault] = (), saved: SavedCopies | None = None) -> None:
         if job.parallel.cp > 1:  # the model and its exchanges exist (parallel/context_parallel.py), the step does not
             raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
         self.placement = resolve_placement(device, backend, job.train.fp8)
@@ -89,6 +93,8 @@ class RankTrainer:
         self.io = RankCheckpointIO(job, self.faults, timeout_s)
         clock.lap("save_group")
         self.snapshots = SnapshotRing(keep=2)
+        self.saved = saved if saved is not None else SavedCopies()
+        self.restored_from: str | None = None  # "memory" or "storage", after load
         self.routing = routing.RoutingRows()
         self.engine.heartbeat["phase"] = "ready"
         log.info("rank %d set up in %s", rank, clock)
@@ -270,7 +276,9 @@ class RankTrainer:
         self.io.wait()
         e = self.engine
         e.heartbeat = {**e.heartbeat, "phase": "save"}
-        self.io.write(root, attempt, self.step, checkpoint.shard_state(e.stage, e.optimizer, e.tp), asynchronous)
+        state = checkpoint.shard_state(e.stage, e.optimizer, e.tp)
+        self.saved.put(root, attempt, self.rank, state)  # before the write: exactly the tensors written
+        self.io.write(root, attempt, self.step, state, asynchronous)
         return RankSave(rank=self.rank, dp_rank=self.pctx.dp_rank, loader=e.loader.state_dict(),
                         rng=checkpoint.rng_state(), routing=self.routing.encoded())
 
@@ -285,11 +293,22 @@ class RankTrainer:
     def load(self, root: str, name: str, train_state: dict) -> int:
         """Restore parameters, optimizer state, loader cursor and RNG from committed checkpoint ``name``.
 
+        Model and optimizer tensors come from this process's copy of the save that was committed as ``name``
+        when it has one (``train_state["attempt"]`` names that save; same rank, same layout): bit for bit
+        what storage holds, without reading it. Otherwise from storage.
+
         Returns the restored step. Raises checkpoint.CheckpointError naming any missing state, before any
         step runs.
         """
         e = self.engine
-        self.io.read(root, name, e.stage, e.optimizer, e.tp)
+        copy = self.saved.get(root, train_state.get("attempt"), self.rank)
+        if copy is not None and train_state.get("layout") == self.job.parallel.model_dump():
+            checkpoint.load_state(copy, f"{root}/{name}", e.stage, e.optimizer, e.tp)
+            self.restored_from = "memory"
+        else:
+            self.io.read(root, name, e.stage, e.optimizer, e.tp)
+            self.restored_from = "storage"
+        log.info("rank %d restored %s from %s", self.rank, name, self.restored_from)
         e.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
         self.routing.load(train_state.get("anticipatory_routing", {}).get("rows", {}), e.stage,

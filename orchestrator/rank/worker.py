@@ -23,6 +23,7 @@ from v4train.orchestrator.control.rank_group import RankInfo, SetupRequest
 from v4train.orchestrator import faults
 from v4train.orchestrator.faults import NODE_KINDS, parse_fault
 from v4train.orchestrator.rank.phase_clock import PhaseClock
+from v4train.orchestrator.rank.saved_copies import SavedCopies
 from v4train.orchestrator.rank.trainer import RankTrainer
 
 __all__ = ["RankWorker"]
@@ -52,6 +53,7 @@ class RankWorker:
         self.node_faults: set[tuple[str, int]] = set()
         self.own_host = False
         self.interface: str | None = None
+        self.saved = SavedCopies()  # outlives the trainer: a kept rank restores its last commit from memory
 
     def pid(self) -> int:
         return os.getpid()
@@ -93,7 +95,7 @@ class RankWorker:
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            device=request.device, inject=inject,
+            device=request.device, inject=inject, saved=self.saved,
         )
         return dataclasses.replace(self.trainer.describe(), node=node)
 
