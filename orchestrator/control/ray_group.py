@@ -255,8 +255,7 @@ class RayRankGroup:
                 return False
             ray.kill(self.actors[failure.rank], no_restart=True)  # a stalled rank must let its peers go
         kept = [r for r in range(self.world_size) if not (replace and r == failure.rank)]
-        for r in kept:  # a survivor learns of the death only at its next collective with the dead rank
-            self.actors[r].abort.remote()
+        self._abort_calls(kept)
         survivors = [self._in_flight[r] for r in kept if r < len(self._in_flight)]
         _, unfinished = ray.wait(survivors, num_returns=len(survivors), timeout=timeout_s)
         if unfinished:
@@ -265,6 +264,12 @@ class RayRankGroup:
             self.actors[failure.rank] = self.spares.pop(0) if self.spares else self.make_spare()
         self._in_flight = []
         return True
+
+    def _abort_calls(self, ranks: list[int]) -> None:
+        """Ask ``ranks`` to abandon their running call: a survivor learns of a peer's death only at its next
+        collective with it, which may be a whole step away."""
+        for r in ranks:
+            self.actors[r].abort.remote()
 
     # ---------------------------------------------------------------- calls, failures, heartbeats
     def _run(self, fn: Callable, *args, timeout_s: float | None = None) -> list:

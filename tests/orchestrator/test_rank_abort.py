@@ -85,3 +85,31 @@ def test_an_abort_from_another_thread_ends_a_running_step_early():
     switch.request()
     worker.join(timeout=30)
     assert not worker.is_alive() and done == ["aborted"]
+
+
+class _Actor:
+    """A rank actor handle's ``abort`` call, recorded."""
+
+    def __init__(self, rank: int, aborted: list) -> None:
+        self.rank = rank
+        self.abort = type("Method", (), {"remote": staticmethod(lambda: aborted.append(rank))})()
+
+
+@pytest.mark.parametrize("kind, replaced, aborted", [("died", 1, [0, 2, 3]), ("stall", 1, [0, 2, 3]),
+                                                      ("exception", None, [0, 1, 2, 3])])
+def test_rejoin_asks_every_kept_rank_to_abandon_its_call(monkeypatch, kind, replaced, aborted):
+    from v4train.orchestrator.control import ray_group
+    from v4train.orchestrator.control.rank_group import RankFailure
+
+    calls, killed = [], []
+    actors = [_Actor(r, calls) for r in range(4)]
+    group = ray_group.RayRankGroup(list(actors), timeout_s=5.0, spares=["spare"])
+    group._in_flight = ["ref0", "ref1", "ref2", "ref3"]
+    waited = []
+    monkeypatch.setattr(ray_group.ray, "kill", lambda actor, no_restart: killed.append(actor.rank))
+    monkeypatch.setattr(ray_group.ray, "wait",
+                        lambda refs, num_returns, timeout: (waited.extend(refs), (refs, []))[1])
+    assert group.rejoin(RankFailure(1, kind, "gone", "train_step"), 5.0)
+    assert calls == aborted and waited == [f"ref{r}" for r in aborted]
+    assert killed == ([] if replaced is None else [replaced])
+    assert group.actors[1] == ("spare" if replaced is not None else actors[1])
