@@ -154,13 +154,14 @@ def main() -> None:
     _print_recovery(_recoveries(args))
 
 
-def _recoveries(args) -> list[tuple[str, dict]]:
-    """The three recoveries from the same SIGKILL, one after the other (full restart first)."""
+def _recoveries(args) -> list:
+    """The load average at the start, then the three recoveries from the same SIGKILL, one after the other
+    (full restart first), as (name, figures)."""
     kill = [parse_fault("kill@5:rank=1")]
     runs = (("full restart: every rank process replaced", 0, RayRankGroup),
             ("in place as first built: survivors not aborted, every rank reads storage", 1, _FirstInPlace),
             ("in place now: survivors aborted, restored from their in-memory copies", 1, RayRankGroup))
-    out = []
+    out = [("load average (1 min) at the start", os.getloadavg()[0])]
     with tempfile.TemporaryDirectory(dir="runs") as tmp:
         for i, (name, spares, group) in enumerate(runs):
             job = _job(args.data, args.preset, 6, 2, True)
@@ -168,15 +169,15 @@ def _recoveries(args) -> list[tuple[str, dict]]:
     return out
 
 
-def _print_recovery(recoveries: list[tuple[str, dict]]) -> None:
-    print(f"load average before the recovery runs: {os.getloadavg()[0]:.1f} (1 min)")
+def _print_recovery(recoveries: list) -> None:
+    (label, load), *recoveries = recoveries
+    print(f"{label}: {load:.1f}, at the end: {os.getloadavg()[0]:.1f}")
     print("| SIGKILL of rank 1 to the next completed step (s) | detection | teardown | rank start | restore | "
           "first step | total | median step |\n|---|---|---|---|---|---|---|---|")
     for name, r in recoveries:
         print(f"| {name} (ranks kept: {r['kept']}) | " + " | ".join(
             f"{r[k]:.2f}" for k in ("detection", "teardown", "rank start", "restore", "first step", "total",
                                     "median step")) + " |")
-    print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
 
 
 if __name__ == "__main__":
