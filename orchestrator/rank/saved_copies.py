@@ -35,7 +35,8 @@ class SavedCopies:
 
     def put(self, root: str, attempt: str, rank: int, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` (tensors by global name) that ``rank`` writes into ``attempt`` under ``root``."""
-        self.copies[(root, attempt, rank)] = {k: v.detach().clone() for k, v in state.items()}
+        # in host memory: a GPU rank's copy must not take device memory
+        self.copies[(root, attempt, rank)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         while len(self.copies) > self.keep:
             self.copies.popitem(last=False)
 
