@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
+from support.jobs import TINY_MODEL
 from v4train.model import ModelConfig, V4Stage
 from v4train.orchestrator.rank.abort import AbortSwitch, StepAborted
 
 
 def _stage() -> V4Stage:
-    cfg = ModelConfig.preset("nano", vocab_size=512, dim=64, q_lora_rank=32, o_lora_rank=32, moe_inter_dim=64,
-                             window=8)
+    cfg = ModelConfig.preset("nano", **{k: v for k, v in TINY_MODEL.items() if k != "preset"}, vocab_size=64)
     torch.manual_seed(3)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.init_weights(3)
@@ -25,8 +25,8 @@ def _stage() -> V4Stage:
 
 def _batch(stage: V4Stage):
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, stage.cfg.vocab_size, (2, 24), generator=gen)
-    return ids, torch.arange(24).expand(2, 24), torch.roll(ids, -1, dims=1)
+    ids = torch.randint(0, stage.cfg.vocab_size, (2, 16), generator=gen)
+    return ids, torch.arange(16).expand(2, 16), torch.roll(ids, -1, dims=1)
 
 
 def _switched(stage: V4Stage) -> AbortSwitch:
