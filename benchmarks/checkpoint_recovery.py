@@ -8,12 +8,15 @@
    interval of steps without a save in flight), plus the time training was blocked by the request; against
    the synchronous save's blocking time, per save and as a share of the median step.
 3. Recovery: a rank SIGKILLed at the start of a step, to the next completed step, split into detection,
-   teardown, rank start, restore and first step; before (every rank process replaced: the group has no
-   spare, so it is released and a new one started) and after (healthy ranks kept, the dead one replaced by
-   a spare started ahead of time).
+   teardown, rank start, restore and first step, three ways: a full restart (every rank process replaced:
+   the group has no spare, so it is released and a new one started); in place as first built (healthy
+   ranks kept and the dead one replaced by a spare started ahead of time, but the survivors left to reach
+   a collective with the dead rank on their own, and every rank reading the checkpoint from storage:
+   :class:`_FirstInPlace`); and in place now (survivors told to abandon their step at once, and restoring
+   the commit from their in-memory copy of what they wrote; only the spare reads storage).
 
-Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano] [--no-recovery]
-(``--no-recovery``: sections 1 and 2 only; ``benchmarks/checkpoint_save.py`` measures the save path alone.)
+Usage: python benchmarks/checkpoint_recovery.py [--data datasets/shakespeare] [--preset nano] [--only recovery|saves]
+(``--only saves``: sections 1 and 2; ``benchmarks/checkpoint_save.py`` measures the save path alone.)
 Prints Markdown tables (paste into BENCHMARKS.md).
 """
 
@@ -44,10 +47,23 @@ def _job(data: str, preset: str, steps: int, every: int, asynchronous: bool) -> 
     })
 
 
-def _run(job: JobSpec, run_dir: Path, faults=(), spares: int = 1) -> tuple[list[dict], list[dict]]:
+class _FirstInPlace(RayRankGroup):
+    """In-place recovery as first built, for comparison: survivors are not told to abandon their step (each
+    fails at its next collective with the dead rank), and every rank restores from storage (the checkpoint's
+    train_state is passed on without the attempt that would match a rank's in-memory copy)."""
+
+    def _abort_calls(self, ranks: list[int]) -> None:
+        pass
+
+    def load(self, root: str, name: str, train_state: dict, timeout_s: float) -> list[int]:
+        return super().load(root, name, {k: v for k, v in train_state.items() if k != "attempt"}, timeout_s)
+
+
+def _run(job: JobSpec, run_dir: Path, faults=(), spares: int = 1,
+         group: type[RayRankGroup] = RayRankGroup) -> tuple[list[dict], list[dict]]:
     cluster = ClusterSpec(name="sim4", devices_per_node=4)
     telemetry = Telemetry(run_dir, job.train.steps, live=False, print_every=1000)
-    sup = Supervisor(job, cluster, str(run_dir), lambda: RayRankGroup.create(4, 120.0, spares=spares), telemetry,
+    sup = Supervisor(job, cluster, str(run_dir), lambda: group.create(4, 120.0, spares=spares), telemetry,
                      faults=list(faults))
     phase = sup.run()
     telemetry.close()
@@ -95,7 +111,7 @@ def _recovery(metrics: list[dict], events: list[dict]) -> dict:
     return {"detection": failure["time"] - killed_at, "teardown": restart["teardown_s"],
             "rank start": start["setup_s"], "restore": start.get("restore_s", 0.0),
             "first step": first_after - start["time"], "total": first_after - killed_at,
-            "kept": restart["ranks_kept"]}
+            "kept": restart["ranks_kept"], "median step": statistics.median(m["step_time_s"] for m in metrics)}
 
 
 def main() -> None:
@@ -104,22 +120,17 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--steps", type=int, default=24, help="steps of the stall runs")
     parser.add_argument("--every", type=int, default=6, help="checkpoint interval of the stall runs")
-    parser.add_argument("--no-recovery", action="store_true", help="measure the saves only (sections 1 and 2)")
+    parser.add_argument("--only", choices=["recovery", "saves"], help="run only this section (saves: 1 and 2)")
     args = parser.parse_args()
     start_ray(8, 512)
     Path("runs").mkdir(exist_ok=True)
+    if args.only == "recovery":
+        _print_recovery(_recoveries(args))
+        return
     with tempfile.TemporaryDirectory(dir="runs") as tmp:  # the same disk as run directories
         tmp = Path(tmp)
         sync_metrics, sync_events = _run(_job(args.data, args.preset, args.steps, args.every, False), tmp / "sync")
         async_metrics, async_events = _run(_job(args.data, args.preset, args.steps, args.every, True), tmp / "async")
-        recoveries = []
-        if not args.no_recovery:
-            kill = [parse_fault("kill@5:rank=1")]
-            recoveries = [
-                ("before: every rank process replaced",
-                 _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "before", kill, spares=0))),
-                ("after: healthy ranks kept, spare",
-                 _recovery(*_run(_job(args.data, args.preset, 6, 2, True), tmp / "after", kill, spares=1)))]
         committed = [e for e in sync_events if e["event"] == "checkpoint_committed"]
         step_dir = tmp / "sync" / f"step_{committed[-1]['step']:08d}"
         nbytes = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
@@ -141,13 +152,34 @@ def main() -> None:
     print(f"| asynchronous save's whole cost (blocked + extra) vs synchronous save, per save | {async_cost:.3f} s | "
           f"{sync_s:.3f} s | {async_cost / sync_s:.2f} |")
     print(f"\nmedian step time (rank-measured): synchronous run {sync_median:.3f} s\n")
-    if not recoveries:
-        return
+    if args.only != "saves":
+        _print_recovery(_recoveries(args))
+
+
+def _recoveries(args) -> list:
+    """The load average at the start, then the three recoveries from the same SIGKILL, one after the other
+    (full restart first), as (name, figures)."""
+    kill = [parse_fault("kill@5:rank=1")]
+    runs = (("full restart: every rank process replaced", 0, RayRankGroup),
+            ("in place as first built: survivors not aborted, every rank reads storage", 1, _FirstInPlace),
+            ("in place now: survivors aborted, restored from their in-memory copies", 1, RayRankGroup))
+    out = [("load average (1 min) at the start", os.getloadavg()[0])]
+    with tempfile.TemporaryDirectory(dir="runs") as tmp:
+        for i, (name, spares, group) in enumerate(runs):
+            job = _job(args.data, args.preset, 6, 2, True)
+            out.append((name, _recovery(*_run(job, Path(tmp) / f"r{i}", kill, spares=spares, group=group))))
+    return out
+
+
+def _print_recovery(recoveries: list) -> None:
+    (label, load), *recoveries = recoveries
+    print(f"{label}: {load:.1f}, at the end: {os.getloadavg()[0]:.1f}")
     print("| SIGKILL of rank 1 to the next completed step (s) | detection | teardown | rank start | restore | "
-          "first step | total |\n|---|---|---|---|---|---|---|")
+          "first step | total | median step |\n|---|---|---|---|---|---|---|---|")
     for name, r in recoveries:
         print(f"| {name} (ranks kept: {r['kept']}) | " + " | ".join(
-            f"{r[k]:.2f}" for k in ("detection", "teardown", "rank start", "restore", "first step", "total")) + " |")
+            f"{r[k]:.2f}" for k in ("detection", "teardown", "rank start", "restore", "first step", "total",
+                                    "median step")) + " |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ that knows how files reach a local or ``s3://`` root. This package's namespace i
 from v4train.orchestrator.checkpoint.commit import (FORMAT_VERSION, CheckpointError, apply_retention, begin_attempt,
                                                     commit, inspect, latest_committed, list_checkpoints,
                                                     read_train_state, step_name, supersede_after, verify)
-from v4train.orchestrator.checkpoint.shards import (decode_rows, encode_rows, load_shards, merge_routing, rng_state,
+from v4train.orchestrator.checkpoint.shards import (decode_rows, encode_rows, load_shards, load_state, merge_routing,
+                                                    rng_state,
                                                     save_shards, set_rng_state, shard_state)
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_shards", "load_shards", "shard_state", "rng_state",
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_shards", "load_shards", "load_state", "shard_state", "rng_state",
            "set_rng_state", "step_name", "begin_attempt", "commit", "latest_committed", "list_checkpoints",
            "verify", "inspect", "read_train_state", "apply_retention", "supersede_after", "encode_rows",
            "decode_rows", "merge_routing"]

@@ -18,8 +18,8 @@ from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.parallel.optim import global_state, initial_state
 from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
-__all__ = ["shard_state", "save_shards", "load_shards", "rng_state", "set_rng_state", "encode_rows", "decode_rows",
-           "merge_routing"]
+__all__ = ["shard_state", "save_shards", "load_shards", "load_state", "rng_state", "set_rng_state", "encode_rows",
+           "decode_rows", "merge_routing"]
 
 
 def _optimizer_state(stage: torch.nn.Module, optimizer) -> dict:
@@ -91,6 +91,32 @@ def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: t
         _load_entries(storage, rel, reader, saved, _entries(stage, optimizer), tp)
 
 
+def load_state(state: dict[str, torch.Tensor], where: str, stage: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, tp: TensorParallel | None = None) -> None:
+    """Load model and optimizer state from ``state`` (tensors by global name, TP shards whole: what
+    :func:`shard_state` returned when ``where`` was saved) into this rank's stage; local, no collective.
+
+    Raises CheckpointError naming the first tensors ``state`` lacks or whose shape differs, before anything
+    is modified.
+    """
+    tp = tp or TensorParallel()
+    with global_state(optimizer):
+        entries = _entries(stage, optimizer)
+        shapes = {key: full_shape(param, tp) if param is not None and is_sharded(param) else value.shape
+                  for key, param, value in entries}
+        missing = sorted(k for k in shapes if k not in state)
+        if missing:
+            raise CheckpointError(f"{where}: the in-memory copy lacks {', '.join(missing[:3])}")
+        for key, shape in shapes.items():
+            if tuple(state[key].shape) != tuple(shape):
+                raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)} in the in-memory copy, "
+                                      f"this model expects {tuple(shape)}")
+        with torch.no_grad():
+            for key, param, value in entries:
+                sharded = param is not None and is_sharded(param)
+                value.copy_(shard_of(state[key], param, tp) if sharded else state[key])
+
+
 def _load_entries(storage: Storage, rel: str, reader, saved: dict, entries: list, tp: TensorParallel) -> None:
     # replicated tensors load in place; a TP shard loads its whole tensor, then keeps its slice
     sharded = [(key, param, value) for key, param, value in entries if param is not None and is_sharded(param)]
@@ -106,7 +132,9 @@ def _load_entries(storage: Storage, rel: str, reader, saved: dict, entries: list
             raise CheckpointError(
                 f"{storage.url_of(rel)}: {key} has shape {tuple(size)}, this model expects {tuple(tensor.shape)}"
             )
-    dcp.load(expected, storage_reader=reader)
+    # each rank reads what it needs on its own: a rank restoring from its in-memory copy (load_state) takes
+    # no part, so no collective may be left waiting for it
+    dcp.load(expected, storage_reader=reader, no_dist=True)
     with torch.no_grad():
         for key, param, value in sharded:
             value.copy_(shard_of(expected[key], param, tp))

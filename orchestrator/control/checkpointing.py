@@ -112,7 +112,9 @@ class CheckpointCoordinator:
     def _commit(self, pending: _PendingSave) -> tuple[str, list[str]]:
         if any(f.kind == "kill_during_save" and f.rank == SUPERVISOR and f.step == pending.step for f in self.faults):
             die()
-        final = checkpoint.commit(self.storage, pending.attempt, pending.step, pending.train_state)
+        # the attempt's name tells a rank that kept a copy of what it wrote there that the copy is this commit
+        final = checkpoint.commit(self.storage, pending.attempt, pending.step,
+                                  {**pending.train_state, "attempt": pending.attempt})
         return final, checkpoint.apply_retention(self.storage, self.job.checkpoint.keep)
 
     # ---------------------------------------------------------------- restores

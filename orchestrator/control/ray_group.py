@@ -6,11 +6,13 @@ failure becomes a :class:`RankFailure` naming the rank: an exception or a dead a
 it (the other ranks may still be blocked in a collective), a stall when no rank's heartbeat moves for the
 call's timeout.
 
-After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: a rank whose call fails leaves
-its process groups at once (``RankWorker.run``), so every peer blocked on it fails too and the survivors
-come back idle within seconds; only the failed rank's process is replaced, by a spare actor started ahead
-of time (its imports of torch and Megatron-core already done). The next ``setup`` re-forms the process
-groups in the same processes.
+After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: every survivor is asked to
+abandon its call (``RankWorker.abort``: a replica of a dead rank would otherwise compute its whole step
+before its next collective with it fails), a rank whose call fails leaves its process groups at once
+(``RankWorker.run``), so every peer blocked on it fails too and the survivors come back idle; only the
+failed rank's process is replaced, by a spare actor started ahead of time (its imports of torch and
+Megatron-core already done). The next ``setup`` re-forms the process groups in the same processes, and the
+survivors restore the last commit from their in-memory copy of what they wrote (``rank/saved_copies.py``).
 """
 
 from __future__ import annotations
@@ -252,7 +254,9 @@ class RayRankGroup:
             if not self.spares and self.make_spare is None:
                 return False
             ray.kill(self.actors[failure.rank], no_restart=True)  # a stalled rank must let its peers go
-        survivors = [ref for r, ref in enumerate(self._in_flight) if not (replace and r == failure.rank)]
+        kept = [r for r in range(self.world_size) if not (replace and r == failure.rank)]
+        self._abort_calls(kept)
+        survivors = [self._in_flight[r] for r in kept if r < len(self._in_flight)]
         _, unfinished = ray.wait(survivors, num_returns=len(survivors), timeout=timeout_s)
         if unfinished:
             return False
@@ -260,6 +264,12 @@ class RayRankGroup:
             self.actors[failure.rank] = self.spares.pop(0) if self.spares else self.make_spare()
         self._in_flight = []
         return True
+
+    def _abort_calls(self, ranks: list[int]) -> None:
+        """Ask ``ranks`` to abandon their running call: a survivor learns of a peer's death only at its next
+        collective with it, which may be a whole step away."""
+        for r in ranks:
+            self.actors[r].abort.remote()
 
     # ---------------------------------------------------------------- calls, failures, heartbeats
     def _run(self, fn: Callable, *args, timeout_s: float | None = None) -> list:

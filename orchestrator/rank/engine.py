@@ -21,6 +21,7 @@ from v4train.data.loader import GlobalBatchLoader, TokenDataset, eval_batches
 from v4train.model.moe import discard_expert_counts, update_expert_bias
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.preflight import check_vocabulary
+from v4train.orchestrator.rank.abort import AbortSwitch
 from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, group_parameters
 from v4train.orchestrator.rank.devices import RankPlacement
 from v4train.orchestrator.spec import JobSpec
@@ -38,7 +39,8 @@ class StepEngine:
     (:mod:`orchestrator.rank.devices`; default: CPU).
 
     ``heartbeat`` ({step, progress, phase}) moves as the step advances; the Ray actor reads it from
-    another thread to tell a slow step from a stalled one.
+    another thread to tell a slow step from a stalled one. ``abort`` (:mod:`orchestrator.rank.abort`) is
+    set from that thread when a peer has failed; the step then raises StepAborted at its next module.
     """
 
     def __init__(self, job: JobSpec, pctx, placement: RankPlacement | None = None) -> None:
@@ -59,9 +61,13 @@ class StepEngine:
         self.optimizer = build_rank_optimizer(self.stage, job, pctx)
         self.precision = MixedPrecision(self.stage, job.train.precision)
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
+        self.abort = AbortSwitch()  # set from the heartbeat thread when a peer has failed
+        self.abort.install(self.stage, [*self.stage.layers.values(), *getattr(self.stage, "mtp", {}).values()])
 
     def beat(self, phase: str) -> None:
-        """Record progress for the heartbeat (read from another thread)."""
+        """Record progress for the heartbeat (read from another thread); raises StepAborted when the
+        supervisor has asked this rank to abandon the step."""
+        self.abort.check()
         self.heartbeat = {"step": self.heartbeat["step"], "progress": self.heartbeat["progress"] + 1, "phase": phase}
 
     def micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:

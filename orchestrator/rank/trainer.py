@@ -28,6 +28,8 @@ from v4train.orchestrator.rank import router_health
 from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
 from v4train.orchestrator.rank.devices import resolve_placement
+from v4train.orchestrator.rank.phase_clock import PhaseClock
+from v4train.orchestrator.rank.saved_copies import SavedCopies
 from v4train.orchestrator.rank.snapshots import SnapshotRing
 from v4train.orchestrator.recovery import anticipatory_routing as routing
 from v4train.orchestrator.spec import JobSpec
@@ -54,11 +56,14 @@ class RankTrainer:
             :func:`orchestrator.rank.devices.resolve_placement` before anything else (PlacementError if
             this process cannot run them).
         inject: faults (see ``orchestrator/faults.py``) this rank must produce; others are ignored.
+        saved: the process's copies of what it wrote into its latest checkpoint saves
+            (:mod:`orchestrator.rank.saved_copies`); they outlive the trainer, so a rank kept after a peer's
+            failure restores the committed checkpoint from memory. None: a new, empty store.
     """
 
     def __init__(self, job: JobSpec, *, rank: int, world_size: int, init_method: str, timeout_s: float,
                  threads: int = 1, backend: str = "gloo", device: str = "cpu",
-                 inject: list[faults.Fault] = ()) -> None:
+                 inject: list[faults.Fault] = (), saved: SavedCopies | None = None) -> None:
         if job.parallel.cp > 1:  # the model and its exchanges exist (parallel/context_parallel.py), the step does not
             raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
         self.placement = resolve_placement(device, backend, job.train.fp8)
@@ -70,20 +75,29 @@ class RankTrainer:
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
         torch.set_num_threads(threads)
+        clock = PhaseClock()
         if dist.is_initialized():
             groups.destroy()
             dist.destroy_process_group()
+        clock.lap("left_old_groups")
         dist.init_process_group(self.placement.backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        clock.lap("process_group")
         p = job.parallel
         self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp,
                                       timeout_minutes=max(1, math.ceil(timeout_s / 60)))
+        clock.lap("megatron_groups")
         self.engine = StepEngine(job, self.pctx, self.placement)
+        clock.lap("engine")
         self.step = 0
         self.io = RankCheckpointIO(job, self.faults, timeout_s)
+        clock.lap("save_group")
         self.snapshots = SnapshotRing(keep=2)
+        self.saved = saved if saved is not None else SavedCopies()
+        self.restored_from: str | None = None  # "memory" or "storage", after load
         self.routing = routing.RoutingRows()
         self.engine.heartbeat["phase"] = "ready"
+        log.info("rank %d set up in %s", rank, clock)
 
     @property
     def heartbeat(self) -> dict:
@@ -120,12 +134,15 @@ class RankTrainer:
         e = self.engine
         e.heartbeat = {"step": plan.step, "progress": 0, "phase": "data"}
         start = time.perf_counter()
+        clock = PhaseClock()
         batch = e.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = e.micro_batches(batch, plan.micro_batch_size)
+        clock.lap("data")
         e.beat("schedule")
         compute_start = time.process_time()
         loss_dicts, aux_metrics, routing_fingerprint, router_layers = self._forward_backward(plan, micro)
         compute_cpu_s = time.process_time() - compute_start
+        clock.lap("forward_backward")
         warmup = plan.attention_mode == "indexer_warmup"
         if warmup:
             # Indexer warm-up trains only the Lightning Indexer (spec 3.3, DSA recipe): every other
@@ -137,14 +154,17 @@ class RankTrainer:
         router_metrics = router_health.reduce(router_layers, self.pctx.dp_group)
         e.sync_gradients()
         grad_norm, finite = e.clip_gradients()
+        clock.lap("grad_sync")
         if plan.prefetch_routing is not None:
             # Before this step's update: the next step's routing comes from these (older) parameters.
             self.routing.put(plan.step + 1, self._prefetch_routing(StepPlan(**plan.prefetch_routing)))
         moe_metrics = e.update(plan.lr, finite, warmup)
         loss = e.global_mean_loss(loss_dicts)
+        clock.lap("update")
         self.step = plan.step
         e.beat("done")
         elapsed = time.perf_counter() - start
+        log.info("rank %d step %d: %s", self.rank, plan.step, clock)
         metrics = {
             "step": plan.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": plan.lr,
             "seq_len": plan.seq_len, "attention_mode": plan.attention_mode,
@@ -261,7 +281,9 @@ class RankTrainer:
         self.io.wait()
         e = self.engine
         e.heartbeat = {**e.heartbeat, "phase": "save"}
-        self.io.write(root, attempt, self.step, checkpoint.shard_state(e.stage, e.optimizer, e.tp), asynchronous)
+        state = checkpoint.shard_state(e.stage, e.optimizer, e.tp)
+        self.saved.put(root, attempt, self.rank, state)  # before the write: exactly the tensors written
+        self.io.write(root, attempt, self.step, state, asynchronous)
         return RankSave(rank=self.rank, dp_rank=self.pctx.dp_rank, loader=e.loader.state_dict(),
                         rng=checkpoint.rng_state(), routing=self.routing.encoded())
 
@@ -276,11 +298,22 @@ class RankTrainer:
     def load(self, root: str, name: str, train_state: dict) -> int:
         """Restore parameters, optimizer state, loader cursor and RNG from committed checkpoint ``name``.
 
+        Model and optimizer tensors come from this process's copy of the save that was committed as ``name``
+        when it has one (``train_state["attempt"]`` names that save; same rank, same layout): bit for bit
+        what storage holds, without reading it. Otherwise from storage.
+
         Returns the restored step. Raises checkpoint.CheckpointError naming any missing state, before any
         step runs.
         """
         e = self.engine
-        self.io.read(root, name, e.stage, e.optimizer, e.tp)
+        copy = self.saved.get(root, train_state.get("attempt"), self.rank)
+        if copy is not None and train_state.get("layout") == self.job.parallel.model_dump():
+            checkpoint.load_state(copy, f"{root}/{name}", e.stage, e.optimizer, e.tp)
+            self.restored_from = "memory"
+        else:
+            self.io.read(root, name, e.stage, e.optimizer, e.tp)
+            self.restored_from = "storage"
+        log.info("rank %d restored %s from %s", self.rank, name, self.restored_from)
         e.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
         self.routing.load(train_state.get("anticipatory_routing", {}).get("rows", {}), e.stage,

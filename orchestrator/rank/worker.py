@@ -22,11 +22,14 @@ from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.rank_group import RankInfo, SetupRequest
 from v4train.orchestrator import faults
 from v4train.orchestrator.faults import NODE_KINDS, parse_fault
+from v4train.orchestrator.rank.phase_clock import PhaseClock
+from v4train.orchestrator.rank.saved_copies import SavedCopies
 from v4train.orchestrator.rank.trainer import RankTrainer
 
 __all__ = ["RankWorker"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RankWorker:
@@ -43,12 +46,14 @@ class RankWorker:
             os.dup2(stream.fileno(), 1)
             os.dup2(stream.fileno(), 2)
             sys.stdout = sys.stderr = stream
-            logging.basicConfig(stream=stream, level=logging.INFO, force=True)
+            logging.basicConfig(stream=stream, level=logging.INFO, force=True,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.trainer: RankTrainer | None = None
         self.listener: rendezvous.RendezvousListener | None = None
         self.node_faults: set[tuple[str, int]] = set()
         self.own_host = False
         self.interface: str | None = None
+        self.saved = SavedCopies()  # outlives the trainer: a kept rank restores its last commit from memory
 
     def pid(self) -> int:
         return os.getpid()
@@ -90,7 +95,7 @@ class RankWorker:
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            device=request.device, inject=inject,
+            device=request.device, inject=inject, saved=self.saved,
         )
         return dataclasses.replace(self.trainer.describe(), node=node)
 
@@ -125,8 +130,12 @@ class RankWorker:
                 faults.cut_link(self.interface or "")
         try:
             return operation(self.trainer, *args)
-        except BaseException:
+        except BaseException as exc:
+            clock = PhaseClock()
             self.close()
+            clock.lap("close")
+            log.info("%s failed (%s); left the process groups: %s", operation.__name__,
+                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, clock)
             raise
 
     @ray.method(concurrency_group="heartbeat")
@@ -136,6 +145,14 @@ class RankWorker:
         Answered by the actor's own ``heartbeat`` thread while ``train_step`` runs on the default one.
         """
         return dict(self.trainer.heartbeat) if self.trainer is not None else {"step": 0, "progress": 0, "phase": "idle"}
+
+    @ray.method(concurrency_group="heartbeat")
+    def abort(self) -> None:
+        """Make the running call raise StepAborted at its next check (a peer failed: waiting for this rank
+        to reach a collective with it would only delay the recovery). Answered on the heartbeat thread."""
+        trainer = self.trainer
+        if trainer is not None:
+            trainer.engine.abort.request()
 
     def close(self) -> None:
         if self.trainer is not None:

@@ -190,3 +190,74 @@ def test_c13_job_status_tells_the_truth(ray_head, tiny_dataset, tmp_path):
     logs = _v4train("logs", ids["failed"], "--address", address, env=env).stdout
     assert "run failed: rank 1 exception in train_step: RuntimeError: injected fault raise@3 on rank 1" in logs
     assert "[failure] step 2" in logs
+
+
+def _holding(run_dir: Path, pid: int) -> bool:
+    """Whether process ``pid`` has its working directory or an open file under ``run_dir``."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        paths = [proc.cwd()] + [f.path for f in proc.open_files()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(Path(p).is_relative_to(run_dir) for p in paths)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_c12_stop_leaves_no_process_and_the_resumed_run_stays_within_the_first_ones_memory(ray_head, tiny_dataset,
+                                                                                            tmp_path):
+    """C12 after `v4train stop`: within 30 s of the stop no process of the job's rank group remains (alive and
+    not a zombie), none reparented to init holds the run directory, and the run resumed from its last commit
+    (`v4train resume`) peaks within 10% of the first run's resident memory."""
+    import psutil
+    from ray.util.state import list_actors
+
+    from support.jobs import tiny_job
+
+    address, env = ray_head
+    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({"name": "ray2", "devices_per_node": 2, "address": address,
+                                            "collective_timeout_s": 300}))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"dp": 2},
+                                                train={"steps": 100000, "warmup_steps": 1},
+                                                checkpoint={"every_steps": 2, "at_end": False, "async_save": True})))
+    run = tmp_path / "run"
+    sub = _v4train("submit", str(job_file), "--cluster", str(cluster_file), "--run-dir", str(run), env=env)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(e["event"] == "checkpoint_committed" for e in _events(run)):
+        assert time.monotonic() < deadline, "the job never committed a checkpoint"
+        time.sleep(1)
+    ranks = [a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+             if a.class_name == "RankWorker" and a.pid]
+    assert len(ranks) >= 2, ranks  # the two ranks (and any spare)
+    group = set(ranks) | {c.pid for p in ranks if psutil.pid_exists(p) for c in psutil.Process(p).children(True)}
+    stopped = _v4train("stop", job_id, "--address", address, env=env)
+    stopped_at = time.monotonic()
+    assert "status    STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while [p for p in group if alive(p)]:
+        assert time.monotonic() - stopped_at < 30, f"processes of the stopped group alive: {group}"
+        time.sleep(0.5)
+    orphans = [p.pid for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == 1 and _holding(run, p.pid)]
+    assert orphans == []
+
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_committed = max(e["step"] for e in _events(run) if e["event"] == "checkpoint_committed")
+    resumed = _v4train("resume", str(run), "--set", f"train.steps={last_committed + 2}", env=env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][len(first):]
+    assert [m["step"] for m in rows] == [last_committed + 1, last_committed + 2]
+    first_peak = max(m["peak_rss_mb"] for m in first)
+    assert max(m["peak_rss_mb"] for m in rows) <= 1.1 * first_peak, (first_peak, rows)

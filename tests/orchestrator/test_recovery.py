@@ -127,3 +127,28 @@ def test_c07_consecutive_nonfinite_steps_escalate(rank_pool, tiny_dataset, tmp_p
     bad_window = {m["data_fingerprint"] for m in metrics[2:4]}
     assert not bad_window & {m["data_fingerprint"] for m in metrics[4:]}
     assert not any(m["skipped"] for m in metrics[4:])
+
+
+@pytest.mark.slow  # a second 6-step run on the shared pool: about a minute on an idle 2-core machine
+@pytest.mark.timeout(420)
+def test_kept_ranks_restore_from_memory_and_continue_bit_for_bit(reference, rank_pool, tiny_dataset, tmp_path):
+    """A rank raising: every rank process is kept, each restores the step-2 commit from its own copy of what
+    it wrote (none reads storage), and the run continues to the unfailed run's losses, bit for bit."""
+    import ray
+
+    groups = []
+
+    def kept_group():
+        groups.append(RayRankGroup(rank_pool.take(4).actors, 60.0, owned=False))
+        return groups[-1]
+
+    metrics, events, _ = run_job(rank_pool, _job(tiny_dataset), tmp_path, faults=[parse_fault("raise@4:rank=2")],
+                                 make_workers=kept_group)
+    restart = next(e for e in events if e["event"] == "restart")
+    assert restart["ranks_kept"] is True and len(groups) == 1
+    sources = ray.get([a.run.remote(lambda trainer: trainer.restored_from) for a in groups[0].actors], timeout=60)
+    assert sources == ["memory"] * 4
+    final = {m["step"]: m for m in metrics if m["restarts"] == 1}
+    assert sorted(final) == [3, 4, 5, 6]
+    for step, m in final.items():
+        assert m["loss"] == reference[step]["loss"] and m["grad_norm"] == reference[step]["grad_norm"], step
