@@ -24,10 +24,11 @@ CURRICULUM = {"stages": [{"seq_len": 128, "tokens": 512, "attention": "dense"},
 
 
 def _job(dataset, parallel: dict, train: dict | None = None, **sections) -> dict:
+    sections.setdefault("curriculum", CURRICULUM)
     job = tiny_job(dataset, parallel={"tp": 1, "pp": 1, "ep": 1, "dp": 1, **parallel},
                    data={"seq_len": 256},
                    train={"steps": 3, "global_batch": 4, "micro_batch_size": 1, "eval_batches": 1, **(train or {})},
-                   curriculum=CURRICULUM, **sections)
+                   **sections)
     job["model"].update(compress_ratios=[0, 4, 16, 4, 0])
     return job
 
@@ -49,6 +50,21 @@ def _val_loss(events: list[dict]) -> float:
 
 
 @pytest.mark.timeout(900)
+def test_cp2_job_trains_the_single_rank_losses(rank_pool, tiny_dataset, tmp_path):
+    """The default suite's check (small): CP 2 against CP 1 for a dense step at 128 tokens and a sparse one
+    at 256 (global batch 2), and the validation loss at 256 tokens under CP."""
+    curriculum = {"stages": [{"seq_len": 128, "tokens": 256, "attention": "dense"},
+                             {"seq_len": 256, "attention": "sparse"}], "batch_multiple": 2}
+    train = {"steps": 2, "global_batch": 2}
+    ref, ref_events, _ = run_job(rank_pool, _job(tiny_dataset, {}, train, curriculum=curriculum), tmp_path / "cp1")
+    got, events, _ = run_job(rank_pool, _job(tiny_dataset, {"cp": 2}, train, curriculum=curriculum), tmp_path / "cp2")
+    assert [(m["seq_len"], m["attention_mode"]) for m in ref] == [(128, "dense"), (256, "sparse")]
+    _assert_same_run(ref, got, 1e-5, "cp=2")
+    assert _val_loss(events) == pytest.approx(_val_loss(ref_events), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_cp2_job_trains_the_single_rank_losses_through_the_curriculum(rank_pool, tiny_dataset, tmp_path):
     """CP 2 against CP 1: the losses (1e-5 relative), gradient norms, MTP and indexer losses of three steps
     (dense at 128 tokens, indexer warm-up and sparse at 256) and the validation loss at 256 tokens."""
