@@ -164,7 +164,8 @@ def job_warnings(job: JobSpec) -> list[str]:
     out = []
     p = job.parallel
     expert_dp = p.tp * p.cp * p.dp // p.ep
-    if job.train.distributed_optimizer and p.dp == 1 and expert_dp == 1:
+    if job.train.distributed_optimizer and p.dp * p.cp == 1 and expert_dp == 1:
+        # dense state is sharded over the data x context parallel ranks
         out.append("train.distributed_optimizer: true with parallel.dp 1 shards nothing (every rank owns all "
                    "of its optimizer state)")
     return out

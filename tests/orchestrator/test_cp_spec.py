@@ -54,3 +54,13 @@ def test_planner_divides_activations_by_cp_and_counts_the_exchange():
     assert four.stages[0].parts["activations"] == pytest.approx(one.stages[0].parts["activations"] / 4)
     assert four.stages[0].parts["cp_exchange"] > 0 and "cp_exchange" not in one.stages[0].parts
     assert four.comm_bytes["cp"] > 0 and "cp" not in one.comm_bytes
+
+
+def test_the_distributed_optimizer_shards_over_context_parallel_ranks_without_a_warning():
+    from v4train.orchestrator.spec.files import job_warnings
+
+    sharded = _job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1", "parallel.pp=1",
+                   "train.distributed_optimizer=true")
+    assert job_warnings(sharded) == []
+    alone = _job("configs/demo.yaml", "parallel.dp=1", "parallel.pp=1", "train.distributed_optimizer=true")
+    assert any("shards nothing" in w for w in job_warnings(alone))
