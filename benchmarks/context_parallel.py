@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _spawn import free_ports, spawn_ranks  # noqa: E402
+from support.spawn import free_ports, spawn_ranks  # noqa: E402
 from v4train.model.config import ModelConfig  # noqa: E402
 from v4train.model.transformer import V4Stage  # noqa: E402
 from v4train.parallel import groups  # noqa: E402

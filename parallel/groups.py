@@ -42,7 +42,7 @@ class ParallelContext:
             parameters both stages hold, such as the embedding MTP needs on the last stage, have their
             gradients summed over it); None on middle stages and with pp == 1.
         expert_dp_group, expert_dp_rank: the ranks of this stage that hold the same routed experts
-            (Megatron's expert-data-parallel group, tp*dp/ep ranks with expert-tensor-parallel 1); expert
+            (Megatron's expert-data-parallel group, tp*cp*dp/ep ranks with expert-tensor-parallel 1); expert
             gradients are summed over it. None / 0 in :meth:`single`.
     Raises:
         ValueError: naming the field, when a size is < 1, tp*cp*pp*dp != world_size, or a rank is
@@ -96,6 +96,13 @@ class ParallelContext:
         """True on the last pipeline stage (it owns the head and computes the loss)."""
         return self.pp_rank == self.pp - 1
 
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding replicas of this rank's dense parameters with the same pipeline stage and TP
+        shard: the data x context parallel group when cp > 1 (their gradients are summed over it, as in
+        Megatron's ``with_context_parallel`` DP group), the data-parallel group otherwise."""
+        return self.dp_cp_group if self.cp > 1 else self.dp_group
+
     @classmethod
     def single(cls) -> ParallelContext:
         """The one-process layout: every size 1, every rank 0, no groups (no torch.distributed)."""
@@ -123,8 +130,8 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, cp: int = 1, timeout_minut
         The :class:`ParallelContext` of this rank.
     Raises:
         ValueError: naming the field, when a size is not an int >= 1, tp*cp*pp*dp differs from the
-            world size, or ep does not divide tp*dp (experts are spread over the TP x DP ranks of a
-            stage, with expert-tensor-parallel size 1).
+            world size, or ep does not divide tp*cp*dp (experts are spread over the TP x CP x DP ranks of
+            a stage, with expert-tensor-parallel size 1).
         RuntimeError: torch.distributed is not initialised.
     """
     _check_sizes(tp=tp, cp=cp, pp=pp, ep=ep, dp=dp)
@@ -139,9 +146,9 @@ def initialize(tp: int, pp: int, ep: int, dp: int, *, cp: int = 1, timeout_minut
             f"tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = {tp * cp * pp * dp} must equal the world size {world_size} "
             "(fields tp, cp, pp, dp)"
         )
-    if (tp * dp) % ep != 0:
+    if (tp * cp * dp) % ep != 0:
         raise ValueError(
-            f"ep={ep} must divide tp*dp={tp * dp}: the expert grid (ETP=1)*EP*PP must divide the "
+            f"ep={ep} must divide tp*cp*dp={tp * cp * dp}: the expert grid (ETP=1)*EP*PP must divide the "
             f"world size {world_size}"
         )
     megatron_compat.install()

@@ -213,8 +213,11 @@ class _StageView(torch.nn.Module):
 
 
 class _NoContextParallel:
-    """Stands in for Megatron's context-parallel group: v4train runs with CP = 1 and the schedules
-    only ask for its ``size()`` (to scale the loss and the p2p sequence length)."""
+    """Stands in for Megatron's context-parallel group in the schedules, which ask only for its ``size()``
+    (to multiply the loss by it and divide the p2p sequence length by it). v4train's stages split the
+    sequence themselves (``parallel/context_parallel.py``): the caller passes the local sequence length,
+    and the step's loss is this rank's share of the whole sequences' loss, its gradients summed (not
+    averaged) over the context-parallel ranks, so neither of Megatron's CP adjustments applies."""
 
     @staticmethod
     def size() -> int:

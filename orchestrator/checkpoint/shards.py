@@ -3,7 +3,7 @@ anticipatory-routing rows' JSON codec.
 
 Keys are global names (``model.<fqn>``, ``optim.<fqn>.<state>``), independent of the layout that wrote them;
 tensor-parallel shards are gathered into whole tensors on save and sliced on load, so a checkpoint of any
-(TP, PP, EP, DP) layout loads into any other (``docs/checkpoint-format.md``).
+(TP, CP, PP, EP, DP) layout loads into any other (``docs/checkpoint-format.md``).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class SetupRequest:
 @dataclass(frozen=True)
 class RankInfo:
     """One rank after setup: its layout coordinates, whether it is the reporter (the rank whose metrics
-    the run records: last stage, data- and tensor-parallel rank 0), its stage's optimizer table
+    the run records: last stage, data-, context- and tensor-parallel rank 0), its stage's optimizer table
     (one rank per pipeline stage carries it, else None) and the node it runs on (its address; empty where
     the launcher does not say)."""
 
@@ -81,6 +81,7 @@ class RankInfo:
     reporter: bool
     optimizer_assignment: str | None = None
     node: str = ""
+    cp_rank: int = 0
 
 
 @dataclass(frozen=True)

@@ -222,8 +222,10 @@ class Supervisor:
         # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.
         infos = self.workers.setup(request, self._io_timeout_s)
         self.reporter = next(i.rank for i in infos if i.reporter)
-        # one rank per pipeline stage (data- and tensor-parallel rank 0) for the model-wide auxiliary metrics
-        self.stage_heads = [i.rank for i in sorted(infos, key=lambda i: i.pp_rank) if i.dp_rank == 0 and i.tp_rank == 0]
+        # one rank per pipeline stage (data-, context- and tensor-parallel rank 0) for the model-wide auxiliary
+        # metrics (the CP ranks' shares are summed on the ranks)
+        self.stage_heads = [i.rank for i in sorted(infos, key=lambda i: i.pp_rank)
+                            if i.dp_rank == 0 and i.cp_rank == 0 and i.tp_rank == 0]
         self.workers.coordinate(lambda: self._record_optimizer_assignment(infos))
         self.workers.coordinate(lambda: self._record_placement(infos))
         fields = {"world_size": self.job.parallel.world_size, "layout": self.job.parallel.model_dump(),
@@ -255,11 +257,11 @@ class Supervisor:
         self.telemetry.console.print(f"every parameter's group: {path}", highlight=False, markup=False)
 
     def _record_placement(self, infos: list[RankInfo]) -> None:
-        """Write where every rank runs to ``RUN_DIR/placement.json``: ``{"ranks": [{rank, node, tp, pp, dp}],
+        """Write where every rank runs to ``RUN_DIR/placement.json``: ``{"ranks": [{rank, node, tp, cp, pp, dp}],
         "nodes": {node: [ranks]}}`` (rewritten at every start: a recovery may place ranks elsewhere)."""
         if not any(i.node for i in infos):
             return
-        ranks = [{"rank": i.rank, "node": i.node, "tp": i.tp_rank, "pp": i.pp_rank, "dp": i.dp_rank}
+        ranks = [{"rank": i.rank, "node": i.node, "tp": i.tp_rank, "cp": i.cp_rank, "pp": i.pp_rank, "dp": i.dp_rank}
                  for i in sorted(infos, key=lambda i: i.rank)]
         nodes: dict[str, list[int]] = {}
         for r in ranks:

@@ -18,6 +18,7 @@ from v4train.model.moe import expert_parallel_experts
 from v4train.orchestrator.checkpoint.init_from import load_model
 from v4train.orchestrator.spec import JobSpec
 from v4train.orchestrator.tools.stage_costs import job_stage_layers
+from v4train.parallel.context_parallel import ContextParallel
 from v4train.parallel.fp8 import enable_fp8
 from v4train.parallel.optim import build_optimizer
 from v4train.parallel.tensor_parallel import TensorParallel, is_sharded
@@ -31,7 +32,8 @@ class ParameterGroups:
     """This rank's trainable parameters by how the step treats them.
 
     ``expert``: routed experts, gradients summed over the expert-data-parallel group; ``dense``: the rest,
-    averaged over data parallel (Megatron DDP's two buckets); ``shared``: held by the first and the last
+    averaged over data parallel (summed over data x context parallel, divided by dp; Megatron DDP's two
+    buckets); ``shared``: held by the first and the last
     stage (the embedding, for MTP), summed over the embedding group; ``norm_excluded``: left out of this
     rank's share of the global gradient norm (so every distinct tensor counts once over the world);
     ``frozen_in_warmup``: everything but the Lightning Indexer (frozen during its warm-up).
@@ -47,9 +49,10 @@ class ParameterGroups:
 
 def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, TensorParallel]:
     """This rank's pipeline stage of the model (initialised from ``job.seed``, on ``placement.device``, CPU by
-    default; its layers from ``parallel.stage_layers``, balanced for the device kind) and its tensor-parallel
-    helper. ``train.fp8`` installs what ``placement.fp8`` names: Transformer
-    Engine layers (``parallel/te_layers.py``) or the CPU emulation (``parallel/fp8.py``)."""
+    default; its layers from ``parallel.stage_layers``, balanced for the device kind; with ``parallel.cp`` > 1 it
+    takes this rank's load-balanced share of every sequence) and its tensor-parallel helper. ``train.fp8``
+    installs what ``placement.fp8`` names: Transformer Engine layers (``parallel/te_layers.py``) or the CPU
+    emulation (``parallel/fp8.py``)."""
     # Every rank seeds identically: parameter init is a function of (seed, parameter name) only.
     torch.manual_seed(job.seed)
     tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp) if pctx.tp > 1 else TensorParallel()
@@ -58,8 +61,9 @@ def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, Tenso
         def experts(_layer):
             return expert_parallel_experts(cfg, ep_group=pctx.ep_group, ep_rank=pctx.ep_rank, ep_size=pctx.ep)
     device = "gpu" if placement is not None and placement.device.type == "cuda" else "cpu"
+    cp = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp) if pctx.cp > 1 else None
     stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=pctx.pp, vp_size=job.parallel.vp, tp=tp,
-                    experts_factory=experts, stage_layers=job_stage_layers(job, cfg, device))
+                    experts_factory=experts, cp=cp, stage_layers=job_stage_layers(job, cfg, device))
     stage.init_weights(job.seed)
     stage.recompute = job.train.recompute
     if job.model.init_from is not None:  # start from converted or earlier weights (fresh optimizer)
@@ -83,14 +87,15 @@ def group_parameters(stage: V4Stage, pctx) -> ParameterGroups:
     expert_ids = {id(p) for p in expert}
     shared = stage.shared_embedding_parameters() if pctx.embedding_group is not None else []
     # The global gradient norm counts every distinct tensor once over the whole world: a dense parameter on
-    # data-parallel rank 0 (and TP rank 0 unless it is a TP shard), an expert on expert-data-parallel rank 0,
-    # never the last stage's embedding copy.
+    # data- and context-parallel rank 0 (and TP rank 0 unless it is a TP shard), an expert on
+    # expert-data-parallel rank 0 (that group spans the CP ranks), never the last stage's embedding copy.
     last_copy = {id(p) for p in shared} if pctx.is_last_stage else set()
     norm_excluded = [
         p for p in params
         if id(p) in last_copy
         or (id(p) in expert_ids and pctx.expert_dp_rank != 0)
-        or (id(p) not in expert_ids and (pctx.dp_rank != 0 or (pctx.tp_rank != 0 and not is_sharded(p))))
+        or (id(p) not in expert_ids
+            and (pctx.dp_rank != 0 or pctx.cp_rank != 0 or (pctx.tp_rank != 0 and not is_sharded(p))))
     ]
     indexer = {id(p) for p in stage.indexer_parameters()}
     return ParameterGroups(params=params, expert=expert, dense=[p for p in params if id(p) not in expert_ids],
@@ -118,16 +123,17 @@ def build_rank_optimizer(stage: V4Stage, job: JobSpec, pctx):
 
 def muon_shard_groups(job: JobSpec, pctx, dense: list, expert: list):
     """With ``train.distributed_muon`` (or ``distributed_optimizer``): dense matrices owned over the
-    data-parallel group, routed experts over the expert-data-parallel group (spec 6); None otherwise (every
-    replica runs the whole Muon)."""
+    data(-and-context)-parallel group (:attr:`ParallelContext.data_group`), routed experts over the
+    expert-data-parallel group (spec 6); None otherwise (every replica runs the whole Muon)."""
     if not (job.train.distributed_muon or job.train.distributed_optimizer):
         return None
-    return [(pctx.dp_group, dense), (pctx.expert_dp_group, expert)]
+    return [(pctx.data_group, dense), (pctx.expert_dp_group, expert)]
 
 
 def adamw_shard_groups(job: JobSpec, pctx, dense: list, expert: list):
-    """With ``train.distributed_optimizer``: each AdamW parameter's moments owned over the data-parallel group
-    (routed experts: the expert-data-parallel group); None otherwise (replicated)."""
+    """With ``train.distributed_optimizer``: each AdamW parameter's moments owned over the
+    data(-and-context)-parallel group (:attr:`ParallelContext.data_group`; routed experts: the
+    expert-data-parallel group); None otherwise (replicated)."""
     if not job.train.distributed_optimizer:
         return None
-    return [(pctx.dp_group, dense), (pctx.expert_dp_group, expert)]
+    return [(pctx.data_group, dense), (pctx.expert_dp_group, expert)]

@@ -2,7 +2,8 @@
 
 :class:`StepEngine` holds what a step computes with (the pipeline stage of the model, its parameter groups,
 the optimizer, the data loader of this rank's data-parallel slice) and the pieces of a step: cutting the
-global batch into micro-batches, running the pipeline schedule (``parallel/schedules.py``; activations and
+global batch into micro-batches (and, with context parallelism, every sequence into this rank's
+load-balanced share of its tokens), running the pipeline schedule (``parallel/schedules.py``; activations and
 gradients move over torch.distributed, the data plane), synchronising gradients across data, expert-data
 and embedding groups, the global gradient norm and its finiteness, the optimizer update, and the global
 mean loss. :class:`orchestrator.rank.trainer.RankTrainer` sequences them into a step.
@@ -25,6 +26,7 @@ from v4train.orchestrator.rank.abort import AbortSwitch
 from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, group_parameters
 from v4train.orchestrator.rank.devices import RankPlacement
 from v4train.orchestrator.spec import JobSpec
+from v4train.parallel.context_parallel import shard_tokens
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.fp8 import fp8_autocast_context
 from v4train.parallel.mixed_precision import MixedPrecision
@@ -72,15 +74,20 @@ class StepEngine:
 
     def micro_batches(self, batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This rank's rows of a global batch as micro-batches of ``micro_batch_size`` sequences
-        ({input_ids, position_ids, labels}: [micro_batch_size, seq] int64, on the rank's device)."""
+        ({input_ids, position_ids, labels}: [micro_batch_size, seq / cp] int64, on the rank's device).
+
+        With context parallelism every CP rank of a data-parallel replica reads the same rows and keeps
+        its load-balanced share of each sequence's tokens (:func:`parallel.context_parallel.shard_tokens`;
+        the labels are the next tokens of the whole sequence, so they shard like the inputs)."""
+        cp, cp_rank = self.pctx.cp, self.pctx.cp_rank
         out = []
         for i in range(0, batch.input_ids.shape[0], micro_batch_size):
             sl = slice(i, i + micro_batch_size)
-            out.append({
-                "input_ids": torch.from_numpy(np.ascontiguousarray(batch.input_ids[sl])).to(self.device),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(batch.position_ids[sl])).to(self.device),
-                "labels": torch.from_numpy(np.ascontiguousarray(batch.labels[sl])).to(self.device),
-            })
+            mb = {}
+            for key in ("input_ids", "position_ids", "labels"):
+                x_BT = torch.from_numpy(np.ascontiguousarray(getattr(batch, key)[sl]))
+                mb[key] = (shard_tokens(x_BT, cp, cp_rank) if cp > 1 else x_BT).to(self.device)
+            out.append(mb)
         return out
 
     def _forward_step(self, data_iterator, model):
@@ -92,12 +99,17 @@ class StepEngine:
 
         def loss_func(per_token_loss_BS: torch.Tensor):
             loss = per_token_loss_BS.mean()
-            return loss, {"lm_loss": loss.detach().clone()}
+            # Every CP rank holds the same number of a sequence's tokens, so the whole sequences' mean is the
+            # mean of the ranks' means: this rank's share of it is loss / cp, and the shares' gradients sum
+            # over the CP ranks like the model's auxiliary losses (MTP, indexer KL, balance), which are
+            # shares normalised by whole-sequence counts (parallel/context_parallel.py).
+            return loss / self.pctx.cp, {"lm_loss": loss.detach().clone()}
 
         return output, loss_func
 
     def run_schedule(self, micro: list[dict], seq_len: int, micro_batch_size: int, forward_only: bool) -> list[dict]:
-        """The pipeline schedule over ``micro``; the last stage's per-micro-batch ``{"lm_loss"}``."""
+        """The pipeline schedule over ``micro`` (sequences of ``seq_len`` tokens, ``seq_len / cp`` of them on
+        this rank); the last stage's per-micro-batch ``{"lm_loss"}`` (this rank's tokens' mean)."""
         chunked = isinstance(self.schedule_model, list)
         with self.precision.compute():  # bf16 weights inside, fp32 masters and gradients after
             return forward_backward(
@@ -105,7 +117,7 @@ class StepEngine:
                 [iter(micro) for _ in self.schedule_model] if chunked else iter(micro),  # every chunk reads each one
                 self.schedule_model,
                 num_microbatches=len(micro),
-                seq_length=seq_len,
+                seq_length=seq_len // self.pctx.cp,  # what crosses a stage boundary: this rank's tokens
                 micro_batch_size=micro_batch_size,
                 hidden_size=self.cfg.hc_mult * self.cfg.dim,
                 pctx=self.pctx,
@@ -113,11 +125,20 @@ class StepEngine:
             )
 
     def sync_gradients(self) -> None:
-        """Dense gradients: mean over data parallel; routed experts: sum over the expert-data-parallel
-        group (each expert's rank already holds the gradient of every token dispatched to it), divided by
-        dp; the embedding copies of the first and last stage: summed."""
+        """Dense gradients: mean over data parallel (with context parallelism: summed over the data x
+        context parallel group, each CP rank holding its share of its replica's gradient, divided by dp);
+        routed experts: sum over the expert-data-parallel group (each expert's rank already holds the
+        gradient of every token dispatched to it), divided by dp; the embedding copies of the first and
+        last stage: summed."""
         g = self.groups
-        all_reduce_gradients(g.dense, self.pctx.dp_group)
+        if self.pctx.cp > 1:
+            all_reduce_gradients(g.dense, self.pctx.dp_cp_group, average=False)
+            if self.pctx.dp > 1:
+                for p in g.dense:
+                    if p.grad is not None:
+                        p.grad.div_(self.pctx.dp)
+        else:
+            all_reduce_gradients(g.dense, self.pctx.dp_group)
         all_reduce_gradients(g.expert, self.pctx.expert_dp_group, average=False)
         if self.pctx.dp > 1:
             for p in g.expert:
@@ -140,7 +161,7 @@ class StepEngine:
         also not during the indexer warm-up); returns the MoE balance metrics."""
         moe_metrics = {}
         if finite and not warmup:
-            moe_metrics = update_expert_bias(self.stage, self.pctx.dp_group)
+            moe_metrics = update_expert_bias(self.stage, self.pctx.data_group)  # every token of the batch once
         else:
             discard_expert_counts(self.stage)
         if finite:
@@ -150,13 +171,15 @@ class StepEngine:
         return moe_metrics
 
     def global_mean_loss(self, loss_dicts: list[dict]) -> torch.Tensor:
-        """Mean next-token loss over the global batch, identical on every rank of the last stage."""
+        """Mean next-token loss over the global batch, identical on every rank of the last stage (the mean
+        over the data x context parallel ranks of their means: every CP rank holds as many tokens)."""
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pctx.is_last_stage:
             loss = torch.stack([d["lm_loss"].double() for d in loss_dicts]).mean()
-            if self.pctx.dp > 1:
-                dist.all_reduce(loss, group=self.pctx.dp_group)
-                loss /= self.pctx.dp
+            replicas = self.pctx.dp * self.pctx.cp
+            if replicas > 1:
+                dist.all_reduce(loss, group=self.pctx.data_group)
+                loss /= replicas
         return loss
 
     def fingerprint(self, batch) -> int:

@@ -11,7 +11,8 @@ all-reduce and returns, per layer ``L`` (the model's layer index):
   normalised router scores s_i / sum_j s_j (ln E = uniform).
 
 Routing is replicated over tensor-parallel ranks (every TP rank routes every token), so the data-parallel
-group holds each token once.
+group holds each token once; under context parallelism the trainer passes the data x context parallel group
+(each CP rank routes its share of every sequence).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class RankTrainer:
     Args:
         job: the validated job spec (identical on every rank).
         rank: global rank in ``[0, world_size)``.
-        world_size: number of ranks, equal to ``tp * pp * dp``.
+        world_size: number of ranks, equal to ``tp * cp * pp * dp``.
         init_method: torch.distributed rendezvous, e.g. ``tcp://127.0.0.1:29500``.
         timeout_s: bound on every collective (seconds); a stalled peer fails the step instead of hanging.
         threads: intra-op CPU threads for this rank.
@@ -64,8 +64,6 @@ class RankTrainer:
     def __init__(self, job: JobSpec, *, rank: int, world_size: int, init_method: str, timeout_s: float,
                  threads: int = 1, backend: str = "gloo", device: str = "cpu",
                  inject: list[faults.Fault] = (), saved: SavedCopies | None = None) -> None:
-        if job.parallel.cp > 1:  # the model and its exchanges exist (parallel/context_parallel.py), the step does not
-            raise ValueError(f"parallel.cp={job.parallel.cp}: the trainer does not run context parallelism yet")
         self.placement = resolve_placement(device, backend, job.train.fp8)
         if self.placement.device.type == "cuda":
             torch.cuda.set_device(self.placement.device)
@@ -84,7 +82,7 @@ class RankTrainer:
                                 timeout=datetime.timedelta(seconds=timeout_s))
         clock.lap("process_group")
         p = job.parallel
-        self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp,
+        self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp, cp=p.cp,
                                       timeout_minutes=max(1, math.ceil(timeout_s / 60)))
         clock.lap("megatron_groups")
         self.engine = StepEngine(job, self.pctx, self.placement)
@@ -105,18 +103,22 @@ class RankTrainer:
 
     @property
     def is_reporter(self) -> bool:
-        """The rank whose metrics the supervisor records: last pipeline stage, data- and tensor-parallel rank 0."""
-        return self.pctx.is_last_stage and self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0
+        """The rank whose metrics the supervisor records: last pipeline stage, data-, context- and
+        tensor-parallel rank 0."""
+        p = self.pctx
+        return p.is_last_stage and p.dp_rank == 0 and p.cp_rank == 0 and p.tp_rank == 0
 
     def describe(self) -> RankInfo:
         """Rank, layout coordinates and parameter count of this rank's stage."""
         e = self.engine
         return RankInfo(
             rank=self.rank, pp_rank=self.pctx.pp_rank, dp_rank=self.pctx.dp_rank, tp_rank=self.pctx.tp_rank,
+            cp_rank=self.pctx.cp_rank,
             stage_params=sum(p.numel() for p in e.stage.parameters()), reporter=self.is_reporter,
-            # one table per pipeline stage (the same on every TP/DP replica of it)
+            # one table per pipeline stage (the same on every TP/CP/DP replica of it)
             optimizer_assignment=(describe_assignment(e.optimizer, e.stage.named_parameters())
-                                  if self.pctx.dp_rank == 0 and self.pctx.tp_rank == 0 else None),
+                                  if self.pctx.dp_rank == 0 and self.pctx.cp_rank == 0 and self.pctx.tp_rank == 0
+                                  else None),
         )
 
     # ---------------------------------------------------------------- training
@@ -151,7 +153,7 @@ class RankTrainer:
                 p.grad = None
         self._inject_nan_grad(plan.step)
         e.beat("grad_sync")
-        router_metrics = router_health.reduce(router_layers, self.pctx.dp_group)
+        router_metrics = router_health.reduce(router_layers, self.pctx.data_group)  # every token once
         e.sync_gradients()
         grad_norm, finite = e.clip_gradients()
         clock.lap("grad_sync")
@@ -201,17 +203,32 @@ class RankTrainer:
             if rows is None:  # the first step after switching on: route with the current parameters
                 rows = self._capture_routing(micro, plan.seq_len, plan.micro_batch_size)
             set_routing_tape(e.stage, routing.replay_tape(rows, plan.micro_batch_size))
-            routing_fingerprint = routing.fingerprint(rows, self.pctx.tp_rank)
+            routing_fingerprint = routing.fingerprint(rows, self.pctx.tp_rank, e.stage.cp)
         loss_dicts = e.run_schedule(micro, plan.seq_len, plan.micro_batch_size, forward_only=False)
         set_routing_tape(e.stage, None)
         router_layers = router_health.collect(e.stage)  # before pop_aux_metrics clears the routing statistics
-        return loss_dicts, e.stage.pop_aux_metrics(), routing_fingerprint, router_layers
+        return loss_dicts, self._whole_sequence_metrics(e.stage.pop_aux_metrics()), routing_fingerprint, router_layers
+
+    # the auxiliary losses a CP rank logs as its share of the whole sequences' value (parallel/context_parallel.py)
+    _CP_SHARES = ("balance_loss", "mtp_loss", "indexer_loss", "indexer_recall")
+
+    def _whole_sequence_metrics(self, aux: dict) -> dict:
+        """The stage's auxiliary metrics with the CP ranks' shares summed into the whole sequences' values
+        (collective over the CP group; every CP rank logs the same keys)."""
+        if self.pctx.cp == 1:
+            return aux
+        keys = [k for k in self._CP_SHARES if k in aux]
+        if keys:
+            shares = torch.tensor([aux[k] for k in keys], dtype=torch.float64, device=groups.collective_device())
+            dist.all_reduce(shares, group=self.pctx.cp_group)
+            aux = {**aux, **dict(zip(keys, shares.tolist(), strict=True))}
+        return aux
 
     def _capture_routing(self, micro: list[dict], seq_len: int, micro_batch_size: int) -> dict[int, torch.Tensor]:
         rows = sum(m["input_ids"].shape[0] for m in micro)
         return routing.capture(self.engine.stage,
                                lambda: self.engine.run_schedule(micro, seq_len, micro_batch_size, forward_only=True),
-                               rows, seq_len)
+                               rows, seq_len // self.pctx.cp)  # this CP rank's tokens
 
     def _prefetch_routing(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         """Capture the routing of the batch ``plan`` will train on, without moving the data cursor."""
@@ -285,7 +302,7 @@ class RankTrainer:
         self.saved.put(root, attempt, self.rank, state)  # before the write: exactly the tensors written
         self.io.write(root, attempt, self.step, state, asynchronous)
         return RankSave(rank=self.rank, dp_rank=self.pctx.dp_rank, loader=e.loader.state_dict(),
-                        rng=checkpoint.rng_state(), routing=self.routing.encoded())
+                        rng=checkpoint.rng_state(), routing=self.routing.encoded(e.stage.cp))
 
     def save_done(self) -> bool:
         """Whether the pending asynchronous save (if any) has persisted; re-raises its error."""
@@ -317,7 +334,7 @@ class RankTrainer:
         e.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])
         self.routing.load(train_state.get("anticipatory_routing", {}).get("rows", {}), e.stage,
-                          self.pctx.dp_rank, self.pctx.dp)
+                          self.pctx.dp_rank, self.pctx.dp, e.stage.cp)
         e.heartbeat = {"step": self.step, "progress": 0, "phase": "loaded"}
         rng = train_state.get("rng", {}).get(str(self.rank))
         if train_state.get("layout") == self.job.parallel.model_dump() and rng is not None:

@@ -133,10 +133,9 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 
 
 def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int | None = None) -> None:
-    """Raise SpecError if the job's layout does not use exactly the cluster's devices, if the planner's peak
-    memory of a rank (with the job's precision and recompute, ``orchestrator/tools/plan.py``) does not fit a
-    device of the cluster at some training shape, or (cp > 1) because the trainer does not run context
-    parallelism yet."""
+    """Raise SpecError if the job's layout (tp x cp x pp x dp) does not use exactly the cluster's devices, or
+    if the planner's peak memory of a rank (with the job's precision, recompute and context parallelism,
+    ``orchestrator/tools/plan.py``) does not fit a device of the cluster at some training shape."""
     p = job.parallel
     if p.world_size != cluster.world_size:
         raise SpecError(
@@ -158,9 +157,6 @@ def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int
                 raise SpecError(f"{field}={shape.seq_len}: {need} at parallel.cp={p.cp} (planner) {offer}")
             raise SpecError(f"parallel: layout {layout} with train.precision {job.train.precision} needs {need} at "
                             f"{field}={shape.seq_len} (planner), which {offer}; `v4train plan` lists layouts that fit")
-    if p.cp > 1:
-        raise SpecError(f"parallel.cp={p.cp}: the trainer does not run context parallelism yet "
-                        "(`v4train plan` evaluates the layout)")
 
 
 def job_warnings(job: JobSpec) -> list[str]:
@@ -168,7 +164,8 @@ def job_warnings(job: JobSpec) -> list[str]:
     out = []
     p = job.parallel
     expert_dp = p.tp * p.cp * p.dp // p.ep
-    if job.train.distributed_optimizer and p.dp == 1 and expert_dp == 1:
+    if job.train.distributed_optimizer and p.dp * p.cp == 1 and expert_dp == 1:
+        # dense state is sharded over the data x context parallel ranks
         out.append("train.distributed_optimizer: true with parallel.dp 1 shards nothing (every rank owns all "
                    "of its optimizer state)")
     return out

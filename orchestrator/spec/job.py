@@ -133,9 +133,10 @@ class TrainSpec(_Strict):
 class ParallelSpec(_Strict):
     """``parallel`` section: tensor, context, pipeline, expert and data parallel sizes, and ``vp`` virtual
     pipeline stages per pipeline rank (interleaved 1F1B when > 1; needs pp > 1 and micro-batches per step a
-    multiple of pp). ``cp`` splits each sequence over cp ranks (``parallel/context_parallel.py``): every
-    sequence length must split into 2 cp chunks of whole compression blocks; ``v4train plan`` counts it,
-    the trainer does not run it yet (``submit`` refuses cp > 1).
+    multiple of pp). ``cp`` splits each sequence over cp ranks (``parallel/context_parallel.py``; Megatron's
+    rank order tp-cp-ep-dp-pp, TP fastest): every sequence length (training stages and ``train.eval_seq_len``)
+    must split into 2 cp chunks of whole compression blocks; the global batch and the loss do not depend
+    on cp.
 
     ``stage_layers`` cuts the layers into the pp x vp (virtual) pipeline stages: ``auto`` (default) balances the
     stages' predicted step times by the cost model of ``orchestrator/tools/stage_costs.py``, calibrated on the
@@ -314,6 +315,11 @@ class JobSpec(_Strict):
             ratios = self.model.build().compress_ratios
             lengths = ([(f"curriculum.stages.{i}.seq_len", st.seq_len) for i, st in enumerate(self.curriculum.stages)]
                        if self.curriculum is not None else [("data.seq_len", self.data.seq_len)])
+            # evaluation runs at train.eval_seq_len, else data.seq_len (also under a curriculum)
+            if t.eval_batches and t.eval_seq_len is not None:
+                lengths.append(("train.eval_seq_len", t.eval_seq_len))
+            elif t.eval_batches and self.curriculum is not None:
+                lengths.append(("data.seq_len", self.data.seq_len))
             for field, seq_len in lengths:
                 check_cp_seq_len(seq_len, p.cp, ratios, field=field)
         return self

@@ -23,12 +23,17 @@ def test_cp_must_split_every_stage_into_whole_blocks():
         _job("configs/demo.yaml", "parallel.cp=3", "parallel.dp=1", "curriculum=null")
 
 
-def test_layout_must_match_the_devices_and_cp_is_not_trained_yet():
+def test_layout_must_match_the_devices():
     cluster = load_cluster("clusters/local-sim.yaml")
     with pytest.raises(SpecError, match=r"tp x cp x pp x dp = 1 x 2 x 2 x 2 = 8 does not match"):
         validate_against_cluster(_job("configs/demo.yaml", "parallel.cp=2"), cluster)
-    with pytest.raises(SpecError, match=r"parallel.cp=2: the trainer does not run context parallelism yet"):
-        validate_against_cluster(_job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1"), cluster)
+    validate_against_cluster(_job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1"), cluster)  # 4 devices
+
+
+def test_the_evaluation_length_must_split_into_whole_blocks_too():
+    with pytest.raises(SpecError, match=r"train.eval_seq_len=192 with parallel.cp=2.*multiple of 128"):
+        _job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1", "train.eval_seq_len=192")
+    _job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1", "train.eval_seq_len=192", "train.eval_batches=0")
 
 
 def test_a_stage_that_does_not_fit_at_this_cp_is_refused_naming_it():
@@ -49,3 +54,13 @@ def test_planner_divides_activations_by_cp_and_counts_the_exchange():
     assert four.stages[0].parts["activations"] == pytest.approx(one.stages[0].parts["activations"] / 4)
     assert four.stages[0].parts["cp_exchange"] > 0 and "cp_exchange" not in one.stages[0].parts
     assert four.comm_bytes["cp"] > 0 and "cp" not in one.comm_bytes
+
+
+def test_the_distributed_optimizer_shards_over_context_parallel_ranks_without_a_warning():
+    from v4train.orchestrator.spec.files import job_warnings
+
+    sharded = _job("configs/demo.yaml", "parallel.cp=2", "parallel.dp=1", "parallel.pp=1",
+                   "train.distributed_optimizer=true")
+    assert job_warnings(sharded) == []
+    alone = _job("configs/demo.yaml", "parallel.dp=1", "parallel.pp=1", "train.distributed_optimizer=true")
+    assert any("shards nothing" in w for w in job_warnings(alone))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.cli import torchrun
 from support.jobs import run_job, tiny_job
 from support.paths import REPO_ROOT
 from v4train.orchestrator.launch import rank_env
-from v4train.orchestrator.control.ray_group import free_port
-
-TORCHRUN_TIMEOUT_S = 300
-
-
-def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
-    """torchrun in its own session, killed as a group if it outlives the timeout (no orphaned ranks)."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), "-m", "v4train.orchestrator.launch", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun timed out: {err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
 
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -51,14 +30,14 @@ def test_torchrun_matches_the_ray_supervisor_and_resumes(rank_pool, tiny_dataset
     job_file.write_text(yaml.safe_dump(job))
 
     run = tmp_path / "torchrun"
-    first = _torchrun(2, str(job_file), "--run-dir", str(run), "--set", "checkpoint.every_steps=2")
+    first = torchrun(2, str(job_file), "--run-dir", str(run), "--set", "checkpoint.every_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert _losses(run) == [m["loss"] for m in ray_metrics]  # bit-identical to the Ray-driven run
     assert (run / "latest").read_text().strip() == "step_00000003" and (run / "step_00000002" / "COMMIT").is_file()
     # as if the job had died after step 2: only that checkpoint exists; --resume replays step 3 exactly
     shutil.rmtree(run / "step_00000003")
     (run / "latest").write_text("step_00000002")
-    resumed = _torchrun(2, str(job_file), "--run-dir", str(run), "--resume", "--set", "checkpoint.every_steps=2")
+    resumed = torchrun(2, str(job_file), "--run-dir", str(run), "--resume", "--set", "checkpoint.every_steps=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(run)[3:] == [ray_metrics[2]["loss"]]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
@@ -112,7 +91,7 @@ def test_torchrun_and_ray_write_the_same_records_with_evaluation_during_a_ramp(r
     run_job(rank_pool, job, tmp_path / "ray")
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
-    proc = _torchrun(2, str(job_file), "--run-dir", str(tmp_path / "torchrun"))
+    proc = torchrun(2, str(job_file), "--run-dir", str(tmp_path / "torchrun"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.jsonl", "events.jsonl"):
         assert _records(tmp_path / "torchrun" / name) == _records(tmp_path / "ray" / name), name

@@ -10,22 +10,20 @@ loss summed over the ranks. The whole model (one stage: SWA, CSA, HCA, MoE, MTP)
 steps at CP = 2 and 4, and combined as (cp, tp) = (2, 2), (cp, pp) = (2, 2) through Megatron's pipeline
 schedule and (cp, dp) = (2, 2), against one process: losses to 1e-5 relative, first-step gradients to
 1e-4 of each tensor's largest entry; the sequence-wise MoE balance loss is on (its expert counts are
-summed over the CP ranks). Not covered: EP together with CP.
+summed over the CP ranks). EP together with CP runs through the trainer
+(``tests/orchestrator/test_orchestrator_cp.py``). The ranks run through ``support.spawn.run_in_world``.
 
 Shape letters: B batch, T tokens, L local tokens, D model dim.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
+import torch.distributed as dist
 
 from support.model import small_cfg
-from support.spawn import free_ports, spawn_ranks
+from support.spawn import run_in_world
 from v4train.model.attention import Attention
 from v4train.model.layout import SequenceContext
 from v4train.parallel.context_parallel import (ContextParallel, CPSequence, check_cp_seq_len,
@@ -70,40 +68,31 @@ def _reference(layer_idx: int, mode: str) -> dict:
             "grads": {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}}
 
 
-def _rank_main(rank: int, cp: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _cp(pctx) -> ContextParallel:
+    return ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
 
-    from v4train.parallel import groups
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=cp)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=cp)
-        ranks = dist.get_process_group_ranks(pctx.cp_group)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        x, g, pos = _inputs()
-        result = {"cp_ranks": ranks, "runs": {}}
-        for layer_idx in LAYERS:
-            for mode in MODES:
-                attn = _layer(layer_idx)
-                x_local = shard_tokens(x, cp, cpg.rank).requires_grad_(True)
-                seq = CPSequence(pos, cpg, attention_mode=mode, aux_loss_scale=0.5)
-                y_local = context_parallel_attention(attn, x_local, seq)
-                (y_local * shard_tokens(g, cp, cpg.rank)).sum().backward()
-                grads = {}
-                for name, p in attn.named_parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=cpg.group)
-                        grads[name] = p.grad
-                loss = torch.tensor(sum(float(v) for v in attn.aux_log["indexer_loss"]))
-                dist.all_reduce(loss, group=cpg.group)
-                result["runs"][(layer_idx, mode)] = {"y": y_local.detach(), "dx": x_local.grad, "grads": grads,
-                                                     "indexer_loss": float(loss)}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+def _layer_rank(pctx) -> dict:
+    cpg = _cp(pctx)
+    x, g, pos = _inputs()
+    result = {"cp_ranks": dist.get_process_group_ranks(pctx.cp_group), "runs": {}}
+    for layer_idx in LAYERS:
+        for mode in MODES:
+            attn = _layer(layer_idx)
+            x_local = shard_tokens(x, cpg.size, cpg.rank).requires_grad_(True)
+            seq = CPSequence(pos, cpg, attention_mode=mode, aux_loss_scale=0.5)
+            y_local = context_parallel_attention(attn, x_local, seq)
+            (y_local * shard_tokens(g, cpg.size, cpg.rank)).sum().backward()
+            grads = {}
+            for name, p in attn.named_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=cpg.group)
+                    grads[name] = p.grad
+            loss = torch.tensor(sum(float(v) for v in attn.aux_log["indexer_loss"]))
+            dist.all_reduce(loss, group=cpg.group)
+            result["runs"][(layer_idx, mode)] = {"y": y_local.detach(), "dx": x_local.grad, "grads": grads,
+                                                 "indexer_loss": float(loss)}
+    return result
 
 
 def _close(got, want, rtol, what):
@@ -114,9 +103,7 @@ def _close(got, want, rtol, what):
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_matches_one_rank_in_every_mode_with_packed_documents(cp):
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_rank_main, (cp, free_ports(1)[0], tmp), cp, deadline_s=600, what=f"cp={cp} attention parity")
-        results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(cp)]
+    results = run_in_world(_layer_rank, (), cp, {"cp": cp}, deadline_s=600, what=f"cp={cp} attention parity")
     assert results[0]["cp_ranks"] == list(range(cp))  # Megatron's CP group: every rank of this world
     for layer_idx in LAYERS:
         for mode in MODES:
@@ -162,53 +149,41 @@ def test_cp_refuses_a_sequence_without_whole_blocks_per_chunk():
         check_cp_seq_len(96, 2, (0, 4, 32), field="curriculum.stages.1.seq_len")
 
 
-def _crafted_main(rank: int, port: int, out_dir: str) -> None:
+def _crafted_rank(pctx) -> dict:
     """CP = 2 on 64 tokens (chunks of 16: rank 0 holds tokens 0-15 and 48-63, rank 1 tokens 16-47), one
     CSA ratio of 4: the indexer keys of entries 0-3 (tokens 0-15, owned by rank 0) score highest for
     every query, so rank 1's queries must pick entries it does not own."""
-    import torch.distributed as dist
-
     from v4train.kernels import reference
     from v4train.model.indexer import Indexer
-    from v4train.parallel import groups
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=2)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        n_tok, ratio, topk = 64, 4, 4
-        pos = torch.arange(n_tok)[None]
-        seq = CPSequence(pos, cpg, attention_mode="sparse")
-        u = torch.ones(8)
-        k_global = torch.stack([u * (5.0 if j < 4 else 1.0 + 0.01 * j) for j in range(n_tok // ratio)])[None]
-        q = u.expand(1, n_tok, 2, 8).clone()
-        w = torch.ones(1, n_tok, 2)
-        entries = seq.entries(ratio, 2 * ratio - 1)
-        mine = entries.slots[cpg.rank]
-        own = torch.cat((k_global.reshape(-1, 8), torch.zeros(1, 8)))[mine].view(1, -1, 8)
-        gathered = seq.gather_entries(own, entries)
-        indexer = Indexer(small_cfg(index_topk=topk, index_n_heads=2, index_head_dim=8), ratio)
-        picks = indexer.select(q[:, seq.tokens], gathered, w[:, seq.tokens], seq.local_layout(ratio))
-        single = indexer.select(q, k_global, w, SequenceContext(pos, pos, attention_mode="sparse").layout(ratio))
-        # what a rank would pick from only the entries it owns (its slots' range, here contiguous)
-        owned = mine[mine < entries.n_slots]
-        lay = seq.local_layout(ratio)
-        lo = torch.maximum(lay.lo_BT, owned.min().expand_as(lay.lo_BT))
-        hi = torch.minimum(lay.hi_BT, (owned.max() + 1).expand_as(lay.hi_BT))
-        local_only = reference.indexer_topk(q[:, seq.tokens], k_global, w[:, seq.tokens], ratio, topk,
-                                            visible_start=lo, visible_end=torch.maximum(hi, lo)).indices.long()
-        torch.save({"gathered": gathered, "picks": picks, "single": single[:, seq.tokens], "local_only": local_only,
-                    "owned": owned, "tokens": seq.tokens}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+    cpg = _cp(pctx)
+    n_tok, ratio, topk = 64, 4, 4
+    pos = torch.arange(n_tok)[None]
+    seq = CPSequence(pos, cpg, attention_mode="sparse")
+    u = torch.ones(8)
+    k_global = torch.stack([u * (5.0 if j < 4 else 1.0 + 0.01 * j) for j in range(n_tok // ratio)])[None]
+    q = u.expand(1, n_tok, 2, 8).clone()
+    w = torch.ones(1, n_tok, 2)
+    entries = seq.entries(ratio, 2 * ratio - 1)
+    mine = entries.slots[cpg.rank]
+    own = torch.cat((k_global.reshape(-1, 8), torch.zeros(1, 8)))[mine].view(1, -1, 8)
+    gathered = seq.gather_entries(own, entries)
+    indexer = Indexer(small_cfg(index_topk=topk, index_n_heads=2, index_head_dim=8), ratio)
+    picks = indexer.select(q[:, seq.tokens], gathered, w[:, seq.tokens], seq.local_layout(ratio))
+    single = indexer.select(q, k_global, w, SequenceContext(pos, pos, attention_mode="sparse").layout(ratio))
+    # what a rank would pick from only the entries it owns (its slots' range, here contiguous)
+    owned = mine[mine < entries.n_slots]
+    lay = seq.local_layout(ratio)
+    lo = torch.maximum(lay.lo_BT, owned.min().expand_as(lay.lo_BT))
+    hi = torch.minimum(lay.hi_BT, (owned.max() + 1).expand_as(lay.hi_BT))
+    local_only = reference.indexer_topk(q[:, seq.tokens], k_global, w[:, seq.tokens], ratio, topk,
+                                        visible_start=lo, visible_end=torch.maximum(hi, lo)).indices.long()
+    return {"gathered": gathered, "picks": picks, "single": single[:, seq.tokens], "local_only": local_only,
+            "owned": owned, "tokens": seq.tokens}
 
 
 def test_topk_over_all_visible_entries_differs_from_local_only_entries():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_crafted_main, (free_ports(1)[0], tmp), 2, deadline_s=300, what="crafted cp top-k")
-        res = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = run_in_world(_crafted_rank, (), 2, {"cp": 2}, deadline_s=300, what="crafted cp top-k")
     assert torch.equal(res[0]["gathered"], res[1]["gathered"])   # every rank holds every entry
     rank1 = res[1]
     assert rank1["owned"].tolist() == list(range(4, 12))           # blocks ending in tokens 16-47
@@ -266,228 +241,144 @@ def _new_stage(cp=None):
     return stage.train()
 
 
-def _stage_rank_main(rank: int, cp: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _stage_rank(pctx, train_batch, reduce_grads) -> dict:
+    """Three SGD steps per mode of this rank's stage (``parallel.groups`` layout ``pctx``) on its CP share of
+    ``train_batch(pctx)`` (ids, pos, labels of its data-parallel replica; n_valid: the replica's valid
+    targets): the losses summed over the data x context parallel ranks and divided by dp, the first
+    step's gradients after ``reduce_grads(stage, pctx)``, TP shards gathered whole."""
+    from v4train.model.transformer import V4Stage
+    from v4train.parallel.tensor_parallel import TensorParallel, gather_full
 
-    from v4train.parallel import groups
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=cp)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=cp)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        ids, pos, labels = _stage_batch()
-        n_valid = int((labels != -100).sum())
-
-        def reduce_grads(stage):
-            for p in stage.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=cpg.group)
-
-        out = {}
-        for mode in MODES:
-            local = (shard_tokens(t, cp, cpg.rank) for t in (ids, pos, labels))
-            losses, grads = _train_stage(_new_stage(cpg), mode, *local, n_valid, reduce_grads)
-            total = torch.stack(losses)
-            dist.all_reduce(total, group=cpg.group)
-            out[mode] = {"losses": total, "grads": grads}
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+    cpg = _cp(pctx)
+    tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp) if pctx.tp > 1 else TensorParallel()
+    ids, pos, labels, n_valid = train_batch(pctx)
+    out = {"cp_ranks": dist.get_process_group_ranks(cpg.group),
+           "tp_ranks": dist.get_process_group_ranks(tp.group) if tp.active else [pctx.rank],
+           "dp_cp_ranks": dist.get_process_group_ranks(pctx.dp_cp_group)}
+    for mode in MODES:
+        stage = V4Stage(_stage_cfg(), pp_rank=0, pp_size=1, tp=tp, cp=cpg)
+        stage.init_weights(3)
+        local = (shard_tokens(t, cpg.size, cpg.rank) for t in (ids, pos, labels))
+        losses, grads = _train_stage(stage.train(), mode, *local, n_valid, lambda s: reduce_grads(s, pctx))
+        total = torch.stack(losses)
+        dist.all_reduce(total, group=pctx.dp_cp_group)
+        params = dict(stage.named_parameters())
+        out[mode] = {"losses": total / pctx.dp,
+                     "grads": {n: gather_full(g, params[n], tp) if tp.active else g for n, g in grads.items()}}
+    return out
 
 
-# cp = 4 and the combined layouts each take 25-40 s on 2 cores: in the slow suite (make test-slow)
-@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_cp_stage_matches_one_rank_for_three_steps(cp):
-    """The whole model (SWA, CSA, HCA layers, MoE, MTP) on packed documents, three SGD steps per mode: the
-    losses (summed over CP ranks) and the first step's gradients (summed over CP ranks) of one rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_stage_rank_main, (cp, free_ports(1)[0], tmp), cp, deadline_s=900, what=f"cp={cp} stage parity")
-        got = torch.load(Path(tmp) / "rank0.pt", weights_only=False)
+def _one_sequence(_pctx):
     ids, pos, labels = _stage_batch()
+    return ids, pos, labels, int((labels != -100).sum())
+
+
+def _sum_over_cp(stage, pctx):
+    for p in stage.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=pctx.cp_group)
+
+
+def _assert_stage_parity(got: dict, batch, what: str) -> None:
+    """``got`` (:func:`_stage_rank`'s) against one process training the whole ``batch`` (ids, pos, labels):
+    losses to 1e-5 relative, first-step gradients to 1e-4 of each tensor's largest entry."""
+    ids, pos, labels = batch
     n_valid = int((labels != -100).sum())
     for mode in MODES:
         losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
         want = torch.stack(losses)
-        assert torch.allclose(got[mode]["losses"], want, rtol=1e-5, atol=0), (mode, got[mode]["losses"], want)
-        assert set(got[mode]["grads"]) == set(grads), mode
+        assert torch.allclose(got[mode]["losses"], want, rtol=1e-5, atol=0), (what, mode, got[mode]["losses"], want)
+        assert set(got[mode]["grads"]) == set(grads), (what, mode)
         for name, grad in grads.items():
-            _close(got[mode]["grads"][name], grad, 1e-4, f"cp={cp} {mode} grad {name}")
+            _close(got[mode]["grads"][name], grad, 1e-4, f"{what} {mode} grad {name}")
 
 
-def _tp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
+# cp = 4 and the combined layouts each take 25-40 s on 2 cores (over 600 s on a loaded one): in the slow
+# suite (make test-slow), bounded by their spawn deadline (900 s) rather than the default test timeout
+SLOW = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=SLOW)])
+def test_cp_stage_matches_one_rank_for_three_steps(cp):
+    """The whole model (SWA, CSA, HCA layers, MoE, MTP) on packed documents, three SGD steps per mode: the
+    losses (summed over CP ranks) and the first step's gradients (summed over CP ranks) of one rank."""
+    got = run_in_world(_stage_rank, (_one_sequence, _sum_over_cp), cp, {"cp": cp}, deadline_s=900,
+                       what=f"cp={cp} stage parity")
+    _assert_stage_parity(got[0], _stage_batch(), f"cp={cp}")
+
+
+def _sum_over_cp_and_experts_over_tp(stage, pctx):
+    for name, p in stage.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=pctx.cp_group)
+            if ".ffn.experts." in name:  # the routed experts saw this TP rank's share of the tokens
+                dist.all_reduce(p.grad, group=pctx.tp_group)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_cp2_with_tp2_matches_one_rank_for_three_steps():
     """(cp, tp) = (2, 2) on 4 ranks: Megatron's order puts TP fastest, so TP pairs are [0,1], [2,3] and
     CP pairs [0,2], [1,3]."""
-    import torch.distributed as dist
-
-    from v4train.model.transformer import V4Stage
-    from v4train.parallel import groups
-    from v4train.parallel.tensor_parallel import TensorParallel, gather_full
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=4)
-    try:
-        pctx = groups.initialize(tp=2, pp=1, ep=1, dp=1, cp=2)
-        tp = TensorParallel(pctx.tp_group, pctx.tp_rank, pctx.tp)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        ids, pos, labels = _stage_batch()
-        n_valid = int((labels != -100).sum())
-
-        def reduce_grads(stage):
-            for name, p in stage.named_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=cpg.group)
-                    if ".ffn.experts." in name:  # the routed experts saw this TP rank's share of the tokens
-                        dist.all_reduce(p.grad, group=tp.group)
-
-        out = {"cp_ranks": dist.get_process_group_ranks(cpg.group),
-               "tp_ranks": dist.get_process_group_ranks(tp.group)}
-        for mode in MODES:
-            stage = V4Stage(_stage_cfg(), pp_rank=0, pp_size=1, tp=tp, cp=cpg)
-            stage.init_weights(3)
-            local = (shard_tokens(t, 2, cpg.rank) for t in (ids, pos, labels))
-            losses, grads = _train_stage(stage.train(), mode, *local, n_valid, reduce_grads)
-            total = torch.stack(losses)
-            dist.all_reduce(total, group=cpg.group)
-            params = dict(stage.named_parameters())
-            out[mode] = {"losses": total, "grads": {n: gather_full(g, params[n], tp) for n, g in grads.items()}}
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+    got = run_in_world(_stage_rank, (_one_sequence, _sum_over_cp_and_experts_over_tp), 4, {"cp": 2, "tp": 2},
+                       deadline_s=900, what="cp=2 x tp=2 stage parity")
+    assert got[0]["cp_ranks"] == [0, 2] and got[0]["tp_ranks"] == [0, 1]
+    _assert_stage_parity(got[0], _stage_batch(), "cp=2 tp=2")
 
 
-@pytest.mark.slow
-def test_cp2_with_tp2_matches_one_rank_for_three_steps():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_tp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x tp=2 stage parity")
-        got = torch.load(Path(tmp) / "rank0.pt", weights_only=False)
-    assert got["cp_ranks"] == [0, 2] and got["tp_ranks"] == [0, 1]
-    ids, pos, labels = _stage_batch()
-    n_valid = int((labels != -100).sum())
-    for mode in MODES:
-        losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
-        assert torch.allclose(got[mode]["losses"], torch.stack(losses), rtol=1e-5, atol=0), mode
-        assert set(got[mode]["grads"]) == set(grads), mode
-        for name, grad in grads.items():
-            _close(got[mode]["grads"][name], grad, 1e-4, f"cp=2 tp=2 {mode} grad {name}")
-
-
-def _pp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
+def _pp_cp_rank(pctx) -> dict:
     """(cp, pp) = (2, 2) on 4 ranks through Megatron's pipeline schedule: the mHC streams of this rank's
     tokens ([L, B, N*D], L = T / cp) cross the stage boundary; CP pairs [0,1], [2,3], PP pairs [0,2], [1,3]."""
-    import torch.distributed as dist
-
     from v4train.model.transformer import V4Stage
-    from v4train.parallel import groups
     from v4train.parallel.schedules import forward_backward
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=4)
-    try:
-        pctx = groups.initialize(tp=1, pp=2, ep=1, dp=1, cp=2)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        ids, pos, labels = _stage_batch()
-        n_valid = int((labels != -100).sum())
-        batch = [tuple(shard_tokens(t, 2, cpg.rank) for t in (ids, pos, labels))]
-        cfg = _stage_cfg()
+    cpg = _cp(pctx)
+    ids, pos, labels = _stage_batch()
+    n_valid = int((labels != -100).sum())
+    batch = [tuple(shard_tokens(t, 2, cpg.rank) for t in (ids, pos, labels))]
+    cfg = _stage_cfg()
 
-        def forward_step(data_iterator, model):
-            ids_BL, pos_BL, labels_BL = next(data_iterator)
-            output = model(ids_BL, pos_BL, labels_BL if model.is_last_stage else None)
-            return output, lambda loss_BL: (loss_BL.sum() / n_valid, {"loss": (loss_BL.sum() / n_valid).detach()})
+    def forward_step(data_iterator, model):
+        ids_BL, pos_BL, labels_BL = next(data_iterator)
+        output = model(ids_BL, pos_BL, labels_BL if model.is_last_stage else None)
+        return output, lambda loss_BL: (loss_BL.sum() / n_valid, {"loss": (loss_BL.sum() / n_valid).detach()})
 
-        out = {"cp_ranks": dist.get_process_group_ranks(cpg.group), "pp_rank": pctx.pp_rank}
-        for mode in MODES:
-            stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=2, cp=cpg)
-            stage.init_weights(3)
-            stage.train().attention_mode = mode
-            opt = torch.optim.SGD(stage.parameters(), lr=STAGE_LR)
-            losses, first = [], None
-            for _ in range(STAGE_STEPS):
-                opt.zero_grad(set_to_none=True)
-                logged = forward_backward(forward_step, iter(batch), stage, num_microbatches=1,
-                                          seq_length=STAGE_T // 2, micro_batch_size=1,
-                                          hidden_size=cfg.hc_mult * cfg.dim, pctx=pctx)
-                for p in stage.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=cpg.group)
-                for p in stage.shared_embedding_parameters():  # the embedding copies of the first and last stage
-                    dist.all_reduce(p.grad, group=pctx.embedding_group)
-                if logged:
-                    loss = logged[0]["loss"].clone()
-                    dist.all_reduce(loss, group=cpg.group)
-                    losses.append(loss)
-                if first is None:
-                    first = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
-                opt.step()
-                stage.pop_aux_metrics()
-            out[mode] = {"losses": losses, "grads": first}
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+    out = {"cp_ranks": dist.get_process_group_ranks(cpg.group), "pp_rank": pctx.pp_rank}
+    for mode in MODES:
+        stage = V4Stage(cfg, pp_rank=pctx.pp_rank, pp_size=2, cp=cpg)
+        stage.init_weights(3)
+        stage.train().attention_mode = mode
+        opt = torch.optim.SGD(stage.parameters(), lr=STAGE_LR)
+        losses, first = [], None
+        for _ in range(STAGE_STEPS):
+            opt.zero_grad(set_to_none=True)
+            logged = forward_backward(forward_step, iter(batch), stage, num_microbatches=1,
+                                      seq_length=STAGE_T // 2, micro_batch_size=1,
+                                      hidden_size=cfg.hc_mult * cfg.dim, pctx=pctx)
+            _sum_over_cp(stage, pctx)
+            for p in stage.shared_embedding_parameters():  # the embedding copies of the first and last stage
+                dist.all_reduce(p.grad, group=pctx.embedding_group)
+            if logged:
+                loss = logged[0]["loss"].clone()
+                dist.all_reduce(loss, group=cpg.group)
+                losses.append(loss)
+            if first is None:
+                first = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+            opt.step()
+            stage.pop_aux_metrics()
+        out[mode] = {"losses": torch.stack(losses) if losses else None, "grads": first}
+    return out
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_cp2_with_pp2_matches_one_rank_for_three_steps():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_pp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x pp=2 stage parity")
-        got = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    got = run_in_world(_pp_cp_rank, (), 4, {"cp": 2, "pp": 2}, deadline_s=900, what="cp=2 x pp=2 stage parity")
     assert got[0]["cp_ranks"] == [0, 1] and [g["pp_rank"] for g in got] == [0, 0, 1, 1]
-    ids, pos, labels = _stage_batch()
-    n_valid = int((labels != -100).sum())
-    for mode in MODES:
-        losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
-        assert torch.allclose(torch.stack(got[2][mode]["losses"]), torch.stack(losses), rtol=1e-5, atol=0), mode
-        stage_grads = {**got[0][mode]["grads"], **got[2][mode]["grads"]}  # the first and the last stage
-        assert set(stage_grads) == set(grads), mode
-        for name, grad in grads.items():
-            _close(stage_grads[name], grad, 1e-4, f"cp=2 pp=2 {mode} grad {name}")
-
-
-def _dp_cp_rank_main(rank: int, port: int, out_dir: str) -> None:
-    """(cp, dp) = (2, 2) on 4 ranks: each data-parallel replica takes one of two sequences, split over
-    its CP pair; the loss is its replica's mean, and gradients are summed over Megatron's data x context
-    parallel group and divided by dp (the trainer's data-parallel mean)."""
-    import torch.distributed as dist
-
-    from v4train.model.transformer import V4Stage
-    from v4train.parallel import groups
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=4)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=2, cp=2)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp)
-        ids, pos, labels = _two_sequences()
-        mine = slice(pctx.dp_rank, pctx.dp_rank + 1)
-        n_valid = int((labels[mine] != -100).sum())
-
-        def reduce_grads(stage):
-            for p in stage.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=pctx.dp_cp_group)
-                    p.grad.div_(pctx.dp)
-
-        out = {"dp_cp_ranks": dist.get_process_group_ranks(pctx.dp_cp_group)}
-        for mode in MODES:
-            stage = V4Stage(_stage_cfg(), pp_rank=0, pp_size=1, cp=cpg)
-            stage.init_weights(3)
-            local = (shard_tokens(t[mine], 2, cpg.rank) for t in (ids, pos, labels))
-            losses, grads = _train_stage(stage.train(), mode, *local, n_valid, reduce_grads)
-            total = torch.stack(losses)
-            dist.all_reduce(total, group=pctx.dp_cp_group)
-            out[mode] = {"losses": total / pctx.dp, "grads": grads}
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+    last = got[2]
+    for mode in MODES:  # the last stage's losses; the first and the last stage's gradients
+        last[mode]["grads"] = {**got[0][mode]["grads"], **got[2][mode]["grads"]}
+    _assert_stage_parity(last, _stage_batch(), "cp=2 pp=2")
 
 
 def _two_sequences():
@@ -499,16 +390,26 @@ def _two_sequences():
     return torch.cat((ids, ids2)), pos.repeat(2, 1), torch.cat((labels, labels2))
 
 
+def _replica_sequence(pctx):
+    """Data-parallel replica r takes sequence r of :func:`_two_sequences`."""
+    ids, pos, labels = (t[pctx.dp_rank:pctx.dp_rank + 1] for t in _two_sequences())
+    return ids, pos, labels, int((labels != -100).sum())
+
+
+def _dp_mean_over_dp_cp(stage, pctx):
+    """The trainer's data-parallel mean under CP: summed over Megatron's data x context parallel group, / dp."""
+    for p in stage.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=pctx.dp_cp_group)
+            p.grad.div_(pctx.dp)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_cp2_with_dp2_matches_one_rank_for_three_steps():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_dp_cp_rank_main, (free_ports(1)[0], tmp), 4, deadline_s=900, what="cp=2 x dp=2 stage parity")
-        got = torch.load(Path(tmp) / "rank0.pt", weights_only=False)
-    assert got["dp_cp_ranks"] == [0, 1, 2, 3]
-    ids, pos, labels = _two_sequences()
-    n_valid = int((labels != -100).sum())
-    for mode in MODES:
-        losses, grads = _train_stage(_new_stage(), mode, ids, pos, labels, n_valid, lambda stage: None)
-        assert torch.allclose(got[mode]["losses"], torch.stack(losses), rtol=1e-5, atol=0), mode
-        for name, grad in grads.items():
-            _close(got[mode]["grads"][name], grad, 1e-4, f"cp=2 dp=2 {mode} grad {name}")
+    """(cp, dp) = (2, 2) on 4 ranks: each data-parallel replica takes one of two sequences, split over its
+    CP pair; the loss is its replica's mean."""
+    got = run_in_world(_stage_rank, (_replica_sequence, _dp_mean_over_dp_cp), 4, {"cp": 2, "dp": 2},
+                       deadline_s=900, what="cp=2 x dp=2 stage parity")
+    assert got[0]["dp_cp_ranks"] == [0, 1, 2, 3]
+    _assert_stage_parity(got[0], _two_sequences(), "cp=2 dp=2")
