@@ -72,6 +72,10 @@ class DistributedAdamW(torch.optim.AdamW):
         piece = self._piece[id(param)][1]
         return None if piece is None else (piece.lo, piece.hi)
 
+    def sharded_params(self) -> list[torch.Tensor]:
+        """Every parameter this optimizer shards (all of its parameters, whichever rank owns which range)."""
+        return [p for s in self._shards for p in s.params]
+
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
     def reduce_scatter_gradients(self, divisor: int) -> None:
