@@ -115,16 +115,21 @@ def _assert_distributed_optimizer_parity(pool, dataset, tmp_path, layout, make_w
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_distributed_optimizer_checkpoint_resumes_without_it_and_at_another_dp(rank_pool, tiny_dataset, tmp_path):
-    """A checkpoint written with the distributed optimizer at DP 4 resumes without it at DP 4 (the straight
-    run's losses, 1e-6) and with it at PP 2 x DP 2 (1e-5: another reduction order)."""
+    """A checkpoint written with the distributed optimizer at DP 4 (AdamW moments in element ranges, Muon momentum
+    with whole-matrix owners) resumes without it at DP 4 (the straight run's losses, 1e-6) and with it at PP 2 x
+    DP 2 (1e-5: another reduction order); one written without it at DP 4 resumes with it at DP 2 (1e-5)."""
     def job(parallel, distributed):
         return tiny_job(tiny_dataset, parallel=parallel, train={"steps": 4, "distributed_optimizer": distributed},
                         checkpoint={"every_steps": 2, "at_end": True})
 
     straight, _, _ = run_job(rank_pool, job({"dp": 4}, True), tmp_path / "straight")
-    for name, parallel, distributed, rel in (("plain_dp4", {"dp": 4}, False, 1e-6),
-                                             ("zero1_pp2dp2", {"pp": 2, "dp": 2}, True, 1e-5)):
-        shutil.copytree(tmp_path / "straight" / "step_00000002", tmp_path / name / "step_00000002")
+    plain, _, _ = run_job(rank_pool, job({"dp": 4}, False), tmp_path / "plain")
+    for a, b in zip(straight, plain, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), b["step"]
+    for name, source, parallel, distributed, rel in (("plain_dp4", "straight", {"dp": 4}, False, 1e-6),
+                                                     ("zero1_pp2dp2", "straight", {"pp": 2, "dp": 2}, True, 1e-5),
+                                                     ("zero1_dp2_from_plain", "plain", {"dp": 2}, True, 1e-5)):
+        shutil.copytree(tmp_path / source / "step_00000002", tmp_path / name / "step_00000002")
         resumed, events, _ = run_job(rank_pool, job(parallel, distributed), tmp_path / name,
                                      resume_from="step_00000002")
         assert events[0]["event"] == "start" and events[0]["step"] == 2

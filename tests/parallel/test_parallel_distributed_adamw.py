@@ -1,8 +1,8 @@
 """parallel.distributed_adamw: 4 gloo ranks (dense parameters over all 4, experts over pairs) against torch
 AdamW on the mean gradients: the local gradients are reduce-scattered, each rank keeps the moments of one equal
 range of the flat parameters (a parameter bigger than the total / DP straddles ranks), the parameters after 3
-steps are bit-identical to AdamW's, the gathered state equals AdamW's, and a plain AdamW state resumes in the
-distributed one.
+steps are bit-identical to AdamW's, the gathered state equals AdamW's, a plain AdamW state resumes in the
+distributed one, and the distributed state of DP 4 resumes at DP 2.
 
 The gradients are multiples of 1/64 of magnitude below 4, so every sum of them is exact in fp32 and gloo's
 reduce-scatter (whose summation order need not be the all-reduce's) gives the same mean bit for bit."""
@@ -86,6 +86,7 @@ def _rank(rank: int, port: int, world: int, out_dir: str) -> None:
         plain_state = [{k: v.clone() for k, v in reference.state[p].items()} for p in plain]
         with global_state(distributed):
             gathered = [{k: v.clone() for k, v in distributed.state[p].items()} for p in mine]
+            saved = copy.deepcopy(distributed.state_dict())
         after = [distributed.owned_range(p) is not None and p in distributed.state for p in mine]
         params = [p.detach().clone() for p in mine]
         # resume: the plain optimizer's state loaded into a fresh distributed one, then one more step each
@@ -101,8 +102,19 @@ def _rank(rank: int, port: int, world: int, out_dir: str) -> None:
             p.grad = g
         resumed.reduce_scatter_gradients(WORLD)
         resumed.step()
+        # another data-parallel size: the state written at DP 4 resumed with the dense parameters over pairs
+        # (DP 2) and the experts unsharded; the mean gradients given directly (the reduction is tested above)
+        again = [torch.nn.Parameter(p.clone()) for p in params]
+        regrouped = DistributedAdamW(_groups(again), **SETTINGS, shard_groups=[(expert_group, again[:n]),
+                                                                             (None, again[n:])])
+        with global_state(regrouped):
+            regrouped.load_state_dict(saved)
+        for p, g in zip(again, _mean_grads(3, rank), strict=True):
+            p.grad = g
+        regrouped.step()
         torch.save({"params": params, "plain_params": [p.detach() for p in plain], "plain_state": plain_state,
-                    "resumed": [p.detach() for p in fresh], "gathered": gathered, "ranges": ranges,
+                    "resumed": [p.detach() for p in fresh],
+                    "regrouped": [p.detach() for p in again], "gathered": gathered, "ranges": ranges,
                     "state_numel": state_numel, "after": after, "owned_grads": owned_grads,
                     "last_mean": _mean_grads(2, rank)}, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -126,6 +138,8 @@ def test_distributed_adamw_equals_adamw_bitwise(four_ranks):
         # a step before the resume: every parameter bit-identical to AdamW's; after the resume step as well
         assert not all(torch.equal(a, b) for a, b in zip(res["params"], res["plain_params"], strict=True))
         for got, want in zip(res["resumed"], res["plain_params"], strict=True):
+            assert torch.equal(got, want), rank
+        for got, want in zip(res["regrouped"], res["plain_params"], strict=True):
             assert torch.equal(got, want), rank
         for got, want in zip(res["gathered"], res["plain_state"], strict=True):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), rank
