@@ -83,10 +83,11 @@ class TrainSpec(_Strict):
     in full precision. ``distributed_muon`` (with ``optimizer: muon``) updates each Muon matrix on one
     rank of its data-parallel group (routed experts: expert-data-parallel group) and shares the update,
     instead of every replica repeating the whole Newton-Schulz (``parallel/distributed_muon.py``, spec 6);
-    the momentum lives with its owner, checkpoints stay global. ``distributed_optimizer`` (ZeRO-1) also keeps
-    each AdamW parameter's moments on one rank of its data-parallel group (routed experts: expert-data-parallel)
-    and implies ``distributed_muon`` for the Muon matrices (``parallel/distributed_adamw.py``); checkpoints
-    stay global, so a run resumes with or without it at any data-parallel size. ``recompute`` is the activation
+    the momentum lives with its owner, checkpoints stay global. ``distributed_optimizer`` (ZeRO-1) also shards
+    the AdamW moments over the data-parallel group (routed experts: expert-data-parallel) in equal element
+    ranges of the flat parameters, reduce-scatters their gradients into the owned range and all-gathers the
+    updated parameters, and implies ``distributed_muon`` for the Muon matrices (``parallel/distributed_adamw.py``);
+    checkpoints stay global, so a run resumes with or without it at any data-parallel size. ``recompute`` is the activation
     recompute of every V4 block (``model/recompute.py``): ``none`` keeps every activation, ``selective`` re-runs each
     attention and MoE sub-layer in the backward, ``full`` keeps only each block's input streams and re-runs
     the block; MoE routing is replayed, never re-decided, so all three train the same model. ``precision: bf16``
