@@ -413,15 +413,18 @@ def clip_grad_norm_(
     params = list(params)
     excluded = {id(p) for p in exclude_from_norm}
     grads = [p.grad for p in params if p.grad is not None]
-    # Per-tensor norms in fp32, their squares summed in fp64 so the cross-stage sum loses nothing;
-    # on the parameters' device, which is the one the group's backend communicates from.
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+    # Per-tensor norms and their square sum in fp64: the total then does not depend, to fp32's precision of the
+    # clip coefficient, on how the gradients are cut into tensors (the distributed optimizer counts element
+    # ranges, the plain run whole tensors; Muon's orthogonalisation magnifies a last-bit difference in a
+    # near-singular gradient), and the cross-stage sum loses nothing. On the parameters' device, which is the
+    # one the group's backend communicates from.
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64)
              for p in params if p.grad is not None and id(p) not in excluded]
-    norms += [torch.linalg.vector_norm(g, dtype=torch.float32) for g in shard_grads]
+    norms += [torch.linalg.vector_norm(g, dtype=torch.float64) for g in shard_grads]
     device = params[0].device if params else torch.device("cpu")
     square_sum = torch.zeros((), dtype=torch.float64, device=device)
     if norms:
-        square_sum = torch.stack(norms).double().square().sum()
+        square_sum = torch.stack(norms).square().sum()
     if group is not None:
         dist.all_reduce(square_sum, op=dist.ReduceOp.SUM, group=group)
     total_norm = math.sqrt(square_sum.item())
