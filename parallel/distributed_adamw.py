@@ -78,10 +78,11 @@ class DistributedAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
-    def reduce_scatter_gradients(self, divisor: int) -> None:
+    def reduce_scatter_gradients(self, divisor: int, reduced: Sequence[torch.Tensor] = ()) -> None:
         """Each group's gradients summed over its ranks and divided by ``divisor`` (data parallel: the DP size,
         for the dense mean and the expert sum over expert-DP alike), into this rank's owned range of each
-        ``.grad`` only; the rest of a ``.grad`` keeps its local, unreduced value and is never read.
+        ``.grad`` only; the rest of a ``.grad`` keeps its local, unreduced value and is never read. The gradients
+        of ``reduced`` (parameters the caller has already reduced over the group) are left as they are.
 
         As :func:`parallel.data_parallel.all_reduce_gradients`: a gradient that is None on some ranks counts as
         zero there and is materialised, one that is None on every rank stays None (AdamW skips it). Collective
@@ -101,8 +102,9 @@ class DistributedAdamW(torch.optim.AdamW):
             for p, u in zip(shard.params, used.tolist(), strict=True):
                 if u and p.grad is None:
                     p.grad = torch.zeros_like(p)
-            shard.reduce_scatter([p.grad if p.grad is not None else torch.zeros_like(p) for p in shard.params],
-                                 divisor)
+            skip = {id(p) for p in reduced}
+            shard.reduce_scatter([p.grad if p.grad is not None and id(p) not in skip else torch.zeros_like(p)
+                                  for p in shard.params], divisor)
             for p, u in zip(shard.params, used.tolist(), strict=True):
                 if not u:
                     p.grad = None

@@ -113,12 +113,12 @@ class StepEngine:
         dp; the embedding copies of the first and last stage: summed.
 
         With ``train.distributed_optimizer`` the AdamW parameters' gradients are reduce-scattered instead, each
-        rank receiving its owned range only (:mod:`parallel.distributed_adamw`), and the embedding copies are
-        summed first: the two stages lay out different parameters, so their owned ranges differ."""
+        rank receiving its owned range only (:mod:`parallel.distributed_adamw`); the embedding copies are still
+        all-reduced whole (the two stages lay out different parameters, so their owned ranges differ), in the
+        plain run's order."""
         g = self.groups
-        if self.zero is not None and g.shared:
-            all_reduce_gradients(g.shared, self.pctx.embedding_group, average=False)
         sharded = set() if self.zero is None else {id(p) for p in self.zero.sharded_params()}
+        sharded -= {id(p) for p in g.shared}
         all_reduce_gradients([p for p in g.dense if id(p) not in sharded], self.pctx.dp_group)
         expert = [p for p in g.expert if id(p) not in sharded]
         all_reduce_gradients(expert, self.pctx.expert_dp_group, average=False)
@@ -126,10 +126,10 @@ class StepEngine:
             for p in expert:
                 if p.grad is not None:
                     p.grad.div_(self.pctx.dp)
-        if self.zero is not None:
-            self.zero.reduce_scatter_gradients(self.pctx.dp)
-        elif g.shared:
+        if g.shared:
             all_reduce_gradients(g.shared, self.pctx.embedding_group, average=False)
+        if self.zero is not None:
+            self.zero.reduce_scatter_gradients(self.pctx.dp, reduced=g.shared)
 
     def clip_gradients(self) -> tuple[float, bool]:
         """Clip to ``train.grad_clip`` by the global norm; (that norm, whether it is finite on every rank:
