@@ -6,8 +6,9 @@ and peak resident memory and step time per recompute mode, each beside `v4train 
 
 ``optimizer``: DP = 1, 2, 4 gloo ranks (spawned processes) each build the ``nano`` stage and the job's optimizer
 (Muon + AdamW) with and without ``train.distributed_optimizer`` (dense parameters over the data-parallel group,
-routed experts over the expert-data-parallel group, here the same group), take one step on random gradients
-and count the bytes of their optimizer state (moments and momentum; step counters left out).
+routed experts over the expert-data-parallel group, here the same group: AdamW moments in equal element ranges,
+Muon matrices whole by the FLOP-balanced partition), take one step on random gradients and count the bytes of
+their optimizer state (moments and momentum; step counters left out).
 
 ``recompute``: for each sequence length and ``train.recompute`` mode, one run of ``v4train submit`` on
 ``clusters/local-sim-1.yaml`` (one Ray rank worker; ``nano``, micro-batch 1, global batch 1, no evaluation or
@@ -150,12 +151,13 @@ def main() -> int:
     try:
         if "optimizer" in sections:
             results["optimizer"] = rows = optimizer_section()
-            print("\n| DP | optimizer state per rank, replicated | distributed (largest rank) | ratio to DP 1 |")
-            print("|---|---|---|---|")
+            print("\n| DP | replicated | distributed, largest rank | smallest rank | largest / DP 1 | 1 / DP |")
+            print("|---|---|---|---|---|---|")
             for r in rows:
-                mib = r["distributed_max_bytes"] / 2**20
-                print(f"| {r['dp']} | {r['plain_bytes'] / 2**20:.1f} MiB | {mib:.1f} MiB "
-                      f"| {r['distributed_max_bytes'] / rows[0]['distributed_max_bytes']:.3f} |")
+                print(f"| {r['dp']} | {r['plain_bytes'] / 2**20:.1f} MiB "
+                      f"| {r['distributed_max_bytes'] / 2**20:.1f} MiB "
+                      f"| {r['distributed_min_bytes'] / 2**20:.1f} MiB "
+                      f"| {r['distributed_max_bytes'] / rows[0]['distributed_max_bytes']:.3f} | {1 / r['dp']:.3f} |")
         if "recompute" in sections:
             seqs = [int(s) for s in args.seqs.split(",")]
             results["recompute"] = rows = recompute_section(tmp, seqs, args.steps, args.timeout)

@@ -1,27 +1,31 @@
-"""Distributed AdamW (ZeRO-1 at parameter granularity): each parameter's moments live on one rank of its
-data-parallel group (``train.distributed_optimizer``).
+"""Distributed AdamW (ZeRO-1 at element granularity): each rank of a data-parallel group keeps the AdamW
+state of one equal, contiguous range of the group's parameters (``train.distributed_optimizer``).
 
-* **Ownership.** Each parameter of a data-parallel group is owned by exactly one of its ranks, by the balanced
-  partition :func:`parallel.distributed_muon.partition_units` of the parameters' element counts (a pure
-  function of the model and the group size: every rank computes the same table without talking). Dense
-  parameters are partitioned over the data-parallel group, routed experts over the expert-data-parallel
-  group, as :class:`parallel.distributed_muon.DistributedMuon` partitions its matrices.
-* **Step.** The owner updates its parameters with torch AdamW's own arithmetic (same foreach kernels, so the
-  result is bit-identical to the non-distributed AdamW) and keeps their ``exp_avg``/``exp_avg_sq``; one
-  ``all_gather`` per group then hands every rank the updated values of the parameters it does not own.
-  Gradients arrive already all-reduced (the trainer's data-parallel sync, which also feeds the global
-  gradient norm and clipping), so the optimizer state and the update work are what is divided by the
-  group size.
+* **Ownership.** A group's AdamW parameters (dense over the data-parallel group, routed experts over the
+  expert-data-parallel group) are laid end to end in one flat index space in the optimizer's order, padded to
+  a multiple of the group size and cut into equal ranges (:class:`parallel.ownership.FlatShard`, Megatron's
+  ``DistributedOptimizer`` layout): a parameter may straddle ranks, so the state per rank is 1/DP of the
+  group's elements whatever the largest parameter (an embedding or a head bigger than the total / DP
+  included). A pure function of the model and the group size: every rank derives the same table.
+* **Gradients** are reduce-scattered, not all-reduced (:meth:`DistributedAdamW.reduce_scatter_gradients`):
+  each rank receives the group's mean gradient of its own range only, which also makes it the one rank that
+  counts those elements in the global gradient norm (:meth:`DistributedAdamW.owned_gradients`).
+* **Step.** The owner runs torch AdamW's own step on 1-D views of its owned ranges (state ``exp_avg`` /
+  ``exp_avg_sq`` of the range's length, ``step`` per parameter), so every element follows AdamW's
+  arithmetic exactly; one ``all_gather`` per group then gives every rank the updated parameters.
 * **Checkpoints stay global**: :meth:`DistributedAdamW.gather_state` rebuilds every parameter's whole state on
-  every rank (one all-reduce of the zero-padded moments per group, exact because each parameter has one
-  non-zero contributor) and :meth:`DistributedAdamW.scatter_state` drops the foreign state again, so a
-  checkpoint written with it loads without it, at another data-parallel size, and the reverse
-  (``parallel.optim.global_state``).
+  every rank (an all-gather of the owned ranges and a MAX all-reduce of the step counts) and
+  :meth:`DistributedAdamW.scatter_state` keeps the owned ranges again, so a checkpoint written with it loads
+  without it, at another data-parallel size, and the reverse (``parallel.optim.global_state``).
 
-Megatron-core's ``DistributedOptimizer`` is not used: it needs Megatron's ``DistributedDataParallel`` grad
-buffers (contiguous per-dtype buffers of Megatron modules, bucketed reduce-scatter hooks) and its
-``MegatronOptimizer`` wrapper around the whole model chunk, while the trainer's stage is a plain module with
-its own gradient sync and a hybrid Muon + AdamW optimizer whose Muon part already distributes whole matrices.
+Muon matrices are not in these ranges: Newton-Schulz runs on whole matrices only, so each Muon matrix is owned
+whole by one rank (:mod:`parallel.distributed_muon`), which keeps its momentum.
+
+Megatron-core's ``DistributedOptimizer`` is not used: it needs Megatron's ``DistributedDataParallel`` around a
+Megatron module (its contiguous per-dtype param-and-grad buffers with bucketed reduce-scatter hooks, which own
+``param.main_grad``) and wraps the whole model chunk in a ``MegatronOptimizer``; the trainer's stage is a plain
+module with its own gradient sync, a hybrid Muon + AdamW optimizer whose Muon part owns whole matrices, and
+global checkpoints through PyTorch DCP. The layout is Megatron's; the module is ours.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from v4train.parallel import groups
-from v4train.parallel.distributed_muon import partition_units
+from v4train.parallel.ownership import FlatShard, resolve_shard_groups
 
 __all__ = ["DistributedAdamW"]
 
@@ -40,14 +44,15 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class DistributedAdamW(torch.optim.AdamW):
-    """torch AdamW whose state and update of each parameter live on one rank of its ``shard_groups`` group.
+    """torch AdamW whose state and update of each element live on one rank of its ``shard_groups`` group.
 
     Args:
-        params: as for AdamW (named groups allowed).
+        params: as for AdamW (named groups allowed); contiguous fp32 (or one dtype per shard group) tensors.
         shard_groups: ``(process group or None, parameters)`` pairs covering every parameter exactly once.
         **adamw_settings: lr, betas, eps, weight_decay, ... (no ``amsgrad``, ``fused`` or ``capturable``).
     Raises:
-        ValueError: a parameter in no or in two shard groups, a foreign parameter, or an unsupported setting.
+        ValueError: a parameter in no or in two shard groups, a foreign parameter, a non-contiguous parameter,
+            or an unsupported setting.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *,
@@ -56,111 +61,142 @@ class DistributedAdamW(torch.optim.AdamW):
         if any(g["amsgrad"] or g["fused"] or g["capturable"] for g in self.param_groups):
             raise ValueError("DistributedAdamW: amsgrad, fused and capturable are not supported")
         held = [p for group in self.param_groups for p in group["params"]]
-        index = {id(p): i for i, p in enumerate(held)}
-        self._owner: dict[int, bool] = {}
-        self._shards: list[tuple[dist.ProcessGroup | None, int, list[torch.Tensor], list[int]]] = []
-        for group, group_params in shard_groups:
-            group_params = list(group_params)
-            for p in group_params:
-                if id(p) not in index:
-                    raise ValueError(f"DistributedAdamW: a shard_groups parameter of shape {tuple(p.shape)} "
-                                     "is not one of the optimizer's parameters")
-                if id(p) in self._owner:
-                    raise ValueError(f"DistributedAdamW: the parameter of shape {tuple(p.shape)} is in two "
-                                     "shard_groups")
-                self._owner[id(p)] = False
-            group_params.sort(key=lambda p: index[id(p)])  # the optimizer's order, the same on every rank
-            size = dist.get_world_size(group) if group is not None else 1
-            rank = dist.get_rank(group) if group is not None else 0
-            owners = partition_units([p.numel() for p in group_params], size)
-            for p, o in zip(group_params, owners, strict=True):
-                self._owner[id(p)] = o == rank
-            self._shards.append((group, size, group_params, owners))
-        missing = [p for p in held if id(p) not in self._owner]
-        if missing:
-            raise ValueError(f"DistributedAdamW: {len(missing)} parameter(s) (first of shape "
-                             f"{tuple(missing[0].shape)}) are in no shard_groups entry")
+        self._shards = [FlatShard(ps, group) for group, ps in resolve_shard_groups("DistributedAdamW", held,
+                                                                                   shard_groups)]
+        # param -> (its shard, this rank's piece of it or None)
+        self._piece = {id(p): (s, s.piece_of(i)) for s in self._shards for i, p in enumerate(s.params)}
 
-    def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank updates ``param`` and keeps its moments; KeyError for a foreign tensor."""
-        return self._owner[id(param)]
+    def owned_range(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """The flat elements ``[lo, hi)`` of ``param`` whose state this rank keeps; None when it keeps none.
+        KeyError for a foreign tensor."""
+        piece = self._piece[id(param)][1]
+        return None if piece is None else (piece.lo, piece.hi)
 
+    def sharded_params(self) -> list[torch.Tensor]:
+        """Every parameter this optimizer shards (all of its parameters, whichever rank owns which range)."""
+        return [p for s in self._shards for p in s.params]
+
+    # ------------------------------------------------------------------ gradients
+    @torch.no_grad()
+    def reduce_scatter_gradients(self, divisor: int, reduced: Sequence[torch.Tensor] = ()) -> None:
+        """Each group's gradients summed over its ranks and divided by ``divisor`` (data parallel: the DP size,
+        for the dense mean and the expert sum over expert-DP alike), into this rank's owned range of each
+        ``.grad`` only; the rest of a ``.grad`` keeps its local, unreduced value and is never read. The gradients
+        of ``reduced`` (parameters the caller has already reduced over the group) are left as they are.
+
+        As :func:`parallel.data_parallel.all_reduce_gradients`: a gradient that is None on some ranks counts as
+        zero there and is materialised, one that is None on every rank stays None (AdamW skips it). Collective
+        over every shard group. Raises ValueError for a sparse gradient."""
+        for shard in self._shards:
+            if not shard.params:
+                continue
+            for p in shard.params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"DistributedAdamW: sparse gradient of shape {tuple(p.shape)} is not supported")
+            used = torch.tensor([p.grad is not None for p in shard.params], dtype=torch.int32,
+                                device=shard.params[0].device)
+            if shard.size > 1:
+                dist.all_reduce(used, op=dist.ReduceOp.MAX, group=shard.group)
+            if not used.any():
+                continue
+            for p, u in zip(shard.params, used.tolist(), strict=True):
+                if u and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            skip = {id(p) for p in reduced}
+            shard.reduce_scatter([p.grad if p.grad is not None and id(p) not in skip else torch.zeros_like(p)
+                                  for p in shard.params], divisor)
+            for p, u in zip(shard.params, used.tolist(), strict=True):
+                if not u:
+                    p.grad = None
+
+    def owned_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(param, 1-D view of its gradient's owned range)`` for every parameter with a gradient of which
+        this rank owns a part: the reduced values, what this rank counts in the global gradient norm."""
+        out = []
+        for shard in self._shards:
+            for pc in shard.pieces:
+                p = shard.params[pc.index]
+                if p.grad is not None:
+                    out.append((p, p.grad.view(-1)[pc.lo: pc.hi]))
+        return out
+
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """AdamW on the owned parameters, then every group's updated values exchanged (collective over each
-        shard group; all its ranks must agree on which parameters have a gradient)."""
+        """AdamW on the owned ranges, then every group's updated parameters all-gathered (collective over each
+        shard group; all its ranks must agree on which parameters have a gradient, as after
+        :meth:`reduce_scatter_gradients`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         everything = [group["params"] for group in self.param_groups]
+        views: dict[int, torch.Tensor] = {}  # id(param) -> the 1-D view of its owned range AdamW steps
         try:
             for group in self.param_groups:
-                group["params"] = [p for p in group["params"] if self._owner[id(p)]]
+                stepped = []
+                for p in group["params"]:
+                    piece = self._piece[id(p)][1]
+                    if piece is None or p.grad is None:
+                        continue
+                    view = p.detach().view(-1)[piece.lo: piece.hi]
+                    view.grad = p.grad.view(-1)[piece.lo: piece.hi]
+                    if p in self.state:
+                        self.state[view] = self.state.pop(p)
+                    views[id(p)] = view
+                    stepped.append(view)
+                group["params"] = stepped
             super().step()
         finally:
             for group, params in zip(self.param_groups, everything, strict=True):
                 group["params"] = params
-        for group, size, params, owners in self._shards:
-            if size > 1:
-                self._exchange(group, size, params, owners)
+                for p in params:
+                    view = views.get(id(p))
+                    if view is not None and view in self.state:
+                        self.state[p] = self.state.pop(view)
+        for shard in self._shards:
+            if shard.size > 1 and any(p.grad is not None for p in shard.params):
+                shard.all_gather([p.detach() for p in shard.params])
         return loss
 
-    @staticmethod
-    def _exchange(group, size: int, params: list[torch.Tensor], owners: list[int]) -> None:
-        """Every rank's updated parameters, packed and padded to the longest, in one all_gather."""
-        stepped = [(p, o) for p, o in zip(params, owners, strict=True) if p.grad is not None]
-        per_rank = [[p for p, o in stepped if o == r] for r in range(size)]
-        lengths = [sum(p.numel() for p in ps) for ps in per_rank]
-        if not any(lengths):
-            return
-        rank = dist.get_rank(group)
-        dtype = stepped[0][0].dtype
-        packed = torch.zeros(max(lengths), dtype=dtype, device=stepped[0][0].device)
-        if per_rank[rank]:
-            torch.cat([p.detach().reshape(-1) for p in per_rank[rank]], out=packed[:lengths[rank]])
-        received = [torch.empty_like(packed) for _ in range(size)]
-        dist.all_gather(received, packed, group=group)
-        for r, ps in enumerate(per_rank):
-            if r == rank:
-                continue
-            offset = 0
-            for p in ps:
-                p.copy_(received[r][offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
-
+    # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()
     def gather_state(self) -> None:
-        """Give every rank every parameter's whole state (``step``, ``exp_avg``, ``exp_avg_sq``), as the
-        non-distributed AdamW holds it: one all-reduce of the zero-padded moments and one of the step counts
-        (max) per shard group. A parameter never stepped gets AdamW's initial state (zeros, step 0). Collective;
-        call before saving or loading a checkpoint and :meth:`scatter_state` after."""
-        for group, size, params, _ in self._shards:
-            if not params:
+        """Give every rank every parameter's whole state (``step``, ``exp_avg``, ``exp_avg_sq``, shaped as the
+        parameter), as the non-distributed AdamW holds it: per shard group one all-gather of the owned ranges
+        of each moment and one MAX all-reduce of the step counts. A parameter never stepped gets AdamW's
+        initial state (zeros, step 0). Collective; call before saving or loading a checkpoint and
+        :meth:`scatter_state` after."""
+        for shard in self._shards:
+            if not shard.params:
                 continue
-            moments = [[self.state[p][k] if self.state.get(p) else torch.zeros_like(p) for p in params]
-                       for k in _MOMENTS]
             steps = torch.stack([self.state[p]["step"] if self.state.get(p) else torch.zeros((), dtype=torch.float32)
-                                 for p in params])
-            flat = torch.cat([t.reshape(-1) for ts in moments for t in ts])
-            if size > 1:
-                dist.all_reduce(flat, group=group)
-                steps = groups.all_reduce_on(steps, flat.device, group, dist.ReduceOp.MAX)
-            offset = 0
-            whole: dict[str, list[torch.Tensor]] = {}
-            for k, ts in zip(_MOMENTS, moments, strict=True):
-                whole[k] = []
-                for t in ts:
-                    whole[k].append(flat[offset: offset + t.numel()].view_as(t).clone())
-                    offset += t.numel()
-            for i, p in enumerate(params):
+                                 for p in shard.params])
+            if shard.size > 1:
+                steps = groups.all_reduce_on(steps, shard.params[0].device, shard.group, dist.ReduceOp.MAX)
+            whole = {}
+            for k in _MOMENTS:
+                ts = [torch.zeros_like(p) for p in shard.params]
+                for pc in shard.pieces:
+                    state = self.state.get(shard.params[pc.index])
+                    if state:
+                        ts[pc.index].view(-1)[pc.lo: pc.hi] = state[k]
+                shard.all_gather(ts)
+                whole[k] = ts
+            for i, p in enumerate(shard.params):
                 self.state[p] = {"step": steps[i].clone(), "exp_avg": whole["exp_avg"][i],
                                  "exp_avg_sq": whole["exp_avg_sq"][i]}
 
     @torch.no_grad()
     def scatter_state(self) -> None:
-        """Drop the state of the parameters this rank does not own (after :meth:`gather_state` or a checkpoint
-        load). Local, no communication."""
-        for p in [p for p in self.state if not self._owner[id(p)]]:
-            del self.state[p]
-
+        """Keep only the owned ranges of the whole state :meth:`gather_state` (or a checkpoint load) left: a
+        parameter this rank owns nothing of loses its state. Local, no communication."""
+        for p in list(self.state):
+            state = self.state[p]
+            piece = self._piece[id(p)][1]
+            if piece is None or not state:
+                del self.state[p]
+                continue
+            for k in _MOMENTS:
+                if state[k].shape == p.shape:  # whole: keep a fresh copy of the owned range only
+                    state[k] = state[k].reshape(-1)[piece.lo: piece.hi].clone()

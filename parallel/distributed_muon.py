@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from v4train.parallel import groups
 from v4train.parallel.muon import Muon, MuonSplit, hybrid_newton_schulz
+from v4train.parallel.ownership import all_gather_packed, group_rank_size, resolve_shard_groups
 from v4train.parallel.tensor_parallel import TensorParallel, full_shape, gather_full, is_sharded, shard_of
 
 __all__ = ["DistributedMuon", "MuonUnit", "muon_units", "newton_schulz_flops", "partition_units"]
@@ -137,32 +138,15 @@ class DistributedMuon(Muon):
     ):
         super().__init__(params, **muon_settings)
         held = [p for group in self.param_groups for p in group["params"]]
-        index = {id(p): i for i, p in enumerate(held)}
-        seen: set[int] = set()
         self._group_of: dict[int, dict] = {id(p): g for g in self.param_groups for p in g["params"]}
         self._shards: list[_Shard] = []
-        for group, group_params in shard_groups:
-            group_params = list(group_params)
-            for p in group_params:
-                if id(p) not in index:
-                    raise ValueError(f"DistributedMuon: a shard_groups parameter of shape {tuple(p.shape)} "
-                                     "is not one of the optimizer's parameters")
-                if id(p) in seen:
-                    raise ValueError(f"DistributedMuon: the parameter of shape {tuple(p.shape)} is in two "
-                                     "shard_groups")
-                seen.add(id(p))
-            group_params.sort(key=lambda p: index[id(p)])  # the optimizer's order, the same on every rank
+        for group, group_params in resolve_shard_groups("DistributedMuon", held, shard_groups):
             units = muon_units([full_shape(p, self._tp) for p in group_params],
                                [getattr(p, "muon_split", None) for p in group_params])
-            size = dist.get_world_size(group) if group is not None else 1
+            rank, size = group_rank_size(group)
             costs = [newton_schulz_flops(u.shape, len(self._group_of[id(group_params[u.param])]["ns_steps"]))
                      for u in units]
-            self._shards.append(_Shard(group, dist.get_rank(group) if group is not None else 0, size,
-                                       group_params, units, partition_units(costs, size)))
-        missing = [p for p in held if id(p) not in seen]
-        if missing:
-            raise ValueError(f"DistributedMuon: {len(missing)} parameter(s) (first of shape "
-                             f"{tuple(missing[0].shape)}) are in no shard_groups entry")
+            self._shards.append(_Shard(group, rank, size, group_params, units, partition_units(costs, size)))
 
     # ------------------------------------------------------------------ ownership
     def owned_blocks(self, param: torch.Tensor) -> list[int]:
@@ -251,14 +235,9 @@ class DistributedMuon(Muon):
         for k in active:
             by_rank[shard.owners[k]].append(k)
         width = max(sum(numel[k] for k in ks) for ks in by_rank)
-        packed = torch.zeros(width, dtype=torch.float32, device=shard.params[0].device)
-        if mine:
-            packed[: sum(numel[k] for k in mine)] = torch.cat([local[k].reshape(-1) for k in mine])
-        if shard.size > 1:
-            received = [torch.empty_like(packed) for _ in range(shard.size)]
-            dist.all_gather(received, packed, group=shard.group)
-        else:
-            received = [packed]
+        local = torch.cat([local[k].reshape(-1).float() for k in mine]) if mine \
+            else torch.zeros(0, dtype=torch.float32, device=shard.params[0].device)
+        received = all_gather_packed(shard.group, local, width)
         # 4. apply: decoupled weight decay, then the update
         full_update: dict[int, torch.Tensor] = {}
         for rank, ks in enumerate(by_rank):

@@ -44,7 +44,7 @@ from v4train.parallel.tensor_parallel import is_sharded
 
 __all__ = [
     "ALGORITHMS", "HybridOptimizer", "build_optimizer", "clip_grad_norm_", "describe_assignment",
-    "global_state", "initial_state",
+    "distributed_adamw_of", "global_state", "initial_state",
 ]
 
 ALGORITHMS = ("muon", "adamw")
@@ -270,6 +270,13 @@ class _MergedState(MutableMapping):
             opt.state.clear()
 
 
+def distributed_adamw_of(optimizer: torch.optim.Optimizer | HybridOptimizer) -> DistributedAdamW | None:
+    """The :class:`parallel.distributed_adamw.DistributedAdamW` of ``optimizer`` (itself or a part of a
+    :class:`HybridOptimizer`); None without one."""
+    optimizers = optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else (optimizer,)
+    return next((opt for opt in optimizers if isinstance(opt, DistributedAdamW)), None)
+
+
 @contextlib.contextmanager
 def global_state(optimizer: torch.optim.Optimizer | HybridOptimizer) -> Iterator[None]:
     """Inside the block, ``optimizer.state`` holds every parameter's whole state on every rank, as a
@@ -378,6 +385,7 @@ def clip_grad_norm_(
     group: dist.ProcessGroup | None,
     *,
     exclude_from_norm: Iterable[torch.nn.Parameter] = (),
+    shard_grads: Iterable[torch.Tensor] = (),
 ) -> float:
     """Global L2 norm of the gradients of the whole model; clip them to ``max_norm`` with one scale.
 
@@ -396,20 +404,27 @@ def clip_grad_norm_(
         group: the ranks whose square sums add up (pipeline group or world); None for one process.
         exclude_from_norm: parameters scaled with the rest but not counted in the norm here: a copy
             another rank counts.
+        shard_grads: views of gradients of ``params`` counted in the norm but not scaled on their own (the
+            scaling of their gradient reaches them): a distributed optimizer's owned, reduce-scattered ranges,
+            whose parameters are in ``exclude_from_norm``.
     Returns:
         The norm before clipping (float).
     """
     params = list(params)
     excluded = {id(p) for p in exclude_from_norm}
     grads = [p.grad for p in params if p.grad is not None]
-    # Per-tensor norms in fp32, their squares summed in fp64 so the cross-stage sum loses nothing;
-    # on the parameters' device, which is the one the group's backend communicates from.
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+    # Per-tensor norms and their square sum in fp64: the total then does not depend, to fp32's precision of the
+    # clip coefficient, on how the gradients are cut into tensors (the distributed optimizer counts element
+    # ranges, the plain run whole tensors; Muon's orthogonalisation magnifies a last-bit difference in a
+    # near-singular gradient), and the cross-stage sum loses nothing. On the parameters' device, which is the
+    # one the group's backend communicates from.
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64)
              for p in params if p.grad is not None and id(p) not in excluded]
+    norms += [torch.linalg.vector_norm(g, dtype=torch.float64) for g in shard_grads]
     device = params[0].device if params else torch.device("cpu")
     square_sum = torch.zeros((), dtype=torch.float64, device=device)
     if norms:
-        square_sum = torch.stack(norms).double().square().sum()
+        square_sum = torch.stack(norms).square().sum()
     if group is not None:
         dist.all_reduce(square_sum, op=dist.ReduceOp.SUM, group=group)
     total_norm = math.sqrt(square_sum.item())

@@ -36,7 +36,10 @@ class ParameterGroups:
     buckets); ``shared``: held by the first and the last
     stage (the embedding, for MTP), summed over the embedding group; ``norm_excluded``: left out of this
     rank's share of the global gradient norm (so every distinct tensor counts once over the world);
-    ``frozen_in_warmup``: everything but the Lightning Indexer (frozen during its warm-up).
+    ``frozen_in_warmup``: everything but the Lightning Indexer (frozen during its warm-up);
+    ``norm_replicas``: the part of ``norm_excluded`` another rank counts for a reason other than data
+    parallelism (a TP-replicated tensor off TP rank 0, the last stage's embedding copy): what a distributed
+    optimizer, whose owned ranges split the data-parallel copies, still leaves out.
     """
 
     params: list
@@ -45,6 +48,7 @@ class ParameterGroups:
     shared: list
     norm_excluded: list
     frozen_in_warmup: list
+    norm_replicas: list
 
 
 def build_stage(job: JobSpec, cfg, pctx, placement=None) -> tuple[V4Stage, TensorParallel]:
@@ -97,10 +101,14 @@ def group_parameters(stage: V4Stage, pctx) -> ParameterGroups:
         or (id(p) not in expert_ids
             and (pctx.dp_rank != 0 or pctx.cp_rank != 0 or (pctx.tp_rank != 0 and not is_sharded(p))))
     ]
+    norm_replicas = [
+        p for p in params
+        if id(p) in last_copy or (id(p) not in expert_ids and pctx.tp_rank != 0 and not is_sharded(p))
+    ]
     indexer = {id(p) for p in stage.indexer_parameters()}
     return ParameterGroups(params=params, expert=expert, dense=[p for p in params if id(p) not in expert_ids],
                            shared=shared, norm_excluded=norm_excluded,
-                           frozen_in_warmup=[p for p in params if id(p) not in indexer])
+                           frozen_in_warmup=[p for p in params if id(p) not in indexer], norm_replicas=norm_replicas)
 
 
 def build_rank_optimizer(stage: V4Stage, job: JobSpec, pctx):

@@ -30,7 +30,7 @@ from v4train.parallel.context_parallel import shard_tokens
 from v4train.parallel.data_parallel import all_reduce_gradients
 from v4train.parallel.fp8 import fp8_autocast_context
 from v4train.parallel.mixed_precision import MixedPrecision
-from v4train.parallel.optim import clip_grad_norm_
+from v4train.parallel.optim import clip_grad_norm_, distributed_adamw_of
 from v4train.parallel.schedules import forward_backward
 
 __all__ = ["StepEngine"]
@@ -61,6 +61,7 @@ class StepEngine:
         self.schedule_model = self.stage.chunks() if job.parallel.vp > 1 else self.stage
         self.groups = group_parameters(self.stage, pctx)
         self.optimizer = build_rank_optimizer(self.stage, job, pctx)
+        self.zero = distributed_adamw_of(self.optimizer)  # train.distributed_optimizer's AdamW part, or None
         self.precision = MixedPrecision(self.stage, job.train.precision)
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.abort = AbortSwitch()  # set from the heartbeat thread when a peer has failed
@@ -129,29 +130,45 @@ class StepEngine:
         context parallel group, each CP rank holding its share of its replica's gradient, divided by dp);
         routed experts: sum over the expert-data-parallel group (each expert's rank already holds the
         gradient of every token dispatched to it), divided by dp; the embedding copies of the first and
-        last stage: summed."""
+        last stage: summed.
+
+        With ``train.distributed_optimizer`` the AdamW parameters' gradients are reduce-scattered instead, each
+        rank receiving its owned range only (:mod:`parallel.distributed_adamw`); the embedding copies are still
+        all-reduced whole (the two stages lay out different parameters, so their owned ranges differ), in the
+        plain run's order."""
         g = self.groups
+        sharded = set() if self.zero is None else {id(p) for p in self.zero.sharded_params()}
+        sharded -= {id(p) for p in g.shared}
+        dense = [p for p in g.dense if id(p) not in sharded]
         if self.pctx.cp > 1:
-            all_reduce_gradients(g.dense, self.pctx.dp_cp_group, average=False)
+            all_reduce_gradients(dense, self.pctx.dp_cp_group, average=False)
             if self.pctx.dp > 1:
-                for p in g.dense:
+                for p in dense:
                     if p.grad is not None:
                         p.grad.div_(self.pctx.dp)
         else:
-            all_reduce_gradients(g.dense, self.pctx.dp_group)
-        all_reduce_gradients(g.expert, self.pctx.expert_dp_group, average=False)
+            all_reduce_gradients(dense, self.pctx.dp_group)
+        expert = [p for p in g.expert if id(p) not in sharded]
+        all_reduce_gradients(expert, self.pctx.expert_dp_group, average=False)
         if self.pctx.dp > 1:
-            for p in g.expert:
+            for p in expert:
                 if p.grad is not None:
                     p.grad.div_(self.pctx.dp)
         if g.shared:
             all_reduce_gradients(g.shared, self.pctx.embedding_group, average=False)
+        if self.zero is not None:
+            self.zero.reduce_scatter_gradients(self.pctx.dp, reduced=g.shared)
 
     def clip_gradients(self) -> tuple[float, bool]:
         """Clip to ``train.grad_clip`` by the global norm; (that norm, whether it is finite on every rank:
         one MAX all-reduce over the world)."""
+        excluded, shard_grads = self.groups.norm_excluded, []
+        if self.zero is not None:  # each owned range counted by its owner, a replica's range by nobody
+            replicas = {id(p) for p in self.groups.norm_replicas}
+            excluded = excluded + self.zero.sharded_params()
+            shard_grads = [g for p, g in self.zero.owned_gradients() if id(p) not in replicas]
         grad_norm = clip_grad_norm_(self.groups.params, self.job.train.grad_clip, dist.group.WORLD,
-                                    exclude_from_norm=self.groups.norm_excluded)
+                                    exclude_from_norm=excluded, shard_grads=shard_grads)
         bad = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return grad_norm, bad.item() == 0.0

@@ -83,16 +83,17 @@ class TrainSpec(_Strict):
     in full precision. ``distributed_muon`` (with ``optimizer: muon``) updates each Muon matrix on one
     rank of its data-parallel group (routed experts: expert-data-parallel group) and shares the update,
     instead of every replica repeating the whole Newton-Schulz (``parallel/distributed_muon.py``, spec 6);
-    the momentum lives with its owner, checkpoints stay global. ``distributed_optimizer`` (ZeRO-1) also keeps
-    each AdamW parameter's moments on one rank of its data-parallel group (routed experts: expert-data-parallel)
-    and implies ``distributed_muon`` for the Muon matrices (``parallel/distributed_adamw.py``); checkpoints
-    stay global, so a run resumes with or without it at any data-parallel size. ``recompute`` is the activation
-    recompute of every V4 block (``model/recompute.py``): ``none`` keeps every activation, ``selective`` re-runs each
-    attention and MoE sub-layer in the backward, ``full`` keeps only each block's input streams and re-runs
-    the block; MoE routing is replayed, never re-decided, so all three train the same model. ``precision: bf16``
-    computes the forward and backward with bf16 copies of the weights (fp32 where V4 keeps fp32: mHC, norms,
-    compressors, router, sinks) while the optimizer, the gradient reduction and checkpoints stay on fp32
-    masters (``parallel/mixed_precision.py``); gradients accumulate over micro-batches in fp32.
+    the momentum lives with its owner, checkpoints stay global. ``distributed_optimizer`` (ZeRO-1) also shards
+    the AdamW moments over the data-parallel group (routed experts: expert-data-parallel) in equal element
+    ranges of the flat parameters, reduce-scatters their gradients into the owned range and all-gathers the
+    updated parameters, and implies ``distributed_muon`` for the Muon matrices (``parallel/distributed_adamw.py``);
+    checkpoints stay global, so a run resumes with or without it at any data-parallel size. ``recompute`` is the
+    activation recompute of every V4 block (``model/recompute.py``): ``none`` keeps every activation,
+    ``selective`` re-runs each attention and MoE sub-layer in the backward, ``full`` keeps only each block's input
+    streams and re-runs the block; MoE routing is replayed, never re-decided, so all three train the same model.
+    ``precision: bf16`` computes the forward and backward with bf16 copies of the weights (fp32 where V4 keeps
+    fp32: mHC, norms, compressors, router, sinks) while the optimizer, the gradient reduction and checkpoints stay
+    on fp32 masters (``parallel/mixed_precision.py``); gradients accumulate over micro-batches in fp32.
 
     The LR rises linearly over ``warmup_steps`` to ``lr``, then decays with a cosine to ``lr * min_lr_ratio``
     at ``steps``. ``micro_batch_size`` sequences form one pipeline micro-batch; each data-parallel rank runs

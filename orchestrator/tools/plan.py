@@ -14,10 +14,12 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
 - ``parameters``, ``gradients``, ``optimizer``: the stage's parameters (dense ones split over TP, routed
   experts over EP), as the trainer holds them (every term follows a job option, :func:`state_bytes`): fp32
   parameters (``train.precision: fp32``) or fp32 masters plus their bf16 compute copies during a step
-  (``bf16``, ``parallel/mixed_precision.py``), fp32 gradients, and the optimizer's two fp32 moments per
-  parameter (AdamW; Muon's single momentum is counted as two, an upper bound). Nothing is counted as sharded
-  over data parallelism, even with ``train.distributed_optimizer``: it owns whole parameters, which does not
-  reach 1/DP of the state when a few tensors dominate (BENCHMARKS.md), so the replicated state is the bound.
+  (``bf16``, ``parallel/mixed_precision.py``), fp32 gradients, and the optimizer state (:func:`optimizer_bytes`):
+  two fp32 moments per parameter (AdamW; Muon's single momentum is counted as two, an upper bound). With
+  ``train.distributed_optimizer`` (and only then) the optimizer term is divided by the group each part is
+  sharded over: the data-parallel size for dense parameters, the expert-data-parallel size (tp x cp x dp / ep)
+  for routed experts (AdamW in equal element ranges, exactly 1/DP; Muon matrices whole by a FLOP-balanced
+  partition, 1/DP on average). Parameters and gradients stay replicated (ZeRO-1).
 - ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
   saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
   micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
@@ -63,6 +65,7 @@ from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buff
                                                     head_weight_elements, mhc_elements, stage_parameters)
 
 __all__ = ["RUNTIME_BASELINE_MB", "BF16_ACTIVATION_BYTES", "RECOMPUTE_MODES", "FIT_FRACTION", "state_bytes",
+           "optimizer_bytes",
            "Layout", "Shape", "StageMemory", "Plan",
            "stage_parameters", "activation_elements", "cp_buffer_elements", "planned_stage_layers", "plan_layout",
            "plan_job", "suggest", "job_shapes"]
@@ -154,14 +157,25 @@ class Plan:
 
 # ------------------------------------------------------------------ one layout
 def state_bytes(precision: str) -> dict[str, float]:
-    """Bytes per parameter (``param``, ``grad``, ``optim``, ``staging``: the asynchronous checkpoint's copy of
-    the fp32 parameters and moments), per activation element (``act``) and per communicated value (``comm``)
-    under ``train.precision`` (module docstring); ValueError naming ``precision`` otherwise."""
+    """Bytes per parameter (``param``, ``grad``, ``staging``: the asynchronous checkpoint's copy of the fp32
+    parameters and moments; the optimizer state is :func:`optimizer_bytes`), per activation element (``act``)
+    and per communicated value (``comm``) under ``train.precision`` (module docstring); ValueError naming
+    ``precision`` otherwise."""
     if precision == "bf16":
-        return {"param": 4 + 2, "grad": 4, "optim": 8, "act": BF16_ACTIVATION_BYTES, "comm": 2, "staging": 12}
+        return {"param": 4 + 2, "grad": 4, "act": BF16_ACTIVATION_BYTES, "comm": 2, "staging": 12}
     if precision == "fp32":
-        return {"param": 4, "grad": 4, "optim": 8, "act": 4, "comm": 4, "staging": 12}
+        return {"param": 4, "grad": 4, "act": 4, "comm": 4, "staging": 12}
     raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
+
+
+def optimizer_bytes(cfg, layout: Layout, distributed: bool) -> list[float]:
+    """Optimizer-state bytes of one rank of each pipeline stage (module docstring): two fp32 moments per
+    parameter, dense parameters split over TP and routed experts over EP; with ``distributed``
+    (``train.distributed_optimizer``) divided over the data-parallel (dense) and expert-data-parallel (experts)
+    groups."""
+    tp, ep = layout.tp, layout.ep
+    dp, edp = (layout.dp, max(1, tp * layout.cp * layout.dp // ep)) if distributed else (1, 1)
+    return [8 * (dense / tp / dp + expert / ep / edp) for _, dense, expert in stage_parameters(cfg, layout.pp)]
 
 
 def _capacity(cluster) -> float:
@@ -257,11 +271,12 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     stage_time = [c * mbs / (tp * cp) * (4 / 3 if layout.recompute != "none" else 1) for c in costs.of_stages(sizes)]
     stages = []
     asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
+    optimizer = optimizer_bytes(cfg, layout, job.train.distributed_optimizer)
     for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp, sizes)):
         local = dense / tp + expert / ep
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
                  "gradients": local * b["grad"]}
-        parts["optimizer"] = local * b["optim"]
+        parts["optimizer"] = optimizer[r]
         parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"]))
         stage = StageMemory(r, layers, dense, expert, parts)
         staging = local * b["staging"] if asynchronous else 0.0

@@ -8,13 +8,14 @@ micro-batch 4 x 256 tokens), measured on a shared 2-core machine: per-rank probe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from v4train.orchestrator.tools.cli import main
-from v4train.orchestrator.tools.plan import (Layout, Shape, activation_elements, plan_job, plan_layout,
+from v4train.orchestrator.tools.plan import (Layout, Shape, activation_elements, job_shapes, plan_job, plan_layout,
                                              stage_parameters, suggest)
 from v4train.orchestrator.tools.plan_cli import load_job_for_plan
 from v4train.orchestrator.spec import load_cluster
@@ -158,3 +159,21 @@ def test_plan_matches_a_live_run(tmp_path):
     measured = max(json.loads(line)["peak_rss_mb"] for line in (run / "metrics.jsonl").read_text().splitlines())
     job, cfg, cluster, layout = _demo("nano", ["checkpoint.every_steps=0"])
     assert plan_job(cfg, job, cluster, layout).peak.total / 2**20 == pytest.approx(measured, rel=0.25)
+
+
+def test_distributed_optimizer_divides_only_the_optimizer_state():
+    """train.distributed_optimizer: each stage's optimizer term is 1/DP of the replicated one (dense over DP,
+    experts over expert-DP: here the same 2 ranks), parameters and gradients unchanged; off, no division."""
+    job, cfg, cluster, layout = _demo()
+    on, _, _, _ = _demo(extra=("train.distributed_optimizer=true",))
+    assert layout.dp == 2 and not job.train.distributed_optimizer
+    shape = job_shapes(job)[0]
+    plain, sharded = plan_layout(cfg, job, cluster, layout, shape), plan_layout(cfg, on, cluster, layout, shape)
+    for a, b in zip(plain.stages, sharded.stages, strict=True):
+        assert b.parts["optimizer"] == pytest.approx(a.parts["optimizer"] / 2)
+        assert a.parts["optimizer"] == 8 * (a.dense_params + a.expert_params)
+        assert (b.parts["parameters"], b.parts["gradients"]) == (a.parts["parameters"], a.parts["gradients"])
+    # 4 data-parallel ranks with 2 expert-parallel: dense over 4, experts over 2
+    wide = dataclasses.replace(layout, pp=1, dp=4, ep=2)
+    (stage,) = plan_layout(cfg, on, cluster, wide, shape).stages
+    assert stage.parts["optimizer"] == pytest.approx(8 * (stage.dense_params / 4 + stage.expert_params / 2 / 2))

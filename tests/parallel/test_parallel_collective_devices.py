@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from v4train.parallel import groups
-from v4train.parallel.distributed_adamw import DistributedAdamW
+from v4train.parallel.ownership import FlatShard
 
 
 def test_collective_device_is_the_ranks_gpu_under_nccl_and_the_cpu_under_gloo(monkeypatch):
@@ -33,14 +33,19 @@ def test_all_reduce_on_runs_the_collective_on_the_given_device(monkeypatch):
     assert got.device == steps.device and torch.equal(got, torch.tensor([6.0, 10.0]))
 
 
-def test_distributed_adamw_exchange_buffer_is_on_the_parameters_device(monkeypatch):
-    """The packed buffer of updated values, which enters all_gather, is made on the parameters' device."""
+def test_flat_shard_buffers_are_on_the_parameters_device(monkeypatch):
+    """The distributed optimizer's flat buffers, which enter reduce_scatter_tensor and all_gather, are made on the
+    parameters' device."""
     params = [torch.empty(4, 3, device="meta"), torch.empty(5, device="meta")]
-    for p in params:
-        p.grad = torch.empty_like(p)
     seen = []
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "reduce_scatter_tensor",
+                        lambda out, t, group=None: seen.append(("reduce_scatter", out.device, t.device)))
     monkeypatch.setattr(dist, "all_gather",
-                        lambda out, t, group=None: seen.append([t.device] + [o.device for o in out]))
-    DistributedAdamW._exchange(None, 2, params, [0, 1])
-    assert seen == [[torch.device("meta")] * 3]
+                        lambda out, t, group=None: seen.append(("all_gather", t.device, *[o.device for o in out])))
+    shard = FlatShard(params, object())
+    shard.reduce_scatter([torch.empty_like(p) for p in params], 2)
+    shard.all_gather(params)
+    meta = torch.device("meta")
+    assert seen == [("reduce_scatter", meta, meta), ("all_gather", meta, meta, meta)]
