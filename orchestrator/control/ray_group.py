@@ -38,6 +38,11 @@ __all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port", "PREFLIGHT_T
 
 # How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
 PREFLIGHT_TIMEOUT_S = 5.0
+# How long new rank actors may take to start (seconds). An actor answers nothing, heartbeats included, until
+# its process has imported torch and Megatron-core, which on a loaded machine takes minutes (Ray runs its
+# workers at niceness 15); counted against the call's stall timeout, a whole new group (after a node loss)
+# would fail as a stall of rank 0 before it reached the rendezvous.
+START_TIMEOUT_S = 600.0
 # How long a placement group may take to be ready before the live nodes are asked again and the group
 # placed anew (seconds): a node may be lost between the question and the placement.
 PLACE_RETRY_S = 15.0
@@ -161,9 +166,11 @@ class RayRankGroup:
         return fn()
 
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
-        """Rank 0 opens the rendezvous on its node's data-plane address; every rank checks that it reaches
-        it and the checkpoint root (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        """Every rank's process is started (bounded by :data:`START_TIMEOUT_S`); rank 0 opens the rendezvous on
+        its node's data-plane address; every rank checks that it reaches it and the checkpoint root
+        (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
         request = dataclasses.replace(request, supervisor_node=ray.get_runtime_context().get_node_id())
+        self._wait([a.pid.remote() for a in self.actors], "start", max(timeout_s, START_TIMEOUT_S))
         address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
         self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
                    timeout_s)
