@@ -67,16 +67,22 @@ def _reachable(address: str, port: int, timeout_s: float) -> bool:
         return False
 
 
-def live_nodes(nodes: list[dict], timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[LiveNode], list[str]]:
+def live_nodes(nodes: list[dict], here: str | None = None,
+               timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[LiveNode], list[str]]:
     """The nodes of ``nodes`` (``ray.nodes()`` entries) that Ray calls alive and whose raylet
     (``NodeManagerAddress:NodeManagerPort``) accepts a TCP connection within ``timeout_s``, in Ray's order;
-    and the ids of those Ray calls alive that did not answer. The probes run in parallel."""
+    and the ids of those Ray calls alive that did not answer. The probes run in parallel; node ``here`` (the
+    caller's own) is not probed: it is alive."""
     alive = [n for n in nodes if n["Alive"]]
     if not alive:
         return [], []
+
+    def answers_probe(node: dict) -> bool:
+        return node["NodeID"] == here or _reachable(node["NodeManagerAddress"], int(node["NodeManagerPort"]),
+                                                    timeout_s)
+
     with ThreadPoolExecutor(max_workers=len(alive)) as pool:
-        answers = list(pool.map(lambda n: _reachable(n["NodeManagerAddress"], int(n["NodeManagerPort"]), timeout_s),
-                                alive))
+        answers = list(pool.map(answers_probe, alive))
     live = [LiveNode(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]))
             for n, ok in zip(alive, answers, strict=True) if ok]
     silent = [n["NodeID"] for n, ok in zip(alive, answers, strict=True) if not ok]
@@ -126,7 +132,7 @@ def place_group(world_size: int, nodes: int, per_rank: dict[str, float], timeout
     here = ray.get_runtime_context().get_node_id()
     deadline = time.monotonic() + timeout_s
     while True:
-        live, silent = live_nodes(ray.nodes())
+        live, silent = live_nodes(ray.nodes(), here)
         plan = plan_placement(live, world_size, nodes, per_rank, here, silent)
         selectors = plan.selectors if any(plan.selectors) else None
         pg = placement_group(plan.bundles, strategy=plan.strategy, bundle_label_selector=selectors)

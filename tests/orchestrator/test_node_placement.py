@@ -68,5 +68,8 @@ def test_live_nodes_keep_the_nodes_whose_raylet_answers():
         nodes = [_ray_node("up", listening.getsockname()[1]), _ray_node("gone", closed.getsockname()[1]),
                  _ray_node("dead", listening.getsockname()[1], alive=False)]
         live, silent = live_nodes(nodes, timeout_s=2.0)
-    assert [n.node_id for n in live] == ["up"] and live[0].resources == {"CPU": 2.0}
-    assert silent == ["gone"]
+        assert [n.node_id for n in live] == ["up"] and live[0].resources == {"CPU": 2.0}
+        assert silent == ["gone"]
+        # the caller's own node is alive whatever its port says
+        live, silent = live_nodes(nodes, here="gone", timeout_s=2.0)
+        assert [n.node_id for n in live] == ["up", "gone"] and silent == []
