@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["NODE_ID_LABEL", "PROBE_TIMEOUT_S", "LiveNode", "Placement", "PlacementError", "live_nodes",
+__all__ = ["NODE_ID_LABEL", "PROBE_TIMEOUT_S", "LiveNode", "Placement", "NodePlacementError", "live_nodes",
            "plan_placement", "place_group"]
 
 NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
@@ -30,7 +30,7 @@ NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
 PROBE_TIMEOUT_S = 3.0
 
 
-class PlacementError(RuntimeError):
+class NodePlacementError(RuntimeError):
     """The live nodes cannot hold the group's ranks; the message names what is missing."""
 
 
@@ -97,7 +97,7 @@ def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: 
     Spread (``nodes`` > 1 dividing ``world_size``, and ``nodes`` live nodes that each hold ``world_size //
     nodes`` ranks): one bundle per node, bundle ``i`` pinned to the ``i``-th such node, rank ``r`` in bundle
     ``r // (world_size // nodes)``. Otherwise one bundle per rank, ``PACK``, kept off the ``unreachable``
-    nodes (the ones Ray still calls alive). Raises PlacementError when the live nodes together hold fewer
+    nodes (the ones Ray still calls alive). Raises NodePlacementError when the live nodes together hold fewer
     than ``world_size`` ranks.
     """
     order = sorted(live, key=lambda n: n.node_id != here)  # stable: Ray's order after the supervisor's node
@@ -111,7 +111,7 @@ def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: 
     room = sum(n.holds(per_rank) for n in live)
     if room < world_size:
         have = ", ".join(f"{n.address} {n.resources}" for n in order) or "none"
-        raise PlacementError(f"{world_size} ranks of {per_rank} each do not fit on the live Ray nodes "
+        raise NodePlacementError(f"{world_size} ranks of {per_rank} each do not fit on the live Ray nodes "
                              f"(room for {room}; live: {have}; unreachable: {len(unreachable)})")
     selector = {NODE_ID_LABEL: f"!in({', '.join(unreachable)})"} if unreachable else {}
     return Placement([dict(per_rank)] * world_size, "PACK", [dict(selector) for _ in range(world_size)],
@@ -123,7 +123,7 @@ def place_group(world_size: int, nodes: int, per_rank: dict[str, float], timeout
     """Create a ready placement group for the ranks on the nodes alive now; returns ``(group, bundle_of)``.
 
     A group not ready within ``retry_s`` (a node lost after it was probed) is removed and placed anew on the
-    nodes alive then. Raises PlacementError when the live nodes cannot hold the ranks, or when no group is
+    nodes alive then. Raises NodePlacementError when the live nodes cannot hold the ranks, or when no group is
     ready within ``timeout_s``.
     """
     import ray
@@ -143,5 +143,5 @@ def place_group(world_size: int, nodes: int, per_rank: dict[str, float], timeout
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
             if time.monotonic() >= deadline:
-                raise PlacementError(f"placement group of {len(plan.bundles)} bundle(s) {plan.bundles[0]} "
+                raise NodePlacementError(f"placement group of {len(plan.bundles)} bundle(s) {plan.bundles[0]} "
                                      f"({plan.strategy}) not ready within {timeout_s:.0f} s") from None

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from v4train.orchestrator.control.node_placement import (NODE_ID_LABEL, LiveNode, PlacementError, live_nodes,
+from v4train.orchestrator.control.node_placement import (NODE_ID_LABEL, LiveNode, NodePlacementError, live_nodes,
                                                          plan_placement)
 
 
@@ -51,7 +51,7 @@ def test_a_node_too_small_for_a_node_share_is_not_spread_on():
 
 
 def test_ranks_that_fit_nowhere_are_refused_naming_the_room():
-    with pytest.raises(PlacementError, match=r"8 ranks .* do not fit on the live Ray nodes \(room for 4"):
+    with pytest.raises(NodePlacementError, match=r"8 ranks .* do not fit on the live Ray nodes \(room for 4"):
         plan_placement([_node(0)], world_size=8, nodes=2, per_rank={"CPU": 1}, here="id0", unreachable=["id1"])
 
 
