@@ -9,8 +9,11 @@ of ``v4train submit`` (:class:`orchestrator.control.supervisor.Supervisor`) over
 :class:`orchestrator.control.torchrun_group.TorchrunRankGroup`: the same plans, decisions (evaluation,
 checkpoints, spike rollback, non-finite handling, anticipatory routing), metrics and events, and the same
 commit protocol, so ``v4train resume`` and ``--resume`` here both continue from its checkpoints. Rank 0
-writes ``metrics.jsonl`` and ``events.jsonl``. What it leaves out: heartbeats (a stalled peer is bounded by
-the collective timeout) and in-place recovery (a failed rank ends the job; rerun with ``--resume``).
+writes ``metrics.jsonl`` and ``events.jsonl``. Before joining, every process runs the job's preflight and its
+node's: the cluster file's ``interface`` exists on this host (gloo and NCCL use it) and the rendezvous host
+answers; a process that fails one exits 2 with one line naming its host. What it leaves out: heartbeats (a
+stalled peer is bounded by the collective timeout) and in-place recovery (a failed rank ends the job; rerun
+with ``--resume``).
 
 It is also the baseline that measures what the Ray control plane costs (``benchmarks/control_plane.py``).
 """
@@ -24,6 +27,9 @@ import sys
 from pathlib import Path
 
 __all__ = ["main", "rank_env"]
+
+# How long the rendezvous host may take to answer this node's probe before the node cannot join (seconds).
+REACH_TIMEOUT_S = 10.0
 
 
 def rank_env(environ=os.environ) -> tuple[int, int, str]:
@@ -52,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run this rank of the job; returns the exit code (2: bad input, 1: a failure)."""
     args = _parser().parse_args(argv)
+    from v4train.orchestrator.control.rendezvous import PreflightError
     from v4train.orchestrator.rank.devices import PlacementError, resolve_placement
     from v4train.orchestrator.spec import SpecError, load_cluster, load_job
 
@@ -68,15 +75,29 @@ def main(argv: list[str] | None = None) -> int:
 
         # every process checks (it reads the dataset anyway), so none is left waiting at the rendezvous
         preflight(job, job.checkpoint.root or str(run_dir))
+        _node_preflight(cluster)
         # what this process cannot run as configured stops it here, in one line (the rank checks again)
         placement = resolve_placement(cluster.device if cluster else "cpu", cluster.backend if cluster else "gloo",
                                       job.train.fp8)
-    except (SpecError, ValueError, PlacementError) as exc:
+    except (SpecError, ValueError, PlacementError, PreflightError) as exc:
         print(f"v4train launch: error: {exc}", file=sys.stderr)
         return 2
     if rank == 0:
         print(f"v4train launch: {placement.describe()}", file=sys.stderr)
     return _run(job, cluster, run_dir, rank, world, init_method, args)
+
+
+def _node_preflight(cluster) -> None:
+    """This node's part of the setup checks: the cluster file's data-plane ``interface`` exists here (gloo and
+    NCCL are pointed at it) and the rendezvous host answers (:func:`rendezvous.reach_host`). Raises
+    ValueError or PreflightError naming this host: a node that cannot join fails at once, not at the
+    rendezvous timeout."""
+    from v4train.orchestrator.control import rendezvous
+
+    if cluster is not None and cluster.interface is not None:
+        rendezvous.interface_address(cluster.interface)
+        os.environ.update(rendezvous.socket_env(cluster.interface))
+    rendezvous.reach_host(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), REACH_TIMEOUT_S)
 
 
 def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, args) -> int:

@@ -4,7 +4,8 @@
 group and runs each operation of :class:`orchestrator.control.rank_group.RankGroup` on all of them. Any
 failure becomes a :class:`RankFailure` naming the rank: an exception or a dead actor as soon as Ray reports
 it (the other ranks may still be blocked in a collective), a stall when no rank's heartbeat moves for the
-call's timeout.
+call's timeout, a node loss when every rank of one node dies or stops answering heartbeats
+(:mod:`orchestrator.control.node_watch`).
 
 After a failure :meth:`RayRankGroup.rejoin` keeps the healthy rank processes: every survivor is asked to
 abandon its call (``RankWorker.abort``: a replica of a dead rank would otherwise compute its whole step
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import ray
 
-from v4train.orchestrator.control import rendezvous
+from v4train.orchestrator.control import node_placement, rendezvous
 from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.control.node_watch import NodeWatch
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.rank.trainer import RankTrainer
@@ -38,10 +40,14 @@ __all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port", "PREFLIGHT_T
 
 # How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
 PREFLIGHT_TIMEOUT_S = 5.0
-# How long a group spread one bundle per node may take to be placed before the ranks are packed on the
-# nodes that are left (seconds).
-SPREAD_WAIT_S = 60.0
-NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
+# How long new rank actors may take to start (seconds). An actor answers nothing, heartbeats included, until
+# its process has imported torch and Megatron-core, which on a loaded machine takes minutes (Ray runs its
+# workers at niceness 15); counted against the call's stall timeout, a whole new group (after a node loss)
+# would fail as a stall of rank 0 before it reached the rendezvous.
+START_TIMEOUT_S = 600.0
+# How long a placement group may take to be ready before the live nodes are asked again and the group
+# placed anew (seconds): a node may be lost between the question and the placement.
+PLACE_RETRY_S = 15.0
 
 
 def free_port() -> int:
@@ -122,41 +128,20 @@ class RayRankGroup:
 
         ``gpus_per_rank`` (1 on a GPU cluster) makes each actor hold that many GPUs; there a spare would
         hold a GPU it does not use, so none is started and a failed rank is replaced by a new actor. On CPU a
-        spare reserves no logical CPU: it only waits, its imports done. With ``nodes`` > 1 and
-        at least that many Ray nodes alive, the group has one bundle per node, each on its own Ray node
-        (``STRICT_SPREAD``), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive ranks
-        (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and data-parallel
-        replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map). Otherwise (one Ray
-        node simulating them, or fewer alive after a node loss, or the spread group not placed within
-        :data:`SPREAD_WAIT_S`) one bundle per rank, packed on the nodes there are.
+        spare reserves no logical CPU: it only waits, its imports done. The bundles go on the nodes that are
+        alive now (``node_placement.live_nodes``: Ray's alive nodes whose raylet answers, so a node lost
+        moments ago is left out at once and a replacement node is used): with ``nodes`` > 1 and that many
+        live nodes that each hold a node's ranks, one bundle per node, pinned to it (``STRICT_SPREAD``, the
+        supervisor's node first), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive
+        ranks (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and
+        data-parallel replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map).
+        Otherwise (one Ray node simulating them, or fewer live after a node loss) one bundle per rank,
+        packed on the live nodes.
         """
-        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        per_node = world_size // nodes
-        pg = None
-        if nodes > 1 and world_size % nodes == 0 and len(alive) >= nodes:
-            bundle = {"CPU": per_node, **({"GPU": gpus_per_rank * per_node} if gpus_per_rank else {})}
-            # node 0 (rank 0, the rendezvous) on the supervisor's own node when it can hold a node's ranks,
-            # so that node indices follow the cluster's order from its head
-            here = ray.get_runtime_context().get_node_id()
-            fits_here = any(n["NodeID"] == here and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
-                            for n in alive)
-            selector = [{NODE_ID_LABEL: here}] + [{}] * (nodes - 1) if fits_here else None
-            pg = placement_group([bundle] * nodes, strategy="STRICT_SPREAD", bundle_label_selector=selector)
-            bundle_of = [r // per_node for r in range(world_size)]
-            try:
-                # a node lost moments ago still counts as alive until Ray's health checks expire
-                ray.get(pg.ready(), timeout=min(timeout_s, SPREAD_WAIT_S))
-            except ray.exceptions.GetTimeoutError:
-                remove_placement_group(pg)
-                pg = None
-        if pg is None:
-            bundle = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-            pg = placement_group([bundle] * world_size, strategy="PACK")
-            bundle_of = list(range(world_size))
-            ray.get(pg.ready(), timeout=timeout_s)
+        per_rank = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        pg, bundle_of = node_placement.place_group(world_size, nodes, per_rank, timeout_s, PLACE_RETRY_S)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
         remote_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,
@@ -183,9 +168,11 @@ class RayRankGroup:
         return fn()
 
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
-        """Rank 0 opens the rendezvous on its node's data-plane address; every rank checks that it reaches
-        it and the checkpoint root (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        """Every rank's process is started (bounded by :data:`START_TIMEOUT_S`); rank 0 opens the rendezvous on
+        its node's data-plane address; every rank checks that it reaches it and the checkpoint root
+        (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
         request = dataclasses.replace(request, supervisor_node=ray.get_runtime_context().get_node_id())
+        self._wait([a.pid.remote() for a in self.actors], "start", max(timeout_s, START_TIMEOUT_S))
         address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
         self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
                    timeout_s)
@@ -274,17 +261,20 @@ class RayRankGroup:
     # ---------------------------------------------------------------- calls, failures, heartbeats
     def _run(self, fn: Callable, *args, timeout_s: float | None = None) -> list:
         """``fn(trainer, *args)`` on every rank's trainer; results ordered by rank."""
-        return self._wait([a.run.remote(fn, *args) for a in self.actors], fn.__name__, timeout_s)
+        return self._wait([a.run.remote(fn, *args) for a in self.actors], fn.__name__, timeout_s, watch_nodes=True)
 
-    def _wait(self, refs: list, method: str, timeout_s: float | None) -> list:
+    def _wait(self, refs: list, method: str, timeout_s: float | None, watch_nodes: bool = False) -> list:
         """Results of ``refs`` (one per rank). Raises RankFailure for the first rank that raises or dies (as
         soon as Ray reports it), or, when no rank has made progress for ``timeout_s`` (default: the group's),
-        a stall of the least advanced unfinished rank."""
+        a stall of the least advanced unfinished rank. With ``watch_nodes`` (a call of set-up ranks on
+        several nodes), a node whose every rank stops answering heartbeats while other nodes' ranks answer
+        is a ``node_lost`` (:class:`NodeWatch`)."""
         stall_after = self.timeout_s if timeout_s is None else timeout_s
         self._in_flight = list(refs)
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = list(refs)
         last_beats, last_change = None, time.monotonic()
+        watch = NodeWatch(self.nodes, last_change) if watch_nodes and self._multi_node else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=self.poll_s)
             if done:
@@ -294,6 +284,8 @@ class RayRankGroup:
                 last_change = time.monotonic()
                 continue
             beats = self._heartbeats(sorted(rank_of[p] for p in pending), method)
+            if watch is not None and (lost := watch.observe(beats, time.monotonic(), method)) is not None:
+                raise lost
             if beats != last_beats:
                 last_beats, last_change = beats, time.monotonic()
             elif time.monotonic() - last_change > stall_after:

@@ -23,7 +23,7 @@ import uuid
 import psutil
 
 __all__ = ["PreflightError", "interface_address", "interface_of", "data_plane", "socket_env", "tcp_url",
-           "RendezvousListener", "preflight"]
+           "RendezvousListener", "preflight", "reach_host"]
 
 # The environment variables gloo and NCCL read for the interface their sockets bind to.
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -134,3 +134,18 @@ def preflight(node_address: str, rendezvous: tuple[str, int], checkpoint_root: s
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not ok:
         raise PreflightError(f"{who} reads back something else than it wrote under {checkpoint_root}")
+
+
+def reach_host(address: str, port: int, timeout_s: float) -> None:
+    """Check from this node that the host of a rendezvous that may not listen yet (``MASTER_ADDR:MASTER_PORT``
+    under torchrun or srun, where rank 0 opens the store when it joins) answers: a connection accepted or
+    refused passes (the host is reached; the store comes later, and torch retries); a name that does not
+    resolve, no route, or no answer within ``timeout_s`` raises PreflightError naming this host."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            pass
+    except ConnectionRefusedError:
+        return
+    except OSError as exc:
+        raise PreflightError(f"host {_host()} cannot reach the rendezvous {address}:{port}: "
+                             f"{exc.strerror or exc}") from None

@@ -207,6 +207,11 @@ class SimCluster:
         """Take host ``host``'s link down: its processes live on but reach no other host."""
         _ip("link", "set", self.members[host].veth, "down")
 
+    def link_up(self, host: int) -> bool:
+        """Whether host ``host``'s interface is up (a ``partition`` drill takes it down from inside)."""
+        proc = _ip("-n", self.members[host].netns, "-o", "link", "show", NS_IFNAME, check=False)
+        return proc.returncode == 0 and "state UP" in proc.stdout
+
     # ------------------------------------------------------------------ teardown
     def down(self) -> None:
         """Kill every process in this cluster's namespaces, delete them and the bridge (idempotent)."""

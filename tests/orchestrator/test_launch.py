@@ -99,3 +99,28 @@ def test_torchrun_and_ray_write_the_same_records_with_evaluation_during_a_ramp(r
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("eval", "stage_change")] == \
         [("eval", 2), ("stage_change", 2), ("eval", 4)]
     assert [m["seq_len"] for m in _records(tmp_path / "ray" / "metrics.jsonl")] == [32, 32, 64, 64]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("master_addr, interface, expected", [
+    ("nosuch.invalid", None, r"host .* cannot reach the rendezvous nosuch\.invalid:29500"),
+    ("127.0.0.1", "nosuch0", r"interface 'nosuch0' has no IPv4 address on host "),
+])
+def test_a_node_that_cannot_join_stops_at_start_with_one_line(tiny_dataset, tmp_path, master_addr, interface,
+                                                               expected):
+    """The node preflight under torchrun/srun: a rendezvous host this node cannot reach, or a data-plane
+    interface it lacks, ends the process at once (exit 2, one line naming the host), not at a timeout."""
+    import re
+
+    job, cluster = tmp_path / "job.yaml", tmp_path / "cluster.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tiny_dataset)))
+    cluster.write_text(yaml.safe_dump({"name": "c", "devices_per_node": 1, "device": "cpu", "backend": "gloo",
+                                       **({"interface": interface} if interface else {})}))
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR=master_addr, MASTER_PORT="29500")
+    proc = subprocess.run([sys.executable, "-m", "v4train.orchestrator.launch", str(job), "--run-dir",
+                           str(tmp_path / "run"), "--cluster", str(cluster)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=env, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), lines
+    assert not (tmp_path / "run").exists()

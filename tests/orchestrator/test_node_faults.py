@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from v4train.orchestrator.control.node_watch import NodeWatch
 from v4train.orchestrator.control.rank_group import RankFailure
 from v4train.orchestrator.control.ray_group import RayRankGroup
 from v4train.orchestrator.faults import Fault, cut_link, parse_fault
@@ -59,3 +60,33 @@ def test_a_node_failure_is_never_rejoined_in_place(kind):
     group = RayRankGroup(actors=[object()] * 4, timeout_s=1.0, spares=[object()], make_spare=object)
     assert group.rejoin(RankFailure(2, kind, "node 10.0.0.2 lost", "train_step"), timeout_s=1.0) is False
     assert len(group.spares) == 1
+
+
+def _beats(answering: list[int], silent: list[int]) -> dict[int, dict]:
+    beats = {r: {"step": 3, "progress": 10, "phase": "forward"} for r in answering}
+    beats.update({r: {"step": -1, "progress": -1, "phase": "unresponsive"} for r in silent})
+    return beats
+
+
+def test_a_node_silent_to_heartbeats_while_others_answer_is_lost():
+    """A cut link: the node's ranks live on but answer nothing; the others (blocked on them) still answer."""
+    watch = NodeWatch(["10.0.0.1"] * 2 + ["10.0.0.2"] * 2, start=0.0, silence_s=20.0)
+    for now in (1.0, 10.0, 19.0):
+        assert watch.observe(_beats([0, 1], [2, 3]), now, "train_step") is None
+    lost = watch.observe(_beats([0, 1], [2, 3]), 21.0, "train_step")
+    assert (lost.rank, lost.kind, lost.method) == (2, "node_lost", "train_step")
+    assert lost.message.startswith("node 10.0.0.2 unreachable: ranks 2-3 answered no heartbeat for 21 s")
+
+
+def test_a_partly_silent_node_or_a_silent_cluster_is_no_node_loss():
+    watch = NodeWatch(["a"] * 2 + ["b"] * 2, start=0.0, silence_s=20.0)
+    # one rank of node b still answers: a slow rank, for the stall detector
+    assert watch.observe(_beats([0, 1, 3], [2]), 30.0, "train_step") is None
+    # every rank silent (the supervisor's own side, or a machine paused): nothing to tell apart
+    watch = NodeWatch(["a"] * 2 + ["b"] * 2, start=0.0, silence_s=20.0)
+    assert watch.observe(_beats([], [0, 1, 2, 3]), 30.0, "train_step") is None
+    # a node heard again before the silence ends starts over
+    watch = NodeWatch(["a"] * 2 + ["b"] * 2, start=0.0, silence_s=20.0)
+    watch.observe(_beats([0, 1, 2, 3], []), 15.0, "train_step")
+    assert watch.observe(_beats([0, 1], [2, 3]), 30.0, "train_step") is None
+    assert watch.observe(_beats([0, 1], [2, 3]), 35.0, "train_step").kind == "node_lost"

@@ -85,3 +85,13 @@ def test_unwritable_checkpoint_root_names_the_host(tmp_path):
             rendezvous.preflight("127.0.0.1", (listener.address, listener.port), str(blocker / "ckpt"), 2.0)
     finally:
         listener.release()
+
+
+def test_reach_host_passes_a_refused_port_and_names_the_host_it_cannot_reach():
+    """Under torchrun or srun rank 0's store may not listen yet: a refusal means the host answered."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        rendezvous.reach_host("127.0.0.1", closed.getsockname()[1], 2.0)
+    with pytest.raises(PreflightError, match=rf"host {socket.gethostname()} cannot reach the rendezvous "
+                                             r"nosuch\.invalid:29500"):
+        rendezvous.reach_host("nosuch.invalid", 29500, 2.0)

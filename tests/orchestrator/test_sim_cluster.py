@@ -1,7 +1,16 @@
-"""The multi-host simulated cluster (network namespaces, one Ray node each; needs root): (TP, PP, DP) =
-(2, 2, 2) across two hosts gives the one-host losses, the rank-to-node map keeps each tensor-parallel group on
-one host, and a checkpoint written on two hosts resumes on one host and back. Everything runs through
-``v4train submit`` / ``resume`` as a user runs them; the cluster is torn down by its namespaces' pids."""
+"""The multi-host simulated cluster (network namespaces, one Ray node each; needs root), three hosts shared by
+the module: a two-node job ((TP, PP, DP) = (2, 2, 2), four ranks per node) runs on hosts 0 and 1 with host 2
+standing by, as on a cluster with a spare node.
+
+- Unfailed, it gives the one-host losses, the rank-to-node map keeps each tensor-parallel group on one host,
+  and a checkpoint written on two hosts resumes on one host and back.
+- ``partition@3:node=1`` cuts host 1's link: its ranks stop answering heartbeats, a node loss; the group is
+  rebuilt at once on host 0 and the standby host 2 (ranks on all three hosts over the run) and reaches the
+  unfailed losses. Host 1 stays cut off.
+- ``node_kill@3:node=1`` then kills host 2 (node 1 of the job now): the group is rebuilt on host 0 alone.
+
+Everything runs through ``v4train submit`` / ``resume`` as a user runs them; the cluster is torn down by its
+namespaces' pids."""
 
 from __future__ import annotations
 
@@ -45,9 +54,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def two_hosts():
-    # 8 logical CPUs per host: after a node loss the remaining host takes every rank
-    with SimCluster(2, cpus=8) as cluster:
+def hosts():
+    # 8 logical CPUs per host: after two node losses the remaining host takes every rank
+    with SimCluster(3, cpus=8) as cluster:
         yield cluster
 
 
@@ -70,9 +79,9 @@ def one_host(files, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(5 * RUN_TIMEOUT_S)
-def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(two_hosts, files, one_host, tmp_path):
+def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(hosts, files, one_host, tmp_path):
     job_file, multi, single = files["job"], files["multi"], files["single"]
-    inside = two_hosts.exec_prefix(0)
+    inside = hosts.exec_prefix(0)
     _run(inside, ["submit", str(job_file), "--cluster", str(multi), "--run-dir", str(tmp_path / "two")])
     shutil.copytree(one_host, tmp_path / "one")
     two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
@@ -82,8 +91,8 @@ def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(tw
 
     # placement: host i holds ranks 4i..4i+3 (pipeline stage i), so each TP group sits on one host
     placement = json.loads((tmp_path / "two" / "placement.json").read_text())
-    assert placement["nodes"] == {h.address: list(range(4 * h.index, 4 * h.index + 4)) for h in two_hosts.members}
-    assert {r["pp"] for r in placement["ranks"] if r["node"] == two_hosts.members[1].address} == {1}
+    assert placement["nodes"] == {h.address: list(range(4 * h.index, 4 * h.index + 4)) for h in hosts.members[:2]}
+    assert {r["pp"] for r in placement["ranks"] if r["node"] == hosts.members[1].address} == {1}
     logs = sorted(p.name for p in (tmp_path / "two" / "logs").glob("rank_*.log"))
     assert logs == sorted(f"rank_{r}.log" for r in range(8))
 
@@ -96,28 +105,59 @@ def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(tw
         assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
 
 
-@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
-def test_node_kill_is_a_node_loss_recovered_on_the_remaining_host(two_hosts, files, one_host, tmp_path):
-    """Runs last: host 1's Ray node stays dead. Every process of host 1 dies at the start of step 3; the
-    supervisor names a node loss, restarts from the step-2 checkpoint on host 0 alone and reaches the
-    one-host losses."""
-    run_dir = tmp_path / "drill"
-    _run(two_hosts.exec_prefix(0), ["submit", str(files["job"]), "--cluster", str(files["multi"]), "--run-dir",
-                                    str(run_dir), "--inject-fault", "node_kill@3:node=1"])
+def _drill(hosts: SimCluster, files: dict[str, Path], run_dir: Path, fault: str) -> tuple[list[dict], list[dict]]:
+    """Run the job with ``fault`` inside host 0; returns its events and metrics."""
+    _run(hosts.exec_prefix(0), ["submit", str(files["job"]), "--cluster", str(files["multi"]), "--run-dir",
+                                str(run_dir), "--inject-fault", fault])
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    failure = next(e for e in events if e["event"] == "failure")
-    host1 = two_hosts.members[1].address
-    assert failure["kind"] == "node_lost" and f"node {host1} lost: ranks 4-7 died" in failure["cause"], failure
-    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "finish"
-    reference = _losses(one_host)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 3 and metrics[-1]["restarts"] == 1
-    assert metrics[-1]["loss"] == pytest.approx(reference[3], rel=1e-5)
-    placement = json.loads((run_dir / "placement.json").read_text())
-    assert set(placement["nodes"]) == {two_hosts.members[0].address}
-    killed = next(e["time"] for e in events if e["event"] == "checkpoint_committed" and e["step"] == 2)
-    restart_start = [e for e in events if e["event"] == "start"][-1]
-    print(f"node loss: detected {failure['time'] - killed:.1f} s after the step-2 commit (the kill); restarted "
-          f"group set up in {restart_start['setup_s']} s; step 3 done again {metrics[-1]['time'] - killed:.1f} s "
-          "after the kill")
+    return events, metrics
 
+
+def _recovery_times(events: list[dict], metrics: list[dict]) -> str:
+    """The drill's timeline from the step-2 commit (the fault strikes as step 3 starts), for BENCHMARKS.md."""
+    fault_at = next(e["time"] for e in events if e["event"] == "checkpoint_committed" and e["step"] == 2)
+    failure = next(e for e in events if e["event"] == "failure")
+    restart_start = [e for e in events if e["event"] == "start"][-1]
+    return (f"detected {failure['time'] - fault_at:.1f} s after the step-2 commit; restarted group set up in "
+            f"{restart_start['setup_s']} s; step 3 done again {metrics[-1]['time'] - fault_at:.1f} s after it")
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+def test_partition_is_a_node_loss_recovered_on_the_standby_host(hosts, files, one_host, tmp_path):
+    """Host 1's link goes down at the start of step 3: its ranks live on but answer no heartbeat, a node loss
+    named by the heartbeats (long before Ray's health checks or the collective timeout would say it); the
+    group is rebuilt on host 0 and the standby host 2 from the step-2 checkpoint and reaches the one-host
+    losses."""
+    events, metrics = _drill(hosts, files, tmp_path / "drill", "partition@3:node=1")
+    failure = next(e for e in events if e["event"] == "failure")
+    host0, host1, host2 = (h.address for h in hosts.members)
+    assert failure["kind"] == "node_lost" and f"node {host1} unreachable: ranks 4-7 answered no heartbeat" in \
+        failure["cause"], failure
+    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "finish"
+    assert metrics[-1]["step"] == 3 and metrics[-1]["restarts"] == 1
+    assert metrics[-1]["loss"] == pytest.approx(_losses(one_host)[3], rel=1e-5)
+    placement = json.loads((tmp_path / "drill" / "placement.json").read_text())
+    assert placement["nodes"] == {host0: [0, 1, 2, 3], host2: [4, 5, 6, 7]}
+    print(f"partition: {_recovery_times(events, metrics)}")
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+def test_node_kill_is_a_node_loss_recovered_on_the_nodes_left(hosts, files, one_host, tmp_path):
+    """Every process of the job's node 1 dies at the start of step 3; the supervisor names a node loss and
+    restarts from the step-2 checkpoint on the hosts left: host 0 and a standby host whose link is up (none
+    after the partition drill: host 1 is cut off, so host 2 is the one killed and host 0 takes every rank);
+    the one-host losses either way. The killed host stays dead."""
+    events, metrics = _drill(hosts, files, tmp_path / "drill", "node_kill@3:node=1")
+    failure = next(e for e in events if e["event"] == "failure")
+    killed = next((h for h in hosts.members[1:] if f"node {h.address} lost: ranks 4-7 died" in failure["cause"]), None)
+    assert failure["kind"] == "node_lost" and killed is not None, failure
+    assert [e["event"] for e in events].count("start") == 2 and events[-1]["event"] == "finish"
+    assert metrics[-1]["step"] == 3 and metrics[-1]["restarts"] == 1
+    assert metrics[-1]["loss"] == pytest.approx(_losses(one_host)[3], rel=1e-5)
+    placement = json.loads((tmp_path / "drill" / "placement.json").read_text())
+    host0 = hosts.members[0].address
+    standby = [h.address for h in hosts.members[1:] if h is not killed and hosts.link_up(h.index)]
+    expected = {host0: [0, 1, 2, 3], standby[0]: [4, 5, 6, 7]} if standby else {host0: list(range(8))}
+    assert placement["nodes"] == expected
+    print(f"node_kill: {_recovery_times(events, metrics)}")
