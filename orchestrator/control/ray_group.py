@@ -338,7 +338,8 @@ class RayRankGroup:
                            f"({root.message})", root.method)
 
     def _heartbeats(self, ranks: list[int], method: str) -> dict[int, dict]:
-        """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` keeps its previous value."""
+        """Heartbeats of ``ranks``; a rank that cannot answer within ``poll_s`` reads as phase ``unresponsive``
+        (what :class:`NodeWatch` counts)."""
         refs = {r: self.actors[r].heartbeat.remote() for r in ranks}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.poll_s)
         beats = {}
