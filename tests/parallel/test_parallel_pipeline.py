@@ -179,7 +179,7 @@ def test_initialize_refuses_impossible_layouts(pool):
     for rank in range(4):
         got = pool[rank]
         assert "tp*cp*pp*dp = 1*1*2*1 = 2 must equal the world size 4" in got["tp*pp*dp != world"]
-        assert "ep=3 must divide tp*dp=2" in got["ep does not divide tp*dp"]
+        assert "ep=3 must divide tp*cp*dp=2" in got["ep does not divide tp*dp"]
 
 
 def test_initialize_names_invalid_field_before_touching_distributed():
