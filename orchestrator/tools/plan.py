@@ -168,14 +168,16 @@ def state_bytes(precision: str) -> dict[str, float]:
     raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
 
 
-def optimizer_bytes(cfg, layout: Layout, distributed: bool) -> list[float]:
-    """Optimizer-state bytes of one rank of each pipeline stage (module docstring): two fp32 moments per
-    parameter, dense parameters split over TP and routed experts over EP; with ``distributed``
+def optimizer_bytes(cfg, layout: Layout, distributed: bool, stage_layers: list[int] | None = None) -> list[float]:
+    """Optimizer-state bytes of one rank of each pipeline stage (``stage_layers[r]`` layers on stage r, default
+    the even split; module docstring): two fp32 moments per parameter, dense parameters split over TP and routed
+    experts over EP; with ``distributed``
     (``train.distributed_optimizer``) divided over the data-parallel (dense) and expert-data-parallel (experts)
     groups."""
     tp, ep = layout.tp, layout.ep
     dp, edp = (layout.dp, max(1, tp * layout.cp * layout.dp // ep)) if distributed else (1, 1)
-    return [8 * (dense / tp / dp + expert / ep / edp) for _, dense, expert in stage_parameters(cfg, layout.pp)]
+    return [8 * (dense / tp / dp + expert / ep / edp)
+            for _, dense, expert in stage_parameters(cfg, layout.pp, stage_layers)]
 
 
 def _capacity(cluster) -> float:
@@ -271,7 +273,7 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     stage_time = [c * mbs / (tp * cp) * (4 / 3 if layout.recompute != "none" else 1) for c in costs.of_stages(sizes)]
     stages = []
     asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
-    optimizer = optimizer_bytes(cfg, layout, job.train.distributed_optimizer)
+    optimizer = optimizer_bytes(cfg, layout, job.train.distributed_optimizer, sizes)
     for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp, sizes)):
         local = dense / tp + expert / ep
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
