@@ -27,8 +27,9 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from checkpoint_save import plain_write_s  # this script's folder is on sys.path when run
 
 from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
 from v4train.orchestrator.control.supervisor import Phase, Supervisor
@@ -70,20 +71,6 @@ def _run(job: JobSpec, run_dir: Path, faults=(), spares: int = 1,
     assert phase is Phase.FINISHED, sup.failure
     read = lambda name: [json.loads(x) for x in (run_dir / name).read_text().splitlines()]  # noqa: E731
     return read("metrics.jsonl"), read("events.jsonl")
-
-
-def _sequential_write_mb_s(directory: Path, nbytes: int) -> float:
-    chunk = os.urandom(1 << 20)
-    path = directory / "plain.bin"
-    start = time.perf_counter()
-    with path.open("wb") as f:
-        for _ in range(max(1, nbytes >> 20)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return nbytes / 1e6 / seconds
 
 
 def _save_stall(metrics: list[dict], events: list[dict]) -> tuple[float, float, int]:
@@ -134,7 +121,7 @@ def main() -> None:
         committed = [e for e in sync_events if e["event"] == "checkpoint_committed"]
         step_dir = tmp / "sync" / f"step_{committed[-1]['step']:08d}"
         nbytes = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
-        plain = _sequential_write_mb_s(tmp, nbytes)
+        plain = nbytes / 1e6 / plain_write_s(tmp / "plain.bin", nbytes)
     sync_s = statistics.median(e["seconds"] for e in committed)
     ckpt_mb_s = nbytes / 1e6 / sync_s
     blocked = statistics.fmean(e["training_blocked_s"] for e in async_events if e["event"] == "checkpoint_persisted")

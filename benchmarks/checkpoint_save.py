@@ -40,7 +40,9 @@ VARIANTS = {"v4train: one torch.save record per tensor": (SerializationFormat.TO
             "DCP option: save-plan caching": (SerializationFormat.TORCH_SAVE, True)}
 
 
-def _plain_write_s(path: Path, nbytes: int) -> float:
+def plain_write_s(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` (whole MiB, at least one) of random bytes to ``path`` sequentially and fsync
+    them: the baseline a checkpoint save is measured against. The file is removed after."""
     chunk = os.urandom(1 << 20)
     start = time.perf_counter()
     with path.open("wb") as f:
@@ -91,7 +93,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
             dist.all_gather_object(cpus, cpu)
             if rank == 0:
                 nbytes = sum(storage.files(checkpoint.step_name(step)).values())
-                results.put((name, nbytes, seconds, sum(cpus), _plain_write_s(Path(root) / "plain.bin", nbytes)))
+                results.put((name, nbytes, seconds, sum(cpus), plain_write_s(Path(root) / "plain.bin", nbytes)))
     dist.destroy_process_group()
 
 
