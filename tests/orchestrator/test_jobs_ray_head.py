@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.paths import REPO_ROOT
+from support.paths import REPO_ROOT, holds
 from v4train.orchestrator.control.ray_group import free_port
 
 HEAD_START_TIMEOUT_S = 90
@@ -142,6 +142,17 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _two_rank_cluster(ray_head, tmp_path: Path) -> tuple[str, dict, Path]:
+    """``(address, env, cluster file)``: the head's address, its environment with this PATH, and a cluster file
+    of 2 devices on it."""
+    address, env = ray_head
+    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({"name": "ray2", "devices_per_node": 2, "address": address,
+                                            "collective_timeout_s": 300}))
+    return address, env, cluster_file
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_c13_job_status_tells_the_truth(ray_head, tiny_dataset, tmp_path):
@@ -150,11 +161,7 @@ def test_c13_job_status_tells_the_truth(ray_head, tiny_dataset, tmp_path):
     in events.jsonl, and `v4train logs` names the rank, step and cause. The three jobs run at once."""
     from support.jobs import tiny_job
 
-    address, env = ray_head
-    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
-    cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(yaml.safe_dump({"name": "ray2", "devices_per_node": 2, "address": address,
-                                            "collective_timeout_s": 300}))
+    address, env, cluster_file = _two_rank_cluster(ray_head, tmp_path)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"dp": 2},
                                                 train={"steps": 4, "warmup_steps": 1, "max_restarts": 1},
@@ -192,17 +199,6 @@ def test_c13_job_status_tells_the_truth(ray_head, tiny_dataset, tmp_path):
     assert "[failure] step 2" in logs
 
 
-def _holding(run_dir: Path, pid: int) -> bool:
-    """Whether process ``pid`` has its working directory or an open file under ``run_dir``."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        paths = [proc.cwd()] + [f.path for f in proc.open_files()]
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return any(Path(p).is_relative_to(run_dir) for p in paths)
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -216,11 +212,7 @@ def test_c12_stop_leaves_no_process_and_the_resumed_run_stays_within_the_first_o
 
     from support.jobs import tiny_job
 
-    address, env = ray_head
-    env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": os.environ.get("PATH", "")}
-    cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(yaml.safe_dump({"name": "ray2", "devices_per_node": 2, "address": address,
-                                            "collective_timeout_s": 300}))
+    address, env, cluster_file = _two_rank_cluster(ray_head, tmp_path)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"dp": 2},
                                                 train={"steps": 100000, "warmup_steps": 1},
@@ -250,7 +242,7 @@ def test_c12_stop_leaves_no_process_and_the_resumed_run_stays_within_the_first_o
     while [p for p in group if alive(p)]:
         assert time.monotonic() - stopped_at < 30, f"processes of the stopped group alive: {group}"
         time.sleep(0.5)
-    orphans = [p.pid for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == 1 and _holding(run, p.pid)]
+    orphans = [p.pid for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == 1 and holds(run, p.pid)]
     assert orphans == []
 
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

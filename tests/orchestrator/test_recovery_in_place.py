@@ -6,13 +6,13 @@ directory, and the group's peak RSS stays within 10% of the first's."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import ray
 
 from support.jobs import run_job, tiny_job
+from support.paths import holds
 from v4train.orchestrator.control.ray_group import RayRankGroup, start_spare
 from v4train.orchestrator.faults import parse_fault
 
@@ -41,15 +41,6 @@ class _Watch:
         ray.kill(self.spare, no_restart=True)
 
 
-def _holding(run_dir: Path, pid: int) -> bool:
-    """Whether process ``pid`` has its working directory or an open file under ``run_dir``."""
-    try:
-        proc = psutil.Process(pid)
-        paths = [proc.cwd()] + [f.path for f in proc.open_files()]
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return any(Path(p).is_relative_to(run_dir) for p in paths)
-
 
 @pytest.mark.slow  # a warm spare, a 4-rank job and its recovery: about a minute on an idle 2-core machine
 @pytest.mark.timeout(420)
@@ -72,7 +63,7 @@ def test_c12_kill_right_after_an_async_save_keeps_survivors_and_leaves_no_orphan
                 alive = [p for p in first if psutil.pid_exists(p)
                          and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
                 orphans = [p.pid for p in psutil.process_iter(["ppid"])
-                           if p.info["ppid"] == 1 and _holding(tmp_path, p.pid)]
+                           if p.info["ppid"] == 1 and holds(tmp_path, p.pid)]
                 watch.checked_at.append({"time": time.time(), "replaced_alive": alive, "orphans": orphans})
 
     mp = pytest.MonkeyPatch()
