@@ -10,12 +10,14 @@ left out at once, and a replacement node that has joined is used.
 
 :func:`plan_placement` then chooses the bundles: one per node (``STRICT_SPREAD``), each pinned by Ray's node-id
 label to a live node, the supervisor's own first (node 0 holds rank 0, the rendezvous, so node indices follow
-the cluster from its head), when enough live nodes can each hold a node's ranks; else one bundle per rank
-packed (``PACK``) on the live nodes only.
+the cluster from its head) and the others by address (``ray.nodes()`` lists nodes by their random ids, so its
+order differs between clusters of the same hosts), when enough live nodes can each hold a node's ranks; else
+one bundle per rank packed (``PACK``) on the live nodes only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +69,15 @@ def _reachable(address: str, port: int, timeout_s: float) -> bool:
         return False
 
 
+def _address_key(address: str) -> tuple:
+    """Sort key of a node address: IP addresses in numeric order (10.0.0.9 before 10.0.0.10), then names."""
+    try:
+        ip = ipaddress.ip_address(address)
+        return (0, ip.version, int(ip), "")
+    except ValueError:
+        return (1, 0, 0, address)
+
+
 def live_nodes(nodes: list[dict], here: str | None = None,
                timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[LiveNode], list[str]]:
     """The nodes of ``nodes`` (``ray.nodes()`` entries) that Ray calls alive and whose raylet
@@ -92,7 +103,8 @@ def live_nodes(nodes: list[dict], here: str | None = None,
 def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: dict[str, float],
                    here: str | None, unreachable: list[str] = ()) -> Placement:
     """The bundles of a group of ``world_size`` ranks, each needing ``per_rank`` resources, for a cluster file
-    of ``nodes`` nodes, on the ``live`` nodes (``here``: the supervisor's node id, placed first).
+    of ``nodes`` nodes, on the ``live`` nodes (``here``: the supervisor's node id, placed first; the others in
+    address order, so the same hosts give the same rank-to-node map).
 
     Spread (``nodes`` > 1 dividing ``world_size``, and ``nodes`` live nodes that each hold ``world_size //
     nodes`` ranks): one bundle per node, bundle ``i`` pinned to the ``i``-th such node, rank ``r`` in bundle
@@ -100,7 +112,7 @@ def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: 
     nodes (the ones Ray still calls alive). Raises NodePlacementError when the live nodes together hold fewer
     than ``world_size`` ranks.
     """
-    order = sorted(live, key=lambda n: n.node_id != here)  # stable: Ray's order after the supervisor's node
+    order = sorted(live, key=lambda n: (n.node_id != here, _address_key(n.address)))
     if nodes > 1 and world_size % nodes == 0:
         per_node = world_size // nodes
         bundle = {k: v * per_node for k, v in per_rank.items()}

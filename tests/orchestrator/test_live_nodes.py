@@ -24,6 +24,15 @@ def test_spread_pins_one_bundle_per_node_supervisor_first():
     assert plan.bundle_of == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+def test_the_other_nodes_follow_in_address_order_whatever_rays_order():
+    """Ray lists nodes by random id: the rank-to-node map must not depend on it (10.0.0.9 before 10.0.0.10)."""
+    nodes = [LiveNode("c", "10.0.0.10", {"CPU": 4.0}), LiveNode("b", "10.0.0.9", {"CPU": 4.0}),
+             LiveNode("a", "10.0.0.2", {"CPU": 4.0})]
+    for live in (nodes, nodes[::-1], [nodes[1], nodes[0], nodes[2]]):
+        plan = plan_placement(live, world_size=12, nodes=3, per_rank={"CPU": 1}, here="b")
+        assert plan.selectors == [{NODE_ID_LABEL: "b"}, {NODE_ID_LABEL: "a"}, {NODE_ID_LABEL: "c"}]
+
+
 def test_a_lost_node_is_replaced_by_a_live_one_at_once():
     """Node 1 lost (not in the live list): the group spreads over node 0 and the replacement node 2."""
     plan = plan_placement([_node(0), _node(2)], world_size=8, nodes=2, per_rank={"CPU": 1}, here="id0",
