@@ -297,7 +297,7 @@ class RayRankGroup:
     def _failure_of(self, ref, rank: int, method: str) -> RankFailure | None:
         try:
             ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except _RANK_GONE as exc:
             return RankFailure(rank, "died", _first_line(exc), method)
         except ray.exceptions.RayTaskError as exc:
             if isinstance(getattr(exc, "cause", None), rendezvous.PreflightError):
@@ -347,12 +347,17 @@ class RayRankGroup:
             if ref in ready:
                 try:
                     beats[r] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
+                except _RANK_GONE as exc:
                     raise RankFailure(r, "died", _first_line(exc), method) from None
             else:
                 beats[r] = {"step": -1, "progress": -1, "phase": "unresponsive"}
         return beats
 
+
+# Ray's errors for a rank whose process is gone: killed or crashed (RayActorError), killed by Ray's memory
+# monitor when its node ran low on memory (OutOfMemoryError, not a RayActorError), or lost with its node.
+_RANK_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError,
+              ray.exceptions.NodeDiedError)
 
 # Messages of errors that are consequences of another rank's failure (a peer gone or silent).
 _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "gloo", "Socket")

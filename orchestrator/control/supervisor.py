@@ -164,7 +164,9 @@ class Supervisor:
                 self._stop(exc, verdict)
             elif isinstance(exc, RankFailure):
                 self._on_failure(exc, {"rank": exc.rank, "kind": exc.kind, "fault_class": "transient"})
-            else:
+            else:  # the supervisor's own error: recorded, then raised (a restart would not fix the supervisor)
+                self.telemetry.event("failure", self.state.step, cause=verdict.cause, fault_class="supervisor",
+                                     restarts=self.state.restarts)
                 raise
 
     def _stop(self, exc: Exception, verdict: Verdict) -> None:

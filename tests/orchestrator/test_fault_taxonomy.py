@@ -185,3 +185,39 @@ def test_ckpt_verify_without_a_step_verifies_every_committed_step_and_names_a_co
     assert f"{tmp_path}/step_00000004: OK" in captured.out
     assert captured.err.strip() == ("v4train: error: 1 of 2 committed checkpoint(s) failed verification: "
                                     "step_00000002")
+
+
+@pytest.mark.parametrize("error", ["OutOfMemoryError", "WorkerCrashedError", "NodeDiedError"])
+def test_a_rank_process_gone_in_any_of_rays_ways_is_a_rank_death(monkeypatch, error):
+    """Ray's memory monitor kills a rank with OutOfMemoryError, which is no RayActorError: it must still be a
+    rank death (recovered, and deterministic if it repeats), never an error escaping the supervisor."""
+    import ray
+
+    from v4train.orchestrator.control import ray_group
+
+    def gone(ref):
+        raise getattr(ray.exceptions, error)("Task was killed due to the node running low on memory.\nMore.")
+
+    monkeypatch.setattr(ray_group.ray, "get", gone)
+    group = object.__new__(ray_group.RayRankGroup)
+    failure = group._failure_of("ref", 2, "train_step")
+    assert (failure.rank, failure.kind, failure.method) == (2, "died", "train_step")
+    assert classify(failure).fault_class is T and "\n" not in failure.message
+
+
+class _BrokenFakeGroup(FakeRankGroup):
+    def train_step(self, plan):
+        if plan.step == 3:
+            raise KeyError("a supervisor-side bug")
+        return super().train_step(plan)
+
+
+def test_an_error_that_is_no_rank_failure_is_recorded_before_it_is_raised(tmp_path):
+    """An error of the supervisor's own (not a rank's) ends the run with its traceback, but events.jsonl still
+    says what stopped it."""
+    with pytest.raises(KeyError, match="a supervisor-side bug"):
+        run_supervisor(fake_job(tmp_path, max_restarts=2), tmp_path / "run", _BrokenFakeGroup(2, Script()))
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    failure = events[-1]
+    assert failure["event"] == "failure" and failure["fault_class"] == "supervisor" and failure["step"] == 2
+    assert "a supervisor-side bug" in failure["cause"]
