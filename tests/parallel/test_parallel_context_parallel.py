@@ -10,7 +10,7 @@ loss summed over the ranks. The whole model (one stage: SWA, CSA, HCA, MoE, MTP)
 steps at CP = 2 and 4, and combined as (cp, tp) = (2, 2), (cp, pp) = (2, 2) through Megatron's pipeline
 schedule and (cp, dp) = (2, 2), against one process: losses to 1e-5 relative, first-step gradients to
 1e-4 of each tensor's largest entry; the sequence-wise MoE balance loss is on (its expert counts are
-summed over the CP ranks). EP together with CP runs through the trainer
+summed over the CP ranks). The same layouts, EP and the memory modes together with CP run through the trainer
 (``tests/orchestrator/test_orchestrator_cp.py``). The ranks run through ``support.spawn.run_in_world``.
 
 Shape letters: B batch, T tokens, L local tokens, D model dim.
