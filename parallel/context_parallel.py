@@ -402,9 +402,9 @@ def context_parallel_attention(attn, x_BLD: torch.Tensor, seq: CPSequence) -> to
     kv_BEC = attn._window_kv(x_BED, *rope_E)
     idx_BLW = seq.window_rows(attn.window, width)
     E = kv_BEC.shape[1]
-    trained = None
+    trained, ranges, idx_BLK = None, None, idx_BLW
     if attn.ratio == 0:
-        kv_BXC, idx_BLK = kv_BEC, idx_BLW
+        kv_BXC = kv_BEC
     else:
         entries = seq.entries(attn.ratio, width)
         own = entries.layout
@@ -415,8 +415,13 @@ def context_parallel_attention(attn, x_BLD: torch.Tensor, seq: CPSequence) -> to
         mode = seq.attention_mode
         sparse = attn.kind == "csa" and mode == "sparse"
         train_indexer = attn.kind == "csa" and mode != "dense" and attn.training and torch.is_grad_enabled()
-        slots_BLK = None if sparse else layout.dense_indices()
-        if sparse or train_indexer:
+        if not (sparse or train_indexer):
+            # every visible entry, as one slot range per query (the single-rank layer's path): an index
+            # list would be [L, N] int32, N = T / m global entries, for every local query
+            ranges = (layout.lo_BT, layout.hi_BT, E)
+        else:
+            # the indexer's KL reads every visible slot outside sparse mode: the list is built only here
+            slots_BLK = None if sparse else layout.dense_indices()
             qr_I = qr_BLL.detach()
             k_I = seq.gather_entries(attn.indexer.compressor(x_BED.detach(), own, *rope_n), entries)
             w_I = attn.indexer.weights_proj(x_BLD.detach()).float() * attn.indexer.weight_scale
@@ -425,10 +430,10 @@ def context_parallel_attention(attn, x_BLD: torch.Tensor, seq: CPSequence) -> to
                     slots_BLK = attn.indexer.select(attn.indexer.query(qr_I, rope_L), k_I, w_I, layout)
             if train_indexer:
                 trained = (qr_I, k_I, w_I, slots_BLK)
-        shifted_BLK = torch.where(slots_BLK >= 0, slots_BLK.to(torch.int32) + E, -1).to(torch.int32)
-        idx_BLK = torch.cat((idx_BLW, shifted_BLK), dim=-1)
+            shifted_BLK = torch.where(slots_BLK >= 0, slots_BLK.to(torch.int32) + E, -1).to(torch.int32)
+            idx_BLK = torch.cat((idx_BLW, shifted_BLK), dim=-1)
     kv_BXC = copy_to_region(kv_BXC, attn.tp)  # replicated entries, read by this TP rank's heads only
-    o_BLHC = attn._core(q_BLHC, kv_BXC, idx_BLK)
+    o_BLHC = attn._core(q_BLHC, kv_BXC, idx_BLK, ranges)
     if attn.tp.active:  # a row-parallel wo_b sums over the TP ranks
         y_BLD = attn.wo_b(attn._grouped_projection(o_BLHC, *rope_L))
     else:

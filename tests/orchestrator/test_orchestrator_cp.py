@@ -1,7 +1,9 @@
 """Context parallelism through the trainer (Supervisor -> Ray RankWorkers -> Megatron groups on gloo): a job at
 ``parallel.cp`` > 1 logs the single-process losses, through a curriculum that raises the sequence length and
 walks the three attention modes (dense, indexer warm-up, sparse top-k), with evaluation under CP; combined
-with expert and data parallelism and the distributed optimizer; and its checkpoints resume at CP 1 and back.
+with tensor, pipeline, expert and data parallelism and the distributed optimizer; under activation recompute,
+bf16, FP8 emulation and virtual pipeline stages (CP 2 against CP 1 in the same mode); and its checkpoints
+resume at CP 1 and back.
 
 The tiny model's compression (ratios 4 and 16, top-16 of the CSA entries, a 16-token window) matters at
 these lengths: 256 tokens give 64 CSA entries per sequence, so the sparse step selects; the CP split cuts
@@ -33,18 +35,20 @@ def _job(dataset, parallel: dict, train: dict | None = None, **sections) -> dict
     return job
 
 
-def _assert_same_run(want: list[dict], got: list[dict], rel: float, what: str, aux: bool = True) -> None:
-    """Same steps, losses (``rel``), gradient norms, shapes and data; with ``aux`` also the MTP and indexer
-    losses (the stage head's: one data-parallel replica's, so comparable only at the same dp)."""
+def _assert_same_run(want: list[dict], got: list[dict], rel: float, what: str, aux: bool = True,
+                     norm_rel: float = 1e-4) -> None:
+    """Same steps, losses (``rel``), gradient norms (``norm_rel``), shapes and data; with ``aux`` also the MTP
+    and indexer losses (``norm_rel``; the stage head's: one data-parallel replica's, so comparable only at
+    the same dp)."""
     assert [m["step"] for m in got] == [m["step"] for m in want], what
     for a, b in zip(want, got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel), (what, b["step"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (what, b["step"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=norm_rel), (what, b["step"])
         for key in ("seq_len", "attention_mode", "consumed_tokens", "data_fingerprint"):
             assert b[key] == a[key], (what, key, b["step"])
         for key in ("mtp_loss", "indexer_loss") if aux else ():  # the CP ranks' shares, summed once
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4), (what, key, b["step"])
+                assert b[key] == pytest.approx(a[key], rel=norm_rel), (what, key, b["step"])
 
 
 def _val_loss(events: list[dict]) -> float:
@@ -93,6 +97,62 @@ def test_cp_with_dp_ep_and_the_distributed_optimizer_trains_the_single_rank_loss
         job = _job(tiny_dataset, {"cp": cp, "dp": dp, "ep": ep}, train={"distributed_optimizer": True})
         got, _, _ = run_job(rank_pool, job, tmp_path / f"cp{cp}dp{dp}ep{ep}")
         _assert_same_run(ref, got, 1e-5, f"cp={cp} dp={dp} ep={ep}", aux=dp == 1)
+
+
+# (tp, pp) combined with CP 2 on the 4-rank pool: TP splits the heads and the experts' tokens of each CP rank,
+# PP sends each CP rank's share of the mHC streams ([L, B, N*D], L = T / cp) across the stage boundary
+WITH_TP_PP = [pytest.param({"tp": 2}, id="cp2-tp2"), pytest.param({"pp": 2}, id="cp2-pp2")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("layout", WITH_TP_PP)
+def test_cp_with_tp_or_pp_trains_the_single_rank_losses(rank_pool, tiny_dataset, tmp_path, layout):
+    """(cp, tp, pp, dp) = (2, 2, 1, 1) and (2, 1, 2, 1) through the trainer against one rank: the three-mode
+    curriculum's losses (1e-5 relative), gradient norms and validation loss. The MTP and indexer losses are
+    compared without PP only (under PP the metrics come from the last stage's layers)."""
+    ref, ref_events, _ = run_job(rank_pool, _job(tiny_dataset, {}), tmp_path / "ref")
+    got, events, _ = run_job(rank_pool, _job(tiny_dataset, {"cp": 2, **layout}), tmp_path / "cp2")
+    assert events[0]["event"] == "start" and events[0]["layout"]["cp"] == 2
+    _assert_same_run(ref, got, 1e-5, f"cp=2 {layout}", aux="pp" not in layout)
+    assert _val_loss(events) == pytest.approx(_val_loss(ref_events), rel=1e-5)
+
+
+# the three attention modes in three one-step stages of two sequences (the memory-mode tests run each twice)
+SHORT_CURRICULUM = {"stages": [{"seq_len": 128, "tokens": 256, "attention": "dense"},
+                               {"seq_len": 256, "tokens": 512, "attention": "indexer_warmup"},
+                               {"seq_len": 256, "attention": "sparse"}],
+                    "batch_multiple": 2}
+
+# (train, parallel) settings of each memory mode, and the tolerances (losses, norms) of CP 2 against CP 1 after
+# the first step. fp32 modes: the plain run's. bf16 and FP8 round the weights and activations, so the last bits
+# by which the CP 2 and CP 1 updates differ (gradient sums in another order) flip some roundings of the next
+# steps' weights; measured: losses 5e-5, gradient norms 2e-3 and indexer losses 4e-3 relative apart at step 3.
+# The first step (the same weights) is held to the fp32 tolerances in every mode.
+ROUNDED = (2e-4, 2e-2)
+MEMORY_MODES = [
+    pytest.param({"recompute": "selective"}, {}, (1e-5, 1e-4), id="recompute-selective"),
+    pytest.param({"recompute": "full"}, {}, (1e-5, 1e-4), id="recompute-full"),
+    pytest.param({"precision": "bf16"}, {}, ROUNDED, id="bf16"),
+    pytest.param({"fp8": True}, {}, ROUNDED, id="fp8"),
+    pytest.param({}, {"pp": 2, "vp": 2}, (1e-5, 1e-4), id="pp2-vp2"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize(("train", "parallel", "later"), MEMORY_MODES)
+def test_cp2_trains_the_cp1_losses_under_each_memory_mode(rank_pool, tiny_dataset, tmp_path, train, parallel, later):
+    """CP 2 against CP 1 under the same activation recompute, precision, FP8 emulation or virtual pipeline
+    stages: the losses and gradient norms of a dense, an indexer warm-up and a sparse step."""
+    base = {"steps": 3, "global_batch": 2, "eval_batches": 0, **train}
+    runs = {cp: run_job(rank_pool, _job(tiny_dataset, {"cp": cp, **parallel}, base, curriculum=SHORT_CURRICULUM),
+                        tmp_path / f"cp{cp}")[0]
+            for cp in (1, 2)}
+    assert [m["attention_mode"] for m in runs[1]] == ["dense", "indexer_warmup", "sparse"]
+    what, aux = f"cp=2 {train} {parallel}", "pp" not in parallel
+    _assert_same_run(runs[1][:1], runs[2][:1], 1e-5, what, aux)
+    _assert_same_run(runs[1][1:], runs[2][1:], later[0], what, aux, norm_rel=later[1])
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ loss summed over the ranks. The whole model (one stage: SWA, CSA, HCA, MoE, MTP)
 steps at CP = 2 and 4, and combined as (cp, tp) = (2, 2), (cp, pp) = (2, 2) through Megatron's pipeline
 schedule and (cp, dp) = (2, 2), against one process: losses to 1e-5 relative, first-step gradients to
 1e-4 of each tensor's largest entry; the sequence-wise MoE balance loss is on (its expert counts are
-summed over the CP ranks). EP together with CP runs through the trainer
+summed over the CP ranks). The same layouts, EP and the memory modes together with CP run through the trainer
 (``tests/orchestrator/test_orchestrator_cp.py``). The ranks run through ``support.spawn.run_in_world``.
 
 Shape letters: B batch, T tokens, L local tokens, D model dim.
@@ -128,6 +128,37 @@ def test_cp_of_one_is_the_layer():
         want = attn(x, SequenceContext(pos, pos, attention_mode="dense"))
         got = context_parallel_attention(attn, x, CPSequence(pos, ContextParallel(), attention_mode="dense"))
         assert torch.equal(got, want), layer_idx
+
+
+def test_cp_attends_every_visible_entry_through_slot_ranges(monkeypatch):
+    """Where a query attends all its visible compressed entries (HCA in every mode, CSA in dense mode) the CP
+    path passes the core one slot range per query, as the single-rank layer does, and never builds the
+    ``[B, L, N]`` index list (``CompressedLayout.dense_indices``); its output is the layer's, bit for bit.
+    The CP = 2 and 4 results against one rank are the parity tests above."""
+    from v4train.model.layout import CompressedLayout
+
+    def no_index_list(self):
+        raise AssertionError(f"dense index list built for ratio {self.ratio}")
+
+    x, g, pos = _inputs()
+    for layer_idx, mode in [(1, "dense"), *((2, m) for m in MODES)]:
+        attn = _layer(layer_idx)
+        x_ref = x.clone().requires_grad_(True)
+        want = attn(x_ref, SequenceContext(pos, pos, attention_mode=mode))
+        (want * g).sum().backward()
+        want_grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        attn.zero_grad(set_to_none=True)
+        x_cp = x.clone().requires_grad_(True)
+        with monkeypatch.context() as patch:
+            patch.setattr(CompressedLayout, "dense_indices", no_index_list)
+            got = context_parallel_attention(attn, x_cp, CPSequence(pos, ContextParallel(), attention_mode=mode))
+            (got * g).sum().backward()
+        assert torch.equal(got, want), (layer_idx, mode)
+        # the gradients within rounding: the CP path computes the compressor's entries on the rows of its
+        # owned slots and scatters them, so its weight-gradient sums run in another order
+        _close(x_cp.grad, x_ref.grad, 1e-6, f"layer {layer_idx} {mode} input gradient")
+        for name, grad in want_grads.items():
+            _close(dict(attn.named_parameters())[name].grad, grad, 1e-6, f"layer {layer_idx} {mode} grad {name}")
 
 
 def test_load_balanced_split_and_its_inverse():
