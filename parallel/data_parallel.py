@@ -7,13 +7,15 @@ global batch; averaging the gradients makes the optimizer step identical on ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["all_reduce_gradients"]
+from v4train.parallel.ownership import FlatShard
+
+__all__ = ["all_reduce_gradients", "reduce_flat_gradients"]
 
 _DEFAULT_BUCKET_NUMEL = 1 << 24  # 16 Mi elements (64 MB in fp32) per collective
 
@@ -71,6 +73,44 @@ def all_reduce_gradients(
             flat.div_(world)
         for grad, mean in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             grad.copy_(mean)
+
+
+@torch.no_grad()
+def reduce_flat_gradients(shard: FlatShard, divisor: int, *, scatter: bool,
+                          reduced: Sequence[torch.Tensor] = ()) -> None:
+    """The gradients of ``shard.params`` summed over ``shard.group`` and divided by ``divisor``, through the
+    shard's one flat buffer (:meth:`parallel.ownership.FlatShard.flat`): with ``scatter`` reduce-scattered, this
+    rank's owned range of each ``.grad`` receiving the result and the rest keeping its local, unreduced value
+    (the distributed optimizer); without, all-reduced whole. Both sum every element in the same order, so the
+    owned ranges agree bit for bit.
+
+    The gradients of ``reduced`` (parameters the caller has already reduced) are left as they are (their slots
+    of the buffer are zeros). As :func:`all_reduce_gradients`: a gradient that is None on some ranks counts as
+    zero there and is materialised, one that is None on every rank stays None. A group of one with
+    ``divisor`` 1 does nothing. Collective over ``shard.group``.
+
+    Raises:
+        ValueError: a gradient is sparse.
+    """
+    if not shard.params or (shard.size == 1 and divisor == 1):
+        return
+    for p in shard.params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(f"sparse gradient of shape {tuple(p.shape)} is not supported")
+    used = torch.tensor([p.grad is not None for p in shard.params], dtype=torch.int32, device=shard.params[0].device)
+    if shard.size > 1:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX, group=shard.group)
+    if not used.any():
+        return
+    for p, u in zip(shard.params, used.tolist(), strict=True):
+        if u and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    skip = {id(p) for p in reduced}
+    grads = [p.grad if p.grad is not None and id(p) not in skip else torch.zeros_like(p) for p in shard.params]
+    (shard.reduce_scatter if scatter else shard.all_reduce)(grads, divisor)
+    for p, u in zip(shard.params, used.tolist(), strict=True):
+        if not u:
+            p.grad = None
 
 
 def _buckets(grads: list[torch.Tensor], bucket_numel: int) -> list[list[torch.Tensor]]:

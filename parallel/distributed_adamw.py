@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from v4train.parallel import groups
+from v4train.parallel.data_parallel import reduce_flat_gradients
 from v4train.parallel.ownership import FlatShard, resolve_shard_groups
 
 __all__ = ["DistributedAdamW"]
@@ -76,6 +77,11 @@ class DistributedAdamW(torch.optim.AdamW):
         """Every parameter this optimizer shards (all of its parameters, whichever rank owns which range)."""
         return [p for s in self._shards for p in s.params]
 
+    @property
+    def shards(self) -> list[FlatShard]:
+        """The flat layout of each shard group (:class:`parallel.ownership.FlatShard`), in ``shard_groups`` order."""
+        return list(self._shards)
+
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
     def reduce_scatter_gradients(self, divisor: int, reduced: Sequence[torch.Tensor] = ()) -> None:
@@ -83,31 +89,10 @@ class DistributedAdamW(torch.optim.AdamW):
         for the dense mean and the expert sum over expert-DP alike), into this rank's owned range of each
         ``.grad`` only; the rest of a ``.grad`` keeps its local, unreduced value and is never read. The gradients
         of ``reduced`` (parameters the caller has already reduced over the group) are left as they are.
-
-        As :func:`parallel.data_parallel.all_reduce_gradients`: a gradient that is None on some ranks counts as
-        zero there and is materialised, one that is None on every rank stays None (AdamW skips it). Collective
-        over every shard group. Raises ValueError for a sparse gradient."""
+        :func:`parallel.data_parallel.reduce_flat_gradients` on every shard group (collective over each); raises
+        ValueError for a sparse gradient."""
         for shard in self._shards:
-            if not shard.params:
-                continue
-            for p in shard.params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise ValueError(f"DistributedAdamW: sparse gradient of shape {tuple(p.shape)} is not supported")
-            used = torch.tensor([p.grad is not None for p in shard.params], dtype=torch.int32,
-                                device=shard.params[0].device)
-            if shard.size > 1:
-                dist.all_reduce(used, op=dist.ReduceOp.MAX, group=shard.group)
-            if not used.any():
-                continue
-            for p, u in zip(shard.params, used.tolist(), strict=True):
-                if u and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            skip = {id(p) for p in reduced}
-            shard.reduce_scatter([p.grad if p.grad is not None and id(p) not in skip else torch.zeros_like(p)
-                                  for p in shard.params], divisor)
-            for p, u in zip(shard.params, used.tolist(), strict=True):
-                if not u:
-                    p.grad = None
+            reduce_flat_gradients(shard, divisor, scatter=True, reduced=reduced)
 
     def owned_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(param, 1-D view of its gradient's owned range)`` for every parameter with a gradient of which

@@ -40,10 +40,11 @@ import torch.distributed as dist
 from v4train.parallel.distributed_adamw import DistributedAdamW
 from v4train.parallel.distributed_muon import DistributedMuon
 from v4train.parallel.muon import UPDATE_RMS, V4_NS_STEPS, Muon, MuonSplit
+from v4train.parallel.ownership import FlatShard, resolve_shard_groups
 from v4train.parallel.tensor_parallel import is_sharded
 
 __all__ = [
-    "ALGORITHMS", "HybridOptimizer", "build_optimizer", "clip_grad_norm_", "describe_assignment",
+    "ALGORITHMS", "HybridOptimizer", "adamw_flat_shards", "build_optimizer", "clip_grad_norm_", "describe_assignment",
     "distributed_adamw_of", "global_state", "initial_state",
 ]
 
@@ -275,6 +276,28 @@ def distributed_adamw_of(optimizer: torch.optim.Optimizer | HybridOptimizer) -> 
     :class:`HybridOptimizer`); None without one."""
     optimizers = optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else (optimizer,)
     return next((opt for opt in optimizers if isinstance(opt, DistributedAdamW)), None)
+
+
+def adamw_flat_shards(
+    optimizer: torch.optim.Optimizer | HybridOptimizer,
+    shard_groups: Sequence[tuple[dist.ProcessGroup | None, Sequence[torch.Tensor]]],
+) -> list[FlatShard]:
+    """The flat gradient buffers of ``optimizer``'s AdamW parameters: one :class:`parallel.ownership.FlatShard`
+    per ``(data-parallel group, parameters)`` pair (the pairs ``adamw_shard_groups`` of :func:`build_optimizer`
+    takes; non-AdamW parameters ignored), in the AdamW optimizer's parameter order. A
+    :class:`parallel.distributed_adamw.DistributedAdamW` gives its own; a replicated AdamW the layout it would
+    have, so the replicated run all-reduces the buffers the distributed one reduce-scatters
+    (:func:`parallel.data_parallel.reduce_flat_gradients`). Empty without an AdamW part."""
+    optimizers = optimizer.optimizers if isinstance(optimizer, HybridOptimizer) else (optimizer,)
+    adamw = next((opt for opt in optimizers if isinstance(opt, torch.optim.AdamW)), None)
+    if adamw is None:
+        return []
+    if isinstance(adamw, DistributedAdamW):
+        return adamw.shards
+    held = [p for group in adamw.param_groups for p in group["params"]]
+    in_adamw = {id(p) for p in held}
+    pairs = [(group, [p for p in params if id(p) in in_adamw]) for group, params in shard_groups]
+    return [FlatShard(ps, group) for group, ps in resolve_shard_groups("adamw_flat_shards", held, pairs)]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ Shared by the distributed optimizers (:mod:`parallel.distributed_adamw`, :mod:`p
 * :class:`FlatShard`: Megatron's element-granular layout (its ``DistributedOptimizer``): a group's
   parameters laid end to end in one flat index space, padded to a multiple of the group size and cut into
   equal contiguous ranges, rank r owning ``[r * S, (r + 1) * S)``; a parameter may straddle ranks. The
-  gradients are reduce-scattered into the owned range and the updated parameters all-gathered from it.
+  gradients are reduce-scattered into the owned range and the updated parameters all-gathered from it; without
+  the distributed optimizer the same buffer is all-reduced whole, so both sum every element in one order.
 """
 
 from __future__ import annotations
@@ -125,14 +126,20 @@ class FlatShard:
         """This rank's :class:`Piece` of parameter ``index``; None when it owns none of it."""
         return next((pc for pc in self.pieces if pc.index == index), None)
 
+    def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (shaped as ``params``) laid end to end at their offsets, zero-padded to ``size * shard_numel``:
+        the one buffer both :meth:`reduce_scatter` and :meth:`all_reduce` reduce."""
+        flat = torch.zeros(self.shard_numel * self.size, dtype=tensors[0].dtype, device=tensors[0].device)
+        for t, a, b in zip(tensors, self.offsets[:-1], self.offsets[1:], strict=True):
+            flat[a:b] = t.reshape(-1)
+        return flat
+
     @torch.no_grad()
     def reduce_scatter(self, tensors: Sequence[torch.Tensor], divisor: int) -> None:
         """Each of ``tensors`` (shaped as ``params``, one per parameter) summed over the group and divided by
         ``divisor``, written into this rank's owned range of it only (the rest keeps its local value): one
-        ``reduce_scatter_tensor`` of the flat, zero-padded concatenation. Collective."""
-        flat = torch.zeros(self.shard_numel * self.size, dtype=tensors[0].dtype, device=tensors[0].device)
-        for t, a, b in zip(tensors, self.offsets[:-1], self.offsets[1:], strict=True):
-            flat[a:b] = t.reshape(-1)
+        ``reduce_scatter_tensor`` of :meth:`flat`. Collective."""
+        flat = self.flat(tensors)
         mine = torch.empty(self.shard_numel, dtype=flat.dtype, device=flat.device)
         if self.size > 1:
             dist.reduce_scatter_tensor(mine, flat, group=self.group)
@@ -141,6 +148,20 @@ class FlatShard:
         mine.div_(divisor)
         for pc in self.pieces:
             tensors[pc.index].view(-1)[pc.lo: pc.hi].copy_(mine[pc.at: pc.at + pc.hi - pc.lo])
+
+    @torch.no_grad()
+    def all_reduce(self, tensors: Sequence[torch.Tensor], divisor: int) -> None:
+        """Each of ``tensors`` summed over the group and divided by ``divisor``, whole: one ``all_reduce`` of the
+        same :meth:`flat` buffer :meth:`reduce_scatter` reduces. The collective's summation order of an element
+        depends on its place in the buffer and on the buffer's length (gloo's ring), so reducing this buffer
+        gives every owned range bit for bit what :meth:`reduce_scatter` gives its owner: the replicated
+        optimizer and the distributed one see the same gradients. Collective."""
+        flat = self.flat(tensors)
+        if self.size > 1:
+            dist.all_reduce(flat, group=self.group)
+        flat.div_(divisor)
+        for t, a, b in zip(tensors, self.offsets[:-1], self.offsets[1:], strict=True):
+            t.view(-1).copy_(flat[a:b])
 
     @torch.no_grad()
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> None:

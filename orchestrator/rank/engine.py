@@ -27,10 +27,10 @@ from v4train.orchestrator.rank.build import build_rank_optimizer, build_stage, g
 from v4train.orchestrator.rank.devices import RankPlacement
 from v4train.orchestrator.spec import JobSpec
 from v4train.parallel.context_parallel import shard_tokens
-from v4train.parallel.data_parallel import all_reduce_gradients
+from v4train.parallel.data_parallel import all_reduce_gradients, reduce_flat_gradients
 from v4train.parallel.fp8 import fp8_autocast_context
 from v4train.parallel.mixed_precision import MixedPrecision
-from v4train.parallel.optim import clip_grad_norm_, distributed_adamw_of
+from v4train.parallel.optim import adamw_flat_shards, clip_grad_norm_, distributed_adamw_of
 from v4train.parallel.schedules import forward_backward
 
 __all__ = ["StepEngine"]
@@ -62,6 +62,9 @@ class StepEngine:
         self.groups = group_parameters(self.stage, pctx)
         self.optimizer = build_rank_optimizer(self.stage, job, pctx)
         self.zero = distributed_adamw_of(self.optimizer)  # train.distributed_optimizer's AdamW part, or None
+        # the AdamW gradients' flat buffers, reduce-scattered with the distributed optimizer and all-reduced without
+        self.flat_shards = adamw_flat_shards(self.optimizer, [(pctx.data_group, self.groups.dense),
+                                                              (pctx.expert_dp_group, self.groups.expert)])
         self.precision = MixedPrecision(self.stage, job.train.precision)
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.abort = AbortSwitch()  # set from the heartbeat thread when a peer has failed
@@ -132,14 +135,16 @@ class StepEngine:
         gradient of every token dispatched to it), divided by dp; the embedding copies of the first and
         last stage: summed.
 
-        With ``train.distributed_optimizer`` the AdamW parameters' gradients are reduce-scattered instead, each
-        rank receiving its owned range only (:mod:`parallel.distributed_adamw`); the embedding copies are still
-        all-reduced whole (the two stages lay out different parameters, so their owned ranges differ), in the
-        plain run's order."""
+        The AdamW parameters' gradients go through one flat buffer per group (:func:`parallel.optim.adamw_flat_shards`),
+        all-reduced, or with ``train.distributed_optimizer`` reduce-scattered (each rank receiving its owned range
+        only, :mod:`parallel.distributed_adamw`); the rest (Muon matrices, the embedding copies) through the same
+        buckets either way. Both runs so sum every gradient element in one order: their gradients agree bit for
+        bit. The embedding copies are all-reduced whole (the two stages lay out different parameters, so their
+        owned ranges differ)."""
         g = self.groups
-        sharded = set() if self.zero is None else {id(p) for p in self.zero.sharded_params()}
-        sharded -= {id(p) for p in g.shared}
-        dense = [p for p in g.dense if id(p) not in sharded]
+        shared = {id(p) for p in g.shared}
+        flat = {id(p) for s in self.flat_shards for p in s.params} - shared
+        dense = [p for p in g.dense if id(p) not in flat]
         if self.pctx.cp > 1:
             all_reduce_gradients(dense, self.pctx.dp_cp_group, average=False)
             if self.pctx.dp > 1:
@@ -148,7 +153,7 @@ class StepEngine:
                         p.grad.div_(self.pctx.dp)
         else:
             all_reduce_gradients(dense, self.pctx.dp_group)
-        expert = [p for p in g.expert if id(p) not in sharded]
+        expert = [p for p in g.expert if id(p) not in flat]
         all_reduce_gradients(expert, self.pctx.expert_dp_group, average=False)
         if self.pctx.dp > 1:
             for p in expert:
@@ -156,8 +161,8 @@ class StepEngine:
                     p.grad.div_(self.pctx.dp)
         if g.shared:
             all_reduce_gradients(g.shared, self.pctx.embedding_group, average=False)
-        if self.zero is not None:
-            self.zero.reduce_scatter_gradients(self.pctx.dp, reduced=g.shared)
+        for shard in self.flat_shards:
+            reduce_flat_gradients(shard, self.pctx.dp, scatter=self.zero is not None, reduced=g.shared)
 
     def clip_gradients(self) -> tuple[float, bool]:
         """Clip to ``train.grad_clip`` by the global norm; (that norm, whether it is finite on every rank:

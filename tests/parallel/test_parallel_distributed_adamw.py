@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from support.spawn import free_ports, spawn_ranks
+from v4train.parallel.data_parallel import all_reduce_gradients, reduce_flat_gradients
 from v4train.parallel.distributed_adamw import DistributedAdamW
 from v4train.parallel.optim import global_state
 from v4train.parallel.ownership import FlatShard
@@ -112,7 +113,8 @@ def _rank(rank: int, port: int, world: int, out_dir: str) -> None:
         for p, g in zip(again, _mean_grads(3, rank), strict=True):
             p.grad = g
         regrouped.step()
-        torch.save({"params": params, "plain_params": [p.detach() for p in plain], "plain_state": plain_state,
+        torch.save({"order_probe": _order_probe(rank), "params": params, "plain_params": [p.detach() for p in plain],
+                    "plain_state": plain_state,
                     "resumed": [p.detach() for p in fresh],
                     "regrouped": [p.detach() for p in again], "gathered": gathered, "ranges": ranges,
                     "state_numel": state_numel, "after": after, "owned_grads": owned_grads,
@@ -120,6 +122,28 @@ def _rank(rank: int, port: int, world: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
+
+
+def _order_probe(rank):
+    """Inexact gradients (magnitudes 1e-3 to 1e3) of the dense parameters reduced three ways over the 4 ranks:
+    the flat buffer reduce-scattered (the owned ranges), the same buffer all-reduced, and the bucketed all-reduce
+    of the parameters in reverse order (each element at another place of the buffer: another summation order in
+    gloo's ring)."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    local = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-3, 4, s, generator=gen) for s in DENSE]
+    probe = [torch.nn.Parameter(torch.zeros(s)) for s in DENSE]
+    shard = FlatShard(probe, dist.group.WORLD)
+    out = {}
+    for way in ("scatter", "all_reduce", "buckets"):
+        for p, g in zip(probe, local, strict=True):
+            p.grad = g.clone()
+        if way == "buckets":
+            all_reduce_gradients(probe[::-1], dist.group.WORLD)
+        else:
+            reduce_flat_gradients(shard, WORLD, scatter=way == "scatter")
+        out[way] = [p.grad.clone() for p in probe]
+    out["pieces"] = [(pc.index, pc.lo, pc.hi) for pc in shard.pieces]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +168,23 @@ def test_distributed_adamw_equals_adamw_bitwise(four_ranks):
         for got, want in zip(res["gathered"], res["plain_state"], strict=True):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), rank
         assert res["after"] == [r is not None for r in res["ranges"]], rank  # moments only with the owner
+
+
+def test_the_flat_all_reduce_gives_the_reduce_scatter_bits(four_ranks):
+    """The replicated run all-reduces the flat buffer the distributed optimizer reduce-scatters: every owned range
+    is bit-identical (gloo sums an element in the same order in both collectives). The bucketed all-reduce with
+    the parameters in another order sums in another order: some elements differ in their last bits, which is why
+    both runs must reduce the same buffer. Fails when gloo's reduce-scatter stops matching its all-reduce."""
+    differs = False
+    for res in four_ranks:
+        probe = res["order_probe"]
+        assert probe["pieces"]
+        for i, lo, hi in probe["pieces"]:
+            assert torch.equal(probe["scatter"][i].view(-1)[lo:hi], probe["all_reduce"][i].view(-1)[lo:hi])
+        for a, b in zip(probe["all_reduce"], probe["buckets"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-3)
+            differs |= not torch.equal(a, b)
+    assert differs
 
 
 def test_state_is_split_into_equal_element_ranges(four_ranks):
