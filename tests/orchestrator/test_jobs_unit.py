@@ -66,7 +66,7 @@ def test_bad_job_fails_before_contacting_the_server(tmp_path, monkeypatch, capsy
     cluster = _cluster_file(tmp_path, "http://127.0.0.1:1")
     demo = str(REPO_ROOT / "configs/demo.yaml")
     assert main(["submit", demo, "--cluster", str(cluster), "--set", "parallel.pp=3"]) == 2
-    assert "does not match" in capsys.readouterr().err
+    assert "ranks exceed the cluster's" in capsys.readouterr().err
 
 
 def test_unreachable_server_is_one_line(tmp_path, capsys):
