@@ -99,4 +99,5 @@ def test_shipped_cluster_files_validate():
         cluster = load_cluster(path)
         assert cluster.hardware.peak_tflops > 0, path
     assert load_cluster(REPO_ROOT / "clusters/local-sim-8.yaml").world_size == 8
+    assert load_cluster(REPO_ROOT / "clusters/sim-3host-spread.yaml").ranks_per_node(8, 2) == (4, 2, 2)
     assert load_cluster(REPO_ROOT / "clusters/h200-pro.yaml").backend == "nccl"
