@@ -24,8 +24,8 @@ Kinds (``STEP`` is the 1-based optimizer step; ``rank`` defaults to 0):
                             ``v4train sim-cluster``)
 ==========================  ============================================================================
 
-Node faults name a node (rank ``r`` runs on node ``r // devices_per_node``); the supervisor hands each rank of
-that node its share as ``KIND@STEP:rank=R``.
+Node faults name a node of the cluster file (its ranks: ``ClusterSpec.ranks_per_node``, whole tensor-parallel
+groups in rank order); the supervisor hands each rank of that node its share as ``KIND@STEP:rank=R``.
 
 Each fault fires once: after a recovery the supervisor passes on only the faults that have not fired.
 """
@@ -66,12 +66,12 @@ class Fault:
         who = "supervisor" if self.rank == SUPERVISOR else str(self.rank)
         return f"{self.kind}@{self.step}:rank={who}"
 
-    def on_ranks(self, devices_per_node: int) -> list[Fault]:
-        """This fault as one per rank: a node fault on each rank of its node, else itself."""
+    def on_ranks(self, rank_nodes: list[int]) -> list[Fault]:
+        """This fault as one per rank: a node fault on each rank of its node (``rank_nodes[r]``: rank ``r``'s
+        node), else itself."""
         if self.node is None:
             return [self]
-        first = self.node * devices_per_node
-        return [Fault(self.kind, self.step, rank=r) for r in range(first, first + devices_per_node)]
+        return [Fault(self.kind, self.step, rank=r) for r, node in enumerate(rank_nodes) if node == self.node]
 
 
 def parse_fault(text: str) -> Fault:

@@ -8,11 +8,12 @@ the nodes ``ray.nodes()`` calls alive and keeps those whose raylet accepts a TCP
 :data:`PROBE_TIMEOUT_S` (the supervisor reaches every raylet on a working cluster); a node lost moments ago is
 left out at once, and a replacement node that has joined is used.
 
-:func:`plan_placement` then chooses the bundles: one per node (``STRICT_SPREAD``), each pinned by Ray's node-id
-label to a live node, the supervisor's own first (node 0 holds rank 0, the rendezvous, so node indices follow
-the cluster from its head) and the others by address (``ray.nodes()`` lists nodes by their random ids, so its
-order differs between clusters of the same hosts), when enough live nodes can each hold a node's ranks; else
-one bundle per rank packed (``PACK``) on the live nodes only.
+:func:`plan_placement` then chooses the bundles: one per node (``STRICT_SPREAD``) holding that node's share of
+the ranks (``ClusterSpec.ranks_per_node``: whole tensor-parallel groups, so shares may differ, 4 + 2 + 2), each
+pinned by Ray's node-id label to a live node, the supervisor's own first (node 0 holds rank 0, the rendezvous,
+so node indices follow the cluster from its head) and the others by address (``ray.nodes()`` lists nodes by
+their random ids, so its order differs between clusters of the same hosts), when enough live nodes can each
+hold their share; else one bundle per rank packed (``PACK``) on the live nodes only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from v4train.orchestrator.tools.placement import rank_nodes
 
 __all__ = ["NODE_ID_LABEL", "PROBE_TIMEOUT_S", "LiveNode", "Placement", "NodePlacementError", "live_nodes",
            "plan_placement", "place_group"]
@@ -100,26 +104,31 @@ def live_nodes(nodes: list[dict], here: str | None = None,
     return live, silent
 
 
-def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: dict[str, float],
-                   here: str | None, unreachable: list[str] = ()) -> Placement:
-    """The bundles of a group of ``world_size`` ranks, each needing ``per_rank`` resources, for a cluster file
-    of ``nodes`` nodes, on the ``live`` nodes (``here``: the supervisor's node id, placed first; the others in
-    address order, so the same hosts give the same rank-to-node map).
+def plan_placement(live: list[LiveNode], shares: Sequence[int], per_rank: dict[str, float],
+                   here: str | None, unreachable: Sequence[str] = ()) -> Placement:
+    """The bundles of a group whose ranks go ``shares[i]`` to node ``i`` (consecutive ranks; ``[nodes]``
+    counts, ``ClusterSpec.ranks_per_node``), each rank needing ``per_rank`` resources, on the ``live`` nodes
+    (``here``: the supervisor's node id, placed first; the others in address order, so the same hosts give
+    the same rank-to-node map).
 
-    Spread (``nodes`` > 1 dividing ``world_size``, and ``nodes`` live nodes that each hold ``world_size //
-    nodes`` ranks): one bundle per node, bundle ``i`` pinned to the ``i``-th such node, rank ``r`` in bundle
-    ``r // (world_size // nodes)``. Otherwise one bundle per rank, ``PACK``, kept off the ``unreachable``
-    nodes (the ones Ray still calls alive). Raises NodePlacementError when the live nodes together hold fewer
-    than ``world_size`` ranks.
+    Spread (more than one share, and a distinct live node holding each share, taken in that order): one
+    bundle per node of its share's size, bundle ``i`` pinned to the node chosen for share ``i``. Otherwise
+    one bundle per rank, ``PACK``, kept off the ``unreachable`` nodes (the ones Ray still calls alive).
+    Raises NodePlacementError when the live nodes together hold fewer ranks than the shares add up to.
     """
+    world_size = sum(shares)
     order = sorted(live, key=lambda n: (n.node_id != here, _address_key(n.address)))
-    if nodes > 1 and world_size % nodes == 0:
-        per_node = world_size // nodes
-        bundle = {k: v * per_node for k, v in per_rank.items()}
-        fit = [n for n in order if n.holds(bundle) >= 1][:nodes]
-        if len(fit) == nodes:
-            return Placement([bundle] * nodes, "STRICT_SPREAD", [{NODE_ID_LABEL: n.node_id} for n in fit],
-                             [r // per_node for r in range(world_size)])
+    if len(shares) > 1:
+        bundles = [{k: v * count for k, v in per_rank.items()} for count in shares]
+        fit: list[LiveNode] = []
+        for bundle in bundles:
+            node = next((n for n in order if n not in fit and n.holds(bundle) >= 1), None)
+            if node is None:
+                break
+            fit.append(node)
+        if len(fit) == len(shares):
+            return Placement(bundles, "STRICT_SPREAD", [{NODE_ID_LABEL: n.node_id} for n in fit],
+                             rank_nodes(shares))
     room = sum(n.holds(per_rank) for n in live)
     if room < world_size:
         have = ", ".join(f"{n.address} {n.resources}" for n in order) or "none"
@@ -130,9 +139,9 @@ def plan_placement(live: list[LiveNode], world_size: int, nodes: int, per_rank: 
                      list(range(world_size)))
 
 
-def place_group(world_size: int, nodes: int, per_rank: dict[str, float], timeout_s: float,
-                retry_s: float = 15.0):
-    """Create a ready placement group for the ranks on the nodes alive now; returns ``(group, bundle_of)``.
+def place_group(shares: Sequence[int], per_rank: dict[str, float], timeout_s: float, retry_s: float = 15.0):
+    """Create a ready placement group for ranks going ``shares[i]`` to node ``i`` (:func:`plan_placement`)
+    on the nodes alive now; returns ``(group, bundle_of)``.
 
     A group not ready within ``retry_s`` (a node lost after it was probed) is removed and placed anew on the
     nodes alive then. Raises NodePlacementError when the live nodes cannot hold the ranks, or when no group is
@@ -145,7 +154,7 @@ def place_group(world_size: int, nodes: int, per_rank: dict[str, float], timeout
     deadline = time.monotonic() + timeout_s
     while True:
         live, silent = live_nodes(ray.nodes(), here)
-        plan = plan_placement(live, world_size, nodes, per_rank, here, silent)
+        plan = plan_placement(live, shares, per_rank, here, silent)
         selectors = plan.selectors if any(plan.selectors) else None
         pg = placement_group(plan.bundles, strategy=plan.strategy, bundle_label_selector=selectors)
         wait_s = max(1.0, min(retry_s, deadline - time.monotonic()))

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
@@ -123,25 +123,28 @@ class RayRankGroup:
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
-               gpus_per_rank: int = 0, nodes: int = 1, spares: int = 1) -> RayRankGroup:
+               gpus_per_rank: int = 0, shares: Sequence[int] | None = None, spares: int = 1) -> RayRankGroup:
         """Start ``world_size`` RankWorker actors in one placement group, and ``spares`` idle ones outside it.
 
         ``gpus_per_rank`` (1 on a GPU cluster) makes each actor hold that many GPUs; there a spare would
         hold a GPU it does not use, so none is started and a failed rank is replaced by a new actor. On CPU a
         spare reserves no logical CPU: it only waits, its imports done. The bundles go on the nodes that are
         alive now (``node_placement.live_nodes``: Ray's alive nodes whose raylet answers, so a node lost
-        moments ago is left out at once and a replacement node is used): with ``nodes`` > 1 and that many
-        live nodes that each hold a node's ranks, one bundle per node, pinned to it (``STRICT_SPREAD``, the
-        supervisor's node first), and rank ``r`` runs on node ``r // (world_size // nodes)``: consecutive
-        ranks (a tensor-parallel group, Megatron's rank order) share a node, pipeline stages and
-        data-parallel replicas spread over nodes (``orchestrator/tools/placement.py`` gives the map).
-        Otherwise (one Ray node simulating them, or fewer live after a node loss) one bundle per rank,
-        packed on the live nodes.
+        moments ago is left out at once and a replacement node is used): with ``shares`` of several nodes
+        (``ClusterSpec.ranks_per_node``: node ``i`` holds the next ``shares[i]`` ranks, whole tensor-parallel
+        groups; default all on one node) and a live node holding each share, one bundle per node, pinned to
+        it (``STRICT_SPREAD``, the supervisor's node first): consecutive ranks (a tensor-parallel group,
+        Megatron's rank order) share a node, pipeline stages and data-parallel replicas spread over nodes
+        (``orchestrator/tools/placement.py`` gives the map). Otherwise (one Ray node simulating them, or
+        fewer live after a node loss) one bundle per rank, packed on the live nodes.
         """
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         per_rank = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-        pg, bundle_of = node_placement.place_group(world_size, nodes, per_rank, timeout_s, PLACE_RETRY_S)
+        shares = tuple(shares or (world_size,))
+        if sum(shares) != world_size:
+            raise ValueError(f"shares {shares} hold {sum(shares)} ranks, not the group's {world_size}")
+        pg, bundle_of = node_placement.place_group(shares, per_rank, timeout_s, PLACE_RETRY_S)
         # The rank's work runs on one thread (torch's intra-op thread count is per thread: a thread pool
         # would change reduction orders between calls); heartbeats are answered by a second group.
         remote_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,

@@ -43,6 +43,7 @@ from v4train.orchestrator.faults import SUPERVISOR, Fault, parse_fault, take_fau
 from v4train.orchestrator.recovery import nonfinite, restart, spike_rollback
 from v4train.orchestrator.recovery.fault_taxonomy import DeterministicFault, FaultHistory, Verdict
 from v4train.orchestrator.spec import ClusterSpec, JobSpec
+from v4train.orchestrator.tools.placement import rank_nodes
 from v4train.orchestrator.checkpoint.storage import CREDENTIAL_ENV_VARS, Storage
 
 __all__ = ["Phase", "Supervisor"]
@@ -204,6 +205,13 @@ class Supervisor:
             self.workers.abort() if abort else self.workers.shutdown()
             self.workers = None
 
+    def _on_ranks(self, fault: Fault) -> list[Fault]:
+        """``fault`` as one per rank: a node fault on each rank its node holds (``ClusterSpec.ranks_per_node``)."""
+        if fault.node is None:
+            return [fault]
+        shares = self.cluster.ranks_per_node(self.job.parallel.world_size, self.job.parallel.tp)
+        return fault.on_ranks(rank_nodes(shares))
+
     @property
     def _rejoin_timeout_s(self) -> float:
         """How long the surviving ranks' calls may take to return after a failure before the group is
@@ -217,8 +225,7 @@ class Supervisor:
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
             device=self.cluster.device,
-            faults=[str(r) for f in self.pending_faults if f.rank != SUPERVISOR
-                    for r in f.on_ranks(self.cluster.devices_per_node)],
+            faults=[str(r) for f in self.pending_faults if f.rank != SUPERVISOR for r in self._on_ranks(f)],
             env={k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ},
             interface=self.cluster.interface, checkpoint_root=self.storage.url)
         # Setup (imports, rendezvous, model build) makes no step progress: bounded by the collective timeout.

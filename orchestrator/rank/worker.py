@@ -86,6 +86,7 @@ class RankWorker:
         os.environ.update(request.env)
         node = self.node_address()
         os.environ.update(rendezvous.socket_env(rendezvous.data_plane(request.interface, node)[1]))
+        log.info("rank %d of %d on node %s, rendezvous %s", rank, world_size, node, init_method)
         self.close()
         self._release_rendezvous()
         inject = [parse_fault(f) for f in request.faults]

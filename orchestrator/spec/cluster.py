@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt
 
-from v4train.orchestrator.spec.job import _Strict
+from v4train.orchestrator.spec.job import SpecError, _Strict
+from v4train.orchestrator.tools.placement import ranks_per_node
 
 __all__ = ["RaySpec", "HardwareSpec", "ClusterSpec"]
-
 
 
 class RaySpec(_Strict):
@@ -45,6 +45,10 @@ class HardwareSpec(_Strict):
 class ClusterSpec(_Strict):
     """Where ranks run: ``nodes x devices_per_node`` devices; one rank per device.
 
+    A job may use fewer ranks than there are devices: it runs on all ``nodes`` nodes, each holding whole
+    tensor-parallel groups, as evenly as they split (:meth:`ranks_per_node`; 8 ranks of TP 2 on 3 nodes of 4
+    devices: 4 + 2 + 2), so a node may leave devices idle.
+
     ``simulated: true`` runs every rank as a CPU process (gloo): on this machine over 127.0.0.1, or on the
     hosts of a simulated multi-host cluster (``v4train sim-cluster``).
     ``collective_timeout_s`` bounds how long any collective may block, so a stalled peer fails the step;
@@ -77,4 +81,14 @@ class ClusterSpec(_Strict):
 
     @property
     def world_size(self) -> int:
+        """How many devices the cluster offers: ``nodes x devices_per_node``."""
         return self.nodes * self.devices_per_node
+
+    def ranks_per_node(self, world_size: int, tp: int) -> tuple[int, ...]:
+        """How many of a job's ``world_size`` ranks each node holds (``[nodes]``, whole tensor-parallel groups
+        of ``tp`` ranks; ``orchestrator/tools/placement.py``). Raises SpecError naming the field when the job
+        does not fit the nodes."""
+        try:
+            return ranks_per_node(world_size, tp, self.nodes, self.devices_per_node)
+        except ValueError as exc:
+            raise SpecError(f"{exc} (cluster {self.name})") from None

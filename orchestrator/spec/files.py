@@ -133,15 +133,13 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 
 
 def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int | None = None) -> None:
-    """Raise SpecError if the job's layout (tp x cp x pp x dp) does not use exactly the cluster's devices, or
-    if the planner's peak memory of a rank (with the job's precision, recompute and context parallelism,
-    ``orchestrator/tools/plan.py``) does not fit a device of the cluster at some training shape."""
+    """Raise SpecError if the job's ranks (tp x cp x pp x dp) do not fit the cluster's nodes in whole
+    tensor-parallel groups (:meth:`ClusterSpec.ranks_per_node`: more ranks than devices, a tensor-parallel
+    group larger than a node, a node left empty), or if the planner's peak memory of a rank (with the job's
+    precision, recompute and context parallelism, ``orchestrator/tools/plan.py``) does not fit a device of the
+    cluster at some training shape."""
     p = job.parallel
-    if p.world_size != cluster.world_size:
-        raise SpecError(
-            f"parallel: tp x cp x pp x dp = {p.tp} x {p.cp} x {p.pp} x {p.dp} = {p.world_size} does not match "
-            f"cluster {cluster.name}'s {cluster.world_size} devices"
-        )
+    cluster.ranks_per_node(p.world_size, p.tp)
     from v4train.orchestrator.tools.plan import Layout, job_shapes, plan_layout  # the planner imports specs
 
     cfg = job.model.build(vocab_size=vocab_size)

@@ -280,7 +280,8 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
 
     def make_workers() -> RayRankGroup:
         return RayRankGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
-                                  gpus_per_rank=1 if cluster.device == "gpu" else 0, nodes=cluster.nodes)
+                                  gpus_per_rank=1 if cluster.device == "gpu" else 0,
+                                  shares=cluster.ranks_per_node(world, job.parallel.tp))
 
     try:
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)

@@ -47,8 +47,8 @@ virtual stages, is planned with the balanced split of pp contiguous stages.
 **Step time**: ``(m + pp - 1)`` times the slowest stage's micro-batch time (the stage cost model's prediction:
 calibrated seconds on a calibrated device kind, else its FLOPs over ``peak_tflops x mfu``; divided by tp and
 cp, x 4/3 under recompute), plus its TP/EP/PP transfers over
-the link each group uses: inter-node when one of its groups spans two nodes, else intra-node, with rank
-``r`` on node ``r // devices_per_node`` (:mod:`orchestrator.tools.placement`)) plus the unoverlapped
+the link each group uses: inter-node when one of its groups spans two nodes, else intra-node, with the
+ranks dealt to the nodes in whole tensor-parallel groups (:mod:`orchestrator.tools.placement`)) plus the unoverlapped
 data-parallel gradient sync. An estimate: good for ranking
 layouts and spotting what dominates, not a promise.
 """
@@ -256,7 +256,8 @@ def planned_stage_layers(cfg, job, device: str, pp: int) -> list[int]:
 
 
 def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
-    """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``."""
+    """Memory, bubble, communication and step time of ``layout`` for ``shape`` of ``job`` on ``cluster``.
+    Raises SpecError when the layout's ranks do not fit the cluster's nodes (``ClusterSpec.ranks_per_node``)."""
     device = cluster.device
     b = state_bytes(job.train.precision)
     tp, pp, ep, dp, mbs, cp = layout.tp, layout.pp, layout.ep, layout.dp, layout.micro_batch_size, layout.cp
@@ -292,7 +293,7 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         stages.append(stage)
 
     comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)
-    crosses = crosses_nodes(tp, pp, ep, dp, cluster.devices_per_node, cp)
+    crosses = crosses_nodes(tp, pp, ep, dp, cluster.ranks_per_node(tp * cp * pp * dp, tp), cp)
     link = {k: (hw.inter_node_gbps if crossing else hw.intra_node_gbps) * 1e9 for k, crossing in crosses.items()}
     t_mb = max(stage_time) + (comm["tp"] / link["tp"] + comm["ep"] / link["ep"] + comm["pp"] / link["pp"]
                               + comm.get("cp", 0.0) / link["cp"]) / m

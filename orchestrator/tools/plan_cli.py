@@ -122,9 +122,10 @@ def run_cli(args) -> int:
     if args.layout:
         layout = _parse_layout(args.layout, layout)
     world = layout.tp * layout.cp * layout.pp * layout.dp
-    if world != cluster.world_size:
-        raise SpecError(f"layout {layout}: tp x cp x pp x dp = {world} does not match cluster {cluster.name}'s "
-                        f"{cluster.world_size} devices")
+    try:
+        shares = cluster.ranks_per_node(world, layout.tp)
+    except SpecError as exc:
+        raise SpecError(f"layout {layout}: {exc}") from None
     if (layout.tp * layout.cp * layout.dp) % layout.ep or cfg.n_routed_experts % layout.ep or layout.pp > cfg.n_layers:
         raise SpecError(f"layout {layout}: ep must divide tp x cp x dp and n_routed_experts; pp at most n_layers")
     plan = plan_job(cfg, job, cluster, layout)
@@ -140,7 +141,7 @@ def run_cli(args) -> int:
           f"{cluster.device} devices")
     print(format_plan(plan, f"layout {layout} (the job's)" if not args.layout else f"layout {layout}"))
     hw = cluster.hardware
-    print(format_placement(layout.tp, layout.pp, layout.ep, layout.dp, cluster.devices_per_node, plan.comm_bytes,
+    print(format_placement(layout.tp, layout.pp, layout.ep, layout.dp, shares, plan.comm_bytes,
                            hw.intra_node_gbps, hw.inter_node_gbps, cp=layout.cp))
     if not plan.fits and layout.recompute != "full":
         full = plan_job(cfg, job, cluster, dataclasses.replace(layout, recompute="full"))

@@ -178,9 +178,13 @@ class SimCluster:
         """Number of Ray nodes the head's GCS reports alive (asked from inside host 0)."""
         code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
-        proc = subprocess.run([*self.exec_prefix(0), self.python, "-c", code, self.head_address],
-                              capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+        try:
+            proc = subprocess.run([*self.exec_prefix(0), self.python, "-c", code, self.head_address],
+                                  capture_output=True, text=True, timeout=120,
+                                  env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+        except subprocess.TimeoutExpired:
+            # a head still starting on a loaded machine holds ray.init: none alive yet, the caller waits on
+            return 0
         lines = proc.stdout.strip().splitlines()
         return int(lines[-1]) if proc.returncode == 0 and lines and lines[-1].isdigit() else 0
 

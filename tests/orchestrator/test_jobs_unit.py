@@ -66,7 +66,7 @@ def test_bad_job_fails_before_contacting_the_server(tmp_path, monkeypatch, capsy
     cluster = _cluster_file(tmp_path, "http://127.0.0.1:1")
     demo = str(REPO_ROOT / "configs/demo.yaml")
     assert main(["submit", demo, "--cluster", str(cluster), "--set", "parallel.pp=3"]) == 2
-    assert "does not match" in capsys.readouterr().err
+    assert "ranks exceed the cluster's" in capsys.readouterr().err
 
 
 def test_unreachable_server_is_one_line(tmp_path, capsys):
@@ -99,4 +99,5 @@ def test_shipped_cluster_files_validate():
         cluster = load_cluster(path)
         assert cluster.hardware.peak_tflops > 0, path
     assert load_cluster(REPO_ROOT / "clusters/local-sim-8.yaml").world_size == 8
+    assert load_cluster(REPO_ROOT / "clusters/sim-3host-spread.yaml").ranks_per_node(8, 2) == (4, 2, 2)
     assert load_cluster(REPO_ROOT / "clusters/h200-pro.yaml").backend == "nccl"

@@ -26,8 +26,12 @@ def test_bad_node_faults_say_what_is_wrong(text):
 
 
 def test_node_fault_lands_on_every_rank_of_the_node():
-    assert Fault("node_kill", 3, node=1).on_ranks(4) == [Fault("node_kill", 3, rank=r) for r in (4, 5, 6, 7)]
-    assert Fault("kill", 3, rank=2).on_ranks(4) == [Fault("kill", 3, rank=2)]
+    assert Fault("node_kill", 3, node=1).on_ranks([0] * 4 + [1] * 4) == [Fault("node_kill", 3, rank=r)
+                                                                         for r in (4, 5, 6, 7)]
+    # unequal shares (8 ranks of TP 2 on three nodes: 4 + 2 + 2)
+    assert Fault("partition", 2, node=2).on_ranks([0] * 4 + [1] * 2 + [2] * 2) == [Fault("partition", 2, rank=r)
+                                                                                   for r in (6, 7)]
+    assert Fault("kill", 3, rank=2).on_ranks([0] * 8) == [Fault("kill", 3, rank=2)]
 
 
 def test_partition_refuses_outside_a_simulated_host():

@@ -50,7 +50,8 @@ def _submit(tmp_path, job, capsys, *extra):
         (lambda j: j.update(extra_section={}), "extra_section: unknown key"),
         (lambda j: j["model"].update(not_a_field=3), "model.not_a_field"),
         (lambda j: j["train"].update(lr="fast"), "train.lr"),
-        (lambda j: j["parallel"].update(dp=1), "parallel: tp x cp x pp x dp = 1 x 1 x 2 x 1 = 2"),
+        (lambda j: j["parallel"].update(dp=4), "parallel: tp x cp x pp x dp = 8 ranks exceed the cluster's nodes x "
+                                               "devices_per_node = 1 x 4 = 4 devices (cluster sim4)"),
         (lambda j: j["data"].update(path="/nonexistent/dir"), "data.path: directory /nonexistent/dir not found"),
         (lambda j: j["train"].update(global_batch=6), "train.global_batch"),
         (lambda j: j["model"].update(n_layers=0), "model:"),

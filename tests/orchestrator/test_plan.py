@@ -138,8 +138,8 @@ def test_plan_cli(capsys):
                  "--suggest", "0", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["plan"]["fits"] and len(data["plan"]["stages"]) == 16
-    assert main(["plan", "configs/demo.yaml", "--cluster", "clusters/local-sim-8.yaml"]) == 2
-    assert "does not match" in capsys.readouterr().err
+    assert main(["plan", "configs/demo.yaml", "--cluster", "clusters/local-sim.yaml", "--layout", "dp=4"]) == 2
+    assert "ranks exceed the cluster's" in capsys.readouterr().err
 
 
 @pytest.mark.slow

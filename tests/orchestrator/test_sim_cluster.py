@@ -4,6 +4,8 @@ standing by, as on a cluster with a spare node.
 
 - Unfailed, it gives the one-host losses, the rank-to-node map keeps each tensor-parallel group on one host,
   and a checkpoint written on two hosts resumes on one host and back.
+- The same job on all three hosts (a cluster file of 3 x 4 devices: whole tensor-parallel groups, 4 + 2 + 2
+  ranks) gives the one-host losses too, and its checkpoint resumes on one host and back.
 - ``partition@3:node=1`` cuts host 1's link: its ranks stop answering heartbeats, a node loss; the group is
   rebuilt at once on host 0 and the standby host 2 (ranks on all three hosts over the run) and reaches the
   unfailed losses. Host 1 stays cut off.
@@ -32,8 +34,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=RE
 RUN_TIMEOUT_S = 900  # one 8-rank run on a loaded 2-core machine; a hang fails the test
 
 
-def _cluster_file(path: Path, nodes: int, interface: str | None) -> Path:
-    spec = {"name": path.stem, "nodes": nodes, "devices_per_node": 8 // nodes, "device": "cpu", "simulated": True,
+def _cluster_file(path: Path, nodes: int, interface: str | None, devices_per_node: int | None = None) -> Path:
+    spec = {"name": path.stem, "nodes": nodes, "devices_per_node": devices_per_node or 8 // nodes, "device": "cpu",
+            "simulated": True,
             "backend": "gloo", "collective_timeout_s": 120, "heartbeat_timeout_s": 120,
             "ray": {"num_cpus": 8, "object_store_memory_mb": 256}}
     if interface:
@@ -67,6 +70,7 @@ def files(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
                    checkpoint={"every_steps": 2, "at_end": False, "async_save": False})
     (root / "job.yaml").write_text(yaml.safe_dump(job))
     return {"job": root / "job.yaml", "multi": _cluster_file(root / "two-host.yaml", 2, "v4eth"),
+            "three": _cluster_file(root / "three-host.yaml", 3, "v4eth", devices_per_node=4),
             "single": _cluster_file(root / "one-host.yaml", 1, None)}
 
 
@@ -103,6 +107,42 @@ def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(ho
         resumed = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert resumed[-1]["step"] == 3
         assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
+
+
+@pytest.mark.timeout(5 * RUN_TIMEOUT_S)
+def test_three_hosts_hold_whole_tensor_parallel_groups_and_give_the_one_host_losses(hosts, files, one_host,
+                                                                                    tmp_path):
+    """Three hosts of four devices for the 8 ranks: host 0 holds pipeline stage 0 (ranks 0-3), hosts 1 and 2
+    stage 1's two data-parallel replicas (ranks 4-5 and 6-7), so pipeline and data-parallel traffic cross
+    hosts and no tensor-parallel group does. Runs before the drills, which cut host 1 off."""
+    job_file, three, single = files["job"], files["three"], files["single"]
+    inside = hosts.exec_prefix(0)
+    _run(inside, ["submit", str(job_file), "--cluster", str(three), "--run-dir", str(tmp_path / "three")])
+    shutil.copytree(one_host, tmp_path / "one")
+    got, one = _losses(tmp_path / "three"), _losses(tmp_path / "one")
+    assert sorted(got) == sorted(one) == [1, 2, 3]
+    for step in one:
+        assert got[step] == pytest.approx(one[step], rel=1e-5), step
+
+    host0, host1, host2 = (h.address for h in hosts.members)
+    placement = json.loads((tmp_path / "three" / "placement.json").read_text())
+    assert placement["nodes"] == {host0: [0, 1, 2, 3], host1: [4, 5], host2: [6, 7]}
+    assert {(r["pp"], r["dp"]) for r in placement["ranks"] if r["node"] == host1} == {(1, 0)}
+    assert {(r["pp"], r["dp"]) for r in placement["ranks"] if r["node"] == host2} == {(1, 1)}
+    # each rank's own log names the host it ran on
+    for rank, node in enumerate([host0] * 4 + [host1] * 2 + [host2] * 2):
+        log = (tmp_path / "three" / "logs" / f"rank_{rank}.log").read_text()
+        assert f"rank {rank} of 8 on node {node}," in log, rank
+
+    # the three-host checkpoint of step 2 resumes on one host, the one-host one on three hosts: same step 3
+    for run, cluster, prefix in (("three", single, []), ("one", three, inside)):
+        (tmp_path / run / "cluster.yaml").write_text(cluster.read_text())
+        _run(prefix, ["resume", str(tmp_path / run), "--step", "2"])
+        resumed = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert resumed[-1]["step"] == 3
+        assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
+    placement = json.loads((tmp_path / "one" / "placement.json").read_text())
+    assert placement["nodes"] == {host0: [0, 1, 2, 3], host1: [4, 5], host2: [6, 7]}
 
 
 def _drill(hosts: SimCluster, files: dict[str, Path], run_dir: Path, fault: str) -> tuple[list[dict], list[dict]]:
