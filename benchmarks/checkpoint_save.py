@@ -103,7 +103,7 @@ class _Step:
     def __call__(self) -> float:
         start = time.perf_counter()
         x = self.a
-        for _ in range(24):
+        for _ in range(96):
             x = torch.tanh(x @ self.a)
         dist.all_reduce(self.grad)
         return time.perf_counter() - start
@@ -222,7 +222,7 @@ def _print(preset: str, rounds: int, rows: list) -> None:
     print(f"\n`{preset}`, PP=2 x DP=2, {rounds} rounds (medians); CPU seconds: rank 0 (DCP's coordinator) / "
           "mean of ranks 1-3\n")
     print("| save | checkpoint | save | plain write + fsync | ratio | CPU, 4 ranks | "
-          + " | ".join(PHASES) + " |\n|---" * (6 + len(PHASES)) + "|")
+          + " | ".join(PHASES) + " |\n" + "|---" * (6 + len(PHASES)) + "|")
     for way in WAYS:
         mine = [r for r in rows if r[0] == "sync" and r[1] == way]
         nbytes = statistics.median(r[2] for r in mine)
