@@ -1,23 +1,32 @@
-"""Checkpoint save throughput by DCP shard serialisation, side by side in one run, without training or Ray.
+"""Checkpoint save cost, side by side in one run, without Ray: throughput against a plain write, CPU per phase,
+and what an asynchronous save costs the steps that follow it.
 
-Four gloo processes hold the ``nano`` model as PP=2 x DP=2 would (each rank its pipeline stage's parameters
-and optimizer state, data-parallel replicas written once), and save it round after round into the same
-checkpoint root through the whole rank path (``shard_state``, ``dcp.save`` with the hashing writer,
-``commit``: manifest, publish, ``COMMIT``), alternating three ways of saving: what v4train does (one
-``torch.save`` record per tensor), torch DCP's ``serialization_format=SAFETENSORS`` (one safetensors record
-per rank, which the format could adopt), and DCP's save-plan caching (``DefaultSavePlanner(
-enable_plan_caching=True)``: after the first save, unchanged plans are not gathered, deduplicated and
-sent back again), to measure whether either would pay.
-Each round also writes the same number of bytes as one plain sequential file (+fsync). Medians over the
-rounds; the CPU seconds the four ranks spent in ``dcp.save`` are a less load-dependent view of the cost.
+Four gloo processes hold a model preset as PP=2 x DP=2 would (each rank its pipeline stage's parameters and
+optimizer state, data-parallel replicas written once) and save it round after round through the rank path
+(``shard_state``, the host copy, ``dcp.save`` with the hashing writer on a save group, ``commit``: manifest,
+publish, ``COMMIT``), alternating two ways:
 
-Usage: python benchmarks/checkpoint_save.py [--rounds 5] [--preset nano] [--root runs/ckpt-bench]
-Prints a Markdown table (paste into BENCHMARKS.md).
+- *before*: DCP's default planner, every rank's plan gathered, de-duplicated and scattered at every save;
+  an asynchronous save through ``dcp.async_save`` of the live state (DCP stages a copy of its own);
+- *now*: v4train's save path (``orchestrator/checkpoint/save_plan.py``: the plan reused within one process
+  group; ``orchestrator/rank/checkpoint_io.py``: the rank's host copy written on a writer thread).
+
+Each synchronous save is followed by a plain sequential write (+fsync) of the same number of bytes to the
+same disk. Every phase's process CPU time is taken per rank (time.process_time: on a loaded machine wall
+time measures the scheduler). The asynchronous part times a fixed CPU step (matrix products and a gradient-
+sized all-reduce on the default group, like a training step's) on every rank: the median of steps with no
+save in flight, then the steps while each asynchronous save persists; their extra time over that median,
+plus the time the request blocked, is the save's cost to training.
+
+Usage: nice -n 19 python benchmarks/checkpoint_save.py [--rounds 3] [--presets nano,small] [--root runs]
+Prints Markdown tables (paste into BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import os
 import shutil
 import statistics
@@ -28,16 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 WORLD = 4
-# name: (DCP serialisation, DCP save-plan caching)
-VARIANTS = {"v4train: one torch.save record per tensor": (SerializationFormat.TORCH_SAVE, False),
-            "DCP option: one safetensors record per rank": (SerializationFormat.SAFETENSORS, False),
-            "DCP option: save-plan caching": (SerializationFormat.TORCH_SAVE, True)}
+WAYS = ("before", "now")
+# phases whose CPU is taken (rank side; the coordinator's global plan, finish and commit come on rank 0)
+PHASES = ("state + copy", "local plan", "global plan", "write", "finish", "commit")
 
 
 def plain_write_s(path: Path, nbytes: int) -> float:
@@ -55,15 +60,67 @@ def plain_write_s(path: Path, nbytes: int) -> float:
     return seconds
 
 
+def _timed(cpu: collections.Counter, obj, method: str, phase: str) -> None:
+    """Make ``obj.method`` add its process CPU seconds to ``cpu[phase]``."""
+    inner = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            cpu[phase] += time.process_time() - start
+
+    setattr(obj, method, timed)
+
+
+def _planner(way: str, generation: str, cpu: collections.Counter):
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from v4train.orchestrator.checkpoint.save_plan import CachedSavePlanner
+
+    planner = DefaultSavePlanner() if way == "before" else CachedSavePlanner(generation)
+    _timed(cpu, planner, "create_local_plan", "local plan")
+    _timed(cpu, planner, "create_global_plan", "global plan")
+    return planner
+
+
+def _writer(storage, attempt: str, cpu: collections.Counter):
+    writer = storage.dcp_writer(attempt)
+    _timed(cpu, writer, "write_data", "write")
+    _timed(cpu, writer, "finish", "finish")
+    return writer
+
+
+class _Step:
+    """A fixed CPU step: matrix products, then an all-reduce of a gradient-sized buffer on the default group."""
+
+    def __init__(self, numel: int) -> None:
+        g = torch.Generator().manual_seed(dist.get_rank())
+        self.a = torch.randn(384, 384, generator=g)
+        self.grad = torch.zeros(numel)
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        x = self.a
+        for _ in range(96):
+            x = torch.tanh(x @ self.a)
+        dist.all_reduce(self.grad)
+        return time.perf_counter() - start
+
+
 def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) -> None:
     warnings.filterwarnings("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torch.distributed.checkpoint import async_save, save
+
     from v4train.model import ModelConfig, V4Stage
     from v4train.orchestrator import checkpoint
-    from v4train.orchestrator.checkpoint.hashed_writer import HashingWriter
+    from v4train.orchestrator.checkpoint import save_plan
     from v4train.orchestrator.checkpoint.storage import Storage
+    from v4train.orchestrator.rank.saved_copies import SavedCopies
     from v4train.parallel.optim import build_optimizer
 
     stage = V4Stage(ModelConfig.preset(preset), pp_rank=rank % 2, pp_size=2)
@@ -71,62 +128,139 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     optimizer = build_optimizer(list(stage.named_parameters()), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                 eps=1e-8)
     storage = Storage(root)
-    step = 0
+    group = dist.new_group(backend="gloo")  # the save group, as RankCheckpointIO makes one
+    generation = save_plan.new_generation()
+    saved = SavedCopies()
+    writer_thread = concurrent.futures.ThreadPoolExecutor(1)
+    numel = torch.tensor([sum(p.numel() for p in stage.parameters())])
+    dist.all_reduce(numel, op=dist.ReduceOp.MAX)  # one gradient size on every rank (the larger stage's)
+    step_fn = _Step(int(numel))
+    n = 0
+
+    def request(way: str, asynchronous: bool, cpu: collections.Counter):
+        """One save request as the trainer makes it; returns the future of an asynchronous one."""
+        nonlocal n
+        n += 1
+        box = [checkpoint.begin_attempt(storage, n) if rank == 0 else None]
+        dist.broadcast_object_list(box, 0, group=group)
+        start = time.process_time()
+        state = checkpoint.shard_state(stage, optimizer)
+        copy = saved.put(root, box[0], rank, state)
+        cpu["state + copy"] += time.process_time() - start
+        kwargs = dict(storage_writer=_writer(storage, box[0], cpu), planner=_planner(way, generation, cpu),
+                      process_group=group)
+        if not asynchronous:
+            save(copy if way == "now" else state, **kwargs)
+            return None, box[0], n
+        if way == "before":
+            response = async_save(state, **kwargs)
+            return getattr(response, "upload_completion", response), box[0], n
+        return writer_thread.submit(save, copy, **kwargs), box[0], n
+
+    def commit(attempt: str, step: int, cpu: collections.Counter) -> None:
+        dist.barrier(group=group)
+        if rank == 0:
+            start = time.process_time()
+            checkpoint.commit(storage, attempt, step, {"step": step})
+            checkpoint.apply_retention(storage, keep=1)
+            cpu["commit"] += time.process_time() - start
+
+    # synchronous saves: throughput and CPU per phase
     for _ in range(rounds):
-        for name, (fmt, caching) in VARIANTS.items():
-            step += 1
+        for way in WAYS:
+            cpu: collections.Counter = collections.Counter()
             dist.barrier()
             start = time.perf_counter()
-            box = [checkpoint.begin_attempt(storage, step) if rank == 0 else None]
-            dist.broadcast_object_list(box, 0)
-            state = checkpoint.shard_state(stage, optimizer)
-            cpu = time.process_time()
-            dcp.save(state, storage_writer=HashingWriter(storage.url_of(box[0]), serialization_format=fmt),
-                     planner=DefaultSavePlanner(enable_plan_caching=caching))
-            cpu = time.process_time() - cpu
-            dist.barrier()
-            if rank == 0:
-                checkpoint.commit(storage, box[0], step, {"step": step})
-                checkpoint.apply_retention(storage, keep=1)
+            _, attempt, step = request(way, False, cpu)
+            commit(attempt, step, cpu)
             seconds = time.perf_counter() - start
             cpus = [None] * WORLD
-            dist.all_gather_object(cpus, cpu)
+            dist.all_gather_object(cpus, dict(cpu))
             if rank == 0:
                 nbytes = sum(storage.files(checkpoint.step_name(step)).values())
-                results.put((name, nbytes, seconds, sum(cpus), plain_write_s(Path(root) / "plain.bin", nbytes)))
+                results.put(("sync", way, nbytes, seconds, cpus, plain_write_s(Path(root) / "plain.bin", nbytes)))
+    # asynchronous saves: the extra time of the steps trained while each persists
+    for _ in range(rounds):
+        for way in WAYS:
+            quiet = [step_fn() for _ in range(3)]
+            dist.barrier()
+            start = time.perf_counter()
+            future, attempt, step = request(way, True, collections.Counter())
+            blocked = time.perf_counter() - start
+            overlapped = []
+            while True:
+                overlapped.append(step_fn())
+                flag = torch.tensor([0 if future.done() else 1])
+                dist.all_reduce(flag)  # every rank steps until every rank's save has persisted
+                if not flag.item():
+                    break
+            future.result()
+            commit(attempt, step, collections.Counter())
+            if rank == 0:
+                results.put(("async", way, statistics.median(quiet), blocked, overlapped))
     dist.destroy_process_group()
+
+
+def _run(preset: str, rounds: int, root_dir: str) -> list:
+    from v4train.orchestrator.control.ray_group import free_port
+
+    root = tempfile.mkdtemp(dir=root_dir)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, root, preset, rounds, port, results)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    rows = [results.get(timeout=3600) for _ in range(2 * rounds * len(WAYS))]
+    for p in procs:
+        p.join(timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def _print(preset: str, rounds: int, rows: list) -> None:
+    print(f"\n`{preset}`, PP=2 x DP=2, {rounds} rounds (medians); CPU seconds: rank 0 (DCP's coordinator) / "
+          "mean of ranks 1-3\n")
+    print("| save | checkpoint | save | plain write + fsync | ratio | CPU, 4 ranks | "
+          + " | ".join(PHASES) + " |\n" + "|---" * (6 + len(PHASES)) + "|")
+    for way in WAYS:
+        mine = [r for r in rows if r[0] == "sync" and r[1] == way]
+        nbytes = statistics.median(r[2] for r in mine)
+        save_s = statistics.median(r[3] for r in mine)
+        plain_s = statistics.median(r[5] for r in mine)
+        ratio = statistics.median(r[5] / r[3] for r in mine)
+        total = statistics.median(sum(sum(c.values()) for c in r[4]) for r in mine)
+        phases = []
+        for phase in PHASES:
+            coord = statistics.median(r[4][0].get(phase, 0.0) for r in mine)
+            others = statistics.median(statistics.fmean(c.get(phase, 0.0) for c in r[4][1:]) for r in mine)
+            phases.append(f"{coord:.3f} / {others:.3f}")
+        print(f"| {way} | {nbytes / 1e6:.0f} MB | {nbytes / 1e6 / save_s:.0f} MB/s ({save_s:.2f} s) | "
+              f"{nbytes / 1e6 / plain_s:.0f} MB/s ({plain_s:.2f} s) | {ratio:.2f} | {total:.2f} s | "
+              + " | ".join(phases) + " |")
+    print("\n| asynchronous save | median step, none in flight | blocked by the request | steps overlapped | "
+          "extra time of those steps | (blocked + extra) / step |\n|---|---|---|---|---|---|")
+    for way in WAYS:
+        mine = [r for r in rows if r[0] == "async" and r[1] == way]
+        step = statistics.median(r[2] for r in mine)
+        blocked = statistics.median(r[3] for r in mine)
+        extra = statistics.median(sum(s - r[2] for s in r[4]) for r in mine)
+        steps = statistics.median(len(r[4]) for r in mine)
+        print(f"| {way} | {step:.3f} s | {blocked:.3f} s | {steps:.0f} | {extra:.3f} s | "
+              f"{(blocked + extra) / step:.3f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--presets", default="nano,small", help="comma-separated model presets")
     parser.add_argument("--root", default="runs", help="directory on the disk to measure (a temporary root inside)")
     args = parser.parse_args()
-    from v4train.orchestrator.control.ray_group import free_port
-
     Path(args.root).mkdir(parents=True, exist_ok=True)
-    root = tempfile.mkdtemp(dir=args.root)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, root, args.preset, args.rounds, port, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    rows = [results.get(timeout=1800) for _ in range(args.rounds * len(VARIANTS))]
-    for p in procs:
-        p.join(timeout=60)
-    shutil.rmtree(root, ignore_errors=True)
-    print(f"| {args.preset}, PP=2 x DP=2, {args.rounds} rounds (medians) | checkpoint | save | plain write + fsync "
-          "| ratio | CPU in dcp.save, 4 ranks |\n|---|---|---|---|---|---|")
-    for name in VARIANTS:
-        mine = [r for r in rows if r[0] == name]
-        nbytes = statistics.median(r[1] for r in mine)
-        save_s = statistics.median(r[2] for r in mine)
-        plain_s = statistics.median(r[4] for r in mine)
-        ratio = statistics.median(r[4] / r[2] for r in mine)
-        print(f"| {name} | {nbytes / 1e6:.0f} MB | {nbytes / 1e6 / save_s:.0f} MB/s ({save_s:.2f} s) | "
-              f"{nbytes / 1e6 / plain_s:.0f} MB/s | {ratio:.2f} | {statistics.median(r[3] for r in mine):.2f} s |")
+    print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
+    for preset in args.presets.split(","):
+        _print(preset, args.rounds, _run(preset, args.rounds, args.root))
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

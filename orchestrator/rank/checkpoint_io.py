@@ -1,24 +1,29 @@
 """Rank-side checkpoint I/O: write this rank's shards into a checkpoint attempt, read them back.
 
 Tensors go through torch DCP by global name (``orchestrator/checkpoint/shards.py``: :func:`shard_state`,
-:func:`load_shards`), so any layout reads any other's checkpoint. An asynchronous save copies the state
-now and writes it on a background thread while training goes on; its collectives run on a gloo group of
-their own, so they never interleave with the training step's on the default group. The coordinator
-commits the attempt once every rank reports its save persisted (``orchestrator/control/checkpointing.py``).
+:func:`load_shards`), so any layout reads any other's checkpoint. The state written is the host copy the rank
+keeps of each save (``saved_copies.py``), which training never touches: an asynchronous save writes that copy
+on a background thread while training goes on, with no second staging copy. Its collectives run on a gloo
+group of their own, so they never interleave with the training step's on the default group. Saves on one
+group reuse DCP's save plan (``orchestrator/checkpoint/save_plan.py``; a new group plans afresh). The
+coordinator commits the attempt once every rank reports its save persisted
+(``orchestrator/control/checkpointing.py``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import weakref
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import async_save as dcp_async_save
 from torch.distributed.checkpoint import save as dcp_save
 
 from v4train.orchestrator import checkpoint, faults
-from v4train.orchestrator.spec import JobSpec
+from v4train.orchestrator.checkpoint import save_plan
 from v4train.orchestrator.checkpoint.storage import Storage
+from v4train.orchestrator.spec import JobSpec
 
 __all__ = ["RankCheckpointIO"]
 
@@ -36,7 +41,10 @@ class RankCheckpointIO:
         self.job = job
         self.faults = inject
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.generation = save_plan.new_generation()  # this group's save plans, never another group's
+        weakref.finalize(self, save_plan.forget, self.generation)
         self.pending = None  # (step, future) of an asynchronous save
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
 
     def storage(self, root: str) -> Storage:
         c = self.job.checkpoint
@@ -44,15 +52,18 @@ class RankCheckpointIO:
 
     def write(self, root: str, attempt: str, step: int, state: dict[str, torch.Tensor], asynchronous: bool) -> None:
         """Write ``state`` (this rank's tensors by global name) into ``attempt`` under ``root`` (collective);
-        with ``asynchronous`` in the background (:meth:`done`, :meth:`wait`)."""
+        with ``asynchronous`` in the background (:meth:`done`, :meth:`wait`), in which case nothing may
+        modify ``state`` until it has persisted (the trainer passes its saved copy)."""
         writer = self.storage(root).dcp_writer(attempt)
         if ("kill_during_upload", step) in self.faults:
             writer = faults.dying_writer(writer)
+        planner = save_plan.CachedSavePlanner(self.generation)
         if asynchronous:
-            response = dcp_async_save(state, storage_writer=writer, process_group=self.group)
-            self.pending = (step, getattr(response, "upload_completion", response))
+            future = self._writer.submit(dcp_save, state, storage_writer=writer, planner=planner,
+                                         process_group=self.group)
+            self.pending = (step, future)
         else:
-            dcp_save(state, storage_writer=writer, process_group=self.group)
+            dcp_save(state, storage_writer=writer, planner=planner, process_group=self.group)
             self._after_persisted(step)
 
     def done(self) -> bool:

@@ -33,12 +33,15 @@ class SavedCopies:
         self.copies: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
         self.keep = keep
 
-    def put(self, root: str, attempt: str, rank: int, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``state`` (tensors by global name) that ``rank`` writes into ``attempt`` under ``root``."""
+    def put(self, root: str, attempt: str, rank: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy ``state`` (tensors by global name) that ``rank`` writes into ``attempt`` under ``root``; returns
+        the copy (read-only from then on: it is what gets written, and what a restore loads)."""
         # in host memory: a GPU rank's copy must not take device memory
-        self.copies[(root, attempt, rank)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        copy = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.copies[(root, attempt, rank)] = copy
         while len(self.copies) > self.keep:
             self.copies.popitem(last=False)
+        return copy
 
     def get(self, root: str, attempt: str | None, rank: int) -> dict[str, torch.Tensor] | None:
         """The copy ``rank`` wrote into ``attempt`` under ``root``, or None."""

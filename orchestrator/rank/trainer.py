@@ -291,16 +291,19 @@ class RankTrainer:
     def save(self, root: str, attempt: str, asynchronous: bool = False) -> RankSave:
         """Write this rank's shards of the step checkpoint into ``attempt`` under ``root`` (collective).
 
-        With ``asynchronous``, the state is copied now and written by a background thread while training
-        goes on (:meth:`save_done` / :meth:`wait_saved` report when it is persisted). Returns the
-        rank-local state recorded in ``train_state.json`` (loader cursor, RNG, routing rows), as of this step.
+        The state is copied now (the copy a restore from memory uses); with ``asynchronous`` that copy is
+        written by a background thread while training goes on (:meth:`save_done` / :meth:`wait_saved` report
+        when it is persisted). Returns the rank-local state recorded in ``train_state.json`` (loader cursor,
+        RNG, routing rows), as of this step.
         """
         self.io.wait()
         e = self.engine
         e.heartbeat = {**e.heartbeat, "phase": "save"}
         state = checkpoint.shard_state(e.stage, e.optimizer, e.tp)
-        self.saved.put(root, attempt, self.rank, state)  # before the write: exactly the tensors written
-        self.io.write(root, attempt, self.step, state, asynchronous)
+        # the copy kept for a restore from memory is what gets written: exactly the bytes on storage, and
+        # training goes on without touching it while an asynchronous write runs
+        copy = self.saved.put(root, attempt, self.rank, state)
+        self.io.write(root, attempt, self.step, copy, asynchronous)
         return RankSave(rank=self.rank, dp_rank=self.pctx.dp_rank, loader=e.loader.state_dict(),
                         rng=checkpoint.rng_state(), routing=self.routing.encoded(e.stage.cp))
 
