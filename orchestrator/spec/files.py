@@ -157,10 +157,15 @@ def validate_against_cluster(job: JobSpec, cluster: ClusterSpec, vocab_size: int
                             f"{field}={shape.seq_len} (planner), which {offer}; `v4train plan` lists layouts that fit")
 
 
-def job_warnings(job: JobSpec) -> list[str]:
-    """Choices that are valid but buy nothing, one line each naming the field (``submit`` prints them)."""
+def job_warnings(job: JobSpec, cluster: ClusterSpec | None = None) -> list[str]:
+    """Choices that are valid but buy nothing, one line each naming the field (``submit`` prints them); with
+    ``cluster``, also devices the job leaves idle (fewer ranks than ``nodes x devices_per_node``)."""
     out = []
     p = job.parallel
+    if cluster is not None and p.world_size < cluster.world_size:
+        shares = " + ".join(map(str, cluster.ranks_per_node(p.world_size, p.tp)))
+        out.append(f"parallel: tp x cp x pp x dp = {p.world_size} ranks leave {cluster.world_size - p.world_size} of "
+                   f"cluster {cluster.name}'s {cluster.world_size} devices idle (ranks per node: {shares})")
     expert_dp = p.tp * p.cp * p.dp // p.ep
     if job.train.distributed_optimizer and p.dp * p.cp == 1 and expert_dp == 1:
         # dense state is sharded over the data x context parallel ranks

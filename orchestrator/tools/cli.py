@@ -96,7 +96,7 @@ def _submit(args) -> int:
         return jobs.submit_from_cli(args, cluster)
     job = load_job(args.job, args.overrides)
     validate_against_cluster(job, cluster)
-    for warning in job_warnings(job):
+    for warning in job_warnings(job, cluster):
         print(f"v4train: warning: {warning}", file=sys.stderr)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{job.name}-{stamp}")

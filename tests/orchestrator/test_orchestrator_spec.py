@@ -118,3 +118,18 @@ def test_distributed_optimizer_without_data_parallelism_is_a_warning(job_files):
     assert job_warnings(sharded) == [] and job_warnings(load_job(path, [])) == []
     (warning,) = job_warnings(load_job(path, ["train.distributed_optimizer=true", "parallel.dp=1", "parallel.pp=4"]))
     assert warning.startswith("train.distributed_optimizer: true with parallel.dp 1")
+
+
+def test_idle_devices_are_a_warning_naming_the_ranks_per_node(job_files):
+    """Fewer ranks than the cluster's devices is allowed (whole tensor-parallel groups per node), but said."""
+    from v4train.orchestrator.spec import ClusterSpec
+
+    tmp_path, job = job_files
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spread = load_job(path, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.ep=1"])
+    three = ClusterSpec(name="three", nodes=3, devices_per_node=4)
+    (warning,) = job_warnings(spread, three)
+    assert warning == ("parallel: tp x cp x pp x dp = 8 ranks leave 4 of cluster three's 12 devices idle "
+                       "(ranks per node: 4 + 2 + 2)")
+    assert job_warnings(spread, ClusterSpec(name="two", nodes=2, devices_per_node=4)) == []
