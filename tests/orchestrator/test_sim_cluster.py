@@ -82,16 +82,35 @@ def one_host(files, tmp_path_factory) -> Path:
     return run_dir
 
 
+def _run_against_one_host(inside: list[str], files: dict[str, Path], cluster: str, one_host: Path, tmp_path: Path,
+                          run: str) -> dict[int, float]:
+    """Submit the job inside host 0 on ``files[cluster]`` into ``tmp_path/run``, copy the one-host reference
+    run to ``tmp_path/one`` (it is resumed later), assert the losses equal (rel 1e-5); the one-host losses."""
+    _run(inside, ["submit", str(files["job"]), "--cluster", str(files[cluster]), "--run-dir", str(tmp_path / run)])
+    shutil.copytree(one_host, tmp_path / "one")
+    got, one = _losses(tmp_path / run), _losses(tmp_path / "one")
+    assert sorted(got) == sorted(one) == [1, 2, 3]
+    for step in one:
+        assert got[step] == pytest.approx(one[step], rel=1e-5), step
+    return one
+
+
+def _resume_across(inside: list[str], files: dict[str, Path], cluster: str, tmp_path: Path, run: str,
+                   step3_loss: float) -> None:
+    """The multi-host run's step-2 checkpoint resumed on one host, and the one-host run's on ``files[cluster]``
+    (inside host 0): both redo step 3 to ``step3_loss`` (rel 1e-5)."""
+    for name, cluster_file, prefix in ((run, files["single"], []), ("one", files[cluster], inside)):
+        (tmp_path / name / "cluster.yaml").write_text(cluster_file.read_text())
+        _run(prefix, ["resume", str(tmp_path / name), "--step", "2"])
+        resumed = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert resumed[-1]["step"] == 3
+        assert resumed[-1]["loss"] == pytest.approx(step3_loss, rel=1e-5), name
+
+
 @pytest.mark.timeout(5 * RUN_TIMEOUT_S)
 def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(hosts, files, one_host, tmp_path):
-    job_file, multi, single = files["job"], files["multi"], files["single"]
     inside = hosts.exec_prefix(0)
-    _run(inside, ["submit", str(job_file), "--cluster", str(multi), "--run-dir", str(tmp_path / "two")])
-    shutil.copytree(one_host, tmp_path / "one")
-    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert sorted(two) == sorted(one) == [1, 2, 3]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    one = _run_against_one_host(inside, files, "multi", one_host, tmp_path, "two")
 
     # placement: host i holds ranks 4i..4i+3 (pipeline stage i), so each TP group sits on one host
     placement = json.loads((tmp_path / "two" / "placement.json").read_text())
@@ -101,12 +120,7 @@ def test_two_hosts_give_the_one_host_losses_and_checkpoints_move_between_them(ho
     assert logs == sorted(f"rank_{r}.log" for r in range(8))
 
     # the two-host checkpoint of step 2 resumes on one host, the one-host one on two hosts: same step 3
-    for run, cluster, prefix in (("two", single, []), ("one", multi, inside)):
-        (tmp_path / run / "cluster.yaml").write_text(cluster.read_text())
-        _run(prefix, ["resume", str(tmp_path / run), "--step", "2"])
-        resumed = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        assert resumed[-1]["step"] == 3
-        assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
+    _resume_across(inside, files, "multi", tmp_path, "two", one[3])
 
 
 @pytest.mark.timeout(5 * RUN_TIMEOUT_S)
@@ -115,14 +129,8 @@ def test_three_hosts_hold_whole_tensor_parallel_groups_and_give_the_one_host_los
     """Three hosts of four devices for the 8 ranks: host 0 holds pipeline stage 0 (ranks 0-3), hosts 1 and 2
     stage 1's two data-parallel replicas (ranks 4-5 and 6-7), so pipeline and data-parallel traffic cross
     hosts and no tensor-parallel group does. Runs before the drills, which cut host 1 off."""
-    job_file, three, single = files["job"], files["three"], files["single"]
     inside = hosts.exec_prefix(0)
-    _run(inside, ["submit", str(job_file), "--cluster", str(three), "--run-dir", str(tmp_path / "three")])
-    shutil.copytree(one_host, tmp_path / "one")
-    got, one = _losses(tmp_path / "three"), _losses(tmp_path / "one")
-    assert sorted(got) == sorted(one) == [1, 2, 3]
-    for step in one:
-        assert got[step] == pytest.approx(one[step], rel=1e-5), step
+    one = _run_against_one_host(inside, files, "three", one_host, tmp_path, "three")
 
     host0, host1, host2 = (h.address for h in hosts.members)
     placement = json.loads((tmp_path / "three" / "placement.json").read_text())
@@ -135,12 +143,7 @@ def test_three_hosts_hold_whole_tensor_parallel_groups_and_give_the_one_host_los
         assert f"rank {rank} of 8 on node {node}," in log, rank
 
     # the three-host checkpoint of step 2 resumes on one host, the one-host one on three hosts: same step 3
-    for run, cluster, prefix in (("three", single, []), ("one", three, inside)):
-        (tmp_path / run / "cluster.yaml").write_text(cluster.read_text())
-        _run(prefix, ["resume", str(tmp_path / run), "--step", "2"])
-        resumed = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        assert resumed[-1]["step"] == 3
-        assert resumed[-1]["loss"] == pytest.approx(one[3], rel=1e-5), run
+    _resume_across(inside, files, "three", tmp_path, "three", one[3])
     placement = json.loads((tmp_path / "one" / "placement.json").read_text())
     assert placement["nodes"] == {host0: [0, 1, 2, 3], host1: [4, 5], host2: [6, 7]}
 
