@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from support.spawn import free_ports, spawn_ranks  # noqa: E402
+from support.spawn import run_in_world  # noqa: E402
 from v4train.model.config import ModelConfig  # noqa: E402
 from v4train.model.transformer import V4Stage  # noqa: E402
-from v4train.parallel import groups  # noqa: E402
 from v4train.parallel.context_parallel import ContextParallel, exchange_bytes, shard_tokens  # noqa: E402
 
 
@@ -79,47 +76,38 @@ def _cfg(preset: str, overrides: dict) -> ModelConfig:
     return ModelConfig.preset(preset, **overrides)
 
 
-def _rank(rank: int, cp: int, seq_len: int, preset: str, overrides: dict, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=cp)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=cp)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp) if cp > 1 else ContextParallel()
-        cfg = _cfg(preset, overrides)
-        stage = V4Stage(cfg, pp_rank=0, pp_size=1, cp=cpg)
-        stage.init_weights(0)
-        stage.train()
-        stage.attention_mode = "sparse"
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=gen)
-        doc = seq_len // 3
-        pos = torch.cat((torch.arange(doc), torch.arange(seq_len - doc)))[None]
-        labels = torch.roll(ids, -1, dims=1)
-        local = [shard_tokens(t, cp, cpg.rank) if cp > 1 else t for t in (ids, pos, labels)]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        with _ByteCounter() as counted:
-            stage(*local).sum().backward()
-        step_s = time.perf_counter() - start
-        grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"grow_mib": grow / 1024, "step_s": step_s,
-                                                             "bytes": counted.bytes}))
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+def _rank(pctx, seq_len: int, preset: str, overrides: dict) -> dict:
+    """One CP rank (``support.spawn.run_in_world``): the stage's sparse forward and backward on its share of the
+    sequence; its peak-memory growth (MiB), time (s) and bytes sent."""
+    cp = pctx.cp
+    cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, cp) if cp > 1 else ContextParallel()
+    cfg = _cfg(preset, overrides)
+    stage = V4Stage(cfg, pp_rank=0, pp_size=1, cp=cpg)
+    stage.init_weights(0)
+    stage.train()
+    stage.attention_mode = "sparse"
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=gen)
+    doc = seq_len // 3
+    pos = torch.cat((torch.arange(doc), torch.arange(seq_len - doc)))[None]
+    labels = torch.roll(ids, -1, dims=1)
+    local = [shard_tokens(t, cp, cpg.rank) if cp > 1 else t for t in (ids, pos, labels)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with _ByteCounter() as counted:
+        stage(*local).sum().backward()
+    step_s = time.perf_counter() - start
+    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"grow_mib": grow / 1024, "step_s": step_s, "bytes": counted.bytes}
 
 
 def measure(cp: int, seq_len: int, preset: str, overrides: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_rank, (cp, seq_len, preset, overrides, free_ports(1)[0], tmp), cp, deadline_s=1800,
-                    what=f"cp={cp} T={seq_len}")
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(cp)]
-    cfg = _cfg(preset, overrides)
+    ranks = run_in_world(_rank, (seq_len, preset, overrides), cp, {"cp": cp}, deadline_s=1800,
+                         what=f"cp={cp} T={seq_len}")
+    exchange = exchange_bytes(_cfg(preset, overrides), seq_len, cp)
     return {"cp": cp, "seq_len": seq_len, "max_grow_mib": max(r["grow_mib"] for r in ranks),
             "max_step_s": max(r["step_s"] for r in ranks), "bytes_per_rank": max(r["bytes"] for r in ranks),
-            "exchange_formula_bytes": exchange_bytes(cfg, seq_len, cp)["cp_exchange"],
-            "ring_attention_bytes": exchange_bytes(cfg, seq_len, cp)["ring_attention"]}
+            "exchange_formula_bytes": exchange["cp_exchange"], "ring_attention_bytes": exchange["ring_attention"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

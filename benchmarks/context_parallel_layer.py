@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,12 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from support.spawn import free_ports, spawn_ranks  # noqa: E402
+from support.spawn import run_in_world  # noqa: E402
 from v4train.model.attention import Attention  # noqa: E402
 from v4train.model.config import ModelConfig  # noqa: E402
-from v4train.parallel import groups  # noqa: E402
 from v4train.parallel.context_parallel import (ContextParallel, CPSequence, context_parallel_attention,  # noqa: E402
                                                shard_tokens)
 
@@ -43,33 +39,27 @@ def _cfg(ratio: int) -> ModelConfig:
                               compress_ratios=(0, 4, ratio, 4, 0))
 
 
-def _rank(rank: int, cp: int, seq_len: int, ratio: int, mode: str, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=cp)
-    try:
-        pctx = groups.initialize(tp=1, pp=1, ep=1, dp=1, cp=cp)
-        cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, pctx.cp) if cp > 1 else ContextParallel()
-        cfg = _cfg(ratio)
-        attn = Attention(cfg, layer_idx=LAYER).train()
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in attn.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        doc = seq_len // 3
-        pos = torch.cat((torch.arange(doc), torch.arange(seq_len - doc)))[None]
-        x = shard_tokens(torch.randn(1, seq_len, cfg.dim, generator=gen), cp, cpg.rank).requires_grad_(True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        y = context_parallel_attention(attn, x, CPSequence(pos, cpg, attention_mode=mode))
-        y.square().sum().backward()
-        step_s = time.perf_counter() - start
-        grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"grow_mib": grow / 1024, "step_s": step_s,
-                                                             "y_abs_sum": float(y.detach().abs().sum())}))
-    finally:
-        groups.destroy()
-        dist.destroy_process_group()
+def _rank(pctx, seq_len: int, ratio: int, mode: str) -> dict:
+    """One CP rank (``support.spawn.run_in_world``): the layer's forward and backward on its share of the
+    sequence; its peak-memory growth (MiB), time (s) and output checksum."""
+    cp = pctx.cp
+    cpg = ContextParallel(pctx.cp_group, pctx.cp_rank, cp) if cp > 1 else ContextParallel()
+    cfg = _cfg(ratio)
+    attn = Attention(cfg, layer_idx=LAYER).train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    doc = seq_len // 3
+    pos = torch.cat((torch.arange(doc), torch.arange(seq_len - doc)))[None]
+    x = shard_tokens(torch.randn(1, seq_len, cfg.dim, generator=gen), cp, cpg.rank).requires_grad_(True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    y = context_parallel_attention(attn, x, CPSequence(pos, cpg, attention_mode=mode))
+    y.square().sum().backward()
+    step_s = time.perf_counter() - start
+    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"grow_mib": grow / 1024, "step_s": step_s, "y_abs_sum": float(y.detach().abs().sum())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,10 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ratio", type=int, default=128)
     parser.add_argument("--mode", default="dense", choices=("dense", "indexer_warmup", "sparse"))
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn_ranks(_rank, (args.cp, args.seq_len, args.ratio, args.mode, free_ports(1)[0], tmp), args.cp,
-                    deadline_s=3600, what=f"cp={args.cp} T={args.seq_len}")
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.cp)]
+    ranks = run_in_world(_rank, (args.seq_len, args.ratio, args.mode), args.cp, {"cp": args.cp}, deadline_s=3600,
+                         what=f"cp={args.cp} T={args.seq_len}")
     result = {"cp": args.cp, "seq_len": args.seq_len, "ratio": args.ratio, "mode": args.mode,
               "max_grow_mib": max(r["grow_mib"] for r in ranks), "max_step_s": max(r["step_s"] for r in ranks),
               "y_abs_sum": [r["y_abs_sum"] for r in ranks]}
