@@ -33,6 +33,7 @@ from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.node_watch import NodeWatch
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
+from v4train.orchestrator.rank.phase_clock import PhaseClock
 from v4train.orchestrator.rank.trainer import RankTrainer
 from v4train.orchestrator.rank.worker import RankWorker
 
@@ -102,12 +103,14 @@ class RayRankGroup:
         spares: idle actors started ahead of time that :meth:`rejoin` puts in a failed rank's place.
         make_spare: starts one more spare actor; without spares or this, :meth:`rejoin` cannot replace a
             dead rank and declines.
+        spares_wanted: how many spares each training step tops the group up to (default: ``len(spares)``).
     """
 
     launcher = "ray"
 
     def __init__(self, actors: list, timeout_s: float, poll_s: float = 1.0, owned: bool = True,
-                 grace_s: float = 3.0, spares: list | None = None, make_spare: Callable | None = None) -> None:
+                 grace_s: float = 3.0, spares: list | None = None, make_spare: Callable | None = None,
+                 spares_wanted: int | None = None) -> None:
         self.actors = actors
         self.world_size = len(actors)
         self.timeout_s = timeout_s
@@ -117,9 +120,10 @@ class RayRankGroup:
         self.placement_group = None
         self.spares = list(spares or [])
         self.make_spare = make_spare
-        self.spares_wanted = len(self.spares)
+        self.spares_wanted = len(self.spares) if spares_wanted is None else spares_wanted
         self._in_flight: list = []  # refs of the last call, one per rank
         self.nodes: list[str] = []  # each rank's node address, once set up
+        self.setup_laps: dict[str, float] = {}  # wall seconds of the last setup's parts (the start event's)
 
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
@@ -174,14 +178,19 @@ class RayRankGroup:
         """Every rank's process is started (bounded by :data:`START_TIMEOUT_S`); rank 0 opens the rendezvous on
         its node's data-plane address; every rank checks that it reaches it and the checkpoint root
         (:func:`rendezvous.preflight`, a failure is ``unreachable``), then joins."""
+        clock = PhaseClock()
         request = dataclasses.replace(request, supervisor_node=ray.get_runtime_context().get_node_id())
         self._wait([a.pid.remote() for a in self.actors], "start", max(timeout_s, START_TIMEOUT_S))
+        clock.lap("processes")
         address = self._wait([self.actors[0].open_rendezvous.remote(request.interface)], "rendezvous", timeout_s)[0]
         self._wait([a.preflight.remote(request, address, PREFLIGHT_TIMEOUT_S) for a in self.actors], "preflight",
                    timeout_s)
+        clock.lap("rendezvous")
         init_method = rendezvous.tcp_url(*address)
         refs = [a.setup.remote(request, r, self.world_size, init_method) for r, a in enumerate(self.actors)]
         infos = self._wait(refs, "setup", timeout_s)
+        clock.lap("setup")
+        self.setup_laps = {k: round(v, 3) for k, v in clock.laps.items()}
         self.nodes = [i.node for i in infos]
         return infos
 

@@ -222,6 +222,7 @@ class Supervisor:
         started = time.perf_counter()
         if self.workers is None:
             self.workers = self.make_workers()
+        created_s = time.perf_counter() - started
         request = SetupRequest(
             self.job, self.cluster.collective_timeout_s, self.cluster.threads_per_rank, self.cluster.backend,
             device=self.cluster.device,
@@ -239,6 +240,8 @@ class Supervisor:
         self.workers.coordinate(lambda: self._record_placement(infos))
         fields = {"world_size": self.job.parallel.world_size, "layout": self.job.parallel.model_dump(),
                   "launcher": self.workers.launcher, "setup_s": round(time.perf_counter() - started, 2)}
+        if getattr(self.workers, "setup_laps", None):  # the Ray group's parts of the set-up
+            fields["setup_parts_s"] = {"create": round(created_s, 3), **self.workers.setup_laps}
         if self.resume_from is not None:
             restore_started = time.perf_counter()
             self.state, fields["resumed_from"] = self.checkpoints.restore(self.workers, self.state, self.resume_from)
@@ -303,6 +306,9 @@ class Supervisor:
         record.pop("compute_cpu_s", None)  # the reporter's own; every stage's instead:
         record.update({f"stage_cpu_s/{s}": results[r]["compute_cpu_s"] for s, r in enumerate(self.stage_heads)
                        if "compute_cpu_s" in results[r]})
+        for key in ("step_cpu_s", "update_cpu_s"):  # every rank's, by rank (the reporter's own popped)
+            record.pop(key, None)
+            record.update({f"rank_{key}/{r}": result[key] for r, result in enumerate(results) if key in result})
         record.update(consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
                       restarts=state.restarts, time=time.time())
         for collapse in self.router_watch.observe(record):

@@ -136,6 +136,7 @@ class RankTrainer:
         e = self.engine
         e.heartbeat = {"step": plan.step, "progress": 0, "phase": "data"}
         start = time.perf_counter()
+        step_cpu_start = time.process_time()
         clock = PhaseClock()
         batch = e.loader.next_batch(plan.global_batch, plan.seq_len, self.pctx.dp_rank, self.pctx.dp)
         micro = e.micro_batches(batch, plan.micro_batch_size)
@@ -160,7 +161,9 @@ class RankTrainer:
         if plan.prefetch_routing is not None:
             # Before this step's update: the next step's routing comes from these (older) parameters.
             self.routing.put(plan.step + 1, self._prefetch_routing(StepPlan(**plan.prefetch_routing)))
+        update_cpu_start = time.process_time()
         moe_metrics = e.update(plan.lr, finite, warmup)
+        update_cpu_s = time.process_time() - update_cpu_start
         loss = e.global_mean_loss(loss_dicts)
         clock.lap("update")
         self.step = plan.step
@@ -176,6 +179,10 @@ class RankTrainer:
             # CPU seconds of this rank's forward and backward passes: its stage's compute, without the waits
             # for other stages (blocked receives sleep), the figure the stage balance is judged by on CPU
             "compute_cpu_s": compute_cpu_s,
+            # CPU seconds of this rank's process (every thread: gloo, checkpoint writer) over the whole step,
+            # and of its optimizer update alone: on a CPU cluster sharing cores, the sum over ranks is the step
+            "step_cpu_s": time.process_time() - step_cpu_start,
+            "update_cpu_s": update_cpu_s,
             "skipped": not finite,
         }
         if routing_fingerprint is not None:

@@ -12,10 +12,12 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import ray
 
 from v4train.orchestrator.control import rendezvous
@@ -48,6 +50,8 @@ class RankWorker:
             sys.stdout = sys.stderr = stream
             logging.basicConfig(stream=stream, level=logging.INFO, force=True,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # the process's start until now: Ray's worker start and every import above (torch, Megatron-core)
+        log.info("process up in %.2f s (%.2f CPU s)", time.time() - psutil.Process().create_time(), time.process_time())
         self.trainer: RankTrainer | None = None
         self.listener: rendezvous.RendezvousListener | None = None
         self.node_faults: set[tuple[str, int]] = set()

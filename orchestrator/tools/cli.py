@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from v4train.orchestrator.spec import (SpecError, dump_job, job_warnings, load_cluster, load_job,
                                        validate_against_cluster)
 
@@ -113,6 +115,11 @@ def _submit(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_job(job))
     shutil.copyfile(args.cluster, run_dir / "cluster.yaml")
+    # where the driver's start went: from its process's start to main() (imports), and main() to here
+    # (spec validation and the preflight)
+    entered, entered_cpu = args.entered
+    checked.update(imports_s=round(entered - psutil.Process().create_time(), 3), imports_cpu_s=round(entered_cpu, 3),
+                   spec_and_preflight_s=round(time.time() - entered, 3))
     return _run(job, cluster, run_dir, resume_from=None, faults=faults, notes=[("preflight", 0, checked)])
 
 
@@ -284,7 +291,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
                                   shares=cluster.ranks_per_node(world, job.parallel.tp))
 
     try:
+        ray_started = time.perf_counter()
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)
+        telemetry.event("ray_started", 0, seconds=round(time.perf_counter() - ray_started, 3))
         # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does; set after ray.init, which
         # installs its own SIGTERM handler (sys.exit) in the driver.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -313,6 +322,7 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``v4train`` console script; returns the process exit code."""
     args = _parser().parse_args(argv)
+    args.entered = (time.time(), time.process_time())  # the submit's start-time record (imports done by now)
     try:
         if args.command == "prepare-data":
             from v4train.data.prepare import run_cli

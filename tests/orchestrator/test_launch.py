@@ -65,15 +65,16 @@ def test_launch_outside_torchrun_is_one_line():
 
 # Fields that differ between two runs of the same job by nature: clocks, throughput, memory, the launcher's
 # name, and the random suffix of a checkpoint attempt's directory.
-PATH_SPECIFIC = {"time", "step_time_s", "tokens_per_s", "peak_rss_mb", "setup_s", "launcher", "seconds",
-                 "training_blocked_s"}
+PATH_SPECIFIC = {"time", "step_time_s", "tokens_per_s", "peak_rss_mb", "setup_s", "setup_parts_s", "launcher",
+                 "seconds", "training_blocked_s"}
+CPU_TIMES = ("stage_cpu_s/", "rank_step_cpu_s/", "rank_update_cpu_s/")
 
 
 def _records(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
         record = {k: v for k, v in json.loads(line).items()
-                  if k not in PATH_SPECIFIC and not k.startswith("stage_cpu_s/")}
+                  if k not in PATH_SPECIFIC and not k.startswith(CPU_TIMES)}
         if "path" in record:
             record["path"] = Path(record["path"]).name.split(".attempt-")[0]
         out.append(record)

@@ -62,3 +62,6 @@ def test_c03_resume_on_another_parallel_layout(rank_pool, saved_pp2_dp2, tmp_pat
         assert m["consumed_tokens"] == ref["consumed_tokens"]
         assert sorted(k for k in m if k.startswith("stage_cpu_s/")) == [f"stage_cpu_s/{s}" for s in range(pp)]
         assert all(m[f"stage_cpu_s/{s}"] > 0 for s in range(pp))
+        assert sorted(k for k in m if k.startswith("rank_step_cpu_s/")) == sorted(
+            f"rank_step_cpu_s/{r}" for r in range(tp * pp * dp))
+        assert all(m[f"rank_step_cpu_s/{r}"] >= m[f"rank_update_cpu_s/{r}"] > 0 for r in range(tp * pp * dp))
