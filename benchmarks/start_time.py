@@ -27,9 +27,11 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-# the process kinds the CPU seconds are grouped by, from each process's command line (Ray names its workers)
+# the process kinds the CPU seconds are grouped by, from each process's command line (Ray names its workers),
+# most specific first: a prestarted idle worker becomes a rank when an actor is placed on it
 KINDS = (("rank", "ray::RankWorker"), ("idle worker", "ray::IDLE"), ("idle worker", "default_worker.py"),
          ("ray", "gcs_server"), ("ray", "raylet"), ("ray", "ray/"), ("ray", "ray::"))
+RANKING = ("rank", "ray", "idle worker", "driver", "other")
 
 
 def _kind(proc: psutil.Process, driver_pid: int) -> str:
@@ -43,7 +45,8 @@ def _kind(proc: psutil.Process, driver_pid: int) -> str:
 
 
 def _sample(driver: psutil.Process, seen: dict[int, tuple[str, float]]) -> None:
-    """Record every process of the driver's tree: its kind and CPU seconds (user + system) so far."""
+    """Record every process of the driver's tree: its most specific kind so far and its CPU seconds (user +
+    system) so far."""
     try:
         procs = [driver, *driver.children(recursive=True)]
     except psutil.Error:
@@ -51,12 +54,10 @@ def _sample(driver: psutil.Process, seen: dict[int, tuple[str, float]]) -> None:
     for p in procs:
         try:
             t = p.cpu_times()
-            kind = _kind(p, driver.pid)
         except psutil.Error:
             continue
-        old_kind = seen.get(p.pid, (kind, 0.0))[0]
-        # a prestarted worker becomes a rank when an actor is placed on it: keep the later, more specific name
-        seen[p.pid] = (kind if kind != "idle worker" or old_kind == kind else old_kind, t.user + t.system)
+        kind = min(_kind(p, driver.pid), seen.get(p.pid, ("other", 0.0))[0], key=RANKING.index)
+        seen[p.pid] = (kind, t.user + t.system)
 
 
 def _events(run_dir: Path) -> dict[str, dict]:

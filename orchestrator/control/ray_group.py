@@ -128,7 +128,8 @@ class RayRankGroup:
     @classmethod
     def create(cls, world_size: int, timeout_s: float, log_dir: str | None = None,
                gpus_per_rank: int = 0, shares: Sequence[int] | None = None, spares: int = 1) -> RayRankGroup:
-        """Start ``world_size`` RankWorker actors in one placement group, and ``spares`` idle ones outside it.
+        """Start ``world_size`` RankWorker actors in one placement group, and ``spares`` idle ones outside it
+        once the first step has run.
 
         ``gpus_per_rank`` (1 on a GPU cluster) makes each actor hold that many GPUs; there a spare would
         hold a GPU it does not use, so none is started and a failed rank is replaced by a new actor. On CPU a
@@ -164,9 +165,10 @@ class RayRankGroup:
         def make_spare():
             return start_spare(str(Path(log_dir) / f"spare_{next(counter)}.log") if log_dir else None)
 
+        # The spares start after the first step (train_step tops them up), not beside the ranks: on a machine
+        # whose cores the ranks share, a spare importing torch now would delay the ranks' own start.
         n_spares = 0 if gpus_per_rank else spares
-        group = cls(actors, timeout_s, spares=[make_spare() for _ in range(n_spares)],
-                    make_spare=make_spare if n_spares else None)
+        group = cls(actors, timeout_s, make_spare=make_spare if n_spares else None, spares_wanted=n_spares)
         group.placement_group = pg
         return group
 
