@@ -2,9 +2,9 @@
 # make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
 # make lint : ruff check . (rules in pyproject.toml)
 # make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min) and the
-#             step-time benchmarks (PP1 step profile, PP2 stage balance, attention layers at 32k, fused head + loss;
-#             one table in runs/bench/step_time.md); JSON in runs/bench/; the other benchmarks/ scripts run one by
-#             one, see BENCHMARKS.md
+#             step-time benchmarks (PP1 step profile, PP2 stage balance, attention layers at 32k, fused head + loss,
+#             the demo's start from submit to the first step; one table in runs/bench/step_time.md); JSON in
+#             runs/bench/; the other benchmarks/ scripts run one by one, see BENCHMARKS.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -1,10 +1,12 @@
 """Step-time benchmarks in one table: the per-part profile of a PP1 step, the pipeline stage balance of the
-demo's PP2 layout (even split against ``stage_layers: auto``), the attention layers at 32k against SDPA, and
-the fused vocabulary head + loss against the unfused one.
+demo's PP2 layout (even split against ``stage_layers: auto``), the attention layers at 32k against SDPA, the
+fused vocabulary head + loss against the unfused one, and the demo's start (``v4train submit`` to the first step).
 
 Runs ``step_profile.py``, ``stage_balance.py --balance``, ``attention_layer.py`` (T = ``--seq-len``, the three
-V4 layer types and SDPA) and ``head_loss.py`` one after another (each writes its JSON under ``--out``), then
-writes one markdown table, ``step_time.md``, with every figure as a ratio measured within one run of its script.
+V4 layer types and SDPA), ``head_loss.py`` and ``start_time.py`` one after another (each writes its JSON under
+``--out``), then writes one markdown table, ``step_time.md``, with every figure as a ratio measured within one
+run of its script (the start: its parts' wall seconds and the CPU seconds every process spent until the first
+step).
 
     python benchmarks/step_time.py --out runs/bench            # make bench
 """
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> str:
     _run("attention_layer.py", "--seq-lens", str(args.seq_len), "--repeats", "1", "--variants",
          "v4 csa", "v4 hca", "v4 swa", "sdpa mha", "--json", str(args.out / "attention_layer.json"))
     _run("head_loss.py", "--json", str(args.out / "head_loss.json"))
+    demo_data = HERE.parent / "datasets" / "shakespeare" / "dataset.json"
+    if demo_data.exists():  # the start is the demo job's: it needs the demo's prepared data
+        _run("start_time.py", "--json", str(args.out / "start_time.json"))
+    else:
+        print(f"start_time.py skipped: no {demo_data} (v4train prepare-data --source shakespeare)", file=sys.stderr)
     profile = json.loads((args.out / "step_profile.json").read_text())
     attention = {r["variant"]: r for r in json.loads((args.out / "attention_layer.json").read_text())}
     head = {r["variant"]: r for r in json.loads((args.out / "head_loss.json").read_text())}
@@ -55,6 +62,12 @@ def main(argv: list[str] | None = None) -> str:
     un, fu = head["unfused"], head["fused"]
     lines.append(f"| head + loss ({fu['tokens']} tokens) | fused vs unfused: CPU time, peak memory | "
                  f"{fu['cpu_s'] / un['cpu_s']:.2f}x, {fu['peak_mib'] / un['peak_mib']:.2f}x |")
+    start = json.loads((args.out / "start_time.json").read_text()) if demo_data.exists() else {"parts_s": {}}
+    for part, seconds in start["parts_s"].items():
+        lines.append(f"| demo start (load {start['load_avg_1m']:.1f}) | {part} | {seconds} s |")
+    if start["parts_s"]:
+        lines.append(f"| demo start | submit to first step; CPU s of every process until then | "
+                     f"{start['submit_to_first_step_s']} s; {sum(start['cpu_s_to_first_step'].values()):.1f} CPU s |")
     table = "\n".join(lines)
     (args.out / "step_time.md").write_text(table + "\n")
     print(table)

@@ -27,17 +27,26 @@ Left alone on purpose: ``schedules.py:418`` ``torch.autocast("cuda", ...)`` runs
 and compares it with the list above, so a Megatron upgrade that moves, removes or adds a site fails
 loudly instead of silently running on the wrong device. Megatron's MoE layers, tensor-parallel RNG
 tracker and dist-checkpointing would need more patches; v4train does not use them.
+
+``import_megatron_core()`` (called by ``v4train/parallel/__init__.py``, before any other import of Megatron-core)
+imports ``megatron.core`` with ``torch.compile`` replaced by a no-op decorator: ``megatron/core/jit.py`` sets
+``jit_fuser = torch.compile`` and about 40 fused helpers (``megatron/core/fusions/``, MoE utilities) are
+decorated with it at import time, which imports TorchDynamo and TorchInductor: about a third of every rank
+process's imports, for functions v4train never calls (its model is its own). They stay plain Python
+functions; ``torch.compile`` itself is restored at once.
 """
 
 from __future__ import annotations
 
 import ast
 import collections
+import sys
 from types import ModuleType
 
 import torch
 
-__all__ = ["EXPECTED_MEGATRON_VERSION", "MegatronAssumptionError", "check_assumptions", "install"]
+__all__ = ["EXPECTED_MEGATRON_VERSION", "MegatronAssumptionError", "check_assumptions", "import_megatron_core",
+           "install"]
 
 EXPECTED_MEGATRON_VERSION = "0.16.1"
 
@@ -73,6 +82,25 @@ _EXPECTED_SYMBOLS: dict[str, tuple[str, ...]] = {
     ),
     _P2P: ("P2PCommunicator",),
 }
+
+
+def _no_compile(model=None, **_):
+    """``torch.compile``'s two call forms, ``torch.compile(fn)`` and ``torch.compile(**options)(fn)``, compiling
+    nothing."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron_core() -> None:
+    """Import ``megatron.core`` without compiling its fused helpers (see the module docstring); a no-op when
+    it is already imported."""
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = _no_compile
+    try:
+        import megatron.core  # noqa: F401 - the import is the point
+    finally:
+        torch.compile = real
 
 
 class MegatronAssumptionError(RuntimeError):

@@ -95,3 +95,19 @@ def test_install_refuses_to_patch_a_cuda_host(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert install() is False
     assert schedules.torch is torch and p2p_communication.torch is torch
+
+
+def test_a_rank_process_imports_megatron_without_torchdynamo():
+    """Importing a rank's code imports Megatron-core with its fused helpers left uncompiled: neither TorchDynamo
+    nor TorchInductor gets imported (a third of a rank's start), and torch.compile is the real one afterwards.
+    Fails if Megatron-core starts compiling at import another way, or a module imports it before
+    ``v4train.parallel`` does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; real = torch.compile; import v4train.orchestrator.rank.worker; "
+            "import megatron.core.jit as jit; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules), "
+            "jit.jit_fuser.__name__, torch.compile is real)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["[]", "_no_compile", "True"], out.stdout + out.stderr[-2000:]
