@@ -19,8 +19,6 @@ survivors restore the last commit from their in-memory copy of what they wrote (
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +29,7 @@ import ray
 from v4train.orchestrator.control import node_placement, rendezvous
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.node_watch import NodeWatch
+from v4train.orchestrator.control.ray_start import start_ray
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.rank.phase_clock import PhaseClock
@@ -56,29 +55,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_ray(num_cpus: int, object_store_memory_mb: int, address: str | None = None) -> None:
-    """Start (or join) the embedded local Ray cluster.
-
-    Token auth off for the local cluster, logical CPUs >= ranks, a small object store (only small control
-    messages travel through Ray), no dashboard, worker logs kept out of the driver's terminal.
-
-    ``address`` (or ``RAY_ADDRESS``, which Ray sets for a job's entrypoint) joins that running cluster
-    instead; its resources are the cluster's own, so ``num_cpus`` and the object store size are not used.
-    Without either a new local cluster always starts, never one found on this machine by ``ray start``.
-    """
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             object_store_memory=object_store_memory_mb * 1024 * 1024, log_to_driver=False,
-             logging_level=logging.WARNING)
 
 
 def start_spare(log_path: str | None = None):

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,6 +265,11 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _import_all(*modules: str) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
 def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, notes: list = ()) -> int:
     """Start Ray and the rank workers, run the supervisor, always tear down; returns the exit code.
 
@@ -271,9 +278,16 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
     """
     import ray
 
-    from v4train.orchestrator.control.supervisor import Phase, Supervisor
     from v4train.orchestrator.control.telemetry import Telemetry
-    from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
+
+    # The supervisor and the rank group import torch's distributed stack and Megatron-core (seconds of CPU);
+    # Ray's start mostly waits for its own processes, so the two overlap: the imports run on a thread while
+    # this one starts Ray.
+    importer = threading.Thread(target=_import_all, args=("v4train.orchestrator.control.supervisor",
+                                                          "v4train.orchestrator.control.ray_group"),
+                                name="import-supervisor", daemon=True)
+    importer.start()
+    from v4train.orchestrator.control.ray_start import start_ray
 
     # Ctrl-C stops the run whatever this process inherited: a shell that starts a command in the background
     # without job control (`make test &`) starts it with SIGINT ignored, and Python then leaves it ignored.
@@ -285,7 +299,7 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
         telemetry.event(name, step, **fields)
     supervisor = None
 
-    def make_workers() -> RayRankGroup:
+    def make_workers():  # a RayRankGroup
         return RayRankGroup.create(world, cluster.heartbeat_timeout_s, log_dir=str(run_dir / "logs"),
                                   gpus_per_rank=1 if cluster.device == "gpu" else 0,
                                   shares=cluster.ranks_per_node(world, job.parallel.tp))
@@ -294,6 +308,9 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
         ray_started = time.perf_counter()
         start_ray(cluster.ray.num_cpus or max(world, 2), cluster.ray.object_store_memory_mb)
         telemetry.event("ray_started", 0, seconds=round(time.perf_counter() - ray_started, 3))
+        importer.join()
+        from v4train.orchestrator.control.ray_group import RayRankGroup
+        from v4train.orchestrator.control.supervisor import Phase, Supervisor
         # SIGTERM (a scheduler stopping the driver) ends the run like Ctrl-C does; set after ray.init, which
         # installs its own SIGTERM handler (sys.exit) in the driver.
         signal.signal(signal.SIGTERM, _interrupt)

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from v4train.orchestrator.control import ray_group
+from v4train.orchestrator.control import ray_start
 from v4train.orchestrator.tools import cli
 from v4train.orchestrator.curriculum import lr_at, plan_at, plan_step
 from v4train.orchestrator.spec import SpecError, TrainSpec, apply_overrides, job_warnings, load_job
@@ -30,7 +30,7 @@ def job_files(tmp_path, monkeypatch):
     def never_start_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid job")
 
-    monkeypatch.setattr(ray_group, "start_ray", never_start_ray)
+    monkeypatch.setattr(ray_start, "start_ray", never_start_ray)
     monkeypatch.chdir(tmp_path)
     return tmp_path, job
 
