@@ -28,7 +28,7 @@ and compares it with the list above, so a Megatron upgrade that moves, removes o
 loudly instead of silently running on the wrong device. Megatron's MoE layers, tensor-parallel RNG
 tracker and dist-checkpointing would need more patches; v4train does not use them.
 
-``import_megatron_core()`` (called by ``v4train/parallel/__init__.py``, before any other import of Megatron-core)
+``import_megatron_core()`` (called by ``parallel/schedules.py``, a rank's first module to import Megatron-core)
 imports ``megatron.core`` with ``torch.compile`` replaced by a no-op decorator: ``megatron/core/jit.py`` sets
 ``jit_fuser = torch.compile`` and about 40 fused helpers (``megatron/core/fusions/``, MoE utilities) are
 decorated with it at import time, which imports TorchDynamo and TorchInductor: about a third of every rank

@@ -23,14 +23,20 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core.enums import ModelType
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from v4train.parallel import megatron_compat
-from v4train.parallel.groups import ParallelContext
+
+# This module is the first to import Megatron-core in a rank: without compiling its fused helpers at import
+# (megatron_compat.import_megatron_core), hence before the imports below.
+megatron_compat.import_megatron_core()
+
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+
+from v4train.parallel.groups import ParallelContext  # noqa: E402
 
 __all__ = ["forward_backward"]
 

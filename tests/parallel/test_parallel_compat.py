@@ -101,7 +101,8 @@ def test_a_rank_process_imports_megatron_without_torchdynamo():
     """Importing a rank's code imports Megatron-core with its fused helpers left uncompiled: neither TorchDynamo
     nor TorchInductor gets imported (a third of a rank's start), and torch.compile is the real one afterwards.
     Fails if Megatron-core starts compiling at import another way, or a module imports it before
-    ``v4train.parallel`` does."""
+    ``parallel/schedules.py`` does. The package's other modules import no Megatron-core at all (the torchrun
+    launcher's one-line errors come before it)."""
     import subprocess
     import sys
 
@@ -111,3 +112,6 @@ def test_a_rank_process_imports_megatron_without_torchdynamo():
             "jit.jit_fuser.__name__, torch.compile is real)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split() == ["[]", "_no_compile", "True"], out.stdout + out.stderr[-2000:]
+    code = "import sys, v4train.parallel.groups, v4train.parallel.distributed_muon; print('megatron' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False"], out.stdout + out.stderr[-2000:]
