@@ -18,6 +18,9 @@ backward on random tokens, the same on every rank as after the data-parallel all
    each ``muon_split`` block (V4's rule), so the Newton-Schulz part is also timed on identical blocks.
 3. **Batched against one-by-one** Newton-Schulz on the same blocks (same-shape blocks stacked into one
    ``bmm`` chain, or one call per block), fp32 and bf16.
+
+Parts 2 and 3 report CPU seconds of this process (one thread), the variants called in turn each round
+(medians over ``--steps`` rounds after a warm-up round), so load on a shared machine reaches all alike.
 4. **bf16 orthogonality.** Singular values of the Newton-Schulz output of every block in fp32 and in
    bf16 (smallest, median, largest over all blocks), and the largest relative difference between them.
 """
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +62,7 @@ def _stage_with_grads() -> tuple[V4Stage, list[tuple[str, torch.nn.Parameter]]]:
     cfg = ModelConfig.preset("nano")
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.init_weights(0)
+    stage.attention_mode = "dense"
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (1, SEQ + 1), generator=gen)
     pos = torch.arange(SEQ).unsqueeze(0)
@@ -109,14 +114,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median CPU seconds of each of ``fns``, called in turn ``repeats`` times after one warm-up round, so a
+    change in the machine's load during the run reaches every variant alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _single_process(steps: int) -> dict:
@@ -125,22 +134,14 @@ def _single_process(steps: int) -> dict:
     stage, named = _stage_with_grads()
     params = [p for _, p in named]
     grads = [p.grad.clone() for p in params]
-    saved = [p.detach().clone() for p in params]
-
-    def optimizer_step(make) -> float:
-        with torch.no_grad():
-            for p, w, g in zip(params, saved, grads, strict=True):
-                p.copy_(w)
-                p.grad = g.clone()
-        opt = make()
-        return _time(opt.step, steps)
 
     torch_muon_steps = len(V4_NS_STEPS)
-    out = {
-        "torch_muon_bf16_s": optimizer_step(lambda: torch.optim.Muon(params, lr=1e-3, ns_steps=torch_muon_steps)),
-        "ours_bf16_s": optimizer_step(lambda: Muon(params, lr=1e-3, ns_dtype=torch.bfloat16)),
-        "ours_fp32_s": optimizer_step(lambda: Muon(params, lr=1e-3)),
-    }
+    # the parameters keep the same gradients, so every step of an optimizer costs the same
+    out = {f"{name}_s": t for name, t in _interleaved({
+        "torch_muon_bf16": torch.optim.Muon(params, lr=1e-3, ns_steps=torch_muon_steps).step,
+        "ours_bf16": Muon(params, lr=1e-3, ns_dtype=torch.bfloat16).step,
+        "ours_fp32": Muon(params, lr=1e-3).step,
+    }, steps).items()}
     # the same blocks for every Newton-Schulz comparison: each parameter's muon_split blocks
     blocks = []
     for p, g in zip(params, grads, strict=True):
@@ -154,13 +155,13 @@ def _single_process(steps: int) -> dict:
 
     out["blocks"] = len(blocks)
     out["shapes"] = {"x".join(map(str, s)): len(bs) for s, bs in by_shape.items()}
-    out["ns_torch_bf16_s"] = _time(lambda: [_zeropower_via_newtonschulz(
-        b, (DEFAULT_A, DEFAULT_B, DEFAULT_C), torch_muon_steps, EPS) for b in blocks], steps)
+    ns = {"ns_torch_bf16": lambda: [_zeropower_via_newtonschulz(
+        b, (DEFAULT_A, DEFAULT_B, DEFAULT_C), torch_muon_steps, EPS) for b in blocks]}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        out[f"ns_batched_{name}_s"] = _time(
-            lambda dtype=dtype: [hybrid_newton_schulz(s, compute_dtype=dtype) for s in stacks], steps)
-        out[f"ns_one_by_one_{name}_s"] = _time(
-            lambda dtype=dtype: [hybrid_newton_schulz(b, compute_dtype=dtype) for b in blocks], steps)
+        ns[f"ns_batched_{name}"] = lambda dtype=dtype: [hybrid_newton_schulz(s, compute_dtype=dtype) for s in stacks]
+        ns[f"ns_one_by_one_{name}"] = lambda dtype=dtype: [hybrid_newton_schulz(b, compute_dtype=dtype)
+                                                           for b in blocks]
+    out.update({f"{name}_s": t for name, t in _interleaved(ns, steps).items()})
     sv = {}
     outs = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

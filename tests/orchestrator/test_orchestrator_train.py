@@ -138,36 +138,56 @@ def test_distributed_optimizer_checkpoint_resumes_without_it_and_at_another_dp(r
 
 
 # (TP, PP, EP, DP, VP) layouts of the recompute parity test (the pool holds 4 ranks): data parallel,
-# pipeline with expert parallel, tensor parallel under interleaved pipelining
+# pipeline with expert parallel, tensor parallel under interleaved pipelining; TP 2 x PP 2 x DP 2 below
 RECOMPUTE_LAYOUTS = [(1, 1, 1, 4, 1), (1, 2, 2, 2, 1), (2, 2, 1, 1, 2)]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_recompute_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("layout", RECOMPUTE_LAYOUTS, ids=lambda t: "tp{}pp{}ep{}dp{}vp{}".format(*t))
+def test_recompute_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path, layout):
     """train.recompute selective and full: losses, balance and MTP metrics and every tensor of the end
     checkpoint (parameters, router biases, Muon momentum, AdamW moments) after 3 steps are bit-identical to
     the run without recompute of the same layout (recomputed regions re-run the same operations, their
     collectives included, and replay the routing)."""
-    for tp, pp, ep, dp, vp in RECOMPUTE_LAYOUTS:
-        runs = {}
-        for recompute in ("none", "selective", "full"):
-            name = f"tp{tp}pp{pp}ep{ep}dp{dp}vp{vp}_{recompute}"
-            job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
-                           train={"recompute": recompute}, checkpoint={"every_steps": 0, "at_end": True})
-            metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
-            runs[recompute] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
-        reference, ref = runs["none"]
-        assert any(k.endswith(".momentum_buffer") for k in ref) and any(".exp_avg_sq" in k for k in ref)
-        for recompute in ("selective", "full"):
-            metrics, got = runs[recompute]
-            for a, b in zip(reference, metrics, strict=True):
-                for key in ("loss", "grad_norm", "balance_loss", "mtp_loss"):
-                    assert b.get(key) == a.get(key), ((tp, pp, ep, dp, vp), recompute, key, b["step"])
-            assert got.keys() == ref.keys()
-            for key, want in ref.items():
-                if isinstance(want, torch.Tensor):
-                    assert torch.equal(got[key], want), ((tp, pp, ep, dp, vp), recompute, key)
+    _assert_recompute_parity(rank_pool, tiny_dataset, tmp_path, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_recompute_equals_the_plain_run_on_8_ranks(tiny_dataset, tmp_path):
+    """As above at TP 2 x PP 2 x DP 2 (8 ranks: fresh actors of their own, as the 8-rank distributed-optimizer
+    test)."""
+    from v4train.orchestrator.control.ray_group import RayRankGroup, start_ray
+
+    start_ray(num_cpus=POOL_SIZE * 3, object_store_memory_mb=256)  # no-op when the pool's Ray is up
+
+    def make_workers():
+        return RayRankGroup.create(8, CALL_TIMEOUT_S, spares=0)
+
+    _assert_recompute_parity(None, tiny_dataset, tmp_path, (2, 2, 1, 2, 1), make_workers)
+
+
+def _assert_recompute_parity(pool, dataset, tmp_path, layout, make_workers=None):
+    tp, pp, ep, dp, vp = layout
+    runs = {}
+    for recompute in ("none", "selective", "full"):
+        name = f"tp{tp}pp{pp}ep{ep}dp{dp}vp{vp}_{recompute}"
+        job = tiny_job(dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
+                       train={"recompute": recompute}, checkpoint={"every_steps": 0, "at_end": True})
+        metrics, _, _ = run_job(pool, job, tmp_path / name, make_workers=make_workers)
+        runs[recompute] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+    reference, ref = runs["none"]
+    assert any(k.endswith(".momentum_buffer") for k in ref) and any(".exp_avg_sq" in k for k in ref)
+    for recompute in ("selective", "full"):
+        metrics, got = runs[recompute]
+        for a, b in zip(reference, metrics, strict=True):
+            for key in ("loss", "grad_norm", "balance_loss", "mtp_loss"):
+                assert b.get(key) == a.get(key), (layout, recompute, key, b["step"])
+        assert got.keys() == ref.keys()
+        for key, want in ref.items():
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got[key], want), (layout, recompute, key)
 
 
 @pytest.mark.slow
