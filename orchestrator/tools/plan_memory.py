@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["stage_parameters", "stage_fp32_parameters", "activation_elements", "mhc_elements", "cp_buffer_elements", "head_elements",
+__all__ = ["stage_parameters", "stage_fp32_parameters", "activation_elements",
+           "mhc_elements", "cp_buffer_elements", "head_elements",
            "head_weight_elements"]
 
 
