@@ -16,7 +16,8 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   parameters (``train.precision: fp32``) or, under ``bf16``, the fp32-kept parameters plus the bf16-computed
   ones' fp32 masters and bf16 copies (``parallel/mixed_precision.py``; with ``train.distributed_optimizer``
   the masters are sharded with the optimizer: 2 + 4 / DP bytes, :func:`parameter_bytes`), fp32 gradients,
-  and the optimizer state (:func:`optimizer_bytes`): two fp32 moments per parameter (AdamW; Muon's single momentum is counted as two, an upper bound). With
+  and the optimizer state (:func:`optimizer_bytes`): two fp32 moments per parameter (AdamW; Muon's single
+  momentum is counted as two, an upper bound). With
   ``train.distributed_optimizer`` (and only then) the optimizer term is divided by the group each part is
   sharded over: the data-parallel size for dense parameters, the expert-data-parallel size (tp x cp x dp / ep)
   for routed experts (AdamW in equal element ranges, exactly 1/DP; Muon matrices whole by a FLOP-balanced
