@@ -66,6 +66,9 @@ class DistributedAdamW(torch.optim.AdamW):
                                                                                    shard_groups)]
         # param -> (its shard, this rank's piece of it or None)
         self._piece = {id(p): (s, s.piece_of(i)) for s in self._shards for i, p in enumerate(s.params)}
+        # id(param) -> (fp32 master of its owned range or None, its bf16 compute copy): parameters whose values
+        # live there instead of in the parameter (:mod:`parallel.sharded_masters`)
+        self.masters: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def owned_range(self, param: torch.Tensor) -> tuple[int, int] | None:
         """The flat elements ``[lo, hi)`` of ``param`` whose state this rank keeps; None when it keeps none.
@@ -124,7 +127,7 @@ class DistributedAdamW(torch.optim.AdamW):
                     piece = self._piece[id(p)][1]
                     if piece is None or p.grad is None:
                         continue
-                    view = p.detach().view(-1)[piece.lo: piece.hi]
+                    view = self.masters[id(p)][0] if id(p) in self.masters else p.detach().view(-1)[piece.lo: piece.hi]
                     view.grad = p.grad.view(-1)[piece.lo: piece.hi]
                     if p in self.state:
                         self.state[view] = self.state.pop(p)
@@ -140,9 +143,44 @@ class DistributedAdamW(torch.optim.AdamW):
                     if view is not None and view in self.state:
                         self.state[p] = self.state.pop(view)
         for shard in self._shards:
-            if shard.size > 1 and any(p.grad is not None for p in shard.params):
-                shard.all_gather([p.detach() for p in shard.params])
+            sharded = any(id(p) in self.masters for p in shard.params)
+            if (shard.size > 1 or sharded) and any(p.grad is not None for p in shard.params):
+                self._all_gather(shard, bf16=True)
         return loss
+
+    def _all_gather(self, shard: FlatShard, *, bf16: bool) -> list[torch.Tensor]:
+        """Every rank's owned values of ``shard``'s parameters into every rank's copies (collective): a parameter
+        with a sharded master receives its master's bf16 cast into its bf16 copy (``bf16``) or the master itself
+        into a new whole fp32 tensor (returned in parameter order; the others: the parameter)."""
+        targets, owned = [], {}
+        for i, p in enumerate(shard.params):
+            master = self.masters.get(id(p))
+            if master is None:
+                targets.append(p.detach())
+                continue
+            targets.append(master[1] if bf16 else torch.empty(p.shape, dtype=torch.float32, device=p.device))
+            if master[0] is not None:
+                owned[i] = master[0].to(torch.bfloat16) if bf16 else master[0]
+        shard.all_gather(targets, owned)
+        return targets
+
+    @torch.no_grad()
+    def whole_masters(self) -> dict[int, torch.Tensor]:
+        """``id(param) -> whole fp32 value`` of every parameter with a sharded master: the owners' ranges
+        all-gathered (collective over every shard group)."""
+        out = {}
+        for shard in self._shards:
+            if any(id(p) in self.masters for p in shard.params):
+                for p, t in zip(shard.params, self._all_gather(shard, bf16=False), strict=True):
+                    if id(p) in self.masters:
+                        out[id(p)] = t
+        return out
+
+    def owned_slice(self, param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor | None:
+        """The 1-D view of ``whole`` (shaped as ``param``) over this rank's owned range of ``param``; None when
+        it owns none of it."""
+        piece = self._piece[id(param)][1]
+        return None if piece is None else whole.reshape(-1)[piece.lo: piece.hi]
 
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()

@@ -147,6 +147,69 @@ class DistributedMuon(Muon):
             costs = [newton_schulz_flops(u.shape, len(self._group_of[id(group_params[u.param])]["ns_steps"]))
                      for u in units]
             self._shards.append(_Shard(group, rank, size, group_params, units, partition_units(costs, size)))
+        # id(param) -> (fp32 master or None, bf16 compute copy): parameters whose values live there instead of in
+        # the parameter (:mod:`parallel.sharded_masters`); the master on :meth:`master_rank` only
+        self.masters: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def master_rank(self, param: torch.Tensor) -> int:
+        """The rank of ``param``'s group that applies its update when its fp32 master is sharded: the owner of its
+        first block (it receives every block's update). KeyError for a foreign tensor."""
+        for shard in self._shards:
+            for i, p in enumerate(shard.params):
+                if p is param:
+                    return next(o for u, o in zip(shard.units, shard.owners, strict=True) if u.param == i)
+        raise KeyError(f"DistributedMuon: no parameter of shape {tuple(param.shape)}")
+
+    def holds_master(self, param: torch.Tensor) -> bool:
+        """Whether this rank is ``param``'s :meth:`master_rank` in its group. KeyError for a foreign tensor."""
+        shard = next((s for s in self._shards if any(q is param for q in s.params)), None)
+        if shard is None:
+            raise KeyError(f"DistributedMuon: no parameter of shape {tuple(param.shape)}")
+        return self.master_rank(param) == shard.rank
+
+    def _master_ranks(self, shard: _Shard) -> dict[int, int]:
+        """``index -> master rank`` of each parameter of ``shard`` with a sharded master."""
+        first: dict[int, int] = {}
+        for u, o in zip(shard.units, shard.owners, strict=True):
+            first.setdefault(u.param, o)
+        return {i: first[i] for i, p in enumerate(shard.params) if id(p) in self.masters}
+
+    def _publish(self, shard: _Shard, indices: Sequence[int], *, bf16: bool) -> dict[int, torch.Tensor]:
+        """Each of ``indices``' (parameters with sharded masters) master from its master rank to every rank of the
+        group, in one all-gather: cast to bf16 into the bf16 copies (``bf16``), or whole fp32 (returned by
+        index). Collective over the group."""
+        ranks = self._master_ranks(shard)
+        by_rank: list[list[int]] = [[] for _ in range(shard.size)]
+        for i in indices:
+            by_rank[ranks[i]].append(i)
+        width = max((sum(shard.params[i].numel() for i in ks) for ks in by_rank), default=0)
+        mine = [self.masters[id(shard.params[i])][0] for i in by_rank[shard.rank]]
+        local = torch.cat([(m.to(torch.bfloat16) if bf16 else m).reshape(-1).float() for m in mine]) if mine \
+            else torch.zeros(0, dtype=torch.float32, device=shard.params[0].device)
+        received = all_gather_packed(shard.group, local, width)
+        out = {}
+        for rank, ks in enumerate(by_rank):
+            offset = 0
+            for i in ks:
+                p = shard.params[i]
+                values = received[rank][offset: offset + p.numel()].view(p.shape)
+                offset += p.numel()
+                if bf16:
+                    self.masters[id(p)][1].copy_(values)
+                else:
+                    out[i] = values.clone()
+        return out
+
+    @torch.no_grad()
+    def whole_masters(self) -> dict[int, torch.Tensor]:
+        """``id(param) -> whole fp32 value`` of every parameter with a sharded master, from its master rank
+        (collective over every shard group)."""
+        out = {}
+        for shard in self._shards:
+            indices = list(self._master_ranks(shard))
+            if indices:
+                out.update({id(shard.params[i]): t for i, t in self._publish(shard, indices, bf16=False).items()})
+        return out
 
     # ------------------------------------------------------------------ ownership
     def owned_blocks(self, param: torch.Tensor) -> list[int]:
@@ -252,9 +315,15 @@ class DistributedMuon(Muon):
                 offset += numel[k]
         for i, update in full_update.items():
             p = shard.params[i]
+            target = self.masters[id(p)][0] if id(p) in self.masters else p
+            if target is None:  # a sharded master held by another rank, which publishes the result
+                continue
             group = self._group_of[id(p)]
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(update.to(p.dtype), alpha=-group["lr"])
+            target.mul_(1.0 - group["lr"] * group["weight_decay"])
+            target.add_(update.to(target.dtype), alpha=-group["lr"])
+        published = [i for i in full_update if id(shard.params[i]) in self.masters]
+        if published:
+            self._publish(shard, published, bf16=True)
 
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()

@@ -17,16 +17,21 @@ the router (fp32 scores), the attention sinks. The model itself computes the rou
 activation, MoE accumulation and the logits with the head loss in fp32 from bf16 inputs.
 
 Memory per parameter computed in bf16, during a step: 4 (master) + 2 (bf16 copy) + 4 (fp32 gradient) bytes
-plus the optimizer state, Megatron's layout without a distributed optimizer.
+plus the optimizer state, Megatron's layout without a distributed optimizer. Given the distributed optimizer
+(``optimizers``), the masters of the parameters it updates are sharded with it (:mod:`parallel.sharded_masters`):
+2 (bf16 copy, kept between steps) + 4 / DP (master) + 4 (gradient) bytes; :meth:`MixedPrecision.whole_masters`
+gives them their whole fp32 values for checkpoints and snapshots.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+
+from v4train.parallel.sharded_masters import ShardedMasters
 
 __all__ = ["PRECISIONS", "computes_in_bf16", "MixedPrecision"]
 
@@ -43,12 +48,14 @@ def computes_in_bf16(name: str) -> bool:
 
 class MixedPrecision:
     """The bf16 compute copies of ``stage``'s parameters (module docstring); with ``precision="fp32"`` a no-op.
+    ``optimizers``: the stage's optimizers; the masters of the parameters a distributed one (ZeRO-1) updates are
+    sharded with it under bf16 (build this after them, before their first step).
 
     Raises ValueError naming ``precision`` for anything but fp32 / bf16, or when a parameter computed in
     bf16 is not fp32 to begin with.
     """
 
-    def __init__(self, stage: nn.Module, precision: str):
+    def __init__(self, stage: nn.Module, precision: str, optimizers: Sequence[torch.optim.Optimizer] = ()):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision = precision
@@ -63,6 +70,7 @@ class MixedPrecision:
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         for param in self.params:
             param.register_post_accumulate_grad_hook(self._accumulate)
+        self.sharded = ShardedMasters(self.params, optimizers) if self.params else None
 
     def _accumulate(self, param: nn.Parameter) -> None:
         if param not in self._masters:
@@ -86,10 +94,16 @@ class MixedPrecision:
             if param.grad is not None:
                 self._grads[param] = param.grad
                 param.grad = None
-            param.data = param.data.to(torch.bfloat16)
+            copy = self.sharded.bf16.get(id(param)) if self.sharded else None
+            param.data = param.data.to(torch.bfloat16) if copy is None else copy
         try:
             yield
         finally:
             for param in self.params:
                 param.data = self._masters.pop(param)
                 param.grad = self._grads.pop(param, None)
+
+    def whole_masters(self):
+        """A context in which every parameter holds its whole fp32 master (:meth:`ShardedMasters.whole`;
+        collective when masters are sharded, a no-op otherwise): around checkpoint saves and loads."""
+        return self.sharded.whole() if self.sharded is not None and self.sharded.params else nullcontext()

@@ -164,10 +164,17 @@ class FlatShard:
             t.view(-1).copy_(flat[a:b])
 
     @torch.no_grad()
-    def all_gather(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Every rank's owned range of ``tensors`` (shaped as ``params``) copied into the others' (collective)."""
-        local = torch.cat([tensors[pc.index].view(-1)[pc.lo: pc.hi] for pc in self.pieces]) if self.pieces \
-            else torch.zeros(0, dtype=tensors[0].dtype, device=tensors[0].device)
+    def all_gather(self, tensors: Sequence[torch.Tensor], owned: dict[int, torch.Tensor] | None = None) -> None:
+        """Every rank's owned range of ``tensors`` (shaped as ``params``) copied into the others' (collective).
+
+        ``owned[i]`` (1-D, this rank's piece of parameter ``i``) replaces ``tensors[i]``'s owned range as what this
+        rank sends: a sharded fp32 master, or its bf16 cast, whose parameter holds no values of its own. Values
+        travel in the parameters' dtype (a bf16 value is exact in fp32) and are cast into each tensor's dtype."""
+        owned = owned or {}
+        dtype = self.params[0].dtype
+        local = torch.cat([(owned[pc.index] if pc.index in owned else tensors[pc.index].view(-1)[pc.lo: pc.hi])
+                           .to(dtype) for pc in self.pieces]) if self.pieces \
+            else torch.zeros(0, dtype=dtype, device=tensors[0].device)
         flat = torch.cat(all_gather_packed(self.group, local, self.shard_numel))
         for t, a, b in zip(tensors, self.offsets[:-1], self.offsets[1:], strict=True):
             t.view(-1).copy_(flat[a:b])

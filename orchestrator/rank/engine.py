@@ -65,7 +65,9 @@ class StepEngine:
         # the AdamW gradients' flat buffers, reduce-scattered with the distributed optimizer and all-reduced without
         self.flat_shards = adamw_flat_shards(self.optimizer, [(pctx.data_group, self.groups.dense),
                                                               (pctx.expert_dp_group, self.groups.expert)])
-        self.precision = MixedPrecision(self.stage, job.train.precision)
+        # under bf16 the distributed optimizer also shards the fp32 masters of what it updates
+        self.precision = MixedPrecision(self.stage, job.train.precision, getattr(
+            self.optimizer, "optimizers", (self.optimizer,)) if job.train.distributed_optimizer else ())
         self.loader = GlobalBatchLoader(self.train_data, seed=job.data.seed)
         self.abort = AbortSwitch()  # set from the heartbeat thread when a peer has failed
         self.abort.install(self.stage, [*self.stage.layers.values(), *getattr(self.stage, "mtp", {}).values()])

@@ -192,7 +192,8 @@ class RankTrainer:
         metrics.update(router_metrics)
         guard = self.job.spike_guard
         if guard.enabled and plan.step % guard.snapshot_every == 0:
-            self.snapshots.take(self.step, e.stage, e.optimizer, e.loader)
+            with e.precision.whole_masters():
+                self.snapshots.take(self.step, e.stage, e.optimizer, e.loader)
         return metrics
 
     def _forward_backward(self, plan: StepPlan, micro: list[dict]) -> tuple[list[dict], dict, int | None, list]:
@@ -278,7 +279,8 @@ class RankTrainer:
         """
         self.io.wait()
         e = self.engine
-        step = self.snapshots.restore(newest_allowed, e.stage, e.optimizer, e.loader, skip_data)
+        with e.precision.whole_masters():
+            step = self.snapshots.restore(newest_allowed, e.stage, e.optimizer, e.loader, skip_data)
         if step < 0:
             return step
         self.step = step
@@ -306,7 +308,8 @@ class RankTrainer:
         self.io.wait()
         e = self.engine
         e.heartbeat = {**e.heartbeat, "phase": "save"}
-        state = checkpoint.shard_state(e.stage, e.optimizer, e.tp)
+        with e.precision.whole_masters():  # sharded fp32 masters gathered whole for the save only
+            state = checkpoint.shard_state(e.stage, e.optimizer, e.tp)
         # the copy kept for a restore from memory is what gets written: exactly the bytes on storage, and
         # training goes on without touching it while an asynchronous write runs
         copy = self.saved.put(root, attempt, self.rank, state)
@@ -334,12 +337,13 @@ class RankTrainer:
         """
         e = self.engine
         copy = self.saved.get(root, train_state.get("attempt"), self.rank)
-        if copy is not None and train_state.get("layout") == self.job.parallel.model_dump():
-            checkpoint.load_state(copy, f"{root}/{name}", e.stage, e.optimizer, e.tp)
-            self.restored_from = "memory"
-        else:
-            self.io.read(root, name, e.stage, e.optimizer, e.tp)
-            self.restored_from = "storage"
+        with e.precision.whole_masters():  # loaded whole, then each rank keeps its sharded masters' part
+            if copy is not None and train_state.get("layout") == self.job.parallel.model_dump():
+                checkpoint.load_state(copy, f"{root}/{name}", e.stage, e.optimizer, e.tp)
+                self.restored_from = "memory"
+            else:
+                self.io.read(root, name, e.stage, e.optimizer, e.tp)
+                self.restored_from = "storage"
         log.info("rank %d restored %s from %s", self.rank, name, self.restored_from)
         e.loader.load_state_dict(train_state["loader"])
         self.step = int(train_state["step"])

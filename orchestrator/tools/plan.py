@@ -13,13 +13,15 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   context, cuBLAS and NCCL workspaces (not measured here: no GPU).
 - ``parameters``, ``gradients``, ``optimizer``: the stage's parameters (dense ones split over TP, routed
   experts over EP), as the trainer holds them (every term follows a job option, :func:`state_bytes`): fp32
-  parameters (``train.precision: fp32``) or fp32 masters plus their bf16 compute copies during a step
-  (``bf16``, ``parallel/mixed_precision.py``), fp32 gradients, and the optimizer state (:func:`optimizer_bytes`):
-  two fp32 moments per parameter (AdamW; Muon's single momentum is counted as two, an upper bound). With
+  parameters (``train.precision: fp32``) or, under ``bf16``, the fp32-kept parameters plus the bf16-computed
+  ones' fp32 masters and bf16 copies (``parallel/mixed_precision.py``; with ``train.distributed_optimizer``
+  the masters are sharded with the optimizer: 2 + 4 / DP bytes, :func:`parameter_bytes`), fp32 gradients,
+  and the optimizer state (:func:`optimizer_bytes`): two fp32 moments per parameter (AdamW; Muon's single
+  momentum is counted as two, an upper bound). With
   ``train.distributed_optimizer`` (and only then) the optimizer term is divided by the group each part is
   sharded over: the data-parallel size for dense parameters, the expert-data-parallel size (tp x cp x dp / ep)
   for routed experts (AdamW in equal element ranges, exactly 1/DP; Muon matrices whole by a FLOP-balanced
-  partition, 1/DP on average). Parameters and gradients stay replicated (ZeRO-1).
+  partition, 1/DP on average). Gradients and bf16 copies stay replicated (ZeRO-1).
 - ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
   saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
   micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
@@ -33,9 +35,14 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   keeps its activations while its backward runs, one layer's worth on top of the workspace.
 - ``head_weight_grad`` (last stage): the fused head and loss forms each head's weight gradient in the
   forward, one ``[V / tp, D]`` buffer per head and micro-batch in flight.
-- ``checkpoint staging``: an asynchronous save copies parameters and optimizer state between steps, when
-  activations are free: the CPU peak is ``state + max(activations + workspace, staging)``; on GPU the copy
-  is in host memory and is reported, not counted.
+- ``saved_copies``: every checkpoint save (synchronous or asynchronous) copies what the rank writes, its fp32
+  parameters and whole optimizer state (:func:`saved_copy_bytes`; TP shards whole), into host memory and keeps
+  the :data:`SAVED_COPIES` newest (``orchestrator/rank/saved_copies.py``: a survivor restores from them; an
+  asynchronous save writes that copy, no second staging copy). Counted on CPU while ``checkpoint.every_steps``
+  saves; on GPU reported as host memory (``host ckpt staging``, one more copy during a save), not counted.
+- ``checkpoint_save``: a save's transient, between steps when activations are free: the sharded optimizer state
+  and masters gathered whole (with ``train.distributed_optimizer``), and on CPU the new copy before the oldest is
+  dropped; counted where it exceeds the activations it replaces.
 
 **Pipeline bubble** (1F1B): ``(pp - 1) / (m + pp - 1)`` with ``m`` micro-batches per data-parallel rank.
 **Communication per step per rank**: DP gradient all-reduce (or reduce-scatter + all-gather), TP
@@ -62,10 +69,11 @@ from dataclasses import dataclass, field
 from v4train.orchestrator.tools import stage_costs
 from v4train.orchestrator.tools.placement import crosses_nodes
 from v4train.orchestrator.tools.plan_memory import (activation_elements, cp_buffer_elements, head_elements,
-                                                    head_weight_elements, mhc_elements, stage_parameters)
+                                                    head_weight_elements, mhc_elements, stage_fp32_parameters,
+                                                    stage_parameters)
 
 __all__ = ["RUNTIME_BASELINE_MB", "BF16_ACTIVATION_BYTES", "RECOMPUTE_MODES", "FIT_FRACTION", "state_bytes",
-           "optimizer_bytes",
+           "optimizer_bytes", "parameter_bytes", "saved_copy_bytes", "SAVED_COPIES",
            "Layout", "Shape", "StageMemory", "Plan",
            "stage_parameters", "activation_elements", "cp_buffer_elements", "planned_stage_layers", "plan_layout",
            "plan_job", "suggest", "job_shapes"]
@@ -82,6 +90,8 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 FIT_FRACTION = 0.9
 MiB = 1 << 20
 GiB = 1 << 30
+# checkpoint copies a rank keeps in host memory (orchestrator/rank/saved_copies.py, SavedCopies.keep)
+SAVED_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -157,15 +167,47 @@ class Plan:
 
 # ------------------------------------------------------------------ one layout
 def state_bytes(precision: str) -> dict[str, float]:
-    """Bytes per parameter (``param``, ``grad``, ``staging``: the asynchronous checkpoint's copy of the fp32
-    parameters and moments; the optimizer state is :func:`optimizer_bytes`), per activation element (``act``)
-    and per communicated value (``comm``) under ``train.precision`` (module docstring); ValueError naming
-    ``precision`` otherwise."""
+    """Bytes per parameter (``param``: an fp32 parameter, or under bf16 a bf16-computed one's fp32 master and bf16
+    copy, :func:`parameter_bytes` for the sharded masters; ``grad``; ``copy``: what a checkpoint's kept host copy
+    holds of it, the fp32 parameter and two fp32 moments), per activation element (``act``) and per communicated
+    value (``comm``) under ``train.precision`` (module docstring); ValueError naming ``precision`` otherwise."""
     if precision == "bf16":
-        return {"param": 4 + 2, "grad": 4, "act": BF16_ACTIVATION_BYTES, "comm": 2, "staging": 12}
+        return {"param": 4 + 2, "grad": 4, "act": BF16_ACTIVATION_BYTES, "comm": 2, "copy": 12}
     if precision == "fp32":
-        return {"param": 4, "grad": 4, "act": 4, "comm": 4, "staging": 12}
+        return {"param": 4, "grad": 4, "act": 4, "comm": 4, "copy": 12}
     raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
+
+
+def _shard_sizes(layout: Layout, distributed: bool) -> tuple[int, int]:
+    """(dense, routed-expert) group sizes the distributed optimizer shards over; (1, 1) without it."""
+    if not distributed:
+        return 1, 1
+    return layout.dp, max(1, layout.tp * layout.cp * layout.dp // layout.ep)
+
+
+def parameter_bytes(cfg, layout: Layout, precision: str, distributed: bool,
+                    stage_layers: list[int] | None = None) -> list[float]:
+    """Parameter bytes of one rank of each pipeline stage (module docstring), dense split over TP and experts over
+    EP: 4 per parameter under fp32; under bf16 4 per parameter kept in fp32 (:func:`stage_fp32_parameters`) and,
+    per bf16-computed one, its fp32 master and bf16 copy: 4 + 2, or with ``distributed`` (the masters sharded
+    with the optimizer, ``parallel/sharded_masters.py``) 2 + 4 / the group it is sharded over."""
+    tp, ep = layout.tp, layout.ep
+    stages = stage_parameters(cfg, layout.pp, stage_layers)
+    if precision == "fp32":
+        return [4 * (dense / tp + expert / ep) for _, dense, expert in stages]
+    state_bytes(precision)  # validates
+    dp, edp = _shard_sizes(layout, distributed)
+    return [4 * kept / tp + (2 + 4 / dp) * (dense - kept) / tp + (2 + 4 / edp) * expert / ep
+            for (_, dense, expert), kept in zip(stages, stage_fp32_parameters(cfg, layout.pp, stage_layers),
+                                                strict=True)]
+
+
+def saved_copy_bytes(cfg, layout: Layout, stage_layers: list[int] | None = None) -> list[float]:
+    """Bytes of one checkpoint copy a rank of each pipeline stage keeps in host memory (``orchestrator/rank/
+    saved_copies.py``: exactly what it writes): its fp32 parameters and whole optimizer state (two fp32 moments
+    per parameter; Muon's one momentum counted as two), tensor-parallel shards gathered whole, its EP share of
+    the experts, whatever the precision or distributed optimizer (both are gathered for the save)."""
+    return [12 * (dense + expert / layout.ep) for _, dense, expert in stage_parameters(cfg, layout.pp, stage_layers)]
 
 
 def optimizer_bytes(cfg, layout: Layout, distributed: bool, stage_layers: list[int] | None = None) -> list[float]:
@@ -175,7 +217,7 @@ def optimizer_bytes(cfg, layout: Layout, distributed: bool, stage_layers: list[i
     (``train.distributed_optimizer``) divided over the data-parallel (dense) and expert-data-parallel (experts)
     groups."""
     tp, ep = layout.tp, layout.ep
-    dp, edp = (layout.dp, max(1, tp * layout.cp * layout.dp // ep)) if distributed else (1, 1)
+    dp, edp = _shard_sizes(layout, distributed)
     return [8 * (dense / tp / dp + expert / ep / edp)
             for _, dense, expert in stage_parameters(cfg, layout.pp, stage_layers)]
 
@@ -273,23 +315,32 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
     # a recomputed layer runs its forward twice: 8 instead of 6 FLOPs per parameter and token
     stage_time = [c * mbs / (tp * cp) * (4 / 3 if layout.recompute != "none" else 1) for c in costs.of_stages(sizes)]
     stages = []
-    asynchronous = job.checkpoint.async_save and job.checkpoint.every_steps > 0
-    optimizer = optimizer_bytes(cfg, layout, job.train.distributed_optimizer, sizes)
+    ckpt = job.checkpoint
+    saves, kept = ckpt.every_steps > 0 or ckpt.at_end, SAVED_COPIES if ckpt.every_steps > 0 else 0
+    distributed = job.train.distributed_optimizer
+    optimizer = optimizer_bytes(cfg, layout, distributed, sizes)
+    whole_optimizer = optimizer_bytes(cfg, layout, False, sizes)
+    params = parameter_bytes(cfg, layout, job.train.precision, distributed, sizes)
+    whole_params = parameter_bytes(cfg, layout, job.train.precision, False, sizes)
+    copies = saved_copy_bytes(cfg, layout, sizes)
     for r, (layers, dense, expert) in enumerate(stage_parameters(cfg, pp, sizes)):
         local = dense / tp + expert / ep
-        parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": local * b["param"],
+        parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": params[r],
                  "gradients": local * b["grad"]}
         parts["optimizer"] = optimizer[r]
         parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"]))
         stage = StageMemory(r, layers, dense, expert, parts)
-        staging = local * b["staging"] if asynchronous else 0.0
+        # a save gathers the sharded state whole (on the device) and adds a host copy before the oldest kept one
+        # is dropped; between steps, when activations are free
+        gathered = (whole_optimizer[r] - optimizer[r]) + (whole_params[r] - params[r]) if saves else 0.0
+        transient = (parts["activations"] + parts["kv_compressor"] + parts["workspace"]
+                     + parts.get("head_weight_grad", 0.0) + parts.get("recomputed_layer", 0.0))
         if device == "cpu":
-            # the staged copy is taken between steps, when activations are free
-            transient = (parts["activations"] + parts["kv_compressor"] + parts["workspace"]
-                         + parts.get("head_weight_grad", 0.0) + parts.get("recomputed_layer", 0.0))
-            parts["checkpoint_staging"] = max(0.0, staging - transient)
+            parts["saved_copies"] = kept * copies[r]
+            parts["checkpoint_save"] = max(0.0, gathered + (copies[r] if saves else 0.0) - transient)
         else:
-            stage.host_staging = staging
+            parts["checkpoint_save"] = max(0.0, gathered - transient)
+            stage.host_staging = (kept + 1) * copies[r] if saves else 0.0
         stages.append(stage)
 
     comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)

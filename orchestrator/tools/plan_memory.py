@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["stage_parameters", "activation_elements", "mhc_elements", "cp_buffer_elements", "head_elements",
+__all__ = ["stage_parameters", "stage_fp32_parameters", "activation_elements",
+           "mhc_elements", "cp_buffer_elements", "head_elements",
            "head_weight_elements"]
 
 
@@ -46,6 +47,21 @@ def _head_params(cfg) -> int:
     return hc + cfg.dim + cfg.vocab_size * cfg.dim  # hc_head, norm, head
 
 
+@functools.lru_cache(maxsize=64)
+def _block_fp32_params(cfg, layer_idx: int, mtp: bool) -> int:
+    """Dense parameters of one Block (or MTP block) that ``precision: bf16`` keeps in fp32
+    (:func:`parallel.mixed_precision.computes_in_bf16` false: mHC, norms, compressors, router, sinks)."""
+    import torch
+
+    from v4train.model.block import Block
+    from v4train.model.mtp import MTPBlock
+    from v4train.parallel.mixed_precision import computes_in_bf16
+
+    with torch.device("meta"):
+        block = (MTPBlock if mtp else Block)(cfg, layer_idx)
+    return sum(p.numel() for n, p in block.named_parameters() if not computes_in_bf16(n))
+
+
 def _layer_key(cfg, i: int) -> int:
     """A representative layer index with the same modules as layer ``i`` (same ratio, hash or learned routing)."""
     ratio, hashed = cfg.compress_ratios[i], i < cfg.n_hash_layers
@@ -71,6 +87,22 @@ def stage_parameters(cfg, pp: int, stage_layers: list[int] | None = None) -> lis
                 d, e = _block_params(cfg, cfg.n_layers + k, True)
                 dense, expert = dense + d, expert + e
         out.append((layers, dense, expert))
+    return out
+
+
+def stage_fp32_parameters(cfg, pp: int, stage_layers: list[int] | None = None) -> list[int]:
+    """Per pipeline stage, how many of its dense parameters ``precision: bf16`` keeps in fp32 (the rest, routed
+    experts included, compute in bf16): the blocks' mHC, norms, compressors, routers and sinks, and on the last
+    stage the head's mHC and norm."""
+    from v4train.model.transformer import stage_layer_ranges
+
+    out = []
+    for r, layers in enumerate(stage_layer_ranges(cfg.n_layers, pp, stage_layers)):
+        n = sum(_block_fp32_params(cfg, _layer_key(cfg, i), False) for i in layers)
+        if r == pp - 1:
+            n += _head_params(cfg) - cfg.vocab_size * cfg.dim  # hc_head and norm; the head weight is bf16
+            n += sum(_block_fp32_params(cfg, cfg.n_layers + k, True) for k in range(cfg.mtp_depth))
+        out.append(n)
     return out
 
 

@@ -92,13 +92,50 @@ def test_distributed_optimizer_equals_the_plain_run_on_8_ranks(tiny_dataset, tmp
     _assert_distributed_optimizer_parity(None, tiny_dataset, tmp_path, (2, 2, 1, 2, 1), make_workers)
 
 
-def _assert_distributed_optimizer_parity(pool, dataset, tmp_path, layout, make_workers=None):
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("dp", [2, 4])
+def test_bf16_distributed_optimizer_equals_the_plain_bf16_run(rank_pool, tiny_dataset, tmp_path, dp):
+    """precision bf16 with the distributed optimizer, whose ranks keep only the fp32 masters they update and every
+    other bf16-computed weight as its bf16 copy: the losses of 3 steps and every fp32 master, moment and momentum of
+    the end checkpoint are bit-identical to the bf16 run without it."""
+    _assert_distributed_optimizer_parity(rank_pool, tiny_dataset, tmp_path, (1, 1, 1, dp, 1), precision="bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_bf16_sharded_masters_checkpoint_resumes_in_fp32_at_another_dp_and_back(rank_pool, tiny_dataset, tmp_path):
+    """A bf16 run with sharded masters at DP 4 saves fp32 masters: it resumes bf16 without the distributed optimizer
+    (the straight run's losses, bitwise) and fp32 at DP 2 (2%); an fp32 checkpoint resumes in bf16 with sharded
+    masters at DP 2 (2% of the bf16 run)."""
+    def job(dp, precision, distributed):
+        return tiny_job(tiny_dataset, parallel={"dp": dp}, checkpoint={"every_steps": 2, "at_end": True},
+                        train={"steps": 4, "precision": precision, "distributed_optimizer": distributed})
+
+    straight, _, _ = run_job(rank_pool, job(4, "bf16", True), tmp_path / "straight")
+    fp32, _, _ = run_job(rank_pool, job(4, "fp32", False), tmp_path / "fp32")
+    saved = _tensors(tmp_path / "straight" / "step_00000002", tmp_path / "straight2.pt")
+    assert any(k.startswith("model.") for k in saved)
+    assert all(v.dtype != torch.bfloat16 for v in saved.values() if isinstance(v, torch.Tensor))
+    for name, source, dp, precision, distributed, rel in (("bf16_plain_dp4", "straight", 4, "bf16", False, 0.0),
+                                                          ("fp32_dp2", "straight", 2, "fp32", False, 2e-2),
+                                                          ("bf16_zero1_dp2_from_fp32", "fp32", 2, "bf16", True, 2e-2)):
+        shutil.copytree(tmp_path / source / "step_00000002", tmp_path / name / "step_00000002")
+        resumed, events, _ = run_job(rank_pool, job(dp, precision, distributed), tmp_path / name,
+                                     resume_from="step_00000002")
+        assert events[0]["event"] == "start" and events[0]["step"] == 2
+        for a, b in zip(straight[2:], resumed, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=rel), (name, b["step"])
+
+
+def _assert_distributed_optimizer_parity(pool, dataset, tmp_path, layout, make_workers=None, precision="fp32"):
     tp, pp, ep, dp, vp = layout
     runs = {}
     for distributed in (False, True):
-        name = f"tp{tp}pp{pp}ep{ep}dp{dp}_{'zero1' if distributed else 'plain'}"
+        name = f"tp{tp}pp{pp}ep{ep}dp{dp}_{precision}_{'zero1' if distributed else 'plain'}"
         job = tiny_job(dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
-                       train={"distributed_optimizer": distributed}, checkpoint={"every_steps": 0, "at_end": True})
+                       train={"distributed_optimizer": distributed, "precision": precision},
+                       checkpoint={"every_steps": 0, "at_end": True})
         metrics, _, _ = run_job(pool, job, tmp_path / name, make_workers=make_workers)
         runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
     (reference, ref), (metrics, got) = runs[False], runs[True]

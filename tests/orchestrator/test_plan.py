@@ -180,3 +180,38 @@ def test_distributed_optimizer_divides_only_the_optimizer_state():
     wide = dataclasses.replace(layout, pp=1, dp=4, ep=2)
     (stage,) = plan_layout(cfg, on, cluster, wide, shape).stages
     assert stage.parts["optimizer"] == pytest.approx(8 * (stage.dense_params / 4 + stage.expert_params / 2 / 2))
+
+
+def test_bf16_masters_are_sharded_with_the_distributed_optimizer():
+    """precision bf16: each bf16-computed parameter costs its fp32 master and bf16 copy (4 + 2 bytes), the fp32-kept
+    ones 4; with the distributed optimizer the masters are 4 / DP (here dense and experts over the same 2 ranks)."""
+    from v4train.orchestrator.tools.plan_memory import stage_fp32_parameters
+
+    job, cfg, cluster, layout = _demo(extra=("train.precision=bf16",))
+    on, _, _, _ = _demo(extra=("train.precision=bf16", "train.distributed_optimizer=true"))
+    shape = job_shapes(job)[0]
+    plain, sharded = plan_layout(cfg, job, cluster, layout, shape), plan_layout(cfg, on, cluster, layout, shape)
+    kept = stage_fp32_parameters(cfg, layout.pp, [len(s.layers) for s in plain.stages])
+    for a, b, fp32 in zip(plain.stages, sharded.stages, kept, strict=True):
+        bf16 = a.dense_params + a.expert_params - fp32
+        assert 0 < fp32 < bf16
+        assert a.parts["parameters"] == pytest.approx(4 * fp32 + 6 * bf16)
+        assert b.parts["parameters"] == pytest.approx(4 * fp32 + (2 + 4 / 2) * bf16)
+
+
+def test_checkpoint_copies_are_what_the_rank_keeps():
+    """Every save keeps a host copy of the rank's fp32 parameters and whole optimizer state (12 bytes per
+    parameter), the 2 newest of them, synchronous or asynchronous; a save adds one more copy between steps
+    (counted where it exceeds the activations), and nothing is counted when the job never saves."""
+    shape_of = lambda job: job_shapes(job)[0]  # noqa: E731
+    for extra in (("checkpoint.async_save=true",), ("checkpoint.async_save=false",)):
+        job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=10", *extra))
+        for s in plan_layout(cfg, job, cluster, layout, shape_of(job)).stages:
+            copy = 12 * (s.dense_params + s.expert_params / layout.ep)
+            assert s.parts["saved_copies"] == 2 * copy, extra
+            transient = sum(s.parts.get(k, 0.0) for k in ("activations", "kv_compressor", "workspace",
+                                                          "head_weight_grad", "recomputed_layer"))
+            assert s.parts["checkpoint_save"] == pytest.approx(max(0.0, copy - transient))
+    job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=0", "checkpoint.at_end=false"))
+    for s in plan_layout(cfg, job, cluster, layout, shape_of(job)).stages:
+        assert s.parts["saved_copies"] == 0 and s.parts["checkpoint_save"] == 0
