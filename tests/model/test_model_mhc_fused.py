@@ -8,7 +8,9 @@ import torch
 
 from v4train import kernels
 from v4train.kernels import torch_mhc
-from v4train.model.mhc import HyperConnection, hc_write, read_reference
+from v4train.model import ModelConfig, V4Stage
+from v4train.model import block as block_module
+from v4train.model.mhc import HyperConnection, _FusedRead, hc_write, read_reference
 
 N, D = 4, 24
 
@@ -90,3 +92,70 @@ def test_triton_split_kernels_equal_the_torch_twin(monkeypatch):
     dz = kernels.mhc_split_backward(dpre, dpost, dcomb, *want, 1e-6)
     torch.testing.assert_close(dz, torch_mhc.mhc_split_backward(dpre, dpost, dcomb, *want, 1e-6),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_fused_read_and_write_pass_float64_gradcheck():
+    d = 3  # few inputs: the numerical Jacobian costs one forward per input element
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(1, 2, N, d, dtype=torch.float64, generator=gen).requires_grad_()
+    fn = (torch.randn((2 + N) * N, N * d, dtype=torch.float64, generator=gen) * 0.3).requires_grad_()
+    scale = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float64, requires_grad=True)
+    base = torch.randn((2 + N) * N, dtype=torch.float64, generator=gen).requires_grad_()
+    torch.autograd.gradcheck(lambda X, fn, scale, base: _FusedRead.apply(X, fn, scale, base, N, 20, 1e-6, 1e-6),
+                             (X, fn, scale, base), fast_mode=True)
+    y = torch.randn(1, 2, d, dtype=torch.float64, generator=gen).requires_grad_()
+    post = torch.rand(1, 2, N, dtype=torch.float64, generator=gen).requires_grad_()
+    comb = torch.rand(1, 2, N, N, dtype=torch.float64, generator=gen).requires_grad_()
+    torch.autograd.gradcheck(hc_write, (y, X, post, comb), fast_mode=True)
+
+
+def test_split_twin_backward_equals_autograd_in_float64():
+    z, grads = _split_case()
+    zd = z.double().requires_grad_()
+    y = zd[:, 2 * N:].view(-1, N, N).softmax(-1) + 1e-6
+    for dim in torch_mhc.normalisation_dims(20):
+        y = y / (y.sum(dim=dim, keepdim=True) + 1e-6)
+    pre = torch.sigmoid(zd[:, :N]) + 1e-6
+    post = 2 * torch.sigmoid(zd[:, N:2 * N])
+    dpre, dpost, dcomb = (g.double() for g in grads)
+    ((pre * dpre).sum() + (post * dpost).sum() + (y * dcomb).sum()).backward()
+    outs = torch_mhc.mhc_split_forward(z.double(), N, 20, 1e-6)
+    torch.testing.assert_close(outs[2], y.detach(), rtol=1e-12, atol=1e-14)
+    dz = torch_mhc.mhc_split_backward(dpre, dpost, dcomb, *outs, 1e-6)
+    torch.testing.assert_close(dz, zd.grad, rtol=1e-10, atol=1e-12)
+
+
+def _reference_write(y_BSD, X_BSND, post_BSN, comb_BSNN):
+    return post_BSN.unsqueeze(-1) * y_BSD.unsqueeze(2) + (comb_BSNN.unsqueeze(-1) * X_BSND.unsqueeze(3)).sum(2)
+
+
+def _reference_read(self, X_BSND):
+    return read_reference(X_BSND, self.fn, self.scale, self.base, self.n, self.sinkhorn_iters, self.hc_eps,
+                          self.norm_eps)
+
+
+def test_a_model_with_the_fused_mhc_has_the_reference_gradients_in_fp32(monkeypatch):
+    """Every parameter gradient of a small model within 1e-6 (norm-wise relative) of the step-by-step mHC."""
+    cfg = ModelConfig.preset("nano", vocab_size=256, dim=64, q_lora_rank=32, o_lora_rank=32, moe_inter_dim=64,
+                             window=8)
+    stage = V4Stage(cfg, pp_rank=0, pp_size=1)
+    stage.init_weights(7)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+
+    def grads():
+        stage.zero_grad(set_to_none=True)
+        stage(ids, torch.arange(24).repeat(2, 1), labels).sum().backward()
+        stage.pop_aux_metrics()
+        return {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+
+    fused = grads()
+    monkeypatch.setattr(HyperConnection, "read", _reference_read)
+    monkeypatch.setattr(block_module, "hc_write", _reference_write)
+    reference = grads()
+    assert fused.keys() == reference.keys()
+    for name, want in reference.items():
+        error = (fused[name] - want).norm() / want.norm().clamp(min=1e-30)
+        assert error <= 1e-6, f"{name}: relative gradient difference {error:.2e}"
