@@ -125,7 +125,8 @@ def _mix(w_TNN: torch.Tensor, src_TND: torch.Tensor, out_TND: torch.Tensor | Non
 class _FusedWrite(torch.autograd.Function):
     """hc_post with a hand-written backward, in fp32 (fp64 for fp64 inputs). Forward per token
     ``out = post y^T + comb^T X``; backward, with ``g = dout [T, N, D]``: ``dy = post^T g``,
-    ``dpost_k = <g_k, y>``, ``dX = comb g``, ``dcomb[j, k] = <X_j, g_k>``. Saves y and X in their own dtypes (the caller holds X anyway)."""
+    ``dpost_k = <g_k, y>``, ``dX = comb g``, ``dcomb[j, k] = <X_j, g_k>``. Saves y and X in their own
+    dtypes (the caller holds X anyway)."""
 
     @staticmethod
     def forward(ctx, y_TD, X_TND, post_TN, comb_TNN):
