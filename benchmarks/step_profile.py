@@ -14,7 +14,8 @@ one part:
   node they run for (the profiler's sequence numbers link the two);
 * the rest (Python between operators, unlinked backward nodes) is ``other``.
 
-Prints one markdown table (seconds per step and share of the step's wall time); ``--json`` writes it.
+Prints one markdown table (seconds per step, share of the step's wall time, and CPU seconds per step:
+the share times the CPU time of an unprofiled step); ``--json`` writes it.
 
     python benchmarks/step_profile.py --json runs/bench/step_profile.json
 """
@@ -174,18 +175,25 @@ def main(argv: list[str] | None = None) -> dict:
     wall_s = sum(walls) / len(walls)
     parts = _attribute(prof.events(), wall_s, args.repeats)
     # the same steps without the profiler: its overhead is in `other` above, reported apart
-    plain = []
+    plain, plain_cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         plain.append(time.perf_counter() - t0)
-    result = {"step_s_profiled": wall_s, "step_s": statistics.median(plain), "parts_s": parts,
+        plain_cpu.append(time.process_time() - c0)
+    cpu_s = statistics.median(plain_cpu)
+    # CPU seconds per part: the part's profiled share of the step times the unprofiled step's CPU time
+    # (on a loaded machine wall times include waiting for a core; CPU time does not)
+    parts_cpu = {part: cpu_s * parts[part] / wall_s for part in PARTS}
+    result = {"step_s_profiled": wall_s, "step_s": statistics.median(plain), "step_cpu_s": cpu_s,
+              "parts_s": parts, "parts_cpu_s": parts_cpu,
               "shape": {"micro_batches": args.micro_batches, "micro_batch_size": B, "seq_len": S,
                         "threads": args.threads}}
-    print("| part | s / step (profiled) | share |\n|---|---|---|")
+    print("| part | s / step (profiled) | share | CPU s / step |\n|---|---|---|---|")
     for part in PARTS:
-        print(f"| {part} | {parts[part]:.3f} | {100 * parts[part] / wall_s:.1f}% |")
-    print(f"| step (profiled) | {wall_s:.3f} | 100% |\n| step (not profiled, median) | {result['step_s']:.3f} | |")
+        print(f"| {part} | {parts[part]:.3f} | {100 * parts[part] / wall_s:.1f}% | {parts_cpu[part]:.3f} |")
+    print(f"| step (profiled) | {wall_s:.3f} | 100% | |\n"
+          f"| step (not profiled, median) | {result['step_s']:.3f} | | {cpu_s:.3f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -7,6 +7,9 @@ whole: one chunk's ``[c, V / tp]`` block lives at a time (8 MiB by default).
 The gradient is computed in the forward, chunk by chunk, while the chunk's probabilities are at hand
 (the recipe of Liger-Kernel's fused linear cross-entropy): with ``G = softmax - onehot`` the forward
 keeps ``G W`` ``[T, D]`` and ``G^T h`` ``[V / tp, D]`` (the head weight's size) instead of the logits.
+G itself is never formed: the softmax's row scale goes onto the ``[c, D]`` operands of the two GEMMs and
+the onehot part is a gather / scatter of rows, so each chunk makes four passes over its ``[c, V]`` block
+(max, subtract, exp, sum) besides the three GEMMs.
 The backward scales them by the loss gradient ``g``; that is exact when ``g`` is the same for every
 counted token (a mean or a sum over tokens, which is how the trainer and the MTP loss reduce), so
 it is checked, and any other ``g`` recomputes each chunk's logits from the saved log-normalisers.
@@ -99,9 +102,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             lse_T[t0:t1] = top_c + sum_c.log()
             loss_T[t0:t1] = lse_T[t0:t1] - target_c
             if want_grad:
-                _softmax_minus_onehot_(probs_cV.div_(sum_c.unsqueeze(1)), col_c, labels_T[t0:t1] == ignore_index)
-                gw_TD[t0:t1] = probs_cV @ w32
-                gth_VD.addmm_(probs_cV.t(), h32[t0:t1])
+                _add_chunk_gradients(gw_TD[t0:t1], gth_VD, probs_cV, sum_c, h32[t0:t1], w32, col_c,
+                                     labels_T[t0:t1] == ignore_index)
         loss_T.masked_fill_(labels_T == ignore_index, 0.0)
         ctx.save_for_backward(h32, w32, labels_T, local_T, lse_T, gw_TD, gth_VD)
         ctx.ignore_index, ctx.chunk, ctx.dtypes = ignore_index, chunk, (h_TD.dtype, weight_VD.dtype)
@@ -132,6 +134,20 @@ class _FusedHeadLoss(torch.autograd.Function):
                 dw_VD.addmm_(probs_cV.t(), h32[t0:t1])
         h_dtype, w_dtype = ctx.dtypes
         return dh_TD.to(h_dtype), dw_VD.to(w_dtype), None, None, None, None, None
+
+
+def _add_chunk_gradients(gw_cD: torch.Tensor, gth_VD: torch.Tensor, exp_cV: torch.Tensor, sum_c: torch.Tensor,
+                         h_cD: torch.Tensor, w_VD: torch.Tensor, col_c: torch.Tensor, ignored_c: torch.Tensor) -> None:
+    """``gw = G W`` (into ``gw``) and ``gth += G^T h`` for one chunk, with ``G = exp / sum - onehot(col)`` (0 on
+    ignored rows), without forming G: the row scale ``1 / sum`` goes onto the ``[c, D]`` operands and the onehot
+    part is a gather / scatter of ``c`` rows of W and h, so no pass over the ``[c, V]`` block beyond the two GEMMs.
+    """
+    inv_c1 = sum_c.reciprocal().masked_fill_(ignored_c, 0.0).unsqueeze(1)
+    torch.mm(exp_cV, w_VD, out=gw_cD).mul_(inv_c1)
+    gth_VD.addmm_(exp_cV.t(), h_cD * inv_c1)
+    rows = (col_c >= 0).nonzero().squeeze(1)  # label on this rank (ignored rows have col -1)
+    gw_cD.index_add_(0, rows, w_VD.index_select(0, col_c[rows]), alpha=-1.0)
+    gth_VD.index_add_(0, col_c[rows], h_cD.index_select(0, rows), alpha=-1.0)
 
 
 def _softmax_minus_onehot_(probs_cV: torch.Tensor, col_c: torch.Tensor, ignored_c: torch.Tensor) -> torch.Tensor:
