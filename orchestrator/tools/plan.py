@@ -27,7 +27,8 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
   ``selective`` keeps each layer's mHC and norm tensors and the inputs of its attention and MoE sub-layers;
   ``full`` keeps only each layer's input (the N-stream residual); both rebuild one layer at a time in the
-  backward. Bytes per element: 4 under fp32, :data:`BF16_ACTIVATION_BYTES` under bf16.
+  backward. Bytes per element: 4 under fp32, :data:`BF16_ACTIVATION_BYTES` under bf16 (2 for the bf16 residual
+  streams ``full`` keeps).
 - ``kv_compressor``: the part of the activations that is the attention's key/value entries (window and
   compressed) and the compressor's buffers at the job's sequence length, shown on its own line.
 - ``workspace``: the backward's transient peak: one layer's activations again, plus the logits' gradient
@@ -81,9 +82,11 @@ __all__ = ["RUNTIME_BASELINE_MB", "BF16_ACTIVATION_BYTES", "RECOMPUTE_MODES", "F
 # Resident memory of a rank process before its model exists (MiB). cpu: measured (module docstring);
 # gpu: device memory taken by the CUDA context, cuBLAS/NCCL workspaces and allocator slack (assumed).
 RUNTIME_BASELINE_MB = {"cpu": 595.0, "gpu": 4096.0}
-# Bytes per saved activation element under train.precision bf16: bf16 tensors, with the fp32 mHC, router and
-# SwiGLU intermediates this code keeps (an estimate); fp32 keeps 4.
-BF16_ACTIVATION_BYTES = 2.5
+# Bytes per activation element (as counted under fp32) under train.precision bf16, measured: autograd's saved
+# storages of a bf16 forward of nano and small (tests/orchestrator/test_plan.py) are 4.24-4.29 bytes per element
+# an fp32 forward saves: beside the bf16 matmul inputs it keeps the fp32 upcasts the mHC, norms, router,
+# SwiGLU activation and logits compute from (spec 0.1 item 8), so bf16 saves no activation memory here.
+BF16_ACTIVATION_BYTES = 4.3
 RECOMPUTE_MODES = ("none", "selective", "full")
 # A layout fits when its peak rank uses at most this share of the device's memory (allocator fragmentation,
 # transient spikes the model does not count).
@@ -167,14 +170,14 @@ class Plan:
 
 # ------------------------------------------------------------------ one layout
 def state_bytes(precision: str) -> dict[str, float]:
-    """Bytes per parameter (``param``: an fp32 parameter, or under bf16 a bf16-computed one's fp32 master and bf16
-    copy, :func:`parameter_bytes` for the sharded masters; ``grad``; ``copy``: what a checkpoint's kept host copy
-    holds of it, the fp32 parameter and two fp32 moments), per activation element (``act``) and per communicated
-    value (``comm``) under ``train.precision`` (module docstring); ValueError naming ``precision`` otherwise."""
+    """Bytes per gradient element (``grad``), per activation element (``act``; ``stream``: an element of the
+    N-stream residual a layer keeps under full recompute) and per communicated value (``comm``) under
+    ``train.precision`` (module docstring; parameters: :func:`parameter_bytes`); ValueError naming
+    ``precision`` otherwise."""
     if precision == "bf16":
-        return {"param": 4 + 2, "grad": 4, "act": BF16_ACTIVATION_BYTES, "comm": 2, "copy": 12}
+        return {"grad": 4, "act": BF16_ACTIVATION_BYTES, "stream": 2, "comm": 2}
     if precision == "fp32":
-        return {"param": 4, "grad": 4, "act": 4, "comm": 4, "copy": 12}
+        return {"grad": 4, "act": 4, "stream": 4, "comm": 4}
     raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
 
 
@@ -256,7 +259,7 @@ def _communication(cfg, layout: Layout, stages: list[StageMemory], m: int, token
 
 
 def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, in_flight: int,
-                      act_bytes: float) -> dict[str, float]:
+                      act_bytes: float, stream_bytes: float) -> dict[str, float]:
     """Activation memory of pipeline stage ``r`` (bytes): what autograd keeps for ``in_flight`` micro-batches
     (``activations``, of which the attention's KV entries as ``kv_compressor``), the backward's transient
     ``workspace``, the fused head's weight gradients (``head_weight_grad``, last stage) and the context-parallel
@@ -267,8 +270,8 @@ def _activation_parts(cfg, layout: Layout, shape: Shape, layers: range, r: int, 
     ids = list(layers) + ([cfg.n_layers + k for k in range(cfg.mtp_depth)] if last else [])
     per_layer = [activation_elements(cfg, i, shape.seq_len, shape.attention, tp) for i in ids]
     head = head_elements(cfg, tp) if last else 0.0
-    if layout.recompute == "full":
-        kept_other, kept_kv = cfg.hc_mult * cfg.dim * len(ids) + head, 0.0
+    if layout.recompute == "full":  # each layer's input: the N-stream residual, in the streams' dtype
+        kept_other, kept_kv = cfg.hc_mult * cfg.dim * len(ids) * stream_bytes / act_bytes + head, 0.0
     elif layout.recompute == "selective":  # the mHC and norm terms, and each sub-layer's input
         kept_other = sum(mhc_elements(cfg, i) + 2 * cfg.dim for i in ids) + head
         kept_kv = 0.0
@@ -328,7 +331,7 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         parts = {"baseline": RUNTIME_BASELINE_MB[device] * MiB, "parameters": params[r],
                  "gradients": local * b["grad"]}
         parts["optimizer"] = optimizer[r]
-        parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"]))
+        parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"], b["stream"]))
         stage = StageMemory(r, layers, dense, expert, parts)
         # a save gathers the sharded state whole (on the device) and adds a host copy before the oldest kept one
         # is dropped; between steps, when activations are free

@@ -49,15 +49,16 @@ def test_stage_parameters_add_up_to_the_model(preset):
     assert sum(d + e for _, d, e in two) == total + cfg.vocab_size * cfg.dim
 
 
-def _saved_elements(cfg, B: int, S: int) -> float:
-    """Elements autograd saves in one training forward of the whole model (unique storages, no parameters)."""
+def _saved_bytes(cfg, B: int, S: int, precision: str = "fp32") -> int:
+    """Bytes autograd saves in one training forward of the whole model under ``precision`` (unique storages, no
+    parameters or their bf16 compute copies)."""
     from v4train.model import V4Stage
+    from v4train.parallel.mixed_precision import MixedPrecision
 
     torch.manual_seed(0)
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.attention_mode = "dense"
     stage.init_weights(0)
-    skip = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
     seen, total = set(), [0]
 
     def pack(t):
@@ -68,9 +69,16 @@ def _saved_elements(cfg, B: int, S: int) -> float:
         return t
 
     ids = torch.randint(0, cfg.vocab_size, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        stage(ids, torch.arange(S).expand(B, S), ids)
-    return total[0] / 4
+    with MixedPrecision(stage, precision).compute():
+        skip = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stage(ids, torch.arange(S).expand(B, S), ids)
+    return total[0]
+
+
+def _saved_elements(cfg, B: int, S: int) -> float:
+    """Elements autograd saves in one fp32 training forward of the whole model."""
+    return _saved_bytes(cfg, B, S) / 4
 
 
 @pytest.mark.parametrize("preset,seq", [("nano", 128), ("small", 256)])
@@ -84,6 +92,18 @@ def test_activation_model_matches_autograds_saved_tensors(preset, seq):
                  + head_weight_elements(cfg, 1) / (2 * seq))  # per micro-batch, spread over its 2 x seq tokens
     measured = _saved_elements(cfg, 2, seq) / (2 * seq)
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+@pytest.mark.parametrize("preset,seq", [("nano", 128), ("small", 256)])
+def test_bf16_activation_bytes_match_autograds_saved_storages(preset, seq):
+    """The planner's bytes per activation element under bf16 are what a bf16 forward saves per element an fp32
+    forward saves (within 5%)."""
+    from v4train.model.config import ModelConfig
+    from v4train.orchestrator.tools.plan import BF16_ACTIVATION_BYTES
+
+    cfg = ModelConfig.preset(preset, vocab_size=1024)
+    fp32_elements = _saved_bytes(cfg, 2, seq) / 4
+    assert _saved_bytes(cfg, 2, seq, "bf16") / fp32_elements == pytest.approx(BF16_ACTIVATION_BYTES, rel=0.05)
 
 
 @pytest.mark.parametrize("preset", ["nano", "small"])
