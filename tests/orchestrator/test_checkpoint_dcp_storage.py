@@ -9,7 +9,7 @@ import random
 
 import fsspec
 
-from v4train.orchestrator.checkpoint.hashed_writer import _HashingStream
+from v4train.orchestrator.checkpoint.dcp_storage import _HashingStream
 
 
 def test_gathered_writes_reach_the_file_in_order_with_their_offsets_and_sha256(tmp_path):
