@@ -193,11 +193,9 @@ class HashingWriter(FsspecWriter):
         for rank_results in results:
             hashes.update(getattr(rank_results, "hashes", {}))
         hashes.update(self.fs.hashes)  # .metadata (and this rank's shards again)
+        # not fsynced: the commit copies these hashes into manifest.json, which is, before COMMIT is written
         with self.fs.fs.open(posixpath.join(os.fspath(self.path), HASHES_FILE), "w") as f:
             f.write(json.dumps(hashes, indent=1, sort_keys=True))
-            with contextlib.suppress(AttributeError, io.UnsupportedOperation):  # local files only
-                f.flush()
-                os.fsync(f.fileno())
 
 
 def _is_raw(info: _StorageInfo) -> bool:
