@@ -6,10 +6,10 @@ optimizer state, data-parallel replicas written once) and save it round after ro
 (``shard_state``, the host copy, ``dcp.save`` with the cached save plan on a save group, ``commit``: manifest,
 publish, ``COMMIT``), alternating two record formats:
 
-- *records*: DCP's filesystem writer, one ``torch.save`` record per tensor (the format before raw records),
-  hashed while written the same way;
-- *raw*: v4train's writer (``orchestrator/checkpoint/dcp_storage.py``): each rank's tensors as raw bytes in one
-  file, one sequential stream, one fsync.
+- *records*: ``dcp.save`` with DCP's filesystem writer, one ``torch.save`` record per tensor (the save path
+  before raw records), hashed while written the same way;
+- *raw*: v4train's save (``orchestrator/checkpoint/dcp_storage.py``): ``save`` without DCP's per-key wrapper,
+  each rank's tensors as raw bytes in one file, one sequential stream, one fsync.
 
 Each synchronous save is followed by a plain sequential write (+fsync) of the same number of bytes to the
 same disk. Every phase's process CPU time (time.process_time: on a loaded machine wall time measures the
@@ -142,11 +142,12 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint import save as dcp_save
 
     from v4train.model import ModelConfig, V4Stage
     from v4train.orchestrator import checkpoint
     from v4train.orchestrator.checkpoint import save_plan
+    from v4train.orchestrator.checkpoint.dcp_storage import save as raw_save
     from v4train.orchestrator.checkpoint.storage import Storage
     from v4train.orchestrator.rank.checkpoint_io import background_priority
     from v4train.orchestrator.rank.saved_copies import SavedCopies
@@ -179,6 +180,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
         clock.mark("state + copy")
         kwargs = dict(storage_writer=_writer(way, storage, box[0], clock),
                       planner=save_plan.CachedSavePlanner(generations[way]), process_group=group)
+        save = dcp_save if way == "records" else raw_save
         if not asynchronous:
             save(copy, **kwargs)
             clock.mark("gather + finish")

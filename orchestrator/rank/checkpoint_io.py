@@ -22,10 +22,10 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import save as dcp_save
 
 from v4train.orchestrator import checkpoint, faults
 from v4train.orchestrator.checkpoint import save_plan
+from v4train.orchestrator.checkpoint.dcp_storage import save as dcp_save
 from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.orchestrator.spec import JobSpec
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 
 from support.spawn import free_ports, spawn_ranks
 from v4train.orchestrator import checkpoint
-from v4train.orchestrator.checkpoint import CheckpointError
+from v4train.orchestrator.checkpoint import CheckpointError, dcp_storage
 from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE, RAW_RECORD, _HashingStream
 from v4train.orchestrator.checkpoint.storage import Storage
 
@@ -119,6 +120,7 @@ def test_torch_internals_the_raw_records_rely_on():
     rather than in a save."""
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _StoragePrefix
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     assert [f.name for f in dataclasses.fields(_StorageInfo)] == ["relative_path", "offset", "length",
                                                                   "transform_descriptors"]
@@ -129,6 +131,20 @@ def test_torch_internals_the_raw_records_rely_on():
     assert info.transform_descriptors == (RAW_RECORD,)
     with pytest.raises(Exception, match=RAW_RECORD):
         FsspecReader("memory://probe").transforms.transform_load_stream(None, (RAW_RECORD,), None)
+    assert {"state_dict", "storage_writer", "process_group", "no_dist", "planner"} <= set(
+        inspect.signature(_save_state_dict).parameters)
+
+
+def test_save_without_the_per_key_wrapper_writes_what_dcp_save_writes(tmp_path):
+    state = _state()
+    storage = Storage(str(tmp_path))
+    dcp_storage.save(state, storage.dcp_writer("ours"))
+    _save(storage, "dcp", state)
+    ours, theirs = (storage.dcp_reader(rel).read_metadata() for rel in ("ours", "dcp"))
+    assert ours.state_dict_metadata == theirs.state_dict_metadata and ours.storage_data == theirs.storage_data
+    assert storage.sha256("ours/__0_0.distcp") == storage.sha256("dcp/__0_0.distcp")
+    with pytest.raises(TypeError, match="model.stage is a Stateful object"):
+        dcp_storage.save({"model.stage": torch.optim.SGD([torch.zeros(1)], lr=0.1)}, storage.dcp_writer("bad"))
 
 
 def _layouts_rank(rank: int, port: int, root: str) -> None:
