@@ -1,22 +1,25 @@
-"""Checkpoint save cost, side by side in one run, without Ray: throughput against a plain write, CPU per phase,
-and what an asynchronous save costs the steps that follow it.
+"""Checkpoint save cost, side by side in one run, without Ray: throughput against a plain write, CPU and wall time
+per phase, and what an asynchronous save costs the steps that follow it.
 
 Four gloo processes hold a model preset as PP=2 x DP=2 would (each rank its pipeline stage's parameters and
 optimizer state, data-parallel replicas written once) and save it round after round through the rank path
-(``shard_state``, the host copy, ``dcp.save`` with the hashing writer on a save group, ``commit``: manifest,
-publish, ``COMMIT``), alternating two ways:
+(``shard_state``, the host copy, ``dcp.save`` with the cached save plan on a save group, ``commit``: manifest,
+publish, ``COMMIT``), alternating two record formats:
 
-- *before*: DCP's default planner, every rank's plan gathered, de-duplicated and scattered at every save;
-  an asynchronous save through ``dcp.async_save`` of the live state (DCP stages a copy of its own);
-- *now*: v4train's save path (``orchestrator/checkpoint/save_plan.py``: the plan reused within one process
-  group; ``orchestrator/rank/checkpoint_io.py``: the rank's host copy written on a writer thread).
+- *records*: ``dcp.save`` with DCP's filesystem writer, one ``torch.save`` record per tensor (the save path
+  before raw records), hashed while written the same way;
+- *raw*: v4train's save (``orchestrator/checkpoint/dcp_storage.py``): ``save`` without DCP's per-key wrapper,
+  each rank's tensors as raw bytes in one file, one sequential stream, one fsync.
 
 Each synchronous save is followed by a plain sequential write (+fsync) of the same number of bytes to the
-same disk. Every phase's process CPU time is taken per rank (time.process_time: on a loaded machine wall
-time measures the scheduler). The asynchronous part times a fixed CPU step (matrix products and a gradient-
-sized all-reduce on the default group, like a training step's) on every rank: the median of steps with no
-save in flight, then the steps while each asynchronous save persists; their extra time over that median,
-plus the time the request blocked, is the save's cost to training.
+same disk. Every phase's process CPU time (time.process_time: on a loaded machine wall time measures the
+scheduler) and wall time are taken per rank: *plan* is ``dcp.save`` up to the write (DCP's per-key state dict
+walk, local plan, the plan's gather/scatter on the save group), *write* this rank's file, *gather + finish* the
+write results' gather, ``.metadata`` and the hashes file, *commit* the barrier and the coordinator's commit.
+The asynchronous part times a fixed CPU step (matrix products and a gradient-sized all-reduce on the default
+group, like a training step's) on every rank: the median of steps with no save in flight, then the steps while
+each asynchronous save persists (the rank's host copy written on a writer thread); their extra time over that
+median, plus the time the request blocked, is the save's cost to training.
 
 Usage: nice -n 19 python benchmarks/checkpoint_save.py [--rounds 3] [--presets nano,small] [--root runs]
 Prints Markdown tables (paste into BENCHMARKS.md).
@@ -40,55 +43,80 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 4
-WAYS = ("before", "now")
-# phases whose CPU is taken (rank side; the coordinator's global plan, finish and commit come on rank 0)
-PHASES = ("state + copy", "local plan", "global plan", "write", "finish", "commit")
+WAYS = ("records", "raw")
+# asynchronous saves: (record format, whether the writer thread runs at idle priority as RankCheckpointIO's does)
+ASYNC_WAYS = (("records", False), ("raw", False), ("raw", True))
+# phases timed per rank (the coordinator's global plan, finish and commit come on rank 0)
+PHASES = ("state + copy", "plan", "write", "gather + finish", "commit")
 
 
-def plain_write_s(path: Path, nbytes: int) -> float:
+def plain_write_s(path: Path, nbytes: int, cpu: list | None = None) -> float:
     """Seconds to write ``nbytes`` (whole MiB, at least one) of random bytes to ``path`` sequentially and fsync
-    them: the baseline a checkpoint save is measured against. The file is removed after."""
+    them: the baseline a checkpoint save is measured against. The file is removed after. The process CPU
+    seconds it took are appended to ``cpu`` when given."""
     chunk = os.urandom(1 << 20)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with path.open("wb") as f:
         for _ in range(max(1, nbytes >> 20)):
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
     path.unlink()
     return seconds
 
 
-def _timed(cpu: collections.Counter, obj, method: str, phase: str) -> None:
-    """Make ``obj.method`` add its process CPU seconds to ``cpu[phase]``."""
-    inner = getattr(obj, method)
+class _Clock:
+    """Process CPU and wall seconds per phase of one save, phase after phase (``mark`` closes the running one)."""
 
-    def timed(*args, **kwargs):
-        start = time.process_time()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            cpu[phase] += time.process_time() - start
+    def __init__(self) -> None:
+        self.cpu: collections.Counter = collections.Counter()
+        self.wall: collections.Counter = collections.Counter()
+        self.start()
 
-    setattr(obj, method, timed)
+    def start(self) -> None:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
 
-
-def _planner(way: str, generation: str, cpu: collections.Counter):
-    from torch.distributed.checkpoint import DefaultSavePlanner
-
-    from v4train.orchestrator.checkpoint.save_plan import CachedSavePlanner
-
-    planner = DefaultSavePlanner() if way == "before" else CachedSavePlanner(generation)
-    _timed(cpu, planner, "create_local_plan", "local plan")
-    _timed(cpu, planner, "create_global_plan", "global plan")
-    return planner
+    def mark(self, phase: str) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        self.cpu[phase] += cpu - self._cpu
+        self.wall[phase] += wall - self._wall
+        self._cpu, self._wall = cpu, wall
 
 
-def _writer(storage, attempt: str, cpu: collections.Counter):
+def _writer(way: str, storage, attempt: str, clock: _Clock):
+    """The storage writer of ``way``, marking the end of the plan phase when the write starts and of the write
+    when it returns."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch.futures import Future
+
+    from v4train.orchestrator.checkpoint.dcp_storage import HashingWriter, _WriteResults
+
+    class RecordsWriter(HashingWriter):
+        """The writer before raw records: DCP's ``torch.save`` record per item, hashed while written."""
+
+        def write_data(self, plan, planner):
+            results = _WriteResults(FsspecWriter.write_data(self, plan, planner).wait())
+            results.hashes = dict(self.fs.hashes)
+            future: Future = Future()
+            future.set_result(results)
+            return future
+
     writer = storage.dcp_writer(attempt)
-    _timed(cpu, writer, "write_data", "write")
-    _timed(cpu, writer, "finish", "finish")
+    if way == "records":
+        writer.__class__ = RecordsWriter
+    inner = writer.write_data
+
+    def write_data(plan, planner):
+        clock.mark("plan")
+        try:
+            return inner(plan, planner)
+        finally:
+            clock.mark("write")
+
+    writer.write_data = write_data
     return writer
 
 
@@ -114,12 +142,14 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from torch.distributed.checkpoint import async_save, save
+    from torch.distributed.checkpoint import save as dcp_save
 
     from v4train.model import ModelConfig, V4Stage
     from v4train.orchestrator import checkpoint
     from v4train.orchestrator.checkpoint import save_plan
+    from v4train.orchestrator.checkpoint.dcp_storage import save as raw_save
     from v4train.orchestrator.checkpoint.storage import Storage
+    from v4train.orchestrator.rank.checkpoint_io import background_priority
     from v4train.orchestrator.rank.saved_copies import SavedCopies
     from v4train.parallel.optim import build_optimizer
 
@@ -129,65 +159,69 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
                                 eps=1e-8)
     storage = Storage(root)
     group = dist.new_group(backend="gloo")  # the save group, as RankCheckpointIO makes one
-    generation = save_plan.new_generation()
+    generations = {way: save_plan.new_generation() for way in WAYS}  # one plan cache per way, as per group
     saved = SavedCopies()
-    writer_thread = concurrent.futures.ThreadPoolExecutor(1)
+    writer_threads = {False: concurrent.futures.ThreadPoolExecutor(1),
+                      True: concurrent.futures.ThreadPoolExecutor(1, initializer=background_priority)}
     numel = torch.tensor([sum(p.numel() for p in stage.parameters())])
     dist.all_reduce(numel, op=dist.ReduceOp.MAX)  # one gradient size on every rank (the larger stage's)
     step_fn = _Step(int(numel))
     n = 0
 
-    def request(way: str, asynchronous: bool, cpu: collections.Counter):
+    def request(way: str, asynchronous: bool, clock: _Clock, idle: bool = False):
         """One save request as the trainer makes it; returns the future of an asynchronous one."""
         nonlocal n
         n += 1
         box = [checkpoint.begin_attempt(storage, n) if rank == 0 else None]
         dist.broadcast_object_list(box, 0, group=group)
-        start = time.process_time()
+        clock.start()
         state = checkpoint.shard_state(stage, optimizer)
         copy = saved.put(root, box[0], rank, state)
-        cpu["state + copy"] += time.process_time() - start
-        kwargs = dict(storage_writer=_writer(storage, box[0], cpu), planner=_planner(way, generation, cpu),
-                      process_group=group)
+        clock.mark("state + copy")
+        kwargs = dict(storage_writer=_writer(way, storage, box[0], clock),
+                      planner=save_plan.CachedSavePlanner(generations[way]), process_group=group)
+        save = dcp_save if way == "records" else raw_save
         if not asynchronous:
-            save(copy if way == "now" else state, **kwargs)
+            save(copy, **kwargs)
+            clock.mark("gather + finish")
             return None, box[0], n
-        if way == "before":
-            response = async_save(state, **kwargs)
-            return getattr(response, "upload_completion", response), box[0], n
-        return writer_thread.submit(save, copy, **kwargs), box[0], n
+        return writer_threads[idle].submit(save, copy, **kwargs), box[0], n
 
-    def commit(attempt: str, step: int, cpu: collections.Counter) -> None:
+    def commit(attempt: str, step: int, clock: _Clock) -> None:
+        clock.start()
         dist.barrier(group=group)
         if rank == 0:
-            start = time.process_time()
             checkpoint.commit(storage, attempt, step, {"step": step})
             checkpoint.apply_retention(storage, keep=1)
-            cpu["commit"] += time.process_time() - start
+        clock.mark("commit")
 
     # synchronous saves: throughput and CPU per phase
     for _ in range(rounds):
         for way in WAYS:
-            cpu: collections.Counter = collections.Counter()
+            clock = _Clock()
             dist.barrier()
             start = time.perf_counter()
-            _, attempt, step = request(way, False, cpu)
-            commit(attempt, step, cpu)
+            _, attempt, step = request(way, False, clock)
+            commit(attempt, step, clock)
             seconds = time.perf_counter() - start
-            cpus = [None] * WORLD
-            dist.all_gather_object(cpus, dict(cpu))
+            clocks = [None] * WORLD
+            dist.all_gather_object(clocks, (dict(clock.cpu), dict(clock.wall)))
             if rank == 0:
                 nbytes = sum(storage.files(checkpoint.step_name(step)).values())
-                results.put(("sync", way, nbytes, seconds, cpus, plain_write_s(Path(root) / "plain.bin", nbytes)))
+                plain_cpu: list = []
+                plain = plain_write_s(Path(root) / "plain.bin", nbytes, plain_cpu)
+                results.put(("sync", way, nbytes, seconds, [c for c, _ in clocks], plain, plain_cpu[0],
+                             [w for _, w in clocks]))
     # asynchronous saves: the extra time of the steps trained while each persists
     for _ in range(rounds):
-        for way in WAYS:
+        for way, idle in ASYNC_WAYS:
             quiet = [step_fn() for _ in range(3)]
             dist.barrier()
             start = time.perf_counter()
-            future, attempt, step = request(way, True, collections.Counter())
+            future, attempt, step = request(way, True, _Clock(), idle)
             blocked = time.perf_counter() - start
             overlapped = []
+            cpu0, thread0 = time.process_time(), time.thread_time()
             while True:
                 overlapped.append(step_fn())
                 flag = torch.tensor([0 if future.done() else 1])
@@ -195,9 +229,11 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
                 if not flag.item():
                     break
             future.result()
-            commit(attempt, step, collections.Counter())
+            # CPU the save took in this process while those steps ran (all threads but the step's)
+            background = (time.process_time() - cpu0) - (time.thread_time() - thread0)
+            commit(attempt, step, _Clock())
             if rank == 0:
-                results.put(("async", way, statistics.median(quiet), blocked, overlapped))
+                results.put(("async", (way, idle), statistics.median(quiet), blocked, overlapped, background))
     dist.destroy_process_group()
 
 
@@ -211,7 +247,7 @@ def _run(preset: str, rounds: int, root_dir: str) -> list:
     procs = [ctx.Process(target=_rank, args=(r, root, preset, rounds, port, results)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    rows = [results.get(timeout=3600) for _ in range(2 * rounds * len(WAYS))]
+    rows = [results.get(timeout=3600) for _ in range(rounds * (len(WAYS) + len(ASYNC_WAYS)))]
     for p in procs:
         p.join(timeout=60)
     shutil.rmtree(root, ignore_errors=True)
@@ -219,10 +255,10 @@ def _run(preset: str, rounds: int, root_dir: str) -> list:
 
 
 def _print(preset: str, rounds: int, rows: list) -> None:
-    print(f"\n`{preset}`, PP=2 x DP=2, {rounds} rounds (medians); CPU seconds: rank 0 (DCP's coordinator) / "
-          "mean of ranks 1-3\n")
-    print("| save | checkpoint | save | plain write + fsync | ratio | CPU, 4 ranks | "
-          + " | ".join(PHASES) + " |\n" + "|---" * (6 + len(PHASES)) + "|")
+    print(f"\n`{preset}`, PP=2 x DP=2, {rounds} rounds (medians); per phase: rank 0 (DCP's coordinator) / "
+          "mean of ranks 1-3, CPU seconds then wall seconds\n")
+    print("| save | checkpoint | save | plain write + fsync | ratio | CPU, 4 ranks | CPU, plain write | "
+          + " | ".join(PHASES) + " |\n" + "|---" * (7 + len(PHASES)) + "|")
     for way in WAYS:
         mine = [r for r in rows if r[0] == "sync" and r[1] == way]
         nbytes = statistics.median(r[2] for r in mine)
@@ -230,24 +266,30 @@ def _print(preset: str, rounds: int, rows: list) -> None:
         plain_s = statistics.median(r[5] for r in mine)
         ratio = statistics.median(r[5] / r[3] for r in mine)
         total = statistics.median(sum(sum(c.values()) for c in r[4]) for r in mine)
+        plain_cpu = statistics.median(r[6] for r in mine)
         phases = []
         for phase in PHASES:
-            coord = statistics.median(r[4][0].get(phase, 0.0) for r in mine)
-            others = statistics.median(statistics.fmean(c.get(phase, 0.0) for c in r[4][1:]) for r in mine)
-            phases.append(f"{coord:.3f} / {others:.3f}")
+            cells = []
+            for i in (4, 7):  # CPU, wall
+                coord = statistics.median(r[i][0].get(phase, 0.0) for r in mine)
+                others = statistics.median(statistics.fmean(c.get(phase, 0.0) for c in r[i][1:]) for r in mine)
+                cells.append(f"{coord:.3f} / {others:.3f}")
+            phases.append(" ; ".join(cells))
         print(f"| {way} | {nbytes / 1e6:.0f} MB | {nbytes / 1e6 / save_s:.0f} MB/s ({save_s:.2f} s) | "
               f"{nbytes / 1e6 / plain_s:.0f} MB/s ({plain_s:.2f} s) | {ratio:.2f} | {total:.2f} s | "
-              + " | ".join(phases) + " |")
+              f"{plain_cpu:.2f} s | " + " | ".join(phases) + " |")
     print("\n| asynchronous save | median step, none in flight | blocked by the request | steps overlapped | "
-          "extra time of those steps | (blocked + extra) / step |\n|---|---|---|---|---|---|")
-    for way in WAYS:
-        mine = [r for r in rows if r[0] == "async" and r[1] == way]
+          "extra time of those steps | (blocked + extra) / step | save's CPU beside the steps, rank 0 |\n"
+          "|---|---|---|---|---|---|---|")
+    for way, idle in ASYNC_WAYS:
+        mine = [r for r in rows if r[0] == "async" and r[1] == (way, idle)]
         step = statistics.median(r[2] for r in mine)
         blocked = statistics.median(r[3] for r in mine)
         extra = statistics.median(sum(s - r[2] for s in r[4]) for r in mine)
         steps = statistics.median(len(r[4]) for r in mine)
-        print(f"| {way} | {step:.3f} s | {blocked:.3f} s | {steps:.0f} | {extra:.3f} s | "
-              f"{(blocked + extra) / step:.3f} |")
+        print(f"| {way}, writer thread {'idle priority' if idle else 'normal priority'} | {step:.3f} s | "
+              f"{blocked:.3f} s | {steps:.0f} | {extra:.3f} s | "
+              f"{(blocked + extra) / step:.3f} | {statistics.median(r[5] for r in mine):.3f} s |")
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``docs/checkpoint-format.md``)::
 
     step_00000050/            a committed checkpoint
-        __<rank>_0.distcp     DCP shards: model parameters and buffers ("model.<fqn>") and optimizer state
-        .metadata             ("optim.<fqn>.<exp_avg|exp_avg_sq|step>"), keyed by global names so any
-                              pipeline or data-parallel layout can read them
+        __<rank>_0.distcp     DCP shards, one per writing rank: the raw bytes of model parameters and buffers
+        .metadata             ("model.<fqn>") and optimizer state ("optim.<fqn>.<exp_avg|exp_avg_sq|step>") at
+                              the offsets .metadata records, keyed by global names so any pipeline or
+                              data-parallel layout can read them
         train_state.json      counters, loader cursor, per-rank RNG, layout, curriculum and routing slots
         shard_hashes.json     each shard's and .metadata's sha256, computed by the ranks while writing
         manifest.json         every other file with its size (bytes) and sha256
@@ -14,7 +15,7 @@ Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``d
     latest                    the newest committed step directory name
 
 Commit, then believe (docs/architecture.md principle 4): ranks write into a fresh attempt directory, hashing
-what they write as they write it (``hashed_writer.py``); the coordinator checks that every shard DCP's metadata
+what they write as they write it (``dcp_storage.py``); the coordinator checks that every shard DCP's metadata
 references is present and long enough, builds the manifest from those hashes (no shard is read back),
 publishes the attempt as ``step_<N>`` (an atomic rename locally, a copy on S3), writes ``COMMIT`` there and
 only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that matches its manifest, so an
@@ -27,7 +28,7 @@ import hashlib
 import json
 import uuid
 
-from v4train.orchestrator.checkpoint.hashed_writer import HASHES_FILE
+from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "step_name", "begin_attempt", "commit", "latest_committed",

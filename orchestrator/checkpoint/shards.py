@@ -13,6 +13,7 @@ import base64
 import torch
 import torch.distributed.checkpoint as dcp
 
+from v4train.orchestrator.checkpoint import dcp_storage
 from v4train.orchestrator.checkpoint.commit import CheckpointError
 from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.parallel.optim import global_state, initial_state
@@ -72,7 +73,7 @@ def shard_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def save_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write this rank's model and optimizer state into the DCP checkpoint at ``rel`` (collective)."""
-    dcp.save(shard_state(stage, optimizer), storage_writer=storage.dcp_writer(rel))
+    dcp_storage.save(shard_state(stage, optimizer), storage_writer=storage.dcp_writer(rel))
 
 
 def load_shards(storage: Storage, rel: str, stage: torch.nn.Module, optimizer: torch.optim.Optimizer,

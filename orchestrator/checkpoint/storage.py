@@ -2,8 +2,7 @@
 
 The one module that knows how files reach a checkpoint root: the commit protocol in
 ``orchestrator/checkpoint/commit.py`` calls only these operations, and the DCP shard writers/readers come from
-here too (torch's fsspec reader and writer live in a private module,
-``torch.distributed.checkpoint._fsspec_filesystem`` in torch 2.13: imported here and in ``hashed_writer.py``).
+here too (``dcp_storage.py``: one file of raw records per rank, hashed while written; read by offset).
 
 S3 endpoint and region come from the job spec (``checkpoint.endpoint_url``, ``checkpoint.region``);
 credentials only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, read by botocore),
@@ -24,9 +23,7 @@ import posixpath
 import uuid
 
 from fsspec.core import url_to_fs
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-from v4train.orchestrator.checkpoint.hashed_writer import HashingWriter
+from v4train.orchestrator.checkpoint.dcp_storage import HashingWriter, RawRecordReader
 
 __all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES"]
 
@@ -159,11 +156,11 @@ class Storage:
 
     # ---------------------------------------------------------------- DCP
     def dcp_writer(self, rel: str) -> HashingWriter:
-        """A DCP storage writer into directory ``rel`` that records every file's sha256 as it writes it and
-        never creates a bucket (see :func:`_object_store_writer`)."""
+        """A DCP storage writer into directory ``rel``: one file of raw records per rank, each file's sha256
+        recorded as it is written; never creates a bucket (see :func:`_object_store_writer`)."""
         writer = HashingWriter(self.url_of(rel), **self.options)
         return writer if self.is_local else _object_store_writer(writer)
 
-    def dcp_reader(self, rel: str) -> FsspecReader:
-        """A DCP storage reader of directory ``rel``."""
-        return FsspecReader(self.url_of(rel), **self.options)
+    def dcp_reader(self, rel: str) -> RawRecordReader:
+        """A DCP storage reader of directory ``rel`` (raw records by offset; ``torch.save`` records too)."""
+        return RawRecordReader(self.url_of(rel), **self.options)

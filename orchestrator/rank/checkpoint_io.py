@@ -3,7 +3,9 @@
 Tensors go through torch DCP by global name (``orchestrator/checkpoint/shards.py``: :func:`shard_state`,
 :func:`load_shards`), so any layout reads any other's checkpoint. The state written is the host copy the rank
 keeps of each save (``saved_copies.py``), which training never touches: an asynchronous save writes that copy
-on a background thread while training goes on, with no second staging copy. Its collectives run on a gloo
+on a background thread while training goes on, with no second staging copy; that thread runs at the lowest CPU
+priority (:func:`background_priority`), so its file writes, hashing and planning take the CPU time the training
+step leaves idle instead of slowing the step. Its collectives run on a gloo
 group of their own, so they never interleave with the training step's on the default group. Saves on one
 group reuse DCP's save plan (``orchestrator/checkpoint/save_plan.py``; a new group plans afresh). The
 coordinator commits the attempt once every rank reports its save persisted
@@ -13,19 +15,30 @@ coordinator commits the attempt once every rank reports its save persisted
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
+import os
 import weakref
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import save as dcp_save
 
 from v4train.orchestrator import checkpoint, faults
 from v4train.orchestrator.checkpoint import save_plan
+from v4train.orchestrator.checkpoint.dcp_storage import save as dcp_save
 from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.orchestrator.spec import JobSpec
 
-__all__ = ["RankCheckpointIO"]
+__all__ = ["RankCheckpointIO", "background_priority"]
+
+
+def background_priority() -> None:
+    """Put the calling thread (only it) in Linux's ``SCHED_IDLE`` class: it runs when a core has nothing else to
+    run, so an asynchronous save's work does not take CPU from the training step (``nice`` cannot do it when the
+    rank already runs at nice 19). The big writes and sha256 updates release the GIL, so the step's thread
+    seldom waits for this one. A no-op where the platform lacks ``SCHED_IDLE``."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class RankCheckpointIO:
@@ -44,7 +57,8 @@ class RankCheckpointIO:
         self.generation = save_plan.new_generation()  # this group's save plans, never another group's
         weakref.finalize(self, save_plan.forget, self.generation)
         self.pending = None  # (step, future) of an asynchronous save
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer",
+                                                             initializer=background_priority)
 
     def storage(self, root: str) -> Storage:
         c = self.job.checkpoint

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError
-from v4train.orchestrator.checkpoint.hashed_writer import HASHES_FILE
+from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
 

@@ -1,0 +1,305 @@
+"""torch DCP's storage layer for v4train checkpoints: one file of raw bytes per rank, hashed while written.
+
+DCP stays the planner and resharder (global names, de-duplication of replicated keys, any layout reading any
+other); this module only decides how a rank's items reach storage and come back:
+
+- :class:`HashingWriter` writes each rank's items as raw bytes, item after item, into one file
+  (``__<rank>_0.distcp``) with one sequential buffered stream and one fsync, recording each item's offset and
+  length in DCP's storage metadata (``_StorageInfo``) and marking it :data:`RAW_RECORD`. Every byte passes
+  through sha256 on its way (:class:`_HashingStream`); the ``write_data`` result carries ``{file: {bytes,
+  sha256}}``, which DCP gathers on its coordinator rank with the write results (one ``gather_object`` DCP
+  already does). There ``finish`` writes ``.metadata`` (hashed the same way) and then :data:`HASHES_FILE`. The
+  commit protocol (``commit.py``) builds the manifest from that file instead of reading shards back.
+- :class:`RawRecordReader` reads raw records by offset straight into a tensor of the saved chunk's shape and
+  dtype (from DCP's metadata); a record without the mark (DCP's ``torch.save`` records: checkpoints written
+  before, or by ``v4train convert``) goes through torch's own reader.
+
+Why not DCP's own records: torch's filesystem writer serialises every tensor with ``torch.save`` (a zip record
+of ~40 small writes, about 0.45 ms each on this machine), which made a rank's save CPU-bound at a few hundred
+tensors; its ``SAFETENSORS`` option builds the whole rank's blob in memory and torch's fsspec reader cannot read
+it back.
+
+The one module that relies on torch DCP internals (torch 2.13): the private fsspec writer/reader
+(``torch.distributed.checkpoint._fsspec_filesystem``), ``_StorageInfo`` and ``_StoragePrefix`` (the per-item
+storage record and the per-rank file prefix), and the ``transform_descriptors`` field carrying the raw mark
+(torch's reader refuses a descriptor it does not know, so a raw checkpoint is never misread as ``torch.save``
+records); and :func:`save` calls DCP's ``_save_state_dict`` (what ``dcp.save`` runs after wrapping every key in
+a logged call, a third of a save's CPU at ~650 keys, for ``Stateful`` objects a training state of tensors does not
+hold). ``tests/orchestrator/test_checkpoint_dcp_storage.py`` fails if any of these change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _StoragePrefix
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+__all__ = ["HASHES_FILE", "RAW_RECORD", "HashingWriter", "RawRecordReader", "save"]
+
+HASHES_FILE = "shard_hashes.json"
+RAW_RECORD = "v4train.raw"  # transform descriptor of an item stored as its raw bytes (C order, native endianness)
+_TMP_SUFFIX = ".tmp"  # DCP writes ``.metadata.tmp`` and renames it
+
+
+_SMALL = 1 << 16  # a write below this many bytes is gathered with its neighbours
+_GATHERED = 1 << 20  # bytes of gathered small writes passed on (and hashed) at once
+
+
+class _HashingStream:
+    """A write stream that passes every byte to ``stream`` and to a sha256 digest (sequential writes only:
+    items are appended one after the other, never with a seek back).
+
+    Small writes (a bias, a step counter, ``torch.save``'s zip headers in ``.metadata``) are gathered and passed
+    on (and hashed) a MiB at a time; a large one goes straight to the stream, so a tensor's bytes are never
+    copied in Python. ``tell``, ``flush``, ``fileno`` (for the fsync) and ``close`` pass the gathered bytes on
+    first.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._gathered = bytearray()
+        self.digest = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.nbytes += view.nbytes
+        if view.nbytes < _SMALL:
+            self._gathered += view
+            if len(self._gathered) >= _GATHERED:
+                self.drain()
+        else:
+            self.drain()
+            self.digest.update(view)
+            self._stream.write(view)
+        return view.nbytes
+
+    def drain(self) -> None:
+        """Pass the gathered small writes on to the stream and the digest."""
+        if self._gathered:
+            self.digest.update(self._gathered)
+            self._stream.write(self._gathered)
+            self._gathered = bytearray()
+
+    def tell(self) -> int:
+        return self._stream.tell() + len(self._gathered)
+
+    def flush(self) -> None:
+        self.drain()
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        self.flush()  # the caller fsyncs this descriptor: every byte must have reached it
+        return self._stream.fileno()
+
+    def close(self) -> None:
+        self.drain()
+        self._stream.close()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's fsspec file system, recording ``{file name: {"bytes", "sha256"}}`` of every file it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hashes: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = _HashingStream(stream)
+            yield hashing
+            hashing.drain()  # bytes still gathered when the caller did not close the stream
+            name = posixpath.basename(os.fspath(path)).removesuffix(_TMP_SUFFIX)
+            self.hashes[name] = {"bytes": hashing.nbytes, "sha256": hashing.digest.hexdigest()}
+
+
+def _fsync(stream) -> None:
+    """fsync a local file's descriptor; an object store's upload is durable once the stream is closed."""
+    with contextlib.suppress(AttributeError, io.UnsupportedOperation):
+        os.fsync(stream.fileno())
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor in C order (copied only if it is not contiguous)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"checkpoint writer: a tensor on {tensor.device} reached the writer; only CPU tensors are")
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _WriteResults(list):
+    """A rank's DCP write results, carrying the hashes of the files it wrote (gathered with them)."""
+
+    hashes: dict[str, dict]
+
+
+class HashingWriter(FsspecWriter):
+    """A DCP storage writer (local path or ``s3://``): one file of raw records per rank, hashed as written.
+
+    Args:
+        path: the checkpoint directory (URL or local path).
+        **options: fsspec options (S3 ``client_kwargs``).
+    """
+
+    def __init__(self, path: str, **options) -> None:
+        super().__init__(path, **options)
+        fs = _HashingFileSystem()
+        fs.fs = self.fs.fs  # the fsspec file system FsspecWriter opened for ``path``
+        self.fs = fs
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        """Write this rank's items into ``<prefix>0.distcp``, each as its raw bytes at the offset recorded in its
+        ``_StorageInfo``; one sequential stream, one fsync. The result carries the file's size and sha256."""
+        prefix: _StoragePrefix = plan.storage_data
+        name = f"{prefix.prefix}0{DEFAULT_SUFFIX}"
+        results = _WriteResults()
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                view = data.getbuffer() if isinstance(data, io.BytesIO) else _byte_view(data)
+                offset = stream.nbytes
+                stream.write(view)
+                results.append(WriteResult(index=item.index, size_in_bytes=view.nbytes,
+                                           storage_data=_StorageInfo(name, offset, view.nbytes, (RAW_RECORD,))))
+            if self.sync_files:
+                stream.flush()
+                _fsync(stream)
+        results.hashes = dict(self.fs.hashes)
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list]) -> None:
+        """On DCP's coordinator rank: write ``.metadata``, then every file's hash into :data:`HASHES_FILE`."""
+        super().finish(metadata, results)
+        hashes = {}
+        for rank_results in results:
+            hashes.update(getattr(rank_results, "hashes", {}))
+        hashes.update(self.fs.hashes)  # .metadata (and this rank's shards again)
+        # not fsynced: the commit copies these hashes into manifest.json, which is, before COMMIT is written
+        with self.fs.fs.open(posixpath.join(os.fspath(self.path), HASHES_FILE), "w") as f:
+            f.write(json.dumps(hashes, indent=1, sort_keys=True))
+
+
+def _is_raw(info: _StorageInfo) -> bool:
+    return RAW_RECORD in (info.transform_descriptors or ())
+
+
+class RawRecordReader(FsspecReader):
+    """A DCP storage reader (local path or ``s3://``) of :class:`HashingWriter`'s raw records, read by offset
+    into tensors of the saved chunk's shape and dtype; other records through torch's reader.
+
+    Raises:
+        EOFError: a file ends before a record it holds (names the file, the tensor and the byte range).
+    """
+
+    def __init__(self, path: str, **options) -> None:
+        super().__init__(path, **options)
+        self._tensors: dict = {}
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._tensors = metadata.state_dict_metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        """Read ``plan``'s items: raw records file by file in offset order, the rest through torch's reader."""
+        legacy = [req for req in plan.items if not _is_raw(self.storage_data[req.storage_index])]
+        if legacy:
+            super().read_data(dataclasses.replace(plan, items=legacy), planner).wait()
+        per_file: dict[str, list] = {}
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            if _is_raw(info):
+                per_file.setdefault(info.relative_path, []).append((info.offset, req))
+        for rel, reqs in per_file.items():
+            path = self.fs.concat_path(self.path, rel)
+            with self.fs.create_stream(path, "rb") as stream:
+                for _, req in sorted(reqs, key=lambda pair: pair[0]):
+                    self._read_one(stream, path, req, planner)
+        future: Future = Future()
+        future.set_result(None)
+        return future
+
+    def _read_one(self, stream, path, req, planner: LoadPlanner) -> None:
+        info = self.storage_data[req.storage_index]
+        stream.seek(info.offset)
+        if req.type == LoadItemType.BYTE_IO:
+            data = stream.read(info.length)
+            if len(data) != info.length:
+                raise EOFError(_short(path, req.storage_index.fqn, info, len(data)))
+            planner.load_bytes(req, io.BytesIO(data))
+            return
+        chunk = torch.empty(self._chunk_size(req.storage_index), dtype=self._dtype(req.storage_index))
+        buffer = _byte_view(chunk)
+        if buffer.nbytes != info.length:
+            raise ValueError(f"{path}: {req.storage_index.fqn}: the record holds {info.length} bytes, its chunk "
+                             f"{tuple(chunk.shape)} {chunk.dtype} needs {buffer.nbytes}")
+        got = 0
+        while got < info.length:
+            n = stream.readinto(buffer[got:])
+            if not n:
+                raise EOFError(_short(path, req.storage_index.fqn, info, got))
+            got += n
+        for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
+            chunk = chunk.narrow(dim, start, length)
+        target = planner.resolve_tensor(req).detach()
+        if target.shape != chunk.shape:
+            raise ValueError(f"{path}: {req.storage_index.fqn}: read {tuple(chunk.shape)}, the target is "
+                             f"{tuple(target.shape)}")
+        target.copy_(chunk)
+        planner.commit_tensor(req, target)
+
+    def _meta(self, index: MetadataIndex) -> TensorStorageMetadata:
+        return self._tensors[index.fqn]
+
+    def _dtype(self, index: MetadataIndex) -> torch.dtype:
+        return self._meta(index).properties.dtype
+
+    def _chunk_size(self, index: MetadataIndex) -> torch.Size:
+        chunks = self._meta(index).chunks
+        if index.index is not None and index.index < len(chunks) and chunks[index.index].offsets == index.offset:
+            return chunks[index.index].sizes
+        return next(c.sizes for c in chunks if c.offsets == index.offset)
+
+
+def _short(path, fqn: str, info: _StorageInfo, got: int) -> str:
+    return (f"{path}: truncated: {fqn} is stored at bytes {info.offset}-{info.offset + info.length}, "
+            f"the file ends after {info.offset + got}")
+
+
+def save(state: dict[str, torch.Tensor], storage_writer, planner=None, process_group=None,
+         no_dist: bool = False) -> Metadata:
+    """``torch.distributed.checkpoint.save`` of a state dict of tensors (collective over ``process_group`` unless
+    ``no_dist`` or no process group is initialised): the same plan, collectives and metadata, without DCP's
+    per-key ``Stateful`` wrapper (a logged call for each key).
+
+    Raises:
+        TypeError: a value is a ``Stateful`` object (``dcp.save`` takes those).
+    """
+    stateful = [key for key, value in state.items() if isinstance(value, Stateful)]
+    if stateful:
+        raise TypeError(f"checkpoint save: {stateful[0]} is a Stateful object; pass tensors (or use dcp.save)")
+    return _save_state_dict(state_dict=state, storage_writer=storage_writer, process_group=process_group,
+                            no_dist=no_dist or not dist.is_initialized(), planner=planner)
