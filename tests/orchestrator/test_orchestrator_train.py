@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from support.checkpoints import checkpoint_tensors
 from support.jobs import CALL_TIMEOUT_S, POOL_SIZE, run_job, tiny_job
 
 # (TP, PP, EP, DP, VP): the parity suite, with interleaved 1F1B (VP = 2), at most 4 ranks each
@@ -50,7 +50,7 @@ def test_distributed_muon_equals_the_plain_run(rank_pool, tiny_dataset, tmp_path
             job = tiny_job(tiny_dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
                            train={"distributed_muon": distributed}, checkpoint={"every_steps": 0, "at_end": True})
             metrics, _, _ = run_job(rank_pool, job, tmp_path / name)
-            runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+            runs[distributed] = metrics, checkpoint_tensors(tmp_path / name / "step_00000003")
         (reference, ref), (metrics, got) = runs[False], runs[True]
         assert any(k.endswith(".momentum_buffer") for k in ref)
         for a, b in zip(reference, metrics, strict=True):
@@ -114,7 +114,7 @@ def test_bf16_sharded_masters_checkpoint_resumes_in_fp32_at_another_dp_and_back(
 
     straight, _, _ = run_job(rank_pool, job(4, "bf16", True), tmp_path / "straight")
     fp32, _, _ = run_job(rank_pool, job(4, "fp32", False), tmp_path / "fp32")
-    saved = _tensors(tmp_path / "straight" / "step_00000002", tmp_path / "straight2.pt")
+    saved = checkpoint_tensors(tmp_path / "straight" / "step_00000002")
     assert any(k.startswith("model.") for k in saved)
     assert all(v.dtype != torch.bfloat16 for v in saved.values() if isinstance(v, torch.Tensor))
     for name, source, dp, precision, distributed, rel in (("bf16_plain_dp4", "straight", 4, "bf16", False, 0.0),
@@ -137,7 +137,7 @@ def _assert_distributed_optimizer_parity(pool, dataset, tmp_path, layout, make_w
                        train={"distributed_optimizer": distributed, "precision": precision},
                        checkpoint={"every_steps": 0, "at_end": True})
         metrics, _, _ = run_job(pool, job, tmp_path / name, make_workers=make_workers)
-        runs[distributed] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        runs[distributed] = metrics, checkpoint_tensors(tmp_path / name / "step_00000003")
     (reference, ref), (metrics, got) = runs[False], runs[True]
     assert any(".exp_avg_sq" in k for k in ref) and any(k.endswith(".momentum_buffer") for k in ref)
     for a, b in zip(reference, metrics, strict=True):
@@ -213,7 +213,7 @@ def _assert_recompute_parity(pool, dataset, tmp_path, layout, make_workers=None)
         job = tiny_job(dataset, parallel={"tp": tp, "pp": pp, "ep": ep, "dp": dp, "vp": vp},
                        train={"recompute": recompute}, checkpoint={"every_steps": 0, "at_end": True})
         metrics, _, _ = run_job(pool, job, tmp_path / name, make_workers=make_workers)
-        runs[recompute] = metrics, _tensors(tmp_path / name / "step_00000003", tmp_path / f"{name}.pt")
+        runs[recompute] = metrics, checkpoint_tensors(tmp_path / name / "step_00000003")
     reference, ref = runs["none"]
     assert any(k.endswith(".momentum_buffer") for k in ref) and any(".exp_avg_sq" in k for k in ref)
     for recompute in ("selective", "full"):
@@ -241,8 +241,8 @@ def test_bf16_trains_close_to_fp32_and_resumes_across_precisions(rank_pool, tiny
     for a, b in zip(fp32, bf16, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), b["step"]
     assert all(a["loss"] != b["loss"] for a, b in zip(fp32, bf16, strict=True))  # bf16 did compute in bf16
-    ref = _tensors(tmp_path / "fp32" / "step_00000004", tmp_path / "fp32.pt")
-    got = _tensors(tmp_path / "bf16" / "step_00000004", tmp_path / "bf16.pt")
+    ref = checkpoint_tensors(tmp_path / "fp32" / "step_00000004")
+    got = checkpoint_tensors(tmp_path / "bf16" / "step_00000004")
     assert got.keys() == ref.keys()
     for key, want in ref.items():
         if isinstance(want, torch.Tensor):
@@ -255,11 +255,6 @@ def test_bf16_trains_close_to_fp32_and_resumes_across_precisions(rank_pool, tiny
         assert [m["step"] for m in resumed] == [3, 4]
         for a, b in zip(fp32[2:], resumed, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (precision, b["step"])
-
-
-def _tensors(step_dir, out):
-    dcp_to_torch_save(step_dir, out)
-    return torch.load(out, weights_only=False)
 
 
 @pytest.mark.timeout(900)
@@ -283,8 +278,8 @@ def test_resume_from_checkpoint_is_bitwise(rank_pool, tiny_dataset, tmp_path):
             assert a[key] == b[key], (key, a["step"])
 
     # Parameters, Adam moments and step counters, MoE expert biases: bit-identical at the end.
-    ref = _tensors(tmp_path / "straight" / "step_00000006", tmp_path / "a.pt")
-    got = _tensors(tmp_path / "resumed" / "step_00000006", tmp_path / "b.pt")
+    ref = checkpoint_tensors(tmp_path / "straight" / "step_00000006")
+    got = checkpoint_tensors(tmp_path / "resumed" / "step_00000006")
     assert ref.keys() == got.keys()
     assert any(".exp_avg_sq" in k for k in ref) and any("bias" in k for k in ref)
     for key in ref:

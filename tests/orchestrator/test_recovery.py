@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from support.checkpoints import checkpoint_tensors
 from support.jobs import run_job, tiny_job
 from v4train.orchestrator.faults import parse_fault
 from v4train.orchestrator.control.ray_group import RayRankGroup
@@ -76,17 +76,12 @@ def test_c07_nan_gradient_on_one_rank_skips_the_step_everywhere(rank_pool, tiny_
     assert [by_step[s]["skipped"] for s in (1, 2, 3, 4)] == [False, False, True, False]
     assert [(e["step"], e["consecutive"]) for e in events if e["event"] == "nonfinite_grad"] == [(3, 1)]
     # No parameter, optimizer moment, step counter or expert bias changed during step 3, on any rank.
-    after2 = _tensors(tmp_path / "step_00000002", tmp_path / "2.pt")
-    after3 = _tensors(tmp_path / "step_00000003", tmp_path / "3.pt")
+    after2 = checkpoint_tensors(tmp_path / "step_00000002")
+    after3 = checkpoint_tensors(tmp_path / "step_00000003")
     assert after2.keys() == after3.keys() and any(".gate.bias" in k for k in after2)
     assert all(torch.equal(after2[k], after3[k]) for k in after2)
-    after4 = _tensors(tmp_path / "step_00000004", tmp_path / "4.pt")
+    after4 = checkpoint_tensors(tmp_path / "step_00000004")
     assert not torch.equal(after3["model.head.weight"], after4["model.head.weight"])
-
-
-def _tensors(step_dir, out):
-    dcp_to_torch_save(step_dir, out)
-    return torch.load(out, weights_only=False)
 
 
 @pytest.mark.timeout(300)
@@ -97,8 +92,8 @@ def test_c07_nan_in_one_experts_gradient_under_expert_parallelism(rank_pool, tin
                    checkpoint={"every_steps": 1, "at_end": False})
     metrics, events, _ = run_job(rank_pool, job, tmp_path, faults=[parse_fault("nan_grad@3:rank=1")])
     assert [m["skipped"] for m in metrics] == [False, False, True]
-    after2 = _tensors(tmp_path / "step_00000002", tmp_path / "2.pt")
-    after3 = _tensors(tmp_path / "step_00000003", tmp_path / "3.pt")
+    after2 = checkpoint_tensors(tmp_path / "step_00000002")
+    after3 = checkpoint_tensors(tmp_path / "step_00000003")
     assert any(k.endswith(".momentum_buffer") for k in after2) and any(".experts.experts." in k for k in after2)
     assert all(torch.equal(after2[k], after3[k]) for k in after2)
 
