@@ -154,24 +154,32 @@ class DistributedMuon(Muon):
     def master_rank(self, param: torch.Tensor) -> int:
         """The rank of ``param``'s group that applies its update when its fp32 master is sharded: the owner of its
         first block (it receives every block's update). KeyError for a foreign tensor."""
-        for shard in self._shards:
-            for i, p in enumerate(shard.params):
-                if p is param:
-                    return next(o for u, o in zip(shard.units, shard.owners, strict=True) if u.param == i)
-        raise KeyError(f"DistributedMuon: no parameter of shape {tuple(param.shape)}")
+        shard, index = self._shard_of(param)
+        return self._first_owners(shard)[index]
 
     def holds_master(self, param: torch.Tensor) -> bool:
         """Whether this rank is ``param``'s :meth:`master_rank` in its group. KeyError for a foreign tensor."""
-        shard = next((s for s in self._shards if any(q is param for q in s.params)), None)
-        if shard is None:
-            raise KeyError(f"DistributedMuon: no parameter of shape {tuple(param.shape)}")
-        return self.master_rank(param) == shard.rank
+        shard, index = self._shard_of(param)
+        return self._first_owners(shard)[index] == shard.rank
 
-    def _master_ranks(self, shard: _Shard) -> dict[int, int]:
-        """``index -> master rank`` of each parameter of ``shard`` with a sharded master."""
+    def _shard_of(self, param: torch.Tensor) -> tuple[_Shard, int]:
+        for shard in self._shards:
+            for i, p in enumerate(shard.params):
+                if p is param:
+                    return shard, i
+        raise KeyError(f"DistributedMuon: no parameter of shape {tuple(param.shape)}")
+
+    @staticmethod
+    def _first_owners(shard: _Shard) -> dict[int, int]:
+        """``index -> owner of the parameter's first block`` for every parameter of ``shard``."""
         first: dict[int, int] = {}
         for u, o in zip(shard.units, shard.owners, strict=True):
             first.setdefault(u.param, o)
+        return first
+
+    def _master_ranks(self, shard: _Shard) -> dict[int, int]:
+        """``index -> master rank`` of each parameter of ``shard`` with a sharded master."""
+        first = self._first_owners(shard)
         return {i: first[i] for i, p in enumerate(shard.params) if id(p) in self.masters}
 
     def _publish(self, shard: _Shard, indices: Sequence[int], *, bf16: bool) -> dict[int, torch.Tensor]:
