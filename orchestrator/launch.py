@@ -69,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         if job.parallel.world_size != world:
             raise SpecError(f"parallel: tp x cp x pp x dp = {job.parallel.world_size} but {world} ranks were started")
         run_dir = Path(args.run_dir)
-        if not args.resume and not args.overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        from v4train.orchestrator.control.preflight import PROBE_PREFIX, preflight
+
+        # Nothing is written to the run directory before every rank has joined (rank 0 prepares it then), so
+        # every process sees it as it was; only the peers' preflight probes may come and go.
+        in_use = run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) for p in run_dir.iterdir())
+        if in_use and not args.resume and not args.overwrite:
             raise SpecError(f"--run-dir: {run_dir} exists and is not empty (use --resume or --overwrite)")
-        from v4train.orchestrator.control.preflight import preflight
 
         # every process checks (it reads the dataset anyway), so none is left waiting at the rendezvous
         preflight(job, job.checkpoint.root or str(run_dir))
@@ -110,18 +114,21 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
     from v4train.orchestrator.checkpoint.storage import Storage
 
     cluster = cluster or ClusterSpec(name="torchrun", devices_per_node=world)
-    telemetry = NullTelemetry()
-    if rank == 0:
-        if args.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        telemetry = Telemetry(run_dir, job.train.steps)
-        (run_dir / "job.yaml").write_text(dump_job(job))
     resume_from = None
     if args.resume:  # every rank reads the same committed name (the root is shared)
         c = job.checkpoint
         resume_from = checkpoint.latest_committed(Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url,
                                                           region=c.region))
-    group = TorchrunRankGroup(rank, world, init_method)
+    telemetry = Telemetry(run_dir, job.train.steps) if rank == 0 else NullTelemetry()
+
+    def prepare_run_dir() -> None:
+        """Rank 0, once every rank has joined: no peer is still checking the directory."""
+        if args.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.yaml").write_text(dump_job(job))
+
+    group = TorchrunRankGroup(rank, world, init_method, on_joined=prepare_run_dir)
     made = []
 
     def make_workers() -> TorchrunRankGroup:

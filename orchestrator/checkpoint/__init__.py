@@ -6,14 +6,15 @@ that knows how files reach a local or ``s3://`` root; ``save_plan.py`` DCP's sav
 save group (imported by the rank's checkpoint I/O). This package's namespace is their public API.
 """
 
-from v4train.orchestrator.checkpoint.commit import (FORMAT_VERSION, CheckpointError, apply_retention, begin_attempt,
-                                                    commit, inspect, latest_committed, list_checkpoints,
-                                                    read_train_state, step_name, supersede_after, verify)
+from v4train.orchestrator.checkpoint.commit import (FORMAT_VERSION, READABLE_FORMAT_VERSIONS, CheckpointError,
+                                                    apply_retention, begin_attempt, commit, inspect,
+                                                    latest_committed, list_checkpoints, read_train_state, step_name,
+                                                    supersede_after, verify)
 from v4train.orchestrator.checkpoint.shards import (decode_rows, encode_rows, load_shards, load_state, merge_routing,
                                                     rng_state,
                                                     save_shards, set_rng_state, shard_state)
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_shards", "load_shards", "load_state", "shard_state", "rng_state",
-           "set_rng_state", "step_name", "begin_attempt", "commit", "latest_committed", "list_checkpoints",
-           "verify", "inspect", "read_train_state", "apply_retention", "supersede_after", "encode_rows",
-           "decode_rows", "merge_routing"]
+__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "save_shards", "load_shards", "load_state",
+           "shard_state", "rng_state", "set_rng_state", "step_name", "begin_attempt", "commit", "latest_committed",
+           "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention", "supersede_after",
+           "encode_rows", "decode_rows", "merge_routing"]

@@ -31,10 +31,14 @@ import uuid
 from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE
 from v4train.orchestrator.checkpoint.storage import Storage
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "step_name", "begin_attempt", "commit", "latest_committed",
-           "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention", "supersede_after"]
+__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "step_name", "begin_attempt", "commit",
+           "latest_committed", "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention",
+           "supersede_after"]
 
-FORMAT_VERSION = 1
+# 2: every rank's shards as one file of raw records (dcp_storage.RAW_RECORD), which a reader of version 1 cannot
+# read; 1: one torch.save record per tensor, still read (dcp_storage.RawRecordReader hands those to torch).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 _STEP_PREFIX = "step_"
 
 
@@ -179,8 +183,9 @@ def verify(storage: Storage, name: str) -> dict:
     if hashlib.sha256(manifest_text.encode()).hexdigest() != record["manifest_sha256"]:
         raise CheckpointError(f"{where}/manifest.json: does not match the hash recorded in COMMIT")
     manifest = json.loads(manifest_text)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"{where}: format version {manifest.get('format_version')}; this v4train reads "
+                              f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     sizes = storage.files(name)
     for rel, entry in manifest["files"].items():
         if rel not in sizes:
@@ -188,7 +193,7 @@ def verify(storage: Storage, name: str) -> dict:
         if sizes[rel] != entry["bytes"] or storage.sha256(f"{name}/{rel}") != entry["sha256"]:
             raise CheckpointError(f"{where}/{rel}: size or sha256 differs from the manifest")
     state = read_train_state(storage, name)
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise CheckpointError(f"{where}/train_state.json: format version {state.get('format_version')}")
     return state
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from v4train.orchestrator.checkpoint import FORMAT_VERSION, CheckpointError
+from v4train.orchestrator.checkpoint import READABLE_FORMAT_VERSIONS, CheckpointError
 from v4train.orchestrator.spec import JobSpec
 
-__all__ = ["TRAIN_STATE_VERSION", "TRAIN_STATE_KEYS", "GuardStats", "RoutingWindow", "RunState", "SavedState",
+__all__ = ["TRAIN_STATE_KEYS", "GuardStats", "RoutingWindow", "RunState", "SavedState",
            "read_train_state"]
 
-# The train_state.json schema is versioned with the checkpoint format (checkpoint/commit.py).
-TRAIN_STATE_VERSION = FORMAT_VERSION
 # What a resumable train_state.json must hold (``restarts`` is informational and may be absent).
 TRAIN_STATE_KEYS = ("step", "consumed_tokens", "consumed_samples", "loader", "rng", "model", "data_path",
                     "curriculum", "anticipatory_routing")
@@ -126,13 +124,14 @@ class RunState:
 def read_train_state(state: dict, where: str, job: JobSpec | None = None) -> dict:
     """Check a parsed ``train_state.json`` (from ``where``, for messages) and return it.
 
-    Raises CheckpointError when its ``format_version`` is not :data:`TRAIN_STATE_VERSION`, when it lacks a
+    Raises CheckpointError when its ``format_version`` is not one this v4train reads (the schema is versioned
+    with the checkpoint format, ``checkpoint/commit.py``), when it lacks a
     field of :data:`TRAIN_STATE_KEYS`, or (given ``job``) when it was saved for another model.
     """
     version = state.get("format_version")
-    if version != TRAIN_STATE_VERSION:
-        raise CheckpointError(f"{where}/train_state.json: format version {version}; this v4train reads version "
-                              f"{TRAIN_STATE_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"{where}/train_state.json: format version {version}; this v4train reads versions "
+                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     for key in TRAIN_STATE_KEYS:
         if key not in state:
             raise CheckpointError(f"{where}/train_state.json: lacks {key!r}")

@@ -6,7 +6,8 @@ Each optimizer step appends one JSON object to ``metrics.jsonl`` (docs/architect
 ``failure``, ``finish``...) appends one object with ``event``, ``step`` and ``time`` (Unix seconds) to
 ``events.jsonl``. Lines are flushed as written, so a killed driver loses nothing already reported. On a
 terminal, a live view shows step, loss, tokens/s and ETA; elsewhere a plain line is printed every
-``print_every`` steps.
+``print_every`` steps. The run directory and the two files are created at the first record, not before, so
+a launcher can prepare the directory after constructing its telemetry.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Telemetry:
     """Writes the run's JSONL streams and renders progress.
 
     Args:
-        run_dir: the run directory (created if missing).
+        run_dir: the run directory (created at the first record if missing).
         total_steps: the last step of the run, for the ETA.
         live: force the live view on or off (default: on when stdout is a terminal).
         print_every: in plain mode, print one line every this many steps.
@@ -34,9 +35,7 @@ class Telemetry:
 
     def __init__(self, run_dir: str | Path, total_steps: int, *, live: bool | None = None, print_every: int = 10):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
-        self._events = (self.run_dir / "events.jsonl").open("a", buffering=1)
+        self._streams: dict[str, object] = {}
         self.console = Console()
         self.print_every = print_every
         self.live = sys.stdout.isatty() if live is None else live
@@ -55,7 +54,7 @@ class Telemetry:
 
     def metrics(self, record: dict) -> None:
         """Append one step's metrics and update the view."""
-        self._metrics.write(json.dumps(record) + "\n")
+        self._append("metrics.jsonl", record)
         step = record["step"]
         if self._progress is not None:
             self._progress.update(
@@ -77,15 +76,23 @@ class Telemetry:
     def event(self, event: str, step: int, **fields) -> None:
         """Append one event and echo it as a line."""
         record = {"event": event, "step": step, "time": time.time(), **fields}
-        self._events.write(json.dumps(record) + "\n")
+        self._append("events.jsonl", record)
         detail = "  ".join(f"{k}={v}" for k, v in fields.items())
         self.console.print(f"[{event}] step {step}  {detail}".rstrip(), highlight=False, markup=False)
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-        self._metrics.close()
-        self._events.close()
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+
+    def _append(self, name: str, record: dict) -> None:
+        stream = self._streams.get(name)
+        if stream is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            stream = self._streams[name] = (self.run_dir / name).open("a", buffering=1)
+        stream.write(json.dumps(record) + "\n")
 
 
 class NullTelemetry:

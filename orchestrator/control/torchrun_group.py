@@ -27,14 +27,21 @@ __all__ = ["TorchrunRankGroup"]
 
 
 class TorchrunRankGroup:
-    """This process's rank of a job of ``world_size`` ranks, rendezvousing at ``init_method``."""
+    """This process's rank of a job of ``world_size`` ranks, rendezvousing at ``init_method``.
+
+    ``on_joined`` runs on rank 0 once every rank has joined (the end of :meth:`setup`), and its exception
+    reaches every rank: what rank 0 writes there (the run directory) cannot race another process's checks of
+    it before the rendezvous.
+    """
 
     launcher = "torchrun"
 
-    def __init__(self, rank: int, world_size: int, init_method: str) -> None:
+    def __init__(self, rank: int, world_size: int, init_method: str,
+                 on_joined: Callable[[], None] | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.init_method = init_method
+        self.on_joined = on_joined
         self.trainer: RankTrainer | None = None
         self.control = None
 
@@ -62,7 +69,10 @@ class TorchrunRankGroup:
         # metrics and small state between the processes, whatever the data-plane backend
         self.control = dist.new_group(backend="gloo",
                                       timeout=datetime.timedelta(seconds=request.collective_timeout_s))
-        return self._all(lambda: self.trainer.describe(), "setup")
+        infos = self._all(lambda: self.trainer.describe(), "setup")
+        if self.on_joined is not None:
+            self.coordinate(self.on_joined)
+        return infos
 
     def train_step(self, plan: StepPlan) -> list[dict]:
         return self._run(RankTrainer.train_step, plan)

@@ -21,6 +21,8 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.timeout(600)
 def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
     job = tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 2}, train={"steps": 8, "warmup_steps": 2},

@@ -86,7 +86,8 @@ def _v4train(*args, env, timeout=JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # about a minute; `.ci/run` runs it after the default suite
+@pytest.mark.slow  # about a minute
+@pytest.mark.ci
 @pytest.mark.timeout(900)
 def test_submit_status_logs_and_stop_on_a_running_ray_cluster(ray_head, tiny_dataset, tmp_path):
     address, env = ray_head

@@ -125,3 +125,38 @@ def test_a_node_that_cannot_join_stops_at_start_with_one_line(tiny_dataset, tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(expected, lines[0]), lines
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(300)
+def test_rank_0_writes_nothing_in_the_run_directory_before_every_rank_has_joined(tiny_dataset, tmp_path):
+    """A peer still checking the run directory must see it as it was: rank 0 waiting at the rendezvous has
+    written nothing there, and a peer's preflight probe in it does not make it "not empty"."""
+    import socket
+    import time
+
+    from v4train.orchestrator.control.preflight import PROBE_PREFIX
+    from v4train.orchestrator.control.ray_group import free_port
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 1})))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f"{PROBE_PREFIX}peer").write_bytes(b"")
+    port = free_port()
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "v4train.orchestrator.launch", str(job), "--run-dir", str(run)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # rank 0 hosts the rendezvous store: once it listens, it is waiting for rank 1
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "rank 0 never opened the rendezvous"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert sorted(p.name for p in run.iterdir()) == [f"{PROBE_PREFIX}peer"]
+    finally:
+        proc.kill()
+        proc.wait()

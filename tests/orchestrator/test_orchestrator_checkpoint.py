@@ -134,6 +134,25 @@ def test_tampered_manifest_and_missing_commit_are_refused(storage):
         checkpoint.verify(storage, final)
 
 
+@pytest.mark.parametrize("version, readable", [(1, True), (2, True), (3, False)])
+def test_format_versions_read_and_refused(tmp_path, monkeypatch, version, readable):
+    """Version 2 is written; a version 1 checkpoint (torch.save or raw records) is still read; any other
+    version is refused by its number, not misread."""
+    import importlib
+
+    commit = importlib.import_module("v4train.orchestrator.checkpoint.commit")  # the module, not the function
+    storage = Storage(str(tmp_path / "ckpt"))
+    if version != 2:  # what a writer of another version leaves
+        monkeypatch.setattr(commit, "FORMAT_VERSION", version)
+    final = checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10})
+    assert json.loads(storage.read_text(f"{final}/manifest.json"))["format_version"] == version
+    if readable:
+        assert checkpoint.verify(storage, final)["step"] == 10
+    else:
+        with pytest.raises(CheckpointError, match="format version 3; this v4train reads versions 1, 2"):
+            checkpoint.verify(storage, final)
+
+
 def test_retention_keeps_newest(storage):
     for step in (10, 20, 30):
         checkpoint.commit(storage, _save(storage, step), step, {"step": step})

@@ -34,7 +34,8 @@ def reference(rank_pool, tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("kind, reported", [("raise", "exception"), ("kill", "died"), ("stall", "stall")])
+@pytest.mark.parametrize("kind, reported", [("raise", "exception"), ("kill", "died"),
+                                            pytest.param("stall", "stall", marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_c09_rank_failure_is_detected_and_recovered(reference, rank_pool, tiny_dataset, tmp_path, kind, reported):
     metrics, events, sup = run_job(rank_pool, _job(tiny_dataset), tmp_path, faults=[parse_fault(f"{kind}@4:rank=2")],
                                    make_workers=_fresh_workers(4))

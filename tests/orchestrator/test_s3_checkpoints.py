@@ -37,6 +37,8 @@ def reference(rank_pool, tiny_dataset, s3_server, tmp_path_factory):
     return {m["step"]: m for m in metrics}
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.timeout(420)
 def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_server, tmp_path):
     prefix = f"upload-{uuid.uuid4().hex[:6]}"
@@ -64,6 +66,8 @@ def test_c08_writer_killed_mid_upload(reference, rank_pool, tiny_dataset, s3_ser
     assert all(final[s]["loss"] == reference[s]["loss"] for s in (3, 4, 5, 6))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.timeout(600)
 def test_c08_supervisor_killed_between_last_shard_and_commit(reference, tiny_dataset, s3_server, tmp_path):
     prefix = f"sup-{uuid.uuid4().hex[:6]}"

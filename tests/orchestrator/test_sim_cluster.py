@@ -29,7 +29,7 @@ from support.jobs import tiny_job
 from v4train.orchestrator.tools.sim_cluster import SimCluster, can_create
 
 REASON = can_create()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.ci, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 RUN_TIMEOUT_S = 900  # one 8-rank run on a loaded 2-core machine; a hang fails the test
 

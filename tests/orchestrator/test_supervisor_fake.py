@@ -132,7 +132,7 @@ def test_resume_refuses_another_model_and_another_format(tmp_path):
     other = _job(tmp_path, model={"moe_inter_dim": 32})
     with pytest.raises(CheckpointError, match="saved for model"):
         read_train_state(state, "x", other)
-    with pytest.raises(CheckpointError, match="format version 7; this v4train reads version 1"):
+    with pytest.raises(CheckpointError, match="format version 7; this v4train reads versions 1, 2"):
         read_train_state({**state, "format_version": 7}, "x", job)
     phase, sup, _, events, _ = _run(other, tmp_path / "a", Script(), resume_from="step_00000002")
     assert phase is Phase.FAILED and "saved for model" in str(sup.failure)
