@@ -1,4 +1,5 @@
 # make demo : install into .venv (created or reused), prepare Shakespeare, train configs/demo.yaml on 4 ranks
+#             (DEMO_JOB=configs/demo-10min.yaml: the same job cut to about 10 minutes, at a worse loss)
 # make test : install, then run the default test suite (slow tests excluded; `make test-slow` runs them)
 # make lint : ruff check . (rules in pyproject.toml)
 # make bench: the pipeline-bubble benchmark (1F1B vs interleaved, sleep-modelled stages, ~3 min) and the
@@ -25,8 +26,10 @@ $(STAMP): pyproject.toml
 datasets/shakespeare/dataset.json: $(STAMP)
 	$(VENV)/bin/v4train prepare-data --source shakespeare --out datasets/shakespeare
 
+DEMO_JOB ?= configs/demo.yaml
+
 demo: $(STAMP) datasets/shakespeare/dataset.json
-	$(VENV)/bin/v4train submit configs/demo.yaml --cluster clusters/local-sim.yaml --run-dir runs/demo --overwrite
+	$(VENV)/bin/v4train submit $(DEMO_JOB) --cluster clusters/local-sim.yaml --run-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
