@@ -90,33 +90,32 @@ def _writer(way: str, storage, attempt: str, clock: _Clock):
     """The storage writer of ``way``, marking the end of the plan phase when the write starts and of the write
     when it returns."""
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    from torch.futures import Future
-
-    from v4train.orchestrator.checkpoint.dcp_storage import HashingWriter, _WriteResults
+    from v4train.orchestrator.checkpoint.dcp_storage import HashingWriter
 
     class RecordsWriter(HashingWriter):
         """The writer before raw records: DCP's ``torch.save`` record per item, hashed while written."""
 
         def write_data(self, plan, planner):
-            results = _WriteResults(FsspecWriter.write_data(self, plan, planner).wait())
-            results.hashes = dict(self.fs.hashes)
-            future: Future = Future()
-            future.set_result(results)
+            future = FsspecWriter.write_data(self, plan, planner)
+            self._rank = int(plan.storage_data.prefix.strip("_"))
+            self._record_hashes()
             return future
 
     writer = storage.dcp_writer(attempt)
     if way == "records":
         writer.__class__ = RecordsWriter
-    inner = writer.write_data
 
-    def write_data(plan, planner):
-        clock.mark("plan")
-        try:
-            return inner(plan, planner)
-        finally:
-            clock.mark("write")
+    def timed(inner):
+        def call(*args, **kwargs):
+            clock.mark("plan")
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                clock.mark("write")
+        return call
 
-    writer.write_data = write_data
+    writer.write_data = timed(writer.write_data)
+    writer.write_cached = timed(writer.write_cached)  # a save of a cached layout: the write and .metadata
     return writer
 
 

@@ -8,7 +8,8 @@ Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``d
                               the offsets .metadata records, keyed by global names so any pipeline or
                               data-parallel layout can read them
         train_state.json      counters, loader cursor, per-rank RNG, layout, curriculum and routing slots
-        shard_hashes.json     each shard's and .metadata's sha256, computed by the ranks while writing
+        shard_hashes.<r>.json each writing rank's shard's (and rank 0's .metadata's) sha256, computed while
+                              writing
         manifest.json         every other file with its size (bytes) and sha256
         COMMIT                written last; names the step and the manifest's sha256
     step_00000100.attempt-<id>/   a save in progress, or an abandoned one (never read)
@@ -28,7 +29,7 @@ import hashlib
 import json
 import uuid
 
-from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE
+from v4train.orchestrator.checkpoint.dcp_storage import is_hashes_file
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "step_name", "begin_attempt", "commit",
@@ -76,13 +77,16 @@ def _sha256_text(text: str) -> str:
 def _file_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written: dict[str, str]) -> dict:
     """``{file: {"bytes", "sha256"}}`` for every file of ``attempt``, without reading shards back.
 
-    Shards and ``.metadata`` come with the hashes their writers computed while writing them
-    (:data:`HASHES_FILE`); small files the coordinator wrote (``written``: their text) are hashed from
-    memory; only files no writer hashed (a converted checkpoint's shards) are read. A file whose size differs
-    from what its writer hashed is refused.
+    Shards and ``.metadata`` come with the hashes their writers computed while writing them (each writing
+    rank's ``shard_hashes.<rank>.json``, ``dcp_storage.hashes_file``); small files the coordinator wrote
+    (``written``: their text) are hashed from memory; only files no writer hashed (a converted checkpoint's
+    shards) are read. A file whose size differs from what its writer hashed is refused.
     """
-    recorded = json.loads(written.setdefault(HASHES_FILE, storage.read_text(f"{attempt}/{HASHES_FILE}"))) \
-        if HASHES_FILE in sizes else {}
+    recorded = {}
+    for rel in sorted(sizes):
+        if is_hashes_file(rel):
+            written[rel] = storage.read_text(f"{attempt}/{rel}")
+            recorded.update(json.loads(written[rel]))
     out = {}
     for rel, size in sorted(sizes.items()):
         if rel in written:

@@ -6,10 +6,12 @@ other); this module only decides how a rank's items reach storage and come back:
 - :class:`HashingWriter` writes each rank's items as raw bytes, item after item, into one file
   (``__<rank>_0.distcp``) with one sequential buffered stream and one fsync, recording each item's offset and
   length in DCP's storage metadata (``_StorageInfo``) and marking it :data:`RAW_RECORD`. Every byte passes
-  through sha256 on its way (:class:`_HashingStream`); the ``write_data`` result carries ``{file: {bytes,
-  sha256}}``, which DCP gathers on its coordinator rank with the write results (one ``gather_object`` DCP
-  already does). There ``finish`` writes ``.metadata`` (hashed the same way) and then :data:`HASHES_FILE`. The
-  commit protocol (``commit.py``) builds the manifest from that file instead of reading shards back.
+  through sha256 on its way (:class:`_HashingStream`); each rank then records its file's size and sha256 in
+  its own :func:`hashes_file` (DCP's coordinator adds ``.metadata``, hashed the same way, to its own). The
+  commit protocol (``commit.py``) builds the manifest from those files instead of reading shards back.
+- :func:`save` is DCP's save on a save group's first save; the group's later saves of the same state layout
+  replay it without DCP (``save_plan.py``: each rank writes its file at the cached offsets, the coordinator
+  the cached ``.metadata``; one one-integer all-reduce is the only collective).
 - :class:`RawRecordReader` reads raw records by offset straight into a tensor of the saved chunk's shape and
   dtype (from DCP's metadata); a record without the mark (DCP's ``torch.save`` records: checkpoints written
   before, or by ``v4train convert``) goes through torch's own reader.
@@ -37,23 +39,37 @@ import io
 import json
 import os
 import posixpath
+import re
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-__all__ = ["HASHES_FILE", "RAW_RECORD", "HashingWriter", "RawRecordReader", "save"]
+from v4train.orchestrator.checkpoint import save_plan
 
-HASHES_FILE = "shard_hashes.json"
+__all__ = ["RAW_RECORD", "HashingWriter", "RawRecordReader", "hashes_file", "is_hashes_file", "save"]
+
 RAW_RECORD = "v4train.raw"  # transform descriptor of an item stored as its raw bytes (C order, native endianness)
 _TMP_SUFFIX = ".tmp"  # DCP writes ``.metadata.tmp`` and renames it
+_HASHES = re.compile(r"shard_hashes\.(\d+)\.json")
+
+
+def hashes_file(rank: int) -> str:
+    """The name of the file in which writing rank ``rank`` records ``{file: {"bytes", "sha256"}}`` of the files
+    it wrote (its shard; DCP's coordinator also ``.metadata``)."""
+    return f"shard_hashes.{rank}.json"
+
+
+def is_hashes_file(name: str) -> bool:
+    """Whether ``name`` (relative to a checkpoint directory) is a rank's :func:`hashes_file`."""
+    return _HASHES.fullmatch(name) is not None
 
 
 _SMALL = 1 << 16  # a write below this many bytes is gathered with its neighbours
@@ -149,14 +165,12 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-class _WriteResults(list):
-    """A rank's DCP write results, carrying the hashes of the files it wrote (gathered with them)."""
-
-    hashes: dict[str, dict]
-
-
 class HashingWriter(FsspecWriter):
     """A DCP storage writer (local path or ``s3://``): one file of raw records per rank, hashed as written.
+
+    Each writing rank also records the size and sha256 of the files it wrote in its :func:`hashes_file`;
+    the commit builds the manifest from those. :meth:`write_cached` writes a save from a cached
+    :class:`~v4train.orchestrator.checkpoint.save_plan.SaveLayout` without DCP's collectives.
 
     Args:
         path: the checkpoint directory (URL or local path).
@@ -168,39 +182,72 @@ class HashingWriter(FsspecWriter):
         fs = _HashingFileSystem()
         fs.fs = self.fs.fs  # the fsspec file system FsspecWriter opened for ``path``
         self.fs = fs
+        self.written: list[tuple[WriteItem, _StorageInfo]] = []  # this save's items in file order
+        self._rank: int | None = None  # the writing rank of this save's shard (its file prefix)
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
-        """Write this rank's items into ``<prefix>0.distcp``, each as its raw bytes at the offset recorded in its
-        ``_StorageInfo``; one sequential stream, one fsync. The result carries the file's size and sha256."""
-        prefix: _StoragePrefix = plan.storage_data
-        name = f"{prefix.prefix}0{DEFAULT_SUFFIX}"
-        results = _WriteResults()
+    def _write_file(self, rank: int, items) -> list[_StorageInfo]:
+        """Write ``(name, data)`` pairs (a tensor, or ``io.BytesIO``) as raw records into ``__<rank>_0.distcp``:
+        one sequential stream, one fsync; each record's storage info, in order."""
+        name = f"__{rank}_0{DEFAULT_SUFFIX}"
+        infos = []
         with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
-            for item in plan.items:
-                data = planner.resolve_data(item)
+            for _, data in items:
                 view = data.getbuffer() if isinstance(data, io.BytesIO) else _byte_view(data)
-                offset = stream.nbytes
+                infos.append(_StorageInfo(name, stream.nbytes, view.nbytes, (RAW_RECORD,)))
                 stream.write(view)
-                results.append(WriteResult(index=item.index, size_in_bytes=view.nbytes,
-                                           storage_data=_StorageInfo(name, offset, view.nbytes, (RAW_RECORD,))))
             if self.sync_files:
                 stream.flush()
                 _fsync(stream)
-        results.hashes = dict(self.fs.hashes)
+        self._rank = rank
+        return infos
+
+    def _record_hashes(self) -> None:
+        """Write this rank's :func:`hashes_file`: every file it wrote so far with its size and sha256. Not
+        fsynced: the commit copies these hashes into manifest.json, which is, before COMMIT is written."""
+        with self.fs.fs.open(posixpath.join(os.fspath(self.path), hashes_file(self._rank)), "w") as f:
+            f.write(json.dumps(self.fs.hashes, indent=1, sort_keys=True))
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        """Write this rank's items into ``<prefix>0.distcp``, each as its raw bytes at the offset recorded in its
+        ``_StorageInfo``, then the rank's :func:`hashes_file`."""
+        prefix: _StoragePrefix = plan.storage_data
+        rank = int(prefix.prefix.strip("_"))
+        infos = self._write_file(rank, ((item, planner.resolve_data(item)) for item in plan.items))
+        self.written = list(zip(plan.items, infos, strict=True))
+        self._record_hashes()
         future: Future = Future()
-        future.set_result(results)
+        future.set_result([WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
+                           for item, info in self.written])
         return future
 
     def finish(self, metadata: Metadata, results: list[list]) -> None:
-        """On DCP's coordinator rank: write ``.metadata``, then every file's hash into :data:`HASHES_FILE`."""
+        """On DCP's coordinator rank: write ``.metadata``, then add its hash to this rank's :func:`hashes_file`."""
         super().finish(metadata, results)
-        hashes = {}
-        for rank_results in results:
-            hashes.update(getattr(rank_results, "hashes", {}))
-        hashes.update(self.fs.hashes)  # .metadata (and this rank's shards again)
-        # not fsynced: the commit copies these hashes into manifest.json, which is, before COMMIT is written
-        with self.fs.fs.open(posixpath.join(os.fspath(self.path), HASHES_FILE), "w") as f:
-            f.write(json.dumps(hashes, indent=1, sort_keys=True))
+        self._record_hashes()
+
+    def write_cached(self, state: dict[str, torch.Tensor], layout, rank: int, coordinator: bool) -> Metadata:
+        """Write ``state`` as the save that fixed ``layout`` (a ``save_plan.SaveLayout`` that
+        :meth:`~save_plan.SaveLayout.matches` it) wrote it: this rank's tensors at the same offsets of
+        ``__<rank>_0.distcp``, and on the coordinator the cached ``.metadata`` (this checkpoint's path and save
+        id in its ``storage_meta``); then the :func:`hashes_file`. No collective. Returns the metadata.
+
+        Raises:
+            RuntimeError: a tensor did not land at its cached offset (the layout does not fit the state).
+        """
+        self.fs.mkdir(self.path)
+        infos = self._write_file(rank, [(name, state[name]) for name, _ in layout.items])
+        for (name, cached), info in zip(layout.items, infos, strict=True):
+            if (cached.relative_path, cached.offset, cached.length) != (info.relative_path, info.offset, info.length):
+                raise RuntimeError(f"{self.path}: {name} written at {info.relative_path}:{info.offset}+{info.length}"
+                                   f", the cached layout has it at {cached.relative_path}:{cached.offset}+"
+                                   f"{cached.length}")
+        metadata = dataclasses.replace(layout.metadata)
+        if coordinator:
+            storage = metadata.storage_data
+            super().finish(metadata, [[WriteResult(index=index, size_in_bytes=info.length, storage_data=info)
+                                       for index, info in storage.items()]])
+        self._record_hashes()
+        return metadata
 
 
 def _is_raw(info: _StorageInfo) -> bool:
@@ -289,17 +336,38 @@ def _short(path, fqn: str, info: _StorageInfo, got: int) -> str:
             f"the file ends after {info.offset + got}")
 
 
-def save(state: dict[str, torch.Tensor], storage_writer, planner=None, process_group=None,
+def save(state: dict[str, torch.Tensor], storage_writer: HashingWriter, planner=None, process_group=None,
          no_dist: bool = False) -> Metadata:
     """``torch.distributed.checkpoint.save`` of a state dict of tensors (collective over ``process_group`` unless
-    ``no_dist`` or no process group is initialised): the same plan, collectives and metadata, without DCP's
-    per-key ``Stateful`` wrapper (a logged call for each key).
+    ``no_dist`` or no process group is initialised), without DCP's per-key ``Stateful`` wrapper (a logged call for
+    each key).
 
+    With a :class:`~v4train.orchestrator.checkpoint.save_plan.CachedSavePlanner`, a save group's first save is
+    DCP's (plan, de-duplication, write, ``.metadata``) and fixes the group's layout (``save_plan.py``); a later
+    save whose state has the same names, shapes and dtypes on every rank (one all-reduce of one integer decides)
+    writes each rank's file from that layout and the coordinator writes the cached metadata, with no other
+    collective; otherwise every rank takes DCP's path again and the layout is re-cached.
+
+    Returns:
+        DCP's global metadata of the checkpoint.
     Raises:
         TypeError: a value is a ``Stateful`` object (``dcp.save`` takes those).
     """
     stateful = [key for key, value in state.items() if isinstance(value, Stateful)]
     if stateful:
         raise TypeError(f"checkpoint save: {stateful[0]} is a Stateful object; pass tensors (or use dcp.save)")
-    return _save_state_dict(state_dict=state, storage_writer=storage_writer, process_group=process_group,
-                            no_dist=no_dist or not dist.is_initialized(), planner=planner)
+    distributed = not no_dist and dist.is_initialized()
+    generation = getattr(planner, "generation", None) if distributed else None
+    layout = save_plan.layout_of(generation) if generation is not None else None
+    if layout is not None:
+        differs = torch.tensor([0 if layout.matches(state) else 1])
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=process_group)
+        if not differs.item():
+            rank = dist.get_rank(process_group)
+            return storage_writer.write_cached(state, layout, rank, coordinator=rank == 0)
+        save_plan.forget(generation)
+    metadata = _save_state_dict(state_dict=state, storage_writer=storage_writer, process_group=process_group,
+                                no_dist=not distributed, planner=planner)
+    if generation is not None:
+        save_plan.remember(generation, state, storage_writer.written, metadata)
+    return metadata

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from support.spawn import free_ports, spawn_ranks
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError, dcp_storage
-from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE, RAW_RECORD, _HashingStream
+from v4train.orchestrator.checkpoint.dcp_storage import RAW_RECORD, _HashingStream, hashes_file
 from v4train.orchestrator.checkpoint.storage import Storage
 
 HANG_S = 300
@@ -64,12 +64,12 @@ def test_raw_records_round_trip_bitwise_one_file_per_rank_hashed_as_written(stor
     state = _state()
     _save(storage, "x", state)
     files = storage.files("x")
-    assert sorted(files) == [".metadata", "__0_0.distcp", HASHES_FILE]
+    assert sorted(files) == [".metadata", "__0_0.distcp", hashes_file(0)]
     # nothing but the tensors' bytes: no per-record header
     assert files["__0_0.distcp"] == sum(v.numel() * v.element_size() for v in state.values())
     meta = storage.dcp_reader("x").read_metadata()
     assert all(info.transform_descriptors == (RAW_RECORD,) for info in meta.storage_data.values())
-    recorded = json.loads(storage.read_text(f"x/{HASHES_FILE}"))
+    recorded = json.loads(storage.read_text(f"x/{hashes_file(0)}"))
     for rel in (".metadata", "__0_0.distcp"):
         assert recorded[rel] == {"bytes": files[rel], "sha256": storage.sha256(f"x/{rel}")}
     loaded = _load(storage, "x", state)

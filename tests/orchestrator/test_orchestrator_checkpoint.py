@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from v4train.orchestrator import checkpoint
 from v4train.orchestrator.checkpoint import CheckpointError
-from v4train.orchestrator.checkpoint.dcp_storage import HASHES_FILE
+from v4train.orchestrator.checkpoint.dcp_storage import hashes_file
 from v4train.orchestrator.checkpoint.storage import Storage
 
 
@@ -86,7 +86,7 @@ def test_commit_takes_shard_hashes_from_the_writers(storage, monkeypatch):
     """The ranks hash what they write while writing it; the commit reads no shard back, and the hashes it
     records are the files' real sha256 (verification reads everything)."""
     attempt = _save(storage, 10)
-    recorded = json.loads(storage.read_text(f"{attempt}/{HASHES_FILE}"))
+    recorded = json.loads(storage.read_text(f"{attempt}/{hashes_file(0)}"))
     shards = {f for f in storage.files(attempt) if f.endswith(".distcp")} | {".metadata"}
     assert set(recorded) == shards
     for rel in shards:
