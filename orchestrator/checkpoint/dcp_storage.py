@@ -23,11 +23,13 @@ it back.
 
 The one module that relies on torch DCP internals (torch 2.13): the private fsspec writer/reader
 (``torch.distributed.checkpoint._fsspec_filesystem``), ``_StorageInfo`` and ``_StoragePrefix`` (the per-item
-storage record and the per-rank file prefix), and the ``transform_descriptors`` field carrying the raw mark
+storage record and the per-rank file prefix, ``__<group rank>_``, which :meth:`HashingWriter.write_cached`
+replays), ``_FileSystemWriter.finish`` (``.metadata``), and the ``transform_descriptors`` field carrying the raw mark
 (torch's reader refuses a descriptor it does not know, so a raw checkpoint is never misread as ``torch.save``
 records); and :func:`save` calls DCP's ``_save_state_dict`` (what ``dcp.save`` runs after wrapping every key in
 a logged call, a third of a save's CPU at ~650 keys, for ``Stateful`` objects a training state of tensors does not
-hold). ``tests/orchestrator/test_checkpoint_dcp_storage.py`` fails if any of these change.
+hold). ``tests/orchestrator/test_checkpoint_dcp_storage.py`` and ``test_checkpoint_save_plan.py`` fail if any of
+these change.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ on a background thread while training goes on, with no second staging copy; that
 priority (:func:`background_priority`), so its file writes, hashing and planning take the CPU time the training
 step leaves idle instead of slowing the step. Its collectives run on a gloo
 group of their own, so they never interleave with the training step's on the default group. Saves on one
-group reuse DCP's save plan (``orchestrator/checkpoint/save_plan.py``; a new group plans afresh). The
+group after its first replay that save's layout without DCP's collectives
+(``orchestrator/checkpoint/save_plan.py``; a new group plans afresh). The
 coordinator commits the attempt once every rank reports its save persisted
 (``orchestrator/control/checkpointing.py``).
 """
