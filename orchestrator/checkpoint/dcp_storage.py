@@ -355,7 +355,9 @@ def save(state: dict[str, torch.Tensor], storage_writer: HashingWriter, planner=
     Raises:
         TypeError: a value is a ``Stateful`` object (``dcp.save`` takes those).
     """
-    stateful = [key for key, value in state.items() if isinstance(value, Stateful)]
+    # a tensor is never Stateful; the Protocol's isinstance (inspect.getattr_static) costs ~0.1 ms a key
+    stateful = [key for key, value in state.items()
+                if not isinstance(value, torch.Tensor) and isinstance(value, Stateful)]
     if stateful:
         raise TypeError(f"checkpoint save: {stateful[0]} is a Stateful object; pass tensors (or use dcp.save)")
     distributed = not no_dist and dist.is_initialized()
