@@ -2,8 +2,9 @@
 
 ``commit.py`` is the protocol the coordinator runs (attempt, manifest, ``COMMIT``, ``latest``, retention,
 verification); ``shards.py`` what each rank writes and reads through torch DCP; ``storage.py`` the one module
-that knows how files reach a local or ``s3://`` root; ``save_plan.py`` the save layout a save group's first DCP save
-fixed, replayed by its later saves (imported by the rank's checkpoint I/O). This package's namespace is their public API.
+that knows how files reach a local or ``s3://`` root; ``save_plan.py`` the save layout a save group's first DCP
+save fixed, replayed by its later saves (imported by the rank's checkpoint I/O). This package's namespace is their
+public API.
 """
 
 from v4train.orchestrator.checkpoint.commit import (FORMAT_VERSION, READABLE_FORMAT_VERSIONS, CheckpointError,

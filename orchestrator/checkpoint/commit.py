@@ -59,34 +59,48 @@ def begin_attempt(storage: Storage, step: int) -> str:
     return attempt
 
 
-def _check_shards(storage: Storage, attempt: str, sizes: dict[str, int]) -> None:
-    """Every file DCP's metadata references exists and holds the bytes it points at."""
+def _check_shards(storage: Storage, attempt: str, sizes: dict[str, int], recorded: dict[str, dict]) -> None:
+    """Every file DCP's metadata references exists and holds the bytes it points at: the lengths its writer
+    recorded beside ``.metadata``'s hash (``references``), else those read from ``.metadata`` itself."""
     if ".metadata" not in sizes:
         raise CheckpointError(f"{storage.url_of(attempt)}: no DCP .metadata (a rank did not finish)")
-    metadata = storage.dcp_reader(attempt).read_metadata()
-    for info in (metadata.storage_data or {}).values():
-        have = sizes.get(info.relative_path)
-        if have is None or have < info.offset + info.length:
-            raise CheckpointError(f"{storage.url_of(attempt)}/{info.relative_path}: shard missing or truncated")
+    references = recorded.get(".metadata", {}).get("references")
+    if references is None:
+        metadata = storage.dcp_reader(attempt).read_metadata()
+        references = {}
+        for info in (metadata.storage_data or {}).values():
+            references[info.relative_path] = max(references.get(info.relative_path, 0), info.offset + info.length)
+    for rel, needed in references.items():
+        have = sizes.get(rel)
+        if have is None or have < needed:
+            raise CheckpointError(f"{storage.url_of(attempt)}/{rel}: shard missing or truncated")
 
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _file_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written: dict[str, str]) -> dict:
-    """``{file: {"bytes", "sha256"}}`` for every file of ``attempt``, without reading shards back.
-
-    Shards and ``.metadata`` come with the hashes their writers computed while writing them (each writing
-    rank's ``shard_hashes.<rank>.json``, ``dcp_storage.hashes_file``); small files the coordinator wrote
-    (``written``: their text) are hashed from memory; only files no writer hashed (a converted checkpoint's
-    shards) are read. A file whose size differs from what its writer hashed is refused.
-    """
+def _recorded_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written: dict[str, str]) -> dict:
+    """``{file: {"bytes", "sha256", ...}}`` from every writing rank's ``shard_hashes.<rank>.json``
+    (``dcp_storage.hashes_file``): its shard's, and DCP's coordinator's ``.metadata``'s with the bytes each shard
+    must hold (``references``). Each hashes file's text is added to ``written``."""
     recorded = {}
     for rel in sorted(sizes):
         if is_hashes_file(rel):
             written[rel] = storage.read_text(f"{attempt}/{rel}")
             recorded.update(json.loads(written[rel]))
+    return recorded
+
+
+def _file_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written: dict[str, str],
+                 recorded: dict[str, dict]) -> dict:
+    """``{file: {"bytes", "sha256"}}`` for every file of ``attempt``, without reading shards back.
+
+    Shards and ``.metadata`` come with the hashes their writers computed while writing them (``recorded``);
+    small files the coordinator wrote or read (``written``: their text) are hashed from memory; only files no
+    writer hashed (a converted checkpoint's shards) are read. A file whose size differs from what its writer
+    hashed is refused.
+    """
     out = {}
     for rel, size in sorted(sizes.items()):
         if rel in written:
@@ -113,11 +127,13 @@ def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
     state_text = json.dumps({"format_version": FORMAT_VERSION, **train_state})
     storage.write_text(f"{attempt}/train_state.json", state_text)
     sizes = storage.files(attempt)
-    _check_shards(storage, attempt, sizes)
+    written = {"train_state.json": state_text}
+    recorded = _recorded_hashes(storage, attempt, sizes, written)
+    _check_shards(storage, attempt, sizes, recorded)
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "files": _file_hashes(storage, attempt, sizes, {"train_state.json": state_text}),
+        "files": _file_hashes(storage, attempt, sizes, written, recorded),
     }
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
     storage.write_text(f"{attempt}/manifest.json", manifest_text)

@@ -223,8 +223,14 @@ class HashingWriter(FsspecWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list]) -> None:
-        """On DCP's coordinator rank: write ``.metadata``, then add its hash to this rank's :func:`hashes_file`."""
+        """On DCP's coordinator rank: write ``.metadata``, then add its hash to this rank's :func:`hashes_file`
+        with the bytes each shard file must hold (``references``: the end of its last record), so that the
+        commit checks the shards without unpickling ``.metadata``."""
         super().finish(metadata, results)
+        references: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            references[info.relative_path] = max(references.get(info.relative_path, 0), info.offset + info.length)
+        self.fs.hashes[".metadata"]["references"] = references
         self._record_hashes()
 
     def write_cached(self, state: dict[str, torch.Tensor], layout, rank: int, coordinator: bool) -> Metadata:
@@ -246,9 +252,10 @@ class HashingWriter(FsspecWriter):
         metadata = dataclasses.replace(layout.metadata)
         if coordinator:
             storage = metadata.storage_data
-            super().finish(metadata, [[WriteResult(index=index, size_in_bytes=info.length, storage_data=info)
-                                       for index, info in storage.items()]])
-        self._record_hashes()
+            self.finish(metadata, [[WriteResult(index=index, size_in_bytes=info.length, storage_data=info)
+                                    for index, info in storage.items()]])
+        else:
+            self._record_hashes()
         return metadata
 
 

@@ -71,7 +71,9 @@ def test_raw_records_round_trip_bitwise_one_file_per_rank_hashed_as_written(stor
     assert all(info.transform_descriptors == (RAW_RECORD,) for info in meta.storage_data.values())
     recorded = json.loads(storage.read_text(f"x/{hashes_file(0)}"))
     for rel in (".metadata", "__0_0.distcp"):
-        assert recorded[rel] == {"bytes": files[rel], "sha256": storage.sha256(f"x/{rel}")}
+        assert {k: recorded[rel][k] for k in ("bytes", "sha256")} == \
+            {"bytes": files[rel], "sha256": storage.sha256(f"x/{rel}")}
+    assert recorded[".metadata"]["references"] == {"__0_0.distcp": files["__0_0.distcp"]}
     loaded = _load(storage, "x", state)
     for key, value in state.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key

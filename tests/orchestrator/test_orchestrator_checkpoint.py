@@ -91,16 +91,21 @@ def test_commit_takes_shard_hashes_from_the_writers(storage, monkeypatch):
     assert set(recorded) == shards
     for rel in shards:
         data = storage.fs.cat_file(storage._path(f"{attempt}/{rel}"))
-        assert recorded[rel] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert {k: recorded[rel][k] for k in ("bytes", "sha256")} == \
+            {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    shard = next(iter(shards - {".metadata"}))
+    assert recorded[".metadata"]["references"] == {shard: recorded[shard]["bytes"]}
 
     def no_read_back(self, rel):
         raise AssertionError(f"commit read {rel} back")
 
     monkeypatch.setattr(Storage, "sha256", no_read_back)
+    monkeypatch.setattr(Storage, "dcp_reader", no_read_back)  # the shards' lengths come with .metadata's hash
     final = checkpoint.commit(storage, attempt, 10, {"step": 10})
     monkeypatch.undo()
     manifest = json.loads(storage.read_text(f"{final}/manifest.json"))
-    assert {rel: manifest["files"][rel] for rel in shards} == recorded
+    assert {rel: manifest["files"][rel] for rel in shards} == \
+        {rel: {"bytes": r["bytes"], "sha256": r["sha256"]} for rel, r in recorded.items()}
     assert checkpoint.verify(storage, final)["step"] == 10
 
 
