@@ -3,19 +3,22 @@ per phase, and what an asynchronous save costs the steps that follow it.
 
 Four gloo processes hold a model preset as PP=2 x DP=2 would (each rank its pipeline stage's parameters and
 optimizer state, data-parallel replicas written once) and save it round after round through the rank path
-(``shard_state``, the host copy, ``dcp.save`` with the cached save plan on a save group, ``commit``: manifest,
-publish, ``COMMIT``), alternating two record formats:
+(``shard_state``, the host copy, the save on a save group, ``commit``: manifest, publish, ``COMMIT``),
+alternating two record formats:
 
 - *records*: ``dcp.save`` with DCP's filesystem writer, one ``torch.save`` record per tensor (the save path
-  before raw records), hashed while written the same way;
+  before raw records), hashed while written the same way; planned in full at every save;
 - *raw*: v4train's save (``orchestrator/checkpoint/dcp_storage.py``): ``save`` without DCP's per-key wrapper,
-  each rank's tensors as raw bytes in one file, one sequential stream, one fsync.
+  each rank's tensors as raw bytes in one file, one sequential stream, one fsync; the group's first save is
+  DCP's, the later ones replay its layout (``save_plan.py``).
 
 Each synchronous save is followed by a plain sequential write (+fsync) of the same number of bytes to the
 same disk. Every phase's process CPU time (time.process_time: on a loaded machine wall time measures the
 scheduler) and wall time are taken per rank: *plan* is ``dcp.save`` up to the write (DCP's per-key state dict
 walk, local plan, the plan's gather/scatter on the save group), *write* this rank's file, *gather + finish* the
 write results' gather, ``.metadata`` and the hashes file, *commit* the barrier and the coordinator's commit.
+A replayed save has no *gather + finish*: its *plan* is the layout check and its one all-reduce, its *write*
+includes rank 0's ``.metadata``.
 The asynchronous part times a fixed CPU step (matrix products and a gradient-sized all-reduce on the default
 group, like a training step's) on every rank: the median of steps with no save in flight, then the steps while
 each asynchronous save persists (the rank's host copy written on a writer thread); their extra time over that
