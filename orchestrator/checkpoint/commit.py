@@ -29,7 +29,7 @@ import hashlib
 import json
 import uuid
 
-from v4train.orchestrator.checkpoint.dcp_storage import is_hashes_file
+from v4train.orchestrator.checkpoint.dcp_storage import is_hashes_file, shard_ends
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "step_name", "begin_attempt", "commit",
@@ -66,10 +66,7 @@ def _check_shards(storage: Storage, attempt: str, sizes: dict[str, int], recorde
         raise CheckpointError(f"{storage.url_of(attempt)}: no DCP .metadata (a rank did not finish)")
     references = recorded.get(".metadata", {}).get("references")
     if references is None:
-        metadata = storage.dcp_reader(attempt).read_metadata()
-        references = {}
-        for info in (metadata.storage_data or {}).values():
-            references[info.relative_path] = max(references.get(info.relative_path, 0), info.offset + info.length)
+        references = shard_ends(storage.dcp_reader(attempt).read_metadata())
     for rel, needed in references.items():
         have = sizes.get(rel)
         if have is None or have < needed:

@@ -56,7 +56,7 @@ from torch.futures import Future
 
 from v4train.orchestrator.checkpoint import save_plan
 
-__all__ = ["RAW_RECORD", "HashingWriter", "RawRecordReader", "hashes_file", "is_hashes_file", "save"]
+__all__ = ["RAW_RECORD", "HashingWriter", "RawRecordReader", "hashes_file", "is_hashes_file", "shard_ends", "save"]
 
 RAW_RECORD = "v4train.raw"  # transform descriptor of an item stored as its raw bytes (C order, native endianness)
 _TMP_SUFFIX = ".tmp"  # DCP writes ``.metadata.tmp`` and renames it
@@ -72,6 +72,15 @@ def hashes_file(rank: int) -> str:
 def is_hashes_file(name: str) -> bool:
     """Whether ``name`` (relative to a checkpoint directory) is a rank's :func:`hashes_file`."""
     return _HASHES.fullmatch(name) is not None
+
+
+def shard_ends(metadata: Metadata) -> dict[str, int]:
+    """``{file: bytes}``: how many bytes each file DCP's ``metadata`` references must hold (the end of its last
+    record)."""
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    return ends
 
 
 _SMALL = 1 << 16  # a write below this many bytes is gathered with its neighbours
@@ -227,10 +236,7 @@ class HashingWriter(FsspecWriter):
         with the bytes each shard file must hold (``references``: the end of its last record), so that the
         commit checks the shards without unpickling ``.metadata``."""
         super().finish(metadata, results)
-        references: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            references[info.relative_path] = max(references.get(info.relative_path, 0), info.offset + info.length)
-        self.fs.hashes[".metadata"]["references"] = references
+        self.fs.hashes[".metadata"]["references"] = shard_ends(metadata)
         self._record_hashes()
 
     def write_cached(self, state: dict[str, torch.Tensor], layout, rank: int, coordinator: bool) -> Metadata:
