@@ -12,8 +12,10 @@ commit protocol, so ``v4train resume`` and ``--resume`` here both continue from 
 writes ``metrics.jsonl`` and ``events.jsonl``. Before joining, every process runs the job's preflight and its
 node's: the cluster file's ``interface`` exists on this host (gloo and NCCL use it) and the rendezvous host
 answers; a process that fails one exits 2 with one line naming its host. What it leaves out: heartbeats (a
-stalled peer is bounded by the collective timeout) and in-place recovery (a failed rank ends the job; rerun
-with ``--resume``).
+stalled peer is bounded by the collective timeout) and in-place recovery: a failed rank ends the attempt, and
+``torchrun --max-restarts N`` starts every process again from the newest commit
+(:mod:`orchestrator.control.elastic_restart`; a deterministic fault is not trained again), else rerun with
+``--resume``.
 
 It is also the baseline that measures what the Ray control plane costs (``benchmarks/control_plane.py``).
 """
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run this rank of the job; returns the exit code (2: bad input, 1: a failure)."""
     args = _parser().parse_args(argv)
+    from v4train.orchestrator.control import elastic_restart
     from v4train.orchestrator.control.rendezvous import PreflightError
     from v4train.orchestrator.rank.devices import PlacementError, resolve_placement
     from v4train.orchestrator.spec import SpecError, load_cluster, load_job
@@ -69,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         if job.parallel.world_size != world:
             raise SpecError(f"parallel: tp x cp x pp x dp = {job.parallel.world_size} but {world} ranks were started")
         run_dir = Path(args.run_dir)
+        restart = elastic_restart.restart_count()
+        if restart:  # torchrun started every process again after a failure: continue the run, never delete it
+            previous = elastic_restart.previous_attempts(run_dir)
+            refused = elastic_restart.refusal(previous)
+            if refused:
+                print(f"v4train launch: rank {rank}: not restarted (torchrun restart {restart}): {refused}",
+                      file=sys.stderr)
+                return 1
+            args.resume, args.overwrite = True, False
+            job = job.model_copy(update={"faults": elastic_restart.unfired_faults(job.faults, previous.last_step)})
         from v4train.orchestrator.control.preflight import PROBE_PREFIX, preflight
 
         # Nothing is written to the run directory before every rank has joined (rank 0 prepares it then), so
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:
         print(f"v4train launch: {placement.describe()}", file=sys.stderr)
-    return _run(job, cluster, run_dir, rank, world, init_method, args)
+    return _run(job, cluster, run_dir, rank, world, init_method, args, restart)
 
 
 def _node_preflight(cluster) -> None:
@@ -104,8 +117,9 @@ def _node_preflight(cluster) -> None:
     rendezvous.reach_host(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), REACH_TIMEOUT_S)
 
 
-def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, args) -> int:
-    """Run this process's rank under the same supervisor loop as ``v4train submit``; rank 0 reports."""
+def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, args, restart: int) -> int:
+    """Run this process's rank under the same supervisor loop as ``v4train submit``; rank 0 reports.
+    ``restart``: torchrun's restart count (:mod:`orchestrator.control.elastic_restart`), 0 for the first attempt."""
     from v4train.orchestrator import checkpoint
     from v4train.orchestrator.control.supervisor import Phase, Supervisor
     from v4train.orchestrator.control.telemetry import NullTelemetry, Telemetry
@@ -114,11 +128,12 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
     from v4train.orchestrator.checkpoint.storage import Storage
 
     cluster = cluster or ClusterSpec(name="torchrun", devices_per_node=world)
-    resume_from = None
+    resume_from, from_step = None, 0
     if args.resume:  # every rank reads the same committed name (the root is shared)
         c = job.checkpoint
-        resume_from = checkpoint.latest_committed(Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url,
-                                                          region=c.region))
+        storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
+        resume_from = checkpoint.latest_committed(storage)
+        from_step = int(checkpoint.read_train_state(storage, resume_from)["step"]) if resume_from else 0
     telemetry = Telemetry(run_dir, job.train.steps) if rank == 0 else NullTelemetry()
 
     def prepare_run_dir() -> None:
@@ -127,8 +142,10 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.yaml").write_text(dump_job(job))
+        if restart:
+            telemetry.event("restart", from_step, restart=restart, launcher="torchrun", from_checkpoint=resume_from)
 
-    group = TorchrunRankGroup(rank, world, init_method, on_joined=prepare_run_dir)
+    group = TorchrunRankGroup(rank, world, init_method, on_joined=prepare_run_dir, restart=restart)
     made = []
 
     def make_workers() -> TorchrunRankGroup:
@@ -137,9 +154,10 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
         made.append(group)
         return group
 
-    # No in-place restarts: a failed rank ends the job (rerun with --resume).
+    # No in-place restarts: a failed rank ends this attempt; torchrun's --max-restarts (or a rerun with --resume)
+    # starts the next one.
     supervisor = Supervisor(job, cluster, str(run_dir), make_workers, telemetry, resume_from=resume_from,
-                            max_restarts=0)
+                            max_restarts=0, restarts=restart)
     try:
         phase = supervisor.run()
     finally:

@@ -92,11 +92,13 @@ class Supervisor:
         resume_from: name of a committed step directory under the checkpoint root to restore at start.
         faults: injected faults (``orchestrator/faults.py``), in addition to the job's ``faults``.
         max_restarts: overrides ``train.max_restarts`` (0 where failed processes cannot be replaced).
+        restarts: restarts already made by the launcher before this supervisor started (torchrun's restart
+            count), reported with the run's own.
     """
 
     def __init__(self, job: JobSpec, cluster: ClusterSpec, run_dir: str, make_workers: Callable[[], RankGroup],
                  telemetry, resume_from: str | None = None, faults: list[Fault] = (),
-                 max_restarts: int | None = None) -> None:
+                 max_restarts: int | None = None, restarts: int = 0) -> None:
         if max_restarts is not None:
             job = job.model_copy(update={"train": job.train.model_copy(update={"max_restarts": max_restarts})})
         self.job = job
@@ -110,7 +112,7 @@ class Supervisor:
         self.resume_from = resume_from
         self.pending_faults = [parse_fault(f) for f in job.faults] + list(faults)
         self.phase = Phase.STARTING
-        self.state = RunState()
+        self.state = RunState(restarts=restarts)
         self.failure: Exception | None = None
         self.fault_history = FaultHistory()
         self.val_loss: float | None = None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from v4train.orchestrator.control.decisions import EvalRequest
+from v4train.orchestrator.control.elastic_restart import attempt_store
 from v4train.orchestrator.control.rank_group import RankFailure, RankInfo, RankSave, SetupRequest
 from v4train.orchestrator.curriculum import StepPlan
 from v4train.orchestrator.faults import parse_fault
@@ -31,14 +32,16 @@ class TorchrunRankGroup:
 
     ``on_joined`` runs on rank 0 once every rank has joined (the end of :meth:`setup`), and its exception
     reaches every rank: what rank 0 writes there (the run directory) cannot race another process's checks of
-    it before the rendezvous.
+    it before the rendezvous. ``restart`` is torchrun's restart count: a restarted attempt joins through a store
+    of its own (:func:`orchestrator.control.elastic_restart.attempt_store`).
     """
 
     launcher = "torchrun"
 
     def __init__(self, rank: int, world_size: int, init_method: str,
-                 on_joined: Callable[[], None] | None = None) -> None:
+                 on_joined: Callable[[], None] | None = None, restart: int = 0) -> None:
         self.rank = rank
+        self.restart = restart
         self.world_size = world_size
         self.init_method = init_method
         self.on_joined = on_joined
@@ -60,11 +63,15 @@ class TorchrunRankGroup:
         return value
 
     def setup(self, request: SetupRequest, timeout_s: float) -> list[RankInfo]:
+        store = None
+        if self.restart:
+            store = attempt_store(self.init_method, self.rank, self.world_size, request.collective_timeout_s,
+                                  self.restart)
         self.trainer = RankTrainer(
             request.job, rank=self.rank, world_size=self.world_size, init_method=self.init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
             device=request.device,
-            inject=[parse_fault(f) for f in request.faults],
+            inject=[parse_fault(f) for f in request.faults], store=store,
         )
         # metrics and small state between the processes, whatever the data-plane backend
         self.control = dist.new_group(backend="gloo",

@@ -49,6 +49,8 @@ class RankTrainer:
         rank: global rank in ``[0, world_size)``.
         world_size: number of ranks, equal to ``tp * cp * pp * dp``.
         init_method: torch.distributed rendezvous, e.g. ``tcp://127.0.0.1:29500``.
+        store: a rendezvous store to join through instead of ``init_method``'s
+            (:func:`orchestrator.control.elastic_restart.attempt_store`).
         timeout_s: bound on every collective (seconds); a stalled peer fails the step instead of hanging.
         threads: intra-op CPU threads for this rank.
         backend: ``gloo`` (CPU) or ``nccl`` (GPU).
@@ -63,7 +65,8 @@ class RankTrainer:
 
     def __init__(self, job: JobSpec, *, rank: int, world_size: int, init_method: str, timeout_s: float,
                  threads: int = 1, backend: str = "gloo", device: str = "cpu",
-                 inject: list[faults.Fault] = (), saved: SavedCopies | None = None) -> None:
+                 inject: list[faults.Fault] = (), saved: SavedCopies | None = None,
+                 store: dist.Store | None = None) -> None:
         self.placement = resolve_placement(device, backend, job.train.fp8)
         if self.placement.device.type == "cuda":
             torch.cuda.set_device(self.placement.device)
@@ -78,8 +81,9 @@ class RankTrainer:
             groups.destroy()
             dist.destroy_process_group()
         clock.lap("left_old_groups")
-        dist.init_process_group(self.placement.backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        rendezvous = {"store": store} if store is not None else {"init_method": init_method}
+        dist.init_process_group(self.placement.backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **rendezvous)
         clock.lap("process_group")
         p = job.parallel
         self.pctx = groups.initialize(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp, cp=p.cp,

@@ -26,14 +26,15 @@ def cli_env() -> dict:
 TORCHRUN_TIMEOUT_S = 300
 
 
-def torchrun(nproc: int, *args, timeout_s: float = TORCHRUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``torchrun -m v4train.orchestrator.launch ARGS`` on ``nproc`` local ranks, in its own session, killed
-    as a group if it outlives ``timeout_s`` (no orphaned ranks; the test fails)."""
+def torchrun(nproc: int, *args, timeout_s: float = TORCHRUN_TIMEOUT_S,
+             torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun TORCHRUN_ARGS -m v4train.orchestrator.launch ARGS`` on ``nproc`` local ranks, in its own
+    session, killed as a group if it outlives ``timeout_s`` (no orphaned ranks; the test fails)."""
     from v4train.orchestrator.control.ray_group import free_port
 
     launcher = Path(sys.executable).parent / "torchrun"
     cmd = [str(launcher), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), "-m", "v4train.orchestrator.launch", *args]
+           str(free_port()), *torchrun_args, "-m", "v4train.orchestrator.launch", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
