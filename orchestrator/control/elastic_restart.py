@@ -43,7 +43,8 @@ def restart_count(environ=os.environ) -> int:
 
 @dataclass(frozen=True)
 class PreviousAttempts:
-    """What the earlier attempts of a run recorded: the last step with metrics (0: none) and their ``failure``
+    """What the earlier attempts of a run recorded: the step of the last metrics record (0: none; after a
+    rollback or a resume to an earlier step it is lower than steps recorded before) and their ``failure``
     events, oldest first."""
 
     last_step: int = 0
@@ -67,7 +68,7 @@ def previous_attempts(run_dir: Path) -> PreviousAttempts:
     """Read ``metrics.jsonl`` and ``events.jsonl`` of ``run_dir`` (absent files: nothing recorded)."""
     steps = [r["step"] for r in _records(run_dir / "metrics.jsonl") if "step" in r]
     failures = [e for e in _records(run_dir / "events.jsonl") if e.get("event") == "failure"]
-    return PreviousAttempts(last_step=max(steps, default=0), failures=failures)
+    return PreviousAttempts(last_step=steps[-1] if steps else 0, failures=failures)
 
 
 def _signature(failure: dict) -> str:

@@ -25,7 +25,8 @@ def _write_jsonl(path: Path, records: list[dict], torn_tail: str = "") -> None:
 
 
 def test_previous_attempts_reads_the_last_step_and_the_failures_and_skips_a_torn_line(tmp_path):
-    _write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1}, {"step": 2}, {"step": 3}], torn_tail='{"step": 4, "lo')
+    # steps 1-4, then a resume to step 2 and step 3 again: the run stands at step 3
+    _write_jsonl(tmp_path / "metrics.jsonl", [{"step": s} for s in (1, 2, 3, 4, 3)], torn_tail='{"step": 4, "lo')
     failure = {"event": "failure", "step": 3, "cause": "rank 1 (step): died: connection closed", "restarts": 0}
     _write_jsonl(tmp_path / "events.jsonl", [{"event": "start", "step": 0}, failure], torn_tail='{"event": "fin')
     assert previous_attempts(tmp_path) == PreviousAttempts(last_step=3, failures=[failure])
