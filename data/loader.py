@@ -162,7 +162,10 @@ def _read_shard(data_dir: Path, entry: dict, dtype: np.dtype,
     digest = hashlib.sha256(data).hexdigest()
     if digest != _field(entry, "sha256", manifest):
         raise DataError(f"{path}: sha256 {digest} differs from {MANIFEST}; the shard is corrupt")
-    table = pq.read_table(pa.BufferReader(data))
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as exc:  # a damaged file whose manifest entry was rewritten to match it
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})") from None
     if table.schema.names != ["tokens"] or table.schema.field("tokens").type != pa.list_(
             pa.from_numpy_dtype(dtype)):
         raise DataError(f"{path}: schema {table.schema} is not tokens: list<{dtype}>")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from support.datasets import with_token
+from support.datasets import with_broken_parquet, with_token
 from support.jobs import tiny_job
 from v4train.orchestrator.tools import cli
 
@@ -72,6 +72,15 @@ def test_a_token_outside_the_vocabulary_behind_a_matching_manifest_is_named(tiny
     shard = with_token(tiny_dataset, tmp_path / "data", 512)
     assert cli.main(_submit(tmp_path, tiny_job(tmp_path / "data"))) == 2
     assert _one_error_line(capsys) == f"v4train: error: data.path: {shard}: token id 512 >= vocab_size 512"
+
+
+def test_a_broken_parquet_file_behind_a_matching_manifest_exits_2_with_one_line(tiny_dataset, tmp_path, capsys):
+    """A shard whose hash matches dataset.json but which is no readable Parquet file (its footer cut off)."""
+    shard = with_broken_parquet(tiny_dataset, tmp_path / "data")
+    assert cli.main(_submit(tmp_path, tiny_job(tmp_path / "data"))) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"v4train: error: data.path: {shard}: not a readable Parquet file (") and "footer" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_root_that_cannot_be_a_directory_exits_2_and_writes_nothing(tiny_dataset, tmp_path, capsys):
