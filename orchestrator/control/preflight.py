@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 
 from v4train.data.errors import DataError
+from v4train.orchestrator.checkpoint.commit import CheckpointError
+from v4train.orchestrator.checkpoint.completeness import check_referenced_shards
 from v4train.orchestrator.checkpoint.storage import Storage
 from v4train.orchestrator.control.run_state import read_train_state
 from v4train.orchestrator.spec import JobSpec, SpecError
@@ -147,11 +149,10 @@ def check_resume_target(job: JobSpec, root: str, name: str) -> None:
             if sizes.get(rel) != entry["bytes"]:
                 state = "missing" if rel not in sizes else f"{sizes[rel]} bytes, the manifest says {entry['bytes']}"
                 raise SpecError(f"{where}/{rel}: {state}")
-        for info in (storage.dcp_reader(name).read_metadata().storage_data or {}).values():
-            have = sizes.get(info.relative_path)
-            if have is None or have < info.offset + info.length:
-                raise SpecError(f"{where}/{info.relative_path}: a shard the checkpoint's DCP metadata references "
-                                "is missing or truncated")
+        try:
+            check_referenced_shards(storage, name, sizes)
+        except CheckpointError as exc:
+            raise SpecError(str(exc)) from None
         read_train_state(json.loads(storage.read_text(f"{name}/train_state.json")), where, job)
     except SpecError:
         raise

@@ -244,11 +244,15 @@ def _verify(storage, step: int | None) -> int:
         names = [r["name"] for r in checkpoint.list_checkpoints(storage) if r["committed"]]
         if not names:
             return _fail(f"{storage.url}: no committed checkpoint", 1)
+    from v4train.orchestrator.checkpoint.completeness import check_referenced_shards
+
     bad = {}
     for name in names:
         try:
             state = checkpoint.verify(storage, name)
-            print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest)")
+            check_referenced_shards(storage, name)
+            print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest, every "
+                  "shard is present)")
         except (checkpoint.CheckpointError, OSError) as exc:
             bad[name] = _first_line(exc)
             print(f"{storage.url_of(name)}: FAILED ({bad[name]})")

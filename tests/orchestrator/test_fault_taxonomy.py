@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,10 +143,9 @@ def test_resume_to_an_earlier_step_sets_newer_commits_aside(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step_00000006"
 
 
-def test_preflight_refuses_a_committed_checkpoint_missing_a_shard_behind_a_consistent_manifest(tmp_path):
-    from v4train.orchestrator.control.preflight import check_resume_target
-    from v4train.orchestrator.spec import SpecError
-
+def _without_a_shard(tmp_path) -> tuple[JobSpec, Path]:
+    """A finished 2-step run under ``tmp_path`` whose committed step 2 lost a shard file, with its manifest and
+    ``COMMIT`` rewritten to match (a consistent manifest); returns the job and the missing shard's path."""
     job = _job(tmp_path, train={"steps": 2})
     assert _run(job, tmp_path, FakeRankGroup(2, Script()))[0] is Phase.FINISHED
     step = tmp_path / "step_00000002"
@@ -156,10 +156,30 @@ def test_preflight_refuses_a_committed_checkpoint_missing_a_shard_behind_a_consi
     text = json.dumps(manifest, indent=1, sort_keys=True)
     (step / "manifest.json").write_text(text)
     (step / "COMMIT").write_text(json.dumps({"step": 2, "manifest_sha256": hashlib.sha256(text.encode()).hexdigest()}))
+    return job, shard
+
+
+def test_preflight_refuses_a_committed_checkpoint_missing_a_shard_behind_a_consistent_manifest(tmp_path):
+    from v4train.orchestrator.control.preflight import check_resume_target
+    from v4train.orchestrator.spec import SpecError
+
+    job, shard = _without_a_shard(tmp_path)
     with pytest.raises(SpecError) as info:
         check_resume_target(job, str(tmp_path), "step_00000002")
-    assert str(info.value) == (f"{step}/{shard.name}: a shard the checkpoint's DCP metadata references is missing "
-                               "or truncated")
+    assert str(info.value) == (f"{shard}: a shard the checkpoint's DCP metadata references is missing or truncated")
+
+
+def test_ckpt_verify_refuses_a_committed_checkpoint_missing_a_shard_behind_a_consistent_manifest(tmp_path, capsys):
+    """Every file the manifest lists matches it, yet the checkpoint cannot load: verify must say FAILED."""
+    from v4train.orchestrator.tools import cli
+
+    _, shard = _without_a_shard(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["ckpt", "verify", str(tmp_path), "--step", "2"]) == 1
+    captured = capsys.readouterr()
+    message = f"{shard}: a shard the checkpoint's DCP metadata references is missing or truncated"
+    assert captured.out.strip() == f"{tmp_path}/step_00000002: FAILED ({message})"
+    assert captured.err.strip() == f"v4train: error: {message}"
 
 
 def test_ckpt_verify_without_a_step_verifies_every_committed_step_and_names_a_corrupt_older_one(tmp_path, capsys):
@@ -171,8 +191,8 @@ def test_ckpt_verify_without_a_step_verifies_every_committed_step_and_names_a_co
     capsys.readouterr()
     assert cli.main(["ckpt", "verify", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"{tmp_path}/step_00000002: OK (step 2, every file matches its manifest)",
-                   f"{tmp_path}/step_00000004: OK (step 4, every file matches its manifest)",
+    assert out == [f"{tmp_path}/step_00000002: OK (step 2, every file matches its manifest, every shard is present)",
+                   f"{tmp_path}/step_00000004: OK (step 4, every file matches its manifest, every shard is present)",
                    f"{tmp_path}: all 2 committed checkpoints verified"]
     shard = next(p for p in (tmp_path / "step_00000002").iterdir() if p.suffix == ".distcp")
     raw = bytearray(shard.read_bytes())
