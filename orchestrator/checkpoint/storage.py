@@ -22,15 +22,20 @@ import os
 import posixpath
 import uuid
 
+from botocore.exceptions import BotoCoreError
 from fsspec.core import url_to_fs
 from v4train.orchestrator.checkpoint.dcp_storage import HashingWriter, RawRecordReader
 
-__all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES"]
+__all__ = ["Storage", "CREDENTIAL_ENV_VARS", "S3_RETRIES", "STORAGE_ERRORS"]
 
 # Variables a rank needs to reach S3; forwarded to rank processes, never logged.
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
 # botocore's retry policy for every S3 call (attempts include the first).
 S3_RETRIES = {"mode": "standard", "max_attempts": 8}
+# What a storage call raises when its root refuses or cannot be reached, once retries are spent: s3fs turns S3's
+# answers into OSError (PermissionError, FileNotFoundError), an endpoint that does not answer is botocore's own
+# (EndpointConnectionError, ConnectTimeoutError...).
+STORAGE_ERRORS = (OSError, BotoCoreError)
 
 
 def _object_store_writer(writer: HashingWriter) -> HashingWriter:

@@ -144,6 +144,7 @@ def _parse_faults(texts: list[str]):
 
 def _resume(args) -> int:
     from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.checkpoint.storage import STORAGE_ERRORS
 
     if args.from_root is not None:
         job, cluster, run_dir = _fresh_run_dir(args)
@@ -158,14 +159,18 @@ def _resume(args) -> int:
     c = job.checkpoint
     root = c.root or str(run_dir)
     storage = _checkpoint_storage(root, c.endpoint_url, c.region)
-    if args.step is not None:
-        name = checkpoint.step_name(args.step)
-        if not storage.exists(f"{name}/COMMIT"):
-            raise SpecError(f"--step: {storage.url_of(name)} is not a committed checkpoint")
-    else:
-        name = checkpoint.latest_committed(storage)
-        if name is None:
-            raise SpecError(f"{storage.url}: no committed checkpoint to resume from")
+    try:
+        if args.step is not None:
+            name = checkpoint.step_name(args.step)
+            if not storage.exists(f"{name}/COMMIT"):
+                raise SpecError(f"--step: {storage.url_of(name)} is not a committed checkpoint")
+        else:
+            name = checkpoint.latest_committed(storage)
+            if name is None:
+                raise SpecError(f"{storage.url}: no committed checkpoint to resume from")
+    except STORAGE_ERRORS as exc:  # refused credentials, a missing bucket, an unreachable endpoint
+        field = "--from" if args.from_root is not None else "checkpoint.root"
+        raise SpecError(f"{field}: cannot read {storage.url} ({_first_line(exc)})") from None
     notes = [("preflight", 0, _preflight(job, run_dir, resume_from=name))]
     if args.from_root is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +217,7 @@ def _ckpt(args) -> int:
     import json
 
     from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.checkpoint.storage import STORAGE_ERRORS
 
     storage = _checkpoint_storage(args.root, args.endpoint_url)
     try:
@@ -228,7 +234,7 @@ def _ckpt(args) -> int:
         print(json.dumps(checkpoint.inspect(storage, checkpoint.step_name(args.step)), indent=1))
     except checkpoint.CheckpointError as exc:
         return _fail(_first_line(exc), 1)
-    except OSError as exc:  # a missing file, refused credentials
+    except STORAGE_ERRORS as exc:  # a missing file, refused credentials, an unreachable endpoint
         return _fail(f"{storage.url}: {_first_line(exc)}", 1)
     return 0
 
@@ -237,6 +243,7 @@ def _verify(storage, step: int | None) -> int:
     """``ckpt verify``: re-hash one committed step, or every committed step under the root, saying which;
     exit 1 if any fails."""
     from v4train.orchestrator import checkpoint
+    from v4train.orchestrator.checkpoint.storage import STORAGE_ERRORS
 
     if step is not None:
         names = [checkpoint.step_name(step)]
@@ -253,7 +260,7 @@ def _verify(storage, step: int | None) -> int:
             check_referenced_shards(storage, name)
             print(f"{storage.url_of(name)}: OK (step {state['step']}, every file matches its manifest, every "
                   "shard is present)")
-        except (checkpoint.CheckpointError, OSError) as exc:
+        except (checkpoint.CheckpointError, *STORAGE_ERRORS) as exc:
             bad[name] = _first_line(exc)
             print(f"{storage.url_of(name)}: FAILED ({bad[name]})")
     if len(names) == 1 and bad:

@@ -138,8 +138,8 @@ def _fail_copies_of(step_dir: str):
 
 
 # ---------------------------------------------------------------- wrong credentials
-def test_wrong_credentials_are_refused_in_preflight_and_by_ckpt_list_with_one_line(proxy, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_wrong_credentials_are_refused_in_preflight_and_by_ckpt_list_with_one_line(proxy, tiny_dataset, tmp_path,
+                                                                                   monkeypatch, capsys):
     """Seen on main: training two steps, then a 58-line PermissionError from recovery; `ckpt list` a traceback."""
     import yaml
 
@@ -162,4 +162,52 @@ def test_wrong_credentials_are_refused_in_preflight_and_by_ckpt_list_with_one_li
     assert cli.main(["ckpt", "list", root, "--endpoint-url", proxy.url]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"v4train: error: {root}: PermissionError")
+
+    # resume from the root alone looks for its newest commit before any other check
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"name": "sim1", "devices_per_node": 1}))
+    job_path.write_text(yaml.safe_dump(tiny_job(tiny_dataset, checkpoint={"endpoint_url": proxy.url})))
+    argv = ["resume", "--from", root, str(job_path), "--cluster", str(tmp_path / "cluster.yaml"), "--run-dir",
+            str(tmp_path / "resumed")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"v4train: error: --from: cannot read {root} (PermissionError: Forbidden)"
+    assert not (tmp_path / "resumed").exists()
     assert not [r for r in proxy.requests if r.method == "PUT" and r.status == 200]  # nothing written
+
+
+def test_an_unreachable_endpoint_is_one_line_and_exit_1_for_ckpt_and_exit_2_for_resume(tiny_dataset, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """botocore's own errors (EndpointConnectionError: no OSError) were a 99-line traceback from `ckpt list`."""
+    import yaml
+
+    from v4train.orchestrator.control.ray_group import free_port
+
+    monkeypatch.setitem(storage_module.S3_RETRIES, "max_attempts", 1)  # the same error, without 60 s of backoff
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint, root = f"http://127.0.0.1:{free_port()}", "s3://ckpts/nowhere"
+    for command in ("list", "verify"):
+        assert cli.main(["ckpt", command, root, "--endpoint-url", endpoint]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"v4train: error: {root}: EndpointConnectionError: Could not connect") and "\n" not in err
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_job(tiny_dataset, checkpoint={"endpoint_url": endpoint})))
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"name": "sim1", "devices_per_node": 1}))
+    assert cli.main(["resume", "--from", root, str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
+                     "--run-dir", str(tmp_path / "resumed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"v4train: error: --from: cannot read {root} (EndpointConnectionError: ") and "\n" not in err
+    assert not (tmp_path / "resumed").exists()
+
+
+def test_no_credentials_at_all_is_one_line(tmp_path, monkeypatch, capsys):
+    """botocore's NoCredentialsError (no OSError) was a traceback from `ckpt list`."""
+    from v4train.orchestrator.control.ray_group import free_port
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert cli.main(["ckpt", "list", "s3://ckpts/x", "--endpoint-url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert capsys.readouterr().err.strip() == ("v4train: error: s3://ckpts/x: NoCredentialsError: Unable to locate "
+                                               "credentials")
