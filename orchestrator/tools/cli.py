@@ -300,9 +300,6 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
     importer.start()
     from v4train.orchestrator.control.ray_start import start_ray
 
-    # Ctrl-C stops the run whatever this process inherited: a shell that starts a command in the background
-    # without job control (`make test &`) starts it with SIGINT ignored, and Python then leaves it ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.perf_counter()
     world = job.parallel.world_size
     telemetry = Telemetry(run_dir, job.train.steps)
@@ -348,9 +345,23 @@ def _run(job, cluster, run_dir: Path, resume_from: str | None, faults: list, not
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``v4train`` console script; returns the process exit code."""
+    """Entry point of the ``v4train`` console script; returns the process exit code (130 on Ctrl-C or SIGTERM)."""
+    # Ctrl-C stops every command from here on, whatever this process inherited: a shell that starts a command in
+    # the background without job control (`make test &`) starts it with SIGINT ignored, and Python then leaves
+    # it ignored. The preflight alone reads the whole dataset.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     args.entered = (time.time(), time.process_time())  # the submit's start-time record (imports done by now)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # before the ranks start (preflight) or after they stopped (a second Ctrl-C)
+        print("v4train: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    """Run the command ``args`` names; its exit code (SpecError: 2, with one line)."""
     try:
         if args.command == "prepare-data":
             from v4train.data.prepare import run_cli

@@ -3,7 +3,10 @@ Ray starts): exit 2, one line naming the file or field, nothing written under th
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 
 import pytest
 import yaml
@@ -100,3 +103,24 @@ def test_the_probe_leaves_nothing_behind(tiny_dataset, tmp_path):
     root.mkdir()
     timings = preflight(JobSpec.model_validate(tiny_job(tiny_dataset)), str(root))
     assert set(timings) == {"dataset_s", "checkpoint_root_s"} and list(root.iterdir()) == []
+
+
+def test_ctrl_c_during_preflight_exits_130_with_one_line_although_sigint_was_ignored(tiny_dataset, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Started with SIGINT ignored (a background command of a shell without job control), Ctrl-C during the
+    preflight was ignored and the run went on to exit 0."""
+    from v4train.orchestrator.control import preflight as preflight_module
+
+    def interrupted_preflight(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # Ctrl-C lands here
+        raise AssertionError("Ctrl-C was ignored")
+
+    monkeypatch.setattr(preflight_module, "preflight", interrupted_preflight)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(_submit(tmp_path, tiny_job(tiny_dataset))) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert _one_error_line(capsys) == "v4train: interrupted"
+    assert not (tmp_path / "run").exists()
