@@ -195,9 +195,12 @@ def _fresh_run_dir(args):
 
 
 def _checkpoint_storage(root: str, endpoint_url: str | None = None, region: str | None = None):
-    """The checkpoint root's Storage, or SpecError with one line when it cannot be reached."""
+    """The checkpoint root's Storage, or SpecError with one line when it cannot be reached or, local, does not
+    exist (Storage creates a missing local root, as a run's first save needs; a mistyped one must not be)."""
     from v4train.orchestrator.checkpoint.storage import Storage
 
+    if "://" not in root and not Path(root).is_dir():
+        raise SpecError(f"{root}: no such checkpoint directory")
     try:
         return Storage(root, endpoint_url=endpoint_url, region=region)
     except Exception as exc:

@@ -124,3 +124,17 @@ def test_ctrl_c_during_preflight_exits_130_with_one_line_although_sigint_was_ign
         signal.signal(signal.SIGINT, previous)
     assert _one_error_line(capsys) == "v4train: interrupted"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_local_root_is_refused_and_not_created(tiny_dataset, tmp_path, capsys):
+    """`ckpt list` of a missing directory created it and printed an empty table (exit 0); `resume --from` created it."""
+    missing = tmp_path / "no" / "such" / "root"
+    for argv in (["ckpt", "list", str(missing)], ["ckpt", "verify", str(missing)]):
+        assert cli.main(argv) == 2
+        assert _one_error_line(capsys) == f"v4train: error: {missing}: no such checkpoint directory"
+    _submit(tmp_path, tiny_job(tiny_dataset))  # writes job.yaml and cluster.yaml
+    argv = ["resume", "--from", str(missing), str(tmp_path / "job.yaml"), "--cluster", str(tmp_path / "cluster.yaml"),
+            "--run-dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    assert _one_error_line(capsys) == f"v4train: error: {missing}: no such checkpoint directory"
+    assert not (tmp_path / "no").exists() and not (tmp_path / "run").exists()
