@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import os
 import shutil
 import signal
 import sys
@@ -23,9 +24,24 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 
-from v4train.orchestrator.spec import (SpecError, dump_job, job_warnings, load_cluster, load_job,
+def _interrupted_while_importing(signum, frame) -> None:
+    """Ctrl-C before ``main()`` runs: nothing has started yet, so leave at once."""
+    print("v4train: interrupted", file=sys.stderr)
+    os._exit(130)
+
+
+# Ctrl-C stops the v4train program from its first import on (the imports below load torch: seconds of CPU),
+# whatever the process inherited: a shell that starts a command in the background without job control
+# (`make test &`) starts it with SIGINT ignored, and Python then leaves it ignored. main() then hands Ctrl-C to
+# KeyboardInterrupt. Only when this module is the program (the console script or `python -m`), not a library.
+if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "v4train") \
+        and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+import psutil  # noqa: E402
+
+from v4train.orchestrator.spec import (SpecError, dump_job, job_warnings, load_cluster, load_job,  # noqa: E402
                                        validate_against_cluster)
 
 __all__ = ["main"]
