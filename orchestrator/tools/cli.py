@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     # it ignored. The preflight alone reads the whole dataset.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler stopping the driver: as Ctrl-C (set again after Ray)
     args = _parser().parse_args(argv)
     args.entered = (time.time(), time.process_time())  # the submit's start-time record (imports done by now)
     try:

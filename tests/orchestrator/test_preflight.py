@@ -105,23 +105,25 @@ def test_the_probe_leaves_nothing_behind(tiny_dataset, tmp_path):
     assert set(timings) == {"dataset_s", "checkpoint_root_s"} and list(root.iterdir()) == []
 
 
-def test_ctrl_c_during_preflight_exits_130_with_one_line_although_sigint_was_ignored(tiny_dataset, tmp_path, capsys,
-                                                                                     monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_preflight_exits_130_with_one_line_although_ignored(tiny_dataset, tmp_path, capsys,
+                                                                                     monkeypatch, signum):
     """Started with SIGINT ignored (a background command of a shell without job control), Ctrl-C during the
-    preflight was ignored and the run went on to exit 0."""
+    preflight was ignored and the run went on to exit 0; SIGTERM there killed it without a word."""
     from v4train.orchestrator.control import preflight as preflight_module
 
     def interrupted_preflight(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(10)  # Ctrl-C lands here
-        raise AssertionError("Ctrl-C was ignored")
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # the signal lands here
+        raise AssertionError("the signal was ignored")
 
     monkeypatch.setattr(preflight_module, "preflight", interrupted_preflight)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         assert cli.main(_submit(tmp_path, tiny_job(tiny_dataset))) == 130
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     assert _one_error_line(capsys) == "v4train: interrupted"
     assert not (tmp_path / "run").exists()
 
