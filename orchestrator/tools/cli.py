@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def _interrupted_while_importing(signum, frame) -> None:
-    """Ctrl-C before ``main()`` runs: nothing has started yet, so leave at once."""
+    """Ctrl-C or SIGTERM before ``main()`` runs: nothing has started yet, so leave at once."""
     print("v4train: interrupted", file=sys.stderr)
     os._exit(130)
 
@@ -38,6 +38,7 @@ def _interrupted_while_importing(signum, frame) -> None:
 if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "v4train") \
         and threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _interrupted_while_importing)
+    signal.signal(signal.SIGTERM, _interrupted_while_importing)
 
 import psutil  # noqa: E402
 

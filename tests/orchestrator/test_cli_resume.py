@@ -74,8 +74,8 @@ def test_ctrl_c_then_resume_continues_bitwise(tiny_dataset, tmp_path):
             assert m[key] == reference[m["step"]][key], (key, m["step"])
 
 
-# Runs the CLI as `python -m` does, with SIGINT ignored as inherited, and Ctrl-C delivered while torch is being
-# imported (the cli module's own imports, before main() runs).
+# Runs the CLI as `python -m` does, with SIGINT ignored as inherited, and the signal argv[2] names delivered while
+# torch is being imported (the cli module's own imports, before main() runs).
 _CTRL_C_WHILE_IMPORTING = """
 import importlib.abc, os, runpy, signal, sys, time
 
@@ -83,11 +83,12 @@ class CtrlCAtTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "torch":
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), SIGNUM)
             time.sleep(5)
-            print("Ctrl-C was ignored", file=sys.stderr)
+            print("the signal was ignored", file=sys.stderr)
         return None
 
+SIGNUM = getattr(signal, sys.argv[2])
 sys.meta_path.insert(0, CtrlCAtTorch())
 sys.argv = ["v4train", "ckpt", "list", sys.argv[1]]
 runpy.run_module("v4train.orchestrator.tools.cli", run_name="__main__")
@@ -95,11 +96,13 @@ runpy.run_module("v4train.orchestrator.tools.cli", run_name="__main__")
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_while_the_cli_imports_torch_exits_130_with_one_line(tmp_path):
-    """Seen: a run started with SIGINT ignored ran on to exit 0 after a Ctrl-C in its first seconds."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_the_cli_imports_torch_exits_130_with_one_line(tmp_path, signame):
+    """Seen: a run started with SIGINT ignored ran on to exit 0 after a Ctrl-C in its first seconds; SIGTERM
+    there killed it without a word."""
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING, str(tmp_path)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING, str(tmp_path), signame], cwd=REPO_ROOT,
                           env=cli_env(), capture_output=True, text=True, timeout=100,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.returncode == 130, proc.stderr[-2000:]
