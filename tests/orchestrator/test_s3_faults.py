@@ -172,6 +172,14 @@ def test_wrong_credentials_are_refused_in_preflight_and_by_ckpt_list_with_one_li
     err = capsys.readouterr().err.strip()
     assert err == f"v4train: error: --from: cannot read {root} (PermissionError: Forbidden)"
     assert not (tmp_path / "resumed").exists()
+
+    # submit, as a user runs it: exit 2 in preflight, before any rank trains
+    job_path.write_text(yaml.safe_dump(tiny_job(tiny_dataset, checkpoint={"root": root, "endpoint_url": proxy.url})))
+    argv = ["submit", str(job_path), "--cluster", str(tmp_path / "cluster.yaml"), "--run-dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"v4train: error: checkpoint.root: {root} refused a probe write") and "\n" not in err
+    assert not (tmp_path / "run").exists()
     assert not [r for r in proxy.requests if r.method == "PUT" and r.status == 200]  # nothing written
 
 
