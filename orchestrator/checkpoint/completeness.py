@@ -10,6 +10,7 @@ last record makes the checkpoint unloadable. Used by ``v4train ckpt verify`` and
 from __future__ import annotations
 
 from v4train.orchestrator.checkpoint.commit import CheckpointError
+from v4train.orchestrator.checkpoint.dcp_storage import shard_ends
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["check_referenced_shards"]
@@ -25,8 +26,8 @@ def check_referenced_shards(storage: Storage, name: str, sizes: dict[str, int] |
     Raises CheckpointError naming the first shard file that is missing or shorter than the records in it.
     """
     sizes = storage.files(name) if sizes is None else sizes
-    for info in (storage.dcp_reader(name).read_metadata().storage_data or {}).values():
-        have = sizes.get(info.relative_path)
-        if have is None or have < info.offset + info.length:
-            raise CheckpointError(f"{storage.url_of(name)}/{info.relative_path}: a shard the checkpoint's DCP "
-                                  "metadata references is missing or truncated")
+    for rel, needed in sorted(shard_ends(storage.dcp_reader(name).read_metadata()).items()):
+        have = sizes.get(rel)
+        if have is None or have < needed:
+            raise CheckpointError(f"{storage.url_of(name)}/{rel}: a shard the checkpoint's DCP metadata references "
+                                  "is missing or truncated")
