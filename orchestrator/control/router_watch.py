@@ -4,7 +4,9 @@ The ranks report per-layer health over the data-parallel group (``router/<layer>
 ``router/<layer>/max_load``, ``orchestrator/rank/router_health.py``). :class:`RouterWatch` counts, per layer,
 the consecutive steps with a dead expert and with the busiest expert above ``router_health.max_load`` times
 the mean; when either streak reaches ``router_health.collapse_steps`` it returns one ``router_collapse``
-record for that layer (again only after the layer has recovered for a step).
+record for that layer (again only after the layer has recovered for a step). A step at or before the last one
+observed means the run went back (a restart, a rollback, a resume to an earlier step): the steps counted since
+were undone, so the streaks start again.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ class RouterWatch:
     def __init__(self, spec: RouterHealthSpec) -> None:
         self.spec = spec
         self.streaks: dict[tuple[str, str], int] = {}  # (layer, "dead" | "overloaded") -> consecutive steps
+        self.last_step = 0
 
     def observe(self, record: dict) -> list[dict]:
         """Update the streaks with one step's metrics; the ``router_collapse`` fields of every layer whose
         streak reached ``collapse_steps`` at this step: layer, reason, steps, dead_experts, max_load."""
+        if record["step"] <= self.last_step:
+            self.streaks.clear()
+        self.last_step = record["step"]
         collapsed = []
         for key, dead in record.items():
             if not (key.startswith("router/") and key.endswith("/dead_experts")):

@@ -178,7 +178,12 @@ class Supervisor:
         if isinstance(exc, checkpoint.CheckpointError):
             fields["kind"] = "checkpoint"
         step = self.state.step
-        when = f"in step {step + 1}" if self.phase is Phase.RUNNING else f"at step {step} ({self.phase.value})"
+        if self.phase is Phase.RUNNING:
+            when = f"in step {step + 1}"
+        elif self.phase is Phase.STARTING and self.resume_from is not None:  # the counters are not restored yet
+            when = f"while starting from {self.resume_from}"
+        else:
+            when = f"at step {step} ({self.phase.value})"
         self.failure = DeterministicFault(f"deterministic fault {when}: {verdict.cause} ({verdict.reason}; "
                                           "not restarted)")
         self.telemetry.event("failure", self.state.step, cause=verdict.cause, fault_class="deterministic",

@@ -126,6 +126,7 @@ def test_a_checkpoint_error_at_restore_is_deterministic(tmp_path):
     phase, sup, events = _run(job, tmp_path, FakeRankGroup(2, Script()), resume_from="step_00000002")
     assert phase is Phase.FAILED and sup.restarts == 0
     assert "train_state.json: size or sha256 differs from the manifest" in str(sup.failure)
+    assert str(sup.failure).startswith("deterministic fault while starting from step_00000002: ")
 
 
 def test_resume_to_an_earlier_step_sets_newer_commits_aside(tmp_path):

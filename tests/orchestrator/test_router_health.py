@@ -66,6 +66,15 @@ def test_router_collapse_fires_once_per_episode_when_a_streak_reaches_the_thresh
                                    "max_load": 3.0}]]
 
 
+def test_router_collapse_streaks_start_again_when_the_run_goes_back():
+    """Steps redone after a restart or rollback are not the same steps counted twice: two dead steps, a restart
+    from step 1, then two more dead steps are a streak of 2 (no collapse at 3), and a third makes it 3."""
+    watch = RouterWatch(RouterHealthSpec(collapse_steps=3, max_load=2.0))
+    fired = [watch.observe(_record(step, 1, 1.5)) for step in (1, 2, 2, 3, 4)]
+    assert fired == [[], [], [], [], [{"layer": 1, "reason": "dead", "steps": 3, "dead_experts": 1,
+                                       "max_load": 1.5}]]
+
+
 def test_report_shows_each_layers_router_health_and_collapses():
     metrics = [{**_record(1, 0, 1.5), "loss": 5.0, "tokens_per_s": 10.0},
                {**_record(2, 1, 2.5), "loss": 4.0, "tokens_per_s": 10.0, "router/1/entropy": 0.25}]
