@@ -243,11 +243,12 @@ def _ckpt(args) -> int:
     try:
         if args.ckpt_command == "list":
             rows = checkpoint.list_checkpoints(storage)
-            print(f"{'step':>10}  {'committed':<9}  {'layout':<24}  {'MB':>9}  name")
-            for r in rows:
-                layout = " ".join(f"{k}{v}" for k, v in (r["layout"] or {}).items()) or "-"
+            layouts = [_layout_text(r["layout"]) for r in rows]
+            width = max([len("layout"), *map(len, layouts)])
+            print(f"{'step':>10}  {'committed':<9}  {'layout':<{width}}  {'MB':>9}  name")
+            for r, layout in zip(rows, layouts):
                 committed = "yes" if r["committed"] else "no"
-                print(f"{r['step']:>10}  {committed:<9}  {layout:<24}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
+                print(f"{r['step']:>10}  {committed:<9}  {layout:<{width}}  {r['bytes'] / 1e6:>9.1f}  {r['name']}")
             return 0
         if args.ckpt_command == "verify":
             return _verify(storage, args.step)
@@ -257,6 +258,21 @@ def _ckpt(args) -> int:
     except STORAGE_ERRORS as exc:  # a missing file, refused credentials, an unreachable endpoint
         return _fail(f"{storage.url}: {_first_line(exc)}", 1)
     return 0
+
+
+def _layout_text(layout: dict | None) -> str:
+    """A checkpoint's layout as ``tp1 pp2 ep1 dp2``: sizes as saved, ``vp`` only when interleaved, the stage
+    split only when explicit (``stages 3/1``); ``-`` when the checkpoint records none."""
+    if not layout:
+        return "-"
+    parts = []
+    for key, value in layout.items():
+        if key == "stage_layers":
+            if isinstance(value, list):
+                parts.append("stages " + "/".join(map(str, value)))
+        elif key != "vp" or value != 1:
+            parts.append(f"{key}{value}")
+    return " ".join(parts)
 
 
 def _verify(storage, step: int | None) -> int:

@@ -204,13 +204,16 @@ def test_ckpt_cli_list_verify_inspect(tmp_path, capsys):
     from v4train.orchestrator.tools import cli
 
     storage = Storage(str(tmp_path))
-    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10, "layout": {"tp": 1, "pp": 2, "ep": 1, "dp": 2}})
-    final = checkpoint.commit(storage, _save(storage, 20), 20, {"step": 20})
+    layout = {"tp": 1, "cp": 1, "pp": 2, "ep": 1, "dp": 2, "vp": 1, "stage_layers": "auto"}
+    checkpoint.commit(storage, _save(storage, 10), 10, {"step": 10, "layout": layout})
+    final = checkpoint.commit(storage, _save(storage, 20), 20,
+                              {"step": 20, "layout": {**layout, "vp": 2, "stage_layers": [3, 1]}})
     _save(storage, 30)  # an unfinished save
     assert cli.main(["ckpt", "list", str(tmp_path)]) == 0
-    rows = capsys.readouterr().out.splitlines()[1:]
+    header, *rows = capsys.readouterr().out.splitlines()
     assert [r.split()[:2] for r in rows] == [["10", "yes"], ["20", "yes"], ["30", "no"]]
-    assert "tp1 pp2 ep1 dp2" in rows[0]
+    assert "tp1 cp1 pp2 ep1 dp2  " in rows[0] and "tp1 cp1 pp2 ep1 dp2 vp2 stages 3/1  " in rows[1]
+    assert len({r.index(" step_") for r in rows}) == 1 and header.index("name") == rows[0].index("step_")
     assert cli.main(["ckpt", "verify", str(tmp_path)]) == 0
     assert "step_00000020: OK" in capsys.readouterr().out
     assert cli.main(["ckpt", "inspect", str(tmp_path), "--step", "10"]) == 0
