@@ -3,7 +3,8 @@ per phase, and what an asynchronous save costs the steps that follow it.
 
 Four gloo processes hold a model preset as PP=2 x DP=2 would (each rank its pipeline stage's parameters and
 optimizer state, data-parallel replicas written once) and save it round after round through the rank path
-(``shard_state``, the host copy, the save on a save group, ``commit``: manifest, publish, ``COMMIT``),
+(``shard_state``, the host copy, the save on a save group, ``commit``: manifest, ``COMMIT``, publish, ``latest``,
+each durable; retention's deletions run after, on a thread, as the coordinator's do),
 alternating two record formats:
 
 - *records*: ``dcp.save`` with DCP's filesystem writer, one ``torch.save`` record per tensor (the save path
@@ -151,6 +152,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     from v4train.orchestrator.checkpoint import save_plan
     from v4train.orchestrator.checkpoint.dcp_storage import save as raw_save
     from v4train.orchestrator.checkpoint.storage import Storage
+    from v4train.orchestrator.control.checkpointing import Retention
     from v4train.orchestrator.rank.checkpoint_io import background_priority
     from v4train.orchestrator.rank.saved_copies import SavedCopies
     from v4train.parallel.optim import build_optimizer
@@ -160,6 +162,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
     optimizer = build_optimizer(list(stage.named_parameters()), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                 eps=1e-8)
     storage = Storage(root)
+    retention = Retention(storage)
     group = dist.new_group(backend="gloo")  # the save group, as RankCheckpointIO makes one
     generations = {way: save_plan.new_generation() for way in WAYS}  # one plan cache per way, as per group
     saved = SavedCopies()
@@ -190,11 +193,14 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
         return writer_threads[idle].submit(save, copy, **kwargs), box[0], n
 
     def commit(attempt: str, step: int, clock: _Clock) -> None:
+        """The coordinator's commit; the save is complete when it returns (COMMIT and ``latest`` durable).
+        Retention then deletes the previous step on its thread, as the coordinator's does, and is waited for
+        after the clock stops (before the plain write and the next save, so it overlaps neither)."""
         clock.start()
         dist.barrier(group=group)
         if rank == 0:
             checkpoint.commit(storage, attempt, step, {"step": step})
-            checkpoint.apply_retention(storage, keep=1)
+            retention.start(checkpoint.expired(storage, keep=1))
         clock.mark("commit")
 
     # synchronous saves: throughput and CPU per phase
@@ -206,6 +212,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
             _, attempt, step = request(way, False, clock)
             commit(attempt, step, clock)
             seconds = time.perf_counter() - start
+            retention.wait()
             clocks = [None] * WORLD
             dist.all_gather_object(clocks, (dict(clock.cpu), dict(clock.wall)))
             if rank == 0:
@@ -234,6 +241,7 @@ def _rank(rank: int, root: str, preset: str, rounds: int, port: int, results) ->
             # CPU the save took in this process while those steps ran (all threads but the step's)
             background = (time.process_time() - cpu0) - (time.thread_time() - thread0)
             commit(attempt, step, _Clock())
+            retention.wait()
             if rank == 0:
                 results.put(("async", (way, idle), statistics.median(quiet), blocked, overlapped, background))
     dist.destroy_process_group()

@@ -8,7 +8,7 @@ public API.
 """
 
 from v4train.orchestrator.checkpoint.commit import (FORMAT_VERSION, READABLE_FORMAT_VERSIONS, CheckpointError,
-                                                    apply_retention, begin_attempt, commit, inspect,
+                                                    apply_retention, begin_attempt, commit, expired, inspect,
                                                     latest_committed, list_checkpoints, read_train_state, step_name,
                                                     supersede_after, verify)
 from v4train.orchestrator.checkpoint.shards import (decode_rows, encode_rows, load_shards, load_state, merge_routing,
@@ -17,5 +17,5 @@ from v4train.orchestrator.checkpoint.shards import (decode_rows, encode_rows, lo
 
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "save_shards", "load_shards", "load_state",
            "shard_state", "rng_state", "set_rng_state", "step_name", "begin_attempt", "commit", "latest_committed",
-           "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention", "supersede_after",
-           "encode_rows", "decode_rows", "merge_routing"]
+           "list_checkpoints", "verify", "inspect", "read_train_state", "expired", "apply_retention",
+           "supersede_after", "encode_rows", "decode_rows", "merge_routing"]

@@ -12,14 +12,15 @@ Layout under a checkpoint root (a local directory or ``s3://bucket/prefix``; ``d
                               writing
         manifest.json         every other file with its size (bytes) and sha256
         COMMIT                written last; names the step and the manifest's sha256
-    step_00000100.attempt-<id>/   a save in progress, or an abandoned one (never read)
+    step_00000100.attempt-<id>/   a save in progress, or an abandoned one (never read, whatever it holds)
     latest                    the newest committed step directory name
 
 Commit, then believe (docs/architecture.md principle 4): ranks write into a fresh attempt directory, hashing
 what they write as they write it (``dcp_storage.py``); the coordinator checks that every shard DCP's metadata
 references is present and long enough, builds the manifest from those hashes (no shard is read back),
-publishes the attempt as ``step_<N>`` (an atomic rename locally, a copy on S3), writes ``COMMIT`` there and
-only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that matches its manifest, so an
+makes every file durable, and publishes the attempt as ``step_<N>`` with its ``COMMIT`` (locally COMMIT is
+written into the attempt and one atomic rename publishes it; on S3 the publish is a copy and COMMIT follows it),
+and only then moves ``latest``. Readers ignore anything without a ``COMMIT`` that matches its manifest, so an
 aborted attempt is never merged with a later save of the same step.
 """
 
@@ -33,8 +34,8 @@ from v4train.orchestrator.checkpoint.dcp_storage import is_hashes_file, shard_en
 from v4train.orchestrator.checkpoint.storage import Storage
 
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "CheckpointError", "step_name", "begin_attempt", "commit",
-           "latest_committed", "list_checkpoints", "verify", "inspect", "read_train_state", "apply_retention",
-           "supersede_after"]
+           "latest_committed", "list_checkpoints", "verify", "inspect", "read_train_state", "expired",
+           "apply_retention", "supersede_after"]
 
 # 2: every rank's shards as one file of raw records (dcp_storage.RAW_RECORD), which a reader of version 1 cannot
 # read; 1: one torch.save record per tensor, still read (dcp_storage.RawRecordReader hands those to torch).
@@ -113,7 +114,14 @@ def _file_hashes(storage: Storage, attempt: str, sizes: dict[str, int], written:
 
 
 def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
-    """Finish a save: verify shards, write train_state.json and manifest.json, publish, COMMIT, ``latest``.
+    """Finish a save: verify shards, write train_state.json, manifest.json and COMMIT, publish, move ``latest``.
+
+    Every file of the checkpoint is durable before it is published, and COMMIT before ``latest`` moves.
+    Locally the attempt gets its train_state.json, manifest.json and COMMIT straight away (nothing reads an
+    attempt), each of its files and the directory are fsynced together (the shards' second fsync finds them
+    clean), and one rename publishes a complete committed directory; ``latest``'s write then fsyncs the root,
+    which makes that rename durable too. On S3 the publish is a copy, not atomic: COMMIT is written into
+    ``step_<N>/`` after it.
 
     Returns the committed directory name. Raises CheckpointError if a shard is missing or a committed
     checkpoint of ``step`` already exists.
@@ -122,8 +130,7 @@ def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
     if storage.exists(f"{final}/COMMIT"):
         raise CheckpointError(f"{storage.url_of(final)}: a committed checkpoint for step {step} already exists")
     state_text = json.dumps({"format_version": FORMAT_VERSION, **train_state})
-    storage.write_text(f"{attempt}/train_state.json", state_text)
-    sizes = storage.files(attempt)
+    sizes = {**storage.files(attempt), "train_state.json": len(state_text.encode())}
     written = {"train_state.json": state_text}
     recorded = _recorded_hashes(storage, attempt, sizes, written)
     _check_shards(storage, attempt, sizes, recorded)
@@ -133,11 +140,17 @@ def commit(storage: Storage, attempt: str, step: int, train_state: dict) -> str:
         "files": _file_hashes(storage, attempt, sizes, written, recorded),
     }
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
-    storage.write_text(f"{attempt}/manifest.json", manifest_text)
-    storage.remove(final)  # only an interrupted publish can leave one here (it has no COMMIT)
-    storage.publish(attempt, final)
-    record = {"step": step, "manifest_sha256": hashlib.sha256(manifest_text.encode()).hexdigest()}
-    storage.write_text(f"{final}/COMMIT", json.dumps(record))
+    record = json.dumps({"step": step, "manifest_sha256": _sha256_text(manifest_text)})
+    storage.remove(final)  # only an interrupted publish on S3 can leave one here (it has no COMMIT)
+    texts = {"train_state.json": state_text, "manifest.json": manifest_text}
+    others = [rel for rel in sizes if rel not in texts]
+    if storage.is_local:
+        storage.write_files(attempt, {**texts, "COMMIT": record}, sync=others)
+        storage.publish(attempt, final)
+    else:
+        storage.write_files(attempt, texts, sync=others)
+        storage.publish(attempt, final)
+        storage.write_files(final, {"COMMIT": record})
     storage.write_text("latest", final + "\n")
     return final
 
@@ -253,16 +266,23 @@ def supersede_after(storage: Storage, step: int) -> list[str]:
     return moved
 
 
-def apply_retention(storage: Storage, keep: int) -> list[str]:
-    """After a commit: delete every abandoned attempt, and all but the newest ``keep`` committed (keep > 0).
+def expired(storage: Storage, keep: int) -> list[str]:
+    """What retention deletes after a commit: every abandoned attempt, and all but the newest ``keep`` committed
+    checkpoints (keep > 0; 0 keeps every committed one).
 
     Saves are serialised by the one coordinator, so any attempt still present when a successor has
-    committed is abandoned. Returns the deleted directory names.
+    committed is abandoned; an attempt begun after this call is not listed.
     """
     names = storage.listdir()
-    deleted = [n for n in names if (_parse_step(n) or (0, False))[1]]
+    out = [n for n in names if (_parse_step(n) or (0, False))[1]]
     if keep > 0:
-        deleted += [name for _, name in _committed(storage)[:-keep]]
+        out += [name for _, name in _committed(storage)[:-keep]]
+    return out
+
+
+def apply_retention(storage: Storage, keep: int) -> list[str]:
+    """After a commit: delete what :func:`expired` lists. Returns the deleted directory names."""
+    deleted = expired(storage, keep)
     for name in deleted:
         storage.remove(name)
     return deleted

@@ -17,10 +17,12 @@ visible: :func:`_object_store_writer` skips it, object stores have no directorie
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterable
 
 from botocore.exceptions import BotoCoreError
 from fsspec.core import url_to_fs
@@ -48,6 +50,32 @@ def _object_store_writer(writer: HashingWriter) -> HashingWriter:
 
 def _no_directories(path: str) -> None:
     """An object store's ``mkdir``: there is nothing to create."""
+
+
+def fsync_path(path: str) -> None:
+    """Make a local file's (or directory's: its entries') content durable: fsync of a descriptor opened for
+    reading, which flushes what any process wrote into it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of local directory ``path`` durable (a file created or renamed in it); POSIX asks for
+    this after a rename, which fsync of the file alone does not cover."""
+    fsync_path(path)
+
+
+def _fsync_all(paths: list[str]) -> None:
+    """fsync ``paths`` concurrently: a journaling file system (ext4's jbd2, XFS) folds fsyncs that wait at the
+    same time into one journal commit, where one after the other each waits for its own."""
+    if len(paths) == 1:
+        fsync_path(paths[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+        list(pool.map(fsync_path, paths))
 
 
 class Storage:
@@ -119,9 +147,11 @@ class Storage:
 
     # ---------------------------------------------------------------- writes
     def write_text(self, rel: str, text: str) -> None:
-        """Write a small file so that readers see the old content or the new, never a torn one.
+        """Write a small file so that readers see the old content or the new, never a torn one, durably
+        (with every rename made in its directory before).
 
-        Locally: a temporary file, fsync, then an atomic rename. On S3 one PUT is already atomic.
+        Locally: a temporary file, fsync, an atomic rename, then fsync of the directory (which also makes an
+        earlier :meth:`publish` into it durable). On S3 one PUT is already atomic and durable.
         """
         path = self._path(rel)
         if self.is_local:
@@ -132,8 +162,27 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
         else:
             self.fs.pipe_file(path, text.encode())
+
+    def write_files(self, rel: str, texts: dict[str, str], sync: Iterable[str] = ()) -> None:
+        """Write small new files into directory ``rel`` (``{name: text}``) and make them durable, with the files
+        of ``rel`` named in ``sync`` (written by other processes) and the directory's entries.
+
+        Not atomic file by file (no temporary file and rename): only for a directory no reader trusts yet, an
+        attempt before its publish. Locally each file and the directory are fsynced concurrently
+        (:func:`_fsync_all`); on S3 each file is one PUT, durable when it returns.
+        """
+        base = self._path(rel)
+        for name, text in texts.items():
+            if self.is_local:
+                with open(posixpath.join(base, name), "w") as f:
+                    f.write(text)
+            else:
+                self.fs.pipe_file(posixpath.join(base, name), text.encode())
+        if self.is_local:
+            _fsync_all([posixpath.join(base, name) for name in {*texts, *sync}] + [base])
 
     def makedirs(self, rel: str) -> None:
         if self.is_local:
@@ -149,8 +198,9 @@ class Storage:
     def publish(self, src: str, dst: str) -> None:
         """Move directory ``src`` to ``dst`` (which must not exist).
 
-        Locally an atomic rename. On S3 a server-side copy of every object, then deletion of ``src``; not
-        atomic, which is why COMMIT is written into ``dst`` only after this returns.
+        Locally an atomic rename, durable once the parent directory is fsynced (:meth:`write_text` into it
+        does). On S3 a server-side copy of every object, then deletion of ``src``; not atomic, which is why
+        COMMIT is written into ``dst`` only after this returns.
         """
         if self.is_local:
             os.replace(self._path(src), self._path(dst))

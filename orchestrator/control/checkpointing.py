@@ -8,10 +8,17 @@ or at the first step boundary after the asynchronous writes finished. A restore 
 checkpoint against its manifest, refuses one of another format or model before any rank loads it, loads it
 on every rank and checks that all of them reached its step. Every file operation runs once per job
 (:meth:`RankGroup.coordinate`), whichever process drives the ranks.
+
+Retention (deleting abandoned attempts and committed checkpoints beyond ``checkpoint.keep``) is decided when a
+commit returns and carried out on a thread of its own (:class:`Retention`), so a save is complete, COMMIT and
+``latest`` durable, without waiting for a whole step directory's unlinks; every later storage operation of the
+coordinator (the next save's attempt, a restore, a listing) and the end of the run wait for it first.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,7 +30,9 @@ from v4train.orchestrator.recovery.fault_taxonomy import classify
 from v4train.orchestrator.spec import JobSpec
 from v4train.orchestrator.checkpoint.storage import Storage
 
-__all__ = ["CheckpointCoordinator"]
+__all__ = ["CheckpointCoordinator", "Retention"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +42,39 @@ class _PendingSave:
     requested: float  # time.perf_counter() when the save was asked for
     blocked_s: float  # how long training waited for the ranks to copy their state
     train_state: dict
+
+
+class Retention:
+    """Deletes expired checkpoint directories on one background thread, one batch at a time.
+
+    A deletion that fails (a storage error past its retries) is logged and left: the next commit's retention
+    lists the same directories again (:func:`checkpoint.expired`).
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-retention")
+        self._pending: concurrent.futures.Future | None = None
+
+    def start(self, names: list[str]) -> None:
+        """Delete ``names`` (directories relative to the root) in the background."""
+        self.wait()
+        if names:
+            self._pending = self._thread.submit(self._remove, names)
+
+    def wait(self) -> None:
+        """Block until the deletions started last have finished."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _remove(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.storage.remove(name)
+            except OSError as exc:
+                log.warning("checkpoint retention: %s not deleted (%s); retried after the next commit",
+                            self.storage.url_of(name), exc)
 
 
 class CheckpointCoordinator:
@@ -55,21 +97,31 @@ class CheckpointCoordinator:
         self.io_timeout_s = io_timeout_s
         self.faults = faults
         self.pending: _PendingSave | None = None
+        self.retention = Retention(storage)
 
     # ---------------------------------------------------------------- queries (once per job)
     def latest(self, group: RankGroup) -> str | None:
         """The newest committed step directory, or None."""
-        return group.coordinate(lambda: checkpoint.latest_committed(self.storage))
+        return group.coordinate(lambda: self._settled(checkpoint.latest_committed))
 
     def step_of(self, group: RankGroup, name: str) -> int:
-        return int(group.coordinate(lambda: checkpoint.read_train_state(self.storage, name))["step"])
+        return int(group.coordinate(lambda: self._settled(checkpoint.read_train_state, name))["step"])
+
+    def settle(self, group: RankGroup) -> None:
+        """Wait for the last commit's retention (the end of a run)."""
+        group.coordinate(self.retention.wait)
+
+    def _settled(self, fn, *args):
+        """``fn(self.storage, *args)`` once retention's deletions are done (never racing them)."""
+        self.retention.wait()
+        return fn(self.storage, *args)
 
     # ---------------------------------------------------------------- saves
     def request(self, group: RankGroup, state: RunState) -> RunState:
         """Have every rank save the state after ``state.step``; commit now, or later if asynchronous."""
         state = self.commit_pending(group, state, wait=True)
         step = state.step
-        attempt = group.coordinate(lambda: checkpoint.begin_attempt(self.storage, step))
+        attempt = group.coordinate(lambda: self._settled(checkpoint.begin_attempt, step))
         asynchronous = self.job.checkpoint.async_save and step < self.job.train.steps
         self.telemetry.event("checkpoint_requested", step, path=self.storage.url_of(attempt), asynchronous=asynchronous)
         started = time.perf_counter()
@@ -112,10 +164,13 @@ class CheckpointCoordinator:
     def _commit(self, pending: _PendingSave) -> tuple[str, list[str]]:
         if any(f.kind == "kill_during_save" and f.rank == SUPERVISOR and f.step == pending.step for f in self.faults):
             die()
+        self.retention.wait()  # the listing below must not see a deletion half done
         # the attempt's name tells a rank that kept a copy of what it wrote there that the copy is this commit
         final = checkpoint.commit(self.storage, pending.attempt, pending.step,
                                   {**pending.train_state, "attempt": pending.attempt})
-        return final, checkpoint.apply_retention(self.storage, self.job.checkpoint.keep)
+        deleted = checkpoint.expired(self.storage, self.job.checkpoint.keep)
+        self.retention.start(deleted)
+        return final, deleted
 
     # ---------------------------------------------------------------- restores
     def restore(self, group: RankGroup, state: RunState, name: str) -> tuple[RunState, str]:
@@ -127,7 +182,7 @@ class CheckpointCoordinator:
         where = self.storage.url_of(name)
 
         def verified() -> dict:
-            return read_train_state(checkpoint.verify(self.storage, name), where, self.job)
+            return read_train_state(self._settled(checkpoint.verify, name), where, self.job)
 
         train_state = group.coordinate(verified)
         try:
@@ -145,7 +200,7 @@ class CheckpointCoordinator:
         """Set aside committed checkpoints newer than ``state.step`` (a rollback abandoned their trajectory)."""
 
         def move() -> tuple[list[str], int | None]:
-            moved = checkpoint.supersede_after(self.storage, state.step)
+            moved = self._settled(checkpoint.supersede_after, state.step)
             latest = checkpoint.latest_committed(self.storage)
             newest = int(checkpoint.read_train_state(self.storage, latest)["step"]) if latest else None
             return moved, newest

@@ -289,6 +289,7 @@ class Supervisor:
 
     def _recover(self) -> None:
         """Count the restart and go back to STARTING from the newest committed checkpoint (or step 0)."""
+        self.checkpoints.retention.wait()
         self.state, self.resume_from = restart.recovery_point(self.storage, self.state, self.job, self.telemetry,
                                                               **self.teardown)
         self.phase = Phase.STARTING
@@ -369,6 +370,7 @@ class Supervisor:
 
     def _finish(self) -> None:
         self.state = self.checkpoints.commit_pending(self.workers, self.state, wait=True)
+        self.checkpoints.settle(self.workers)
         if final_evaluation_due(self.state.step, self.job):
             self._evaluate()
         self.telemetry.event("finish", self.state.step, val_loss=self.val_loss,

@@ -79,3 +79,25 @@ def test_a_copy_that_does_not_fit_the_model_is_refused_before_any_change():
         checkpoint.load_state(wrong, "step_00000001", *target)
     after = _everything(*target)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_full_store_writes_the_next_copy_into_the_oldest_copys_memory():
+    """Once ``keep`` copies are held, a save of the same names, shapes and dtypes takes the oldest copy's tensors
+    (no fresh memory); the newer copies stay as written, and a changed shape gets fresh tensors."""
+    copies = SavedCopies(keep=2)
+    states = [{"model.w": torch.full((4, 3), float(i)), "optim.w.step": torch.tensor(float(i))} for i in range(3)]
+    first = copies.put("/root", "a", 0, states[0])
+    first_memory = {k: v.data_ptr() for k, v in first.items()}
+    copies.put("/root", "b", 0, states[1])
+    third = copies.put("/root", "c", 0, states[2])
+    assert {k: v.data_ptr() for k, v in third.items()} == first_memory
+    assert copies.get("/root", "a", 0) is None  # dropped before its memory was overwritten
+    for attempt, i in (("b", 1), ("c", 2)):
+        assert all(torch.equal(copies.get("/root", attempt, 0)[k], states[i][k]) for k in states[i])
+    states[2]["model.w"].add_(1.0)  # the copy never follows the live tensors
+    assert torch.equal(third["model.w"], torch.full((4, 3), 2.0))
+    reshaped = {"model.w": torch.full((2, 6), 5.0), "optim.w.step": torch.tensor(5.0)}
+    fourth = copies.put("/root", "d", 0, reshaped)
+    assert fourth["model.w"].shape == (2, 6) and torch.equal(fourth["model.w"], reshaped["model.w"])
+    assert fourth["model.w"].data_ptr() != reshaped["model.w"].data_ptr()
+    assert torch.equal(copies.get("/root", "c", 0)["model.w"], torch.full((4, 3), 2.0))
