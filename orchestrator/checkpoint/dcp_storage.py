@@ -331,8 +331,17 @@ class HashingWriter(FsspecWriter):
     def finish(self, metadata: Metadata, results: list[list]) -> None:
         """On DCP's coordinator rank: write ``.metadata``, then add its hash to this rank's :func:`hashes_file`
         with the bytes each shard file must hold (``references``: the end of its last record), so that the
-        commit checks the shards without unpickling ``.metadata``."""
-        super().finish(metadata, results)
+        commit checks the shards without unpickling ``.metadata``.
+
+        ``.metadata`` is not fsynced here: the commit fsyncs every file of the attempt in one concurrent batch
+        (``Storage.write_files``), where this rank's separate fsync cost a journal commit of its own on the
+        save's path (and torch falls back to a machine-wide ``os.sync()`` for a stream without a descriptor,
+        such as an S3 upload, durable when closed)."""
+        sync_files, self.sync_files = self.sync_files, False
+        try:
+            super().finish(metadata, results)
+        finally:
+            self.sync_files = sync_files
         self.fs.hashes[".metadata"]["references"] = shard_ends(metadata)
         self._record_hashes()
 

@@ -181,3 +181,16 @@ def test_a_saved_copys_adjacent_tensors_reach_the_file_as_one_write(tmp_path, mo
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=storage.dcp_reader("a"))
     assert all(torch.equal(out[k], state[k]) for k in state)
+
+
+def test_ranks_fsync_their_shards_and_leave_metadata_to_the_commit(tmp_path, monkeypatch):
+    """A rank fsyncs its shard; DCP's coordinator writes ``.metadata`` without an fsync of its own (nor torch's
+    machine-wide ``os.sync()`` fallback): the commit's batch makes it durable with the other files."""
+    events = _record_syncs(monkeypatch)
+    monkeypatch.setattr(os, "sync", lambda: events.append(("sync",)))
+    storage = Storage(str(tmp_path))
+    attempt = _save(storage, 10)
+    monkeypatch.undo()
+    assert events and ("sync",) not in events
+    synced = {e[1] for e in events if e[0] == "fsync"}
+    assert synced == {f"{storage.url}/{attempt}/__0_0.distcp"}
