@@ -52,9 +52,10 @@ def _no_directories(path: str) -> None:
     """An object store's ``mkdir``: there is nothing to create."""
 
 
-def fsync_path(path: str) -> None:
-    """Make a local file's (or directory's: its entries') content durable: fsync of a descriptor opened for
-    reading, which flushes what any process wrote into it."""
+def _fsync_path(path: str) -> None:
+    """Make a local file's content, or a directory's entries (a file created or renamed in it: POSIX asks for
+    this after a rename, which an fsync of the file does not cover), durable: fsync of a descriptor opened for
+    reading, which flushes what any process wrote."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,20 +63,14 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: str) -> None:
-    """Make the entries of local directory ``path`` durable (a file created or renamed in it); POSIX asks for
-    this after a rename, which fsync of the file alone does not cover."""
-    fsync_path(path)
-
-
 def _fsync_all(paths: list[str]) -> None:
     """fsync ``paths`` concurrently: a journaling file system (ext4's jbd2, XFS) folds fsyncs that wait at the
     same time into one journal commit, where one after the other each waits for its own."""
     if len(paths) == 1:
-        fsync_path(paths[0])
+        _fsync_path(paths[0])
         return
     with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
-        list(pool.map(fsync_path, paths))
+        list(pool.map(_fsync_path, paths))
 
 
 class Storage:
@@ -162,7 +157,7 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(os.path.dirname(path))
+            _fsync_path(os.path.dirname(path))
         else:
             self.fs.pipe_file(path, text.encode())
 
