@@ -107,10 +107,6 @@ class CheckpointCoordinator:
     def step_of(self, group: RankGroup, name: str) -> int:
         return int(group.coordinate(lambda: self._settled(checkpoint.read_train_state, name))["step"])
 
-    def settle(self, group: RankGroup) -> None:
-        """Wait for the last commit's retention (the end of a run)."""
-        group.coordinate(self.retention.wait)
-
     def _settled(self, fn, *args):
         """``fn(self.storage, *args)`` once retention's deletions are done (never racing them)."""
         self.retention.wait()

@@ -147,6 +147,8 @@ class Supervisor:
         except BaseException:
             self._release_workers(abort=True)
             raise
+        finally:
+            self.checkpoints.retention.wait()  # no deletion outlives the run
         self._release_workers(abort=self.phase is Phase.FAILED)
         return self.phase
 
@@ -370,7 +372,6 @@ class Supervisor:
 
     def _finish(self) -> None:
         self.state = self.checkpoints.commit_pending(self.workers, self.state, wait=True)
-        self.checkpoints.settle(self.workers)
         if final_evaluation_due(self.state.step, self.job):
             self._evaluate()
         self.telemetry.event("finish", self.state.step, val_loss=self.val_loss,
