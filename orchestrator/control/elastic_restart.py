@@ -23,11 +23,11 @@ connect. A restarted attempt therefore puts every key under its own prefix (:fun
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from v4train.orchestrator.control.telemetry import read_jsonl
 from v4train.orchestrator.faults import parse_fault
 
 __all__ = ["ENV", "PreviousAttempts", "restart_count", "previous_attempts", "refusal", "unfired_faults",
@@ -51,23 +51,10 @@ class PreviousAttempts:
     failures: list[dict] = field(default_factory=list)
 
 
-def _records(path: Path) -> list[dict]:
-    """The JSON lines of ``path``; a torn last line (a process killed mid-write) is left out."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def previous_attempts(run_dir: Path) -> PreviousAttempts:
     """Read ``metrics.jsonl`` and ``events.jsonl`` of ``run_dir`` (absent files: nothing recorded)."""
-    steps = [r["step"] for r in _records(run_dir / "metrics.jsonl") if "step" in r]
-    failures = [e for e in _records(run_dir / "events.jsonl") if e.get("event") == "failure"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
+    failures = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") == "failure"]
     return PreviousAttempts(last_step=steps[-1] if steps else 0, failures=failures)
 
 

@@ -20,7 +20,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-__all__ = ["Telemetry", "NullTelemetry"]
+__all__ = ["Telemetry", "NullTelemetry", "read_jsonl"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of one of the run's JSONL streams, oldest first; ``[]`` when the file does not exist. A line
+    cut by a killed writer (the last one) is left out."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 class Telemetry:

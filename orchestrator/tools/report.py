@@ -14,10 +14,11 @@ With ``--tensorboard`` the same scalars are also written as TensorBoard event fi
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from v4train.orchestrator.control.telemetry import read_jsonl
 
 __all__ = ["read_run", "current_lineage", "summary", "attention_spans", "format_summary", "plot", "write_tensorboard",
            "add_cli_arguments", "run_cli"]
@@ -43,17 +44,6 @@ def attention_spans(metrics: list[dict]) -> list[tuple[int, int, str]]:
     return [tuple(span) for span in spans]
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a killed writer
-    return out
-
 
 def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """``(metrics, events)`` of a run directory, as of the run's current trajectory (:func:`current_lineage`).
@@ -61,7 +51,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run}: no metrics.jsonl (not a run directory, or no step finished yet)")
-    return current_lineage(_jsonl(run / "metrics.jsonl"), _jsonl(run / "events.jsonl"))
+    return current_lineage(read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "events.jsonl"))
 
 
 def current_lineage(metrics: list[dict], events: list[dict]) -> tuple[list[dict], list[dict]]:
