@@ -19,6 +19,7 @@ survivors restore the last commit from their in-memory copy of what they wrote (
 from __future__ import annotations
 
 import dataclasses
+import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -50,11 +51,33 @@ START_TIMEOUT_S = 600.0
 PLACE_RETRY_S = 15.0
 
 
+# Where a rendezvous port is looked for: below the kernel's ephemeral range (``ip_local_port_range``, 32768-60999
+# by default), from which the kernel gives every outgoing connection (gloo's, Ray's) its local port, so a port
+# found free here cannot be taken by one of them before the rendezvous binds it.
+_PORT_RANGE = (20000, 32768)
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _PORT_RANGE[1]
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous), outside the ephemeral range.
+
+    Raises OSError when none of the ports tried can be bound.
+    """
+    high = min(_PORT_RANGE[1], _ephemeral_low())
+    for port in random.Random().sample(range(_PORT_RANGE[0], high), 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free TCP port on 127.0.0.1 in [{_PORT_RANGE[0]}, {high})")
 
 
 def start_spare(log_path: str | None = None):

@@ -95,3 +95,19 @@ def test_reach_host_passes_a_refused_port_and_names_the_host_it_cannot_reach():
     with pytest.raises(PreflightError, match=rf"host {socket.gethostname()} cannot reach the rendezvous "
                                              r"nosuch\.invalid:29500"):
         rendezvous.reach_host("nosuch.invalid", 29500, 2.0)
+
+
+def test_a_rendezvous_port_is_free_and_below_the_ephemeral_range():
+    """The kernel hands outgoing connections local ports from its ephemeral range; a rendezvous port found free
+    there could be taken by one (gloo's, Ray's) before torchrun or rank 0 binds it (EADDRINUSE)."""
+    import socket
+    from pathlib import Path
+
+    from v4train.orchestrator.control.ray_group import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = free_port()
+        assert 20000 <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
