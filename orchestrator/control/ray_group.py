@@ -65,19 +65,18 @@ def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous), outside the ephemeral range.
-
-    Raises OSError when none of the ports tried can be bound.
-    """
+    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous): one below the ephemeral range where
+    that range leaves room, else (a host whose ephemeral range starts low) the kernel's choice."""
     high = min(_PORT_RANGE[1], _ephemeral_low())
-    for port in random.Random().sample(range(_PORT_RANGE[0], high), 64):
+    candidates = random.Random().sample(range(_PORT_RANGE[0], high), 64) if high - _PORT_RANGE[0] >= 64 else []
+    for port in [*candidates, 0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise OSError(f"no free TCP port on 127.0.0.1 in [{_PORT_RANGE[0]}, {high})")
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def start_spare(log_path: str | None = None):
