@@ -59,9 +59,9 @@ def previous_attempts(run_dir: Path) -> PreviousAttempts:
 
 
 def _signature(failure: dict) -> str:
-    from v4train.orchestrator.recovery.fault_taxonomy import FaultClass, FaultHistory, Verdict
+    from v4train.orchestrator.recovery.fault_taxonomy import FaultHistory
 
-    return FaultHistory.signature(Verdict(FaultClass.TRANSIENT, "", str(failure.get("cause", "")), ""))
+    return FaultHistory.signature(str(failure.get("cause", "")))
 
 
 def refusal(previous: PreviousAttempts) -> str | None:

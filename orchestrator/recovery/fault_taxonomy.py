@@ -124,14 +124,16 @@ class FaultHistory:
         self._seen: set[tuple[int, str]] = set()
 
     @staticmethod
-    def signature(verdict: Verdict) -> str:
-        cause = verdict.cause.split(": ", 1)[-1] if verdict.cause.startswith("rank ") else verdict.cause
+    def signature(cause: str) -> str:
+        """``cause`` (a :class:`Verdict`'s, or a ``failure`` event's) without the rank, addresses, ids and
+        durations."""
+        cause = cause.split(": ", 1)[-1] if cause.startswith("rank ") else cause
         return _VOLATILE.sub("#", cause)
 
     def classify(self, exc: BaseException, step: int) -> Verdict:
         """Classify ``exc``, raised while the run was at optimizer step ``step``, and remember it."""
         verdict = classify(exc)
-        key = (step, self.signature(verdict))
+        key = (step, self.signature(verdict.cause))
         if not verdict.deterministic and key in self._seen:
             verdict = Verdict(FaultClass.DETERMINISTIC, verdict.type_name, verdict.cause,
                               f"the same fault repeated at step {step} after a restart")
