@@ -42,6 +42,7 @@ class _PendingSave:
     requested: float  # time.perf_counter() when the save was asked for
     blocked_s: float  # how long training waited for the ranks to copy their state
     train_state: dict
+    persisted: bool  # every rank's shards are durable already (a synchronous save returns only then)
 
 
 class Retention:
@@ -125,7 +126,7 @@ class CheckpointCoordinator:
         saved = SavedState(loader=saves[0].loader, rng={str(s.rank): s.rng for s in saves}, ranks=len(saves),
                            routing_rows=checkpoint.merge_routing(saves))
         self.pending = _PendingSave(step, attempt, started, time.perf_counter() - started,
-                                    state.to_train_state(self.job, saved))
+                                    state.to_train_state(self.job, saved), persisted=not asynchronous)
         return state if asynchronous else self.commit_pending(group, state, wait=True)
 
     def commit_pending(self, group: RankGroup, state: RunState, wait: bool) -> RunState:
@@ -133,10 +134,11 @@ class CheckpointCoordinator:
         pending = self.pending
         if pending is None:
             return state
-        if wait:
-            group.wait_saved(self.io_timeout_s)
-        elif not group.save_done(self.io_timeout_s):
-            return state
+        if not pending.persisted:  # a synchronous save returned with every rank's shards durable: no round trip
+            if wait:
+                group.wait_saved(self.io_timeout_s)
+            elif not group.save_done(self.io_timeout_s):
+                return state
         step = pending.step
         # after_step: the last step trained while the save was in the background (benchmarks sum those
         # steps' extra time against the median step)

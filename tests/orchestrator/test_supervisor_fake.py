@@ -169,6 +169,36 @@ def test_a_train_state_without_restarts_loads_into_the_run_state(tmp_path):
     assert state.routing.remaining == 2 and state.guard.n == 6 and state.restarts == 3
 
 
+class _CountingGroup(FakeRankGroup):
+    """Counts the supervisor's calls asking the ranks whether their shards have persisted."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.persist_queries = 0
+
+    def save_done(self, timeout_s: float) -> bool:
+        self.persist_queries += 1
+        return super().save_done(timeout_s)
+
+    def wait_saved(self, timeout_s: float) -> None:
+        self.persist_queries += 1
+        return super().wait_saved(timeout_s)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_synchronous_save_commits_without_asking_the_ranks_again(tmp_path, asynchronous):
+    """A synchronous save returns from the ranks with their shards durable: the commit follows without another
+    round trip to every rank (a share of a save's time on the simulated cluster); an asynchronous one is asked."""
+    job = _job(tmp_path, train={"steps": 4}, checkpoint={"every_steps": 2, "at_end": False,
+                                                         "async_save": asynchronous})
+    group = _CountingGroup(2, Script())
+    phase, _, events, _ = run_supervisor(job, tmp_path, group)
+    assert phase is Phase.FINISHED
+    assert [s for _, s in _names(events, "checkpoint_committed")] == [2, 4]
+    # the save at step 4 is the run's last, synchronous either way; the one at step 2 is asked about once
+    assert group.persist_queries == (1 if asynchronous else 0)
+
+
 def test_c16_save_events_carry_what_the_stall_benchmark_needs(tmp_path):
     """C16's benchmark (benchmarks/checkpoint_recovery.py) sums the extra wall time of the steps trained
     between each checkpoint_requested and its checkpoint_persisted: the events must name those steps and
