@@ -2,9 +2,10 @@
 
 One rank, the whole model (pp = 1), ``--micro-batches`` micro-batches of ``--micro-batch-size`` x
 ``--seq-len`` random tokens (the demo's shape: 2 x 4 x 256), forward + backward in sparse attention
-mode (MTP on, weight 0.3), then the Muon + AdamW step, on ``--threads`` CPU threads. After a warm-up
-step, ``--repeats`` steps run under ``torch.profiler`` and every operator's own CPU time is charged to
-one part:
+mode (MTP on, weight 0.3), then the Muon + AdamW step, on ``--threads`` CPU threads, with glibc's malloc
+set as a rank process sets it (``orchestrator/rank/host_allocator.py``; ``--glibc-malloc-defaults`` leaves
+glibc's defaults). After a warm-up step, ``--repeats`` steps run under ``torch.profiler`` and every
+operator's own CPU time is charged to one part:
 
 * forward operators to the innermost labelled region they run in: ``attention`` (the
   ``Attention`` modules), ``moe`` (``MoE``), ``mhc`` (the hyper-connection reads and writes,
@@ -33,6 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from v4train.model import ModelConfig, V4Stage
+from v4train.orchestrator.rank import host_allocator
 from v4train.model import block as block_module
 from v4train.model import mhc as mhc_module
 from v4train.model import transformer as transformer_module
@@ -138,8 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="leave glibc's malloc as it is, instead of the rank's setting (host_allocator.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.glibc_malloc_defaults:
+        host_allocator.keep_freed_memory()  # as every rank process does
     cfg = ModelConfig.preset("nano")
     stage = V4Stage(cfg, pp_rank=0, pp_size=1)
     stage.init_weights(0)

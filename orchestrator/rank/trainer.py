@@ -24,7 +24,7 @@ from v4train.orchestrator import checkpoint, faults
 from v4train.orchestrator.control.decisions import EvalRequest
 from v4train.orchestrator.control.rank_group import RankInfo, RankSave
 from v4train.orchestrator.curriculum import StepPlan, plan_step
-from v4train.orchestrator.rank import router_health
+from v4train.orchestrator.rank import host_allocator, router_health
 from v4train.orchestrator.rank.checkpoint_io import RankCheckpointIO
 from v4train.orchestrator.rank.engine import StepEngine
 from v4train.orchestrator.rank.devices import resolve_placement
@@ -76,6 +76,7 @@ class RankTrainer:
         self.rank = rank
         self.faults = {(f.kind, f.step): f for f in inject if f.rank == rank}
         torch.set_num_threads(threads)
+        host_allocator.keep_freed_memory()
         clock = PhaseClock()
         if dist.is_initialized():
             groups.destroy()
