@@ -91,7 +91,7 @@ def test_retention_runs_after_the_commit_returns(tmp_path, monkeypatch):
         remove(self, rel)
 
     monkeypatch.setattr(Storage, "remove", slow_remove)
-    pending = _PendingSave(20, _save(storage, 20), 0.0, 0.0, {"step": 20})
+    pending = _PendingSave(20, _save(storage, 20), 0.0, 0.0, {"step": 20}, persisted=True)
     done = []
     committer = threading.Thread(target=lambda: done.append(coordinator._commit(pending)))
     committer.start()
@@ -120,10 +120,10 @@ def test_a_deletion_that_fails_is_left_for_the_next_commit(tmp_path, monkeypatch
         remove(self, rel)
 
     monkeypatch.setattr(Storage, "remove", refused)
-    coordinator._commit(_PendingSave(20, _save(storage, 20), 0.0, 0.0, {"step": 20}))
+    coordinator._commit(_PendingSave(20, _save(storage, 20), 0.0, 0.0, {"step": 20}, persisted=True))
     coordinator.retention.wait()  # logged, not raised
     monkeypatch.setattr(Storage, "remove", remove)
-    assert coordinator._commit(_PendingSave(30, _save(storage, 30), 0.0, 0.0, {"step": 30}))[1] == \
+    assert coordinator._commit(_PendingSave(30, _save(storage, 30), 0.0, 0.0, {"step": 30}, persisted=True))[1] == \
         ["step_00000010", "step_00000020"]
     coordinator.retention.wait()
     assert [c["name"] for c in checkpoint.list_checkpoints(storage)] == ["step_00000030"]
