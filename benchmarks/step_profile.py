@@ -34,13 +34,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from v4train.model import ModelConfig, V4Stage
-from v4train.orchestrator.rank import host_allocator
 from v4train.model import block as block_module
 from v4train.model import mhc as mhc_module
 from v4train.model import transformer as transformer_module
 from v4train.model.attention import Attention
 from v4train.model.moe import MoE
 from v4train.model.mtp import MTPBlock
+from v4train.orchestrator.rank import host_allocator
 from v4train.parallel.optim import build_optimizer
 
 PARTS = ("attention", "moe", "mhc", "head+loss", "mtp", "embed", "optimizer", "other")

@@ -140,8 +140,8 @@ class CheckpointCoordinator:
             elif not group.save_done(self.io_timeout_s):
                 return state
         step = pending.step
-        # after_step: the last step trained while the save was in the background (benchmarks sum those
-        # steps' extra time against the median step)
+        # after_step: the last step trained while the save was in the background (the C16 benchmark charges a
+        # save the extra time of those steps and of the next one, which holds the commit)
         self.telemetry.event("checkpoint_persisted", step, seconds=round(time.perf_counter() - pending.requested, 2),
                              training_blocked_s=round(pending.blocked_s, 3), after_step=state.step)
         self.pending = None

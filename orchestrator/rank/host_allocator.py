@@ -5,8 +5,8 @@ simulated cluster's sizes) thousands of times a step. glibc's defaults hand that
 the top of the heap is trimmed once more than ``M_TRIM_THRESHOLD`` of it is free, and a block above the
 (self-adjusting) ``M_MMAP_THRESHOLD`` gets its own mapping, unmapped when freed. The next step's allocation of
 the same size then faults in fresh zeroed pages: 17,000-20,000 minor page faults in every step of the nano
-model at the demo's shape, against 800-1,100 with these settings, and 4-5% of the step's CPU time
-(``BENCHMARKS.md``, "the host allocator").
+model at the demo's shape, against 800-1,100 with these settings: 4-5% of one rank's step CPU time, 8% of
+the demo's (4 ranks sharing 2 cores; ``BENCHMARKS.md``, "the host allocator").
 
 :func:`keep_freed_memory` sets, for this process: blocks up to 32 MiB (glibc's largest ``M_MMAP_THRESHOLD``)
 from the heap, the heap trimmed only past 1 GiB free, and 64 MiB of headroom added to each heap growth. A rank
@@ -43,4 +43,4 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
                 (_M_TOP_PAD, TOP_PAD_BYTES))
-    return all([mallopt(param, value) == 1 for param, value in settings])
+    return all([mallopt(param, value) == 1 for param, value in settings])  # a list: every setting is tried

@@ -201,8 +201,9 @@ def test_a_synchronous_save_commits_without_asking_the_ranks_again(tmp_path, asy
 
 def test_c16_save_events_carry_what_the_stall_benchmark_needs(tmp_path):
     """C16's benchmark (benchmarks/checkpoint_recovery.py) sums the extra wall time of the steps trained
-    between each checkpoint_requested and its checkpoint_persisted: the events must name those steps and
-    the time training was blocked, and every step must carry its completion time."""
+    between each checkpoint_requested and its checkpoint_persisted, and of the step after (the commit): the
+    events must name those steps and the time training was blocked, and every step must carry its completion
+    time."""
     job = _job(tmp_path, train={"steps": 5}, checkpoint={"every_steps": 2, "at_end": False, "async_save": True})
     phase, _, _, events, metrics = _run(job, tmp_path, Script())
     assert phase is Phase.FINISHED
