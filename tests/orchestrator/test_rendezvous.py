@@ -100,7 +100,6 @@ def test_reach_host_passes_a_refused_port_and_names_the_host_it_cannot_reach():
 def test_a_rendezvous_port_is_free_and_below_the_ephemeral_range():
     """The kernel hands outgoing connections local ports from its ephemeral range; a rendezvous port found free
     there could be taken by one (gloo's, Ray's) before torchrun or rank 0 binds it (EADDRINUSE)."""
-    import socket
     from pathlib import Path
 
     from v4train.orchestrator.control.ray_group import free_port
