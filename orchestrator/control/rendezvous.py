@@ -82,23 +82,42 @@ def tcp_url(address: str, port: int) -> str:
 
 
 class RendezvousListener:
-    """A listening socket on ``address`` holding a free port until rank 0's store takes it over.
+    """A listening socket holding a free port until rank 0's store takes it over; ``address`` is the
+    data-plane address the other ranks are given.
 
-    Other nodes probe it in :func:`preflight`; :meth:`release` closes it just before the store binds the
-    same port (SO_REUSEADDR, so accepted probes in TIME_WAIT do not block the bind).
+    The port is held on every local address, not only ``address``: torch's TCPStore listens on the wildcard
+    (``*:port``), so a port free on ``address`` but held on another interface (an outgoing connection of Ray
+    or gloo from the node's address) would make the store's bind fail with EADDRINUSE. Other nodes probe it in
+    :func:`preflight`; :meth:`release` closes it just before the store binds the same port (SO_REUSEADDR, so
+    accepted probes in TIME_WAIT do not block the bind).
     """
 
     def __init__(self, address: str) -> None:
-        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, 0))
-        self.sock.listen(256)
+        self.sock = _wildcard_listener(ipaddress.ip_address(address).version)
         self.address = address
         self.port = self.sock.getsockname()[1]
 
     def release(self) -> None:
         self.sock.close()
+
+
+def _wildcard_listener(version: int) -> socket.socket:
+    """A socket listening on a free port of every local address: dual-stack ``[::]`` where the host has
+    IPv6 (what the store binds first), else ``0.0.0.0``. Raises OSError for an IPv6 ``version`` on a host
+    without IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        wildcard = "::"
+    except OSError:
+        if version == 6:
+            raise
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        wildcard = "0.0.0.0"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((wildcard, 0))
+    sock.listen(256)
+    return sock
 
 
 def _host() -> str:

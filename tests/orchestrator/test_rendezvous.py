@@ -3,6 +3,7 @@ handover of rank 0's rendezvous port to torch's TCPStore, and the preflight that
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -63,6 +64,21 @@ def test_listener_port_is_taken_over_by_the_store_after_probes(tmp_path):
     store.set("k", "v")
     assert store.get("k") == b"v"
     assert list((tmp_path / "ckpt").iterdir()) == []  # the probe file is gone
+
+
+def test_listener_holds_its_port_on_every_local_address():
+    # the store listens on *:port: a port free on the data-plane address but held on another local address
+    # would fail the store's bind with EADDRINUSE, so the listener must keep every address's port free
+    listener = RendezvousListener("127.0.0.1")
+    try:
+        for other in ("127.0.0.2", "0.0.0.0"):
+            with socket.socket() as s, pytest.raises(OSError) as exc:
+                s.bind((other, listener.port))
+            assert exc.value.errno == errno.EADDRINUSE, other
+        with socket.create_connection(("127.0.0.2", listener.port), timeout=2.0):
+            pass  # and it answers probes on any of them
+    finally:
+        listener.release()
 
 
 def test_unreachable_rendezvous_fails_within_the_timeout_naming_the_host(tmp_path):
