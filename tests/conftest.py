@@ -41,7 +41,7 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

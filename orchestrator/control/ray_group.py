@@ -19,8 +19,6 @@ survivors restore the last commit from their in-memory copy of what they wrote (
 from __future__ import annotations
 
 import dataclasses
-import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +35,7 @@ from v4train.orchestrator.rank.phase_clock import PhaseClock
 from v4train.orchestrator.rank.trainer import RankTrainer
 from v4train.orchestrator.rank.worker import RankWorker
 
-__all__ = ["RayRankGroup", "start_ray", "start_spare", "free_port", "PREFLIGHT_TIMEOUT_S"]
+__all__ = ["RayRankGroup", "start_ray", "start_spare", "PREFLIGHT_TIMEOUT_S"]
 
 # How long a node may take to connect to the rendezvous before it counts as unreachable (seconds).
 PREFLIGHT_TIMEOUT_S = 5.0
@@ -49,34 +47,6 @@ START_TIMEOUT_S = 600.0
 # How long a placement group may take to be ready before the live nodes are asked again and the group
 # placed anew (seconds): a node may be lost between the question and the placement.
 PLACE_RETRY_S = 15.0
-
-
-# Where a rendezvous port is looked for: below the kernel's ephemeral range (``ip_local_port_range``, 32768-60999
-# by default), from which the kernel gives every outgoing connection (gloo's, Ray's) its local port, so a port
-# found free here cannot be taken by one of them before the rendezvous binds it.
-_PORT_RANGE = (20000, 32768)
-
-
-def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
-    try:
-        return int(Path(path).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return _PORT_RANGE[1]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous): one below the ephemeral range where
-    that range leaves room, else (a host whose ephemeral range starts low) the kernel's choice."""
-    high = min(_PORT_RANGE[1], _ephemeral_low())
-    candidates = random.Random().sample(range(_PORT_RANGE[0], high), 64) if high - _PORT_RANGE[0] >= 64 else []
-    for port in [*candidates, 0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def start_spare(log_path: str | None = None):

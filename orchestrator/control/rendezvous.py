@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import socket
 import uuid
+from pathlib import Path
 
 import psutil
 
 __all__ = ["PreflightError", "interface_address", "interface_of", "data_plane", "socket_env", "tcp_url",
-           "RendezvousListener", "preflight", "reach_host"]
+           "RendezvousListener", "free_port", "preflight", "reach_host"]
 
 # The environment variables gloo and NCCL read for the interface their sockets bind to.
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -81,6 +83,12 @@ def tcp_url(address: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+# Where a rendezvous port is taken: below the kernel's ephemeral range (``ip_local_port_range``, 32768-60999 by
+# default), from which the kernel gives every outgoing connection (gloo's, Ray's) its local port and ``bind(0)``
+# its answer, so that no other socket takes the port between its release and the store's bind.
+_PORT_RANGE = (20000, 32768)
+
+
 class RendezvousListener:
     """A listening socket holding a free port until rank 0's store takes it over; ``address`` is the
     data-plane address the other ranks are given.
@@ -93,7 +101,7 @@ class RendezvousListener:
     """
 
     def __init__(self, address: str) -> None:
-        self.sock = _wildcard_listener(ipaddress.ip_address(address).version)
+        self.sock = _hold_port(ipaddress.ip_address(address).version)
         self.address = address
         self.port = self.sock.getsockname()[1]
 
@@ -101,10 +109,34 @@ class RendezvousListener:
         self.sock.close()
 
 
-def _wildcard_listener(version: int) -> socket.socket:
-    """A socket listening on a free port of every local address: dual-stack ``[::]`` where the host has
-    IPv6 (what the store binds first), else ``0.0.0.0``. Raises OSError for an IPv6 ``version`` on a host
-    without IPv6."""
+def free_port() -> int:
+    """A TCP port free now on every local address, below the ephemeral range where that range leaves room
+    (for a store or server bound to it next: a torchrun rendezvous, a test's endpoint)."""
+    with _hold_port(4) as sock:
+        return sock.getsockname()[1]
+
+
+def _hold_port(version: int) -> socket.socket:
+    """A socket listening on a free TCP port of every local address: one of 64 random ports below the
+    ephemeral range, else (a host whose ephemeral range starts low, or all 64 taken) the kernel's choice.
+    Raises OSError when none is free, or for IPv6 (``version``) on a host without IPv6."""
+    high = min(_PORT_RANGE[1], _ephemeral_low())
+    candidates = random.Random().sample(range(_PORT_RANGE[0], high), 64) if high - _PORT_RANGE[0] >= 64 else []
+    for port in [*candidates, 0]:
+        sock, wildcard = _wildcard_socket(version)
+        try:
+            sock.bind((wildcard, port))
+            sock.listen(256)
+        except OSError:
+            sock.close()
+            continue
+        return sock
+    raise OSError("no free TCP port on this host")
+
+
+def _wildcard_socket(version: int) -> tuple[socket.socket, str]:
+    """A TCP socket (SO_REUSEADDR, as the store's) and the wildcard address that covers every local address:
+    dual-stack ``::`` where the host has IPv6 (what the store binds first), else ``0.0.0.0``."""
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -115,9 +147,14 @@ def _wildcard_listener(version: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         wildcard = "0.0.0.0"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((wildcard, 0))
-    sock.listen(256)
-    return sock
+    return sock, wildcard
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _PORT_RANGE[1]
 
 
 def _host() -> str:

@@ -82,7 +82,7 @@ def test_torchruns_static_rendezvous_keeps_one_store_for_every_attempt():
     store, this fails and the prefix can go."""
     from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
 
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     handler = StaticTCPRendezvous("127.0.0.1", free_port(), rank=0, world_size=1, run_id="run", timeout=30)
     handler.next_rendezvous().store.set("default_pg/0//rank_0_address", b"attempt 0")

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from support.paths import REPO_ROOT, holds
-from v4train.orchestrator.control.ray_group import free_port
+from v4train.orchestrator.control.rendezvous import free_port
 
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 400

@@ -14,7 +14,7 @@ from support.paths import REPO_ROOT
 from v4train.orchestrator.tools import jobs
 from v4train.orchestrator.tools.cli import main
 from v4train.orchestrator.spec import ClusterSpec, SpecError, load_cluster
-from v4train.orchestrator.control.ray_group import free_port
+from v4train.orchestrator.control.rendezvous import free_port
 
 
 

@@ -135,7 +135,7 @@ def test_rank_0_writes_nothing_in_the_run_directory_before_every_rank_has_joined
     import time
 
     from v4train.orchestrator.control.preflight import PROBE_PREFIX
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_job(tiny_dataset, parallel={"pp": 2, "dp": 1})))

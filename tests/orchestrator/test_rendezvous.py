@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -116,13 +117,12 @@ def test_reach_host_passes_a_refused_port_and_names_the_host_it_cannot_reach():
 def test_a_rendezvous_port_is_free_and_below_the_ephemeral_range():
     """The kernel hands outgoing connections local ports from its ephemeral range; a rendezvous port found free
     there could be taken by one (gloo's, Ray's) before torchrun or rank 0 binds it (EADDRINUSE)."""
-    from pathlib import Path
-
-    from v4train.orchestrator.control.ray_group import free_port
-
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(20):
-        port = free_port()
+        port = rendezvous.free_port()
         assert 20000 <= port < low
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", port))
+            s.bind(("0.0.0.0", port))  # free on every address, as the store's wildcard bind needs
+        listener = RendezvousListener("127.0.0.1")
+        listener.release()
+        assert 20000 <= listener.port < low

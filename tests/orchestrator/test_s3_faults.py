@@ -188,7 +188,7 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_1_for_ckpt_and_exit_2_for_
     """botocore's own errors (EndpointConnectionError: no OSError) were a 99-line traceback from `ckpt list`."""
     import yaml
 
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     monkeypatch.setitem(storage_module.S3_RETRIES, "max_attempts", 1)  # the same error, without 60 s of backoff
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -209,7 +209,7 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_1_for_ckpt_and_exit_2_for_
 
 def test_no_credentials_at_all_is_one_line(tmp_path, monkeypatch, capsys):
     """botocore's NoCredentialsError (no OSError) was a traceback from `ckpt list`."""
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)

@@ -30,7 +30,7 @@ def torchrun(nproc: int, *args, timeout_s: float = TORCHRUN_TIMEOUT_S,
              torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``torchrun TORCHRUN_ARGS -m v4train.orchestrator.launch ARGS`` on ``nproc`` local ranks, in its own
     session, killed as a group if it outlives ``timeout_s`` (no orphaned ranks; the test fails)."""
-    from v4train.orchestrator.control.ray_group import free_port
+    from v4train.orchestrator.control.rendezvous import free_port
 
     launcher = Path(sys.executable).parent / "torchrun"
     cmd = [str(launcher), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",

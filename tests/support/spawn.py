@@ -6,34 +6,21 @@ them within a deadline and, past it, kills them and fails the test, so a hang is
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 
 import pytest
 import torch.multiprocessing as mp
 
+from v4train.orchestrator.control import rendezvous
+
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 for the ranks' rendezvous.
-
-    Drawn from 20000-32767, below Linux's ephemeral range (32768-60999), where the kernel picks the source
-    ports of other processes' outgoing connections (Ray's, the other tests') and ``bind(0)``'s answers: a
-    port found free there can be taken by such a connection before the rank binds it.
-    """
-    rng = random.SystemRandom()
-    ports: list[int] = []
+    """``n`` distinct TCP ports free now on every local address, below the ephemeral range
+    (:func:`rendezvous.free_port`), for the ranks' rendezvous."""
+    ports: set[int] = set()
     while len(ports) < n:
-        port = rng.randrange(20000, 32768)
-        if port in ports:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
+        ports.add(rendezvous.free_port())
+    return sorted(ports)
 
 
 def spawn_ranks(main, args: tuple, nprocs: int, deadline_s: float, what: str) -> None:
