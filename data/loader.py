@@ -100,7 +100,8 @@ class TokenDataset:
         Raises:
             DataError: naming the directory, `dataset.json` or the shard file when the directory
                 or manifest is missing or malformed, the split is unknown, or a shard is missing,
-                has the wrong size, checksum, schema or counts, or holds ids >= vocab_size.
+                has the wrong size, checksum, schema or counts, or holds ids >= vocab_size (the first
+                one named by row and position).
         """
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
@@ -176,7 +177,11 @@ def _read_shard(data_dir: Path, entry: dict, dtype: np.dtype,
         raise DataError(f"{path}: {len(lengths)} documents / {len(values)} tokens, "
                         f"{MANIFEST} says {entry.get('documents')} / {entry.get('tokens')}")
     if len(values) and int(values.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(values.max())} >= vocab_size {vocab_size}")
+        first = int(np.argmax(values >= vocab_size))
+        ends = np.cumsum(lengths)
+        row = int(np.searchsorted(ends, first, side="right"))
+        raise DataError(f"{path}: token id {int(values[first])} >= vocab_size {vocab_size} (row {row}, token "
+                        f"{first - int(ends[row] - lengths[row])}; the shard's first such token)")
     return values, lengths
 
 

@@ -283,6 +283,16 @@ def test_four_ranks_300_steps_on_13m_tokens_build_each_epoch_once(tmp_path, monk
     assert elapsed < 4.0, f"{elapsed:.2f} s"
 
 
+def test_a_token_outside_the_vocabulary_is_named_by_row_and_position(tmp_path):
+    docs = docs_of(LENGTHS)
+    docs[3][7] = VOCAB + 4  # the fourth document of the first shard, its eighth token
+    docs[8][0] = VOCAB  # a later one: the first is named
+    root = make_dataset(tmp_path / "ds", docs, shard_tokens=1000)
+    with pytest.raises(DataError, match=rf"train-00000\.parquet: token id {VOCAB + 4} >= vocab_size {VOCAB} "
+                                        r"\(row 3, token 7; the shard's first such token\)"):
+        TokenDataset.open(root, "train")
+
+
 def test_manifest_disagreeing_with_shard_contents_is_refused(data_dir):
     manifest_path = data_dir / "dataset.json"
     manifest = json.loads(manifest_path.read_text())
