@@ -4,6 +4,7 @@ Ray starts): exit 2, one line naming the file or field, nothing written under th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -74,7 +75,8 @@ def test_a_corrupt_shard_exits_2_before_any_rank_starts(corrupt_dataset, tmp_pat
 def test_a_token_outside_the_vocabulary_behind_a_matching_manifest_is_named(tiny_dataset, tmp_path, capsys):
     shard = with_token(tiny_dataset, tmp_path / "data", 512)
     assert cli.main(_submit(tmp_path, tiny_job(tmp_path / "data"))) == 2
-    assert _one_error_line(capsys) == f"v4train: error: data.path: {shard}: token id 512 >= vocab_size 512"
+    assert re.fullmatch(rf"v4train: error: data\.path: {re.escape(str(shard))}: token id 512 >= vocab_size 512 "
+                        r"\(row \d+, token \d+; the shard's first such token\)", _one_error_line(capsys))
 
 
 def test_a_broken_parquet_file_behind_a_matching_manifest_exits_2_with_one_line(tiny_dataset, tmp_path, capsys):
