@@ -78,6 +78,7 @@ class SavedCopies:
             for key, value in state.items():
                 copy[key].copy_(value.detach())
         else:
+            oldest = None  # freed before the new buffer is allocated: a rank never holds keep + 1 copies
             copy = host_copy(state)
         self.copies[(root, attempt, rank)] = copy
         while len(self.copies) > self.keep:

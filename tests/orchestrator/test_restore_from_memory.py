@@ -4,6 +4,8 @@ a copy that does not fit the model is refused before anything changes."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -101,3 +103,20 @@ def test_a_full_store_writes_the_next_copy_into_the_oldest_copys_memory():
     assert fourth["model.w"].shape == (2, 6) and torch.equal(fourth["model.w"], reshaped["model.w"])
     assert fourth["model.w"].data_ptr() != reshaped["model.w"].data_ptr()
     assert torch.equal(copies.get("/root", "c", 0)["model.w"], torch.full((4, 3), 2.0))
+
+
+def test_an_oldest_copy_that_cannot_be_reused_is_freed_before_the_new_one_is_allocated(monkeypatch):
+    """A rank's state copy can be most of its host memory: holding keep + 1 of them at once would raise its peak."""
+    from v4train.orchestrator.rank import saved_copies
+
+    copies = SavedCopies(keep=1)
+    first = copies.put("/root", "a", 0, {"model.w": torch.ones(4, 3)})
+    buffer = weakref.ref(first["model.w"].untyped_storage())
+    del first
+    alive_at_allocation = []
+    allocate = saved_copies.host_copy
+    monkeypatch.setattr(saved_copies, "host_copy", lambda state: (alive_at_allocation.append(buffer() is not None),
+                                                                  allocate(state))[1])
+    second = copies.put("/root", "b", 0, {"model.w": torch.ones(2, 6)})  # another shape: a fresh buffer
+    assert alive_at_allocation == [False]
+    assert torch.equal(second["model.w"], torch.ones(2, 6)) and copies.get("/root", "a", 0) is None
