@@ -19,9 +19,9 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   and the optimizer state (:func:`optimizer_bytes`): two fp32 moments per parameter (AdamW; Muon's single
   momentum is counted as two, an upper bound). With
   ``train.distributed_optimizer`` (and only then) the optimizer term is divided by the group each part is
-  sharded over: the data-parallel size for dense parameters, the expert-data-parallel size (tp x cp x dp / ep)
-  for routed experts (AdamW in equal element ranges, exactly 1/DP; Muon matrices whole by a FLOP-balanced
-  partition, 1/DP on average). Gradients and bf16 copies stay replicated (ZeRO-1).
+  sharded over: the data x context parallel size (dp x cp) for dense parameters, the expert-data-parallel size
+  (tp x cp x dp / ep) for routed experts (AdamW in equal element ranges, exactly 1/DP; Muon matrices whole by a
+  FLOP-balanced partition, 1/DP on average). Gradients and bf16 copies stay replicated (ZeRO-1).
 - ``activations``: what autograd keeps per micro-batch (per-token element counts per layer fitted to
   saved-tensor measurements of this code's nano/small models, :func:`activation_elements`), times the
   micro-batches in flight: 1F1B keeps ``min(pp - r, m)`` on stage ``r``. ``train.recompute`` (``Layout.recompute``):
@@ -40,10 +40,11 @@ devices and, when it does not fit, searches layouts that do. Nothing is trained;
   parameters and whole optimizer state (:func:`saved_copy_bytes`; TP shards whole), into host memory and keeps
   the :data:`SAVED_COPIES` newest (``orchestrator/rank/saved_copies.py``: a survivor restores from them; an
   asynchronous save writes that copy, no second staging copy). Counted on CPU while ``checkpoint.every_steps``
-  saves; on GPU reported as host memory (``host ckpt staging``, one more copy during a save), not counted.
+  saves; on GPU reported as host memory (``host ckpt staging``), not counted. A save with the newest copies
+  held writes into the oldest one's memory, or frees it first, so a rank never holds more than that many.
 - ``checkpoint_save``: a save's transient, between steps when activations are free: the sharded optimizer state
-  and masters gathered whole (with ``train.distributed_optimizer``), and on CPU the new copy before the oldest is
-  dropped; counted where it exceeds the activations it replaces.
+  and masters gathered whole (with ``train.distributed_optimizer``), and on CPU, for a job that saves only at
+  its end, the copy that save makes; counted where it exceeds the activations it replaces.
 
 **Pipeline bubble** (1F1B): ``(pp - 1) / (m + pp - 1)`` with ``m`` micro-batches per data-parallel rank.
 **Communication per step per rank**: DP gradient all-reduce (or reduce-scatter + all-gather), TP
@@ -182,10 +183,12 @@ def state_bytes(precision: str) -> dict[str, float]:
 
 
 def _shard_sizes(layout: Layout, distributed: bool) -> tuple[int, int]:
-    """(dense, routed-expert) group sizes the distributed optimizer shards over; (1, 1) without it."""
+    """(dense, routed-expert) group sizes the distributed optimizer shards over; (1, 1) without it. Dense
+    parameters: the data x context parallel group (the trainer's ``ParallelContext.data_group``: CP ranks hold
+    replicas and sum their gradients over it); routed experts: the expert-data-parallel group."""
     if not distributed:
         return 1, 1
-    return layout.dp, max(1, layout.tp * layout.cp * layout.dp // layout.ep)
+    return layout.dp * layout.cp, max(1, layout.tp * layout.cp * layout.dp // layout.ep)
 
 
 def parameter_bytes(cfg, layout: Layout, precision: str, distributed: bool,
@@ -333,17 +336,17 @@ def plan_layout(cfg, job, cluster, layout: Layout, shape: Shape) -> Plan:
         parts["optimizer"] = optimizer[r]
         parts.update(_activation_parts(cfg, layout, shape, layers, r, min(pp - r, m), b["act"], b["stream"]))
         stage = StageMemory(r, layers, dense, expert, parts)
-        # a save gathers the sharded state whole (on the device) and adds a host copy before the oldest kept one
-        # is dropped; between steps, when activations are free
+        # a save gathers the sharded state whole (on the device); one that no kept copy covers (the end's save of a
+        # job without periodic saves) adds its host copy; between steps, when activations are free
         gathered = (whole_optimizer[r] - optimizer[r]) + (whole_params[r] - params[r]) if saves else 0.0
         transient = (parts["activations"] + parts["kv_compressor"] + parts["workspace"]
                      + parts.get("head_weight_grad", 0.0) + parts.get("recomputed_layer", 0.0))
         if device == "cpu":
             parts["saved_copies"] = kept * copies[r]
-            parts["checkpoint_save"] = max(0.0, gathered + (copies[r] if saves else 0.0) - transient)
+            parts["checkpoint_save"] = max(0.0, gathered + (copies[r] if saves and not kept else 0.0) - transient)
         else:
             parts["checkpoint_save"] = max(0.0, gathered - transient)
-            stage.host_staging = (kept + 1) * copies[r] if saves else 0.0
+            stage.host_staging = max(kept, 1) * copies[r] if saves else 0.0
         stages.append(stage)
 
     comm = _communication(cfg, layout, stages, m, tokens_mb, b, shape.seq_len)

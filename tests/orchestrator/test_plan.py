@@ -203,6 +203,11 @@ def test_distributed_optimizer_divides_only_the_optimizer_state():
     wide = dataclasses.replace(layout, pp=1, dp=4, ep=2)
     (stage,) = plan_layout(cfg, on, cluster, wide, shape).stages
     assert stage.parts["optimizer"] == pytest.approx(8 * (stage.dense_params / 4 + stage.expert_params / 2 / 2))
+    # context parallel ranks hold replicas too: the trainer shards dense state over dp x cp (its data_group), and
+    # experts over the expert-data-parallel group tp x cp x dp / ep
+    context = dataclasses.replace(layout, pp=1, dp=2, ep=2, cp=2)
+    (stage,) = plan_layout(cfg, on, cluster, context, shape).stages
+    assert stage.parts["optimizer"] == pytest.approx(8 * (stage.dense_params / 4 + stage.expert_params / 2 / 2))
 
 
 def test_bf16_masters_are_sharded_with_the_distributed_optimizer():
@@ -224,17 +229,25 @@ def test_bf16_masters_are_sharded_with_the_distributed_optimizer():
 
 def test_checkpoint_copies_are_what_the_rank_keeps():
     """Every save keeps a host copy of the rank's fp32 parameters and whole optimizer state (12 bytes per
-    parameter), the 2 newest of them, synchronous or asynchronous; a save adds one more copy between steps
-    (counted where it exceeds the activations), and nothing is counted when the job never saves."""
+    parameter), the 2 newest of them, synchronous or asynchronous, and never a third (a save reuses or frees the
+    oldest first); a job that saves only at its end holds its one copy as the save's transient (counted where
+    it exceeds the activations), and nothing is counted when the job never saves."""
     shape_of = lambda job: job_shapes(job)[0]  # noqa: E731
+    transient = lambda s: sum(s.parts.get(k, 0.0) for k in ("activations", "kv_compressor", "workspace",  # noqa: E731
+                                                             "head_weight_grad", "recomputed_layer"))
+    # micro-batches of one sequence: the activations a save's transient replaces are smaller than a copy
     for extra in (("checkpoint.async_save=true",), ("checkpoint.async_save=false",)):
-        job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=10", *extra))
+        job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=10", "train.micro_batch_size=1", *extra))
         for s in plan_layout(cfg, job, cluster, layout, shape_of(job)).stages:
             copy = 12 * (s.dense_params + s.expert_params / layout.ep)
-            assert s.parts["saved_copies"] == 2 * copy, extra
-            transient = sum(s.parts.get(k, 0.0) for k in ("activations", "kv_compressor", "workspace",
-                                                          "head_weight_grad", "recomputed_layer"))
-            assert s.parts["checkpoint_save"] == pytest.approx(max(0.0, copy - transient))
+            assert s.parts["saved_copies"] == 2 * copy and copy > transient(s), extra
+            assert s.parts["checkpoint_save"] == 0, extra  # nothing gathered: no distributed optimizer
+    job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=0", "checkpoint.at_end=true",
+                                             "train.micro_batch_size=1"))
+    for s in plan_layout(cfg, job, cluster, layout, shape_of(job)).stages:
+        copy = 12 * (s.dense_params + s.expert_params / layout.ep)
+        assert s.parts["saved_copies"] == 0 and copy > transient(s)
+        assert s.parts["checkpoint_save"] == pytest.approx(copy - transient(s))
     job, cfg, cluster, layout = _demo(extra=("checkpoint.every_steps=0", "checkpoint.at_end=false"))
     for s in plan_layout(cfg, job, cluster, layout, shape_of(job)).stages:
         assert s.parts["saved_copies"] == 0 and s.parts["checkpoint_save"] == 0
