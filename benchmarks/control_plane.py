@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from v4train.orchestrator.control.rendezvous import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: fl
                "clusters/local-sim.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     else:
         torchrun = Path(sys.executable).parent / "torchrun"
-        cmd = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(_free_port()), "-m",
+        cmd = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(free_port()), "-m",
                "v4train.orchestrator.launch", "configs/demo.yaml", "--run-dir", str(run_dir), "--overwrite", *sets]
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -55,14 +57,6 @@ def _run(kind: str, run_dir: Path, overrides: list[str], world: int, timeout: fl
         raise RuntimeError(f"{kind} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"kind": kind, "wall_s": wall, "first_step_after_s": rows[0]["time"] - started, "rows": rows}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stats(run: dict, skip: int) -> dict:

@@ -52,7 +52,6 @@ import importlib.metadata
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -234,12 +233,6 @@ def _documents(device: str) -> list[str]:
     return docs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_config(device: str, steps: int | None) -> dict:
     if device == "cuda":
         return dict(seq_len=2048, global_batch=16, micro_batch_size=4, steps=steps or 6, warmup=2, vocab=8192)
@@ -290,6 +283,7 @@ def train_run(work: Path, dataset: Path, tc: dict, precision: str, fp8: bool, de
 
     from v4train.model.budget import training_flops_per_sequence
     from v4train.orchestrator import launch
+    from v4train.orchestrator.control.rendezvous import free_port
 
     job_path, cluster_path = write_job(work, dataset, tc, precision, fp8, device)
     run_dir = work / job_path.stem
@@ -299,7 +293,7 @@ def train_run(work: Path, dataset: Path, tc: dict, precision: str, fp8: bool, de
         result["planned_peak_gib"] = round(planned_peak_gib(job_path, cluster_path, vocab_size), 3)
     except Exception as exc:  # noqa: BLE001 - the run still goes ahead
         result["plan_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

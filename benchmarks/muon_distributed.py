@@ -31,7 +31,6 @@ import argparse
 import datetime
 import faulthandler
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from v4train.model import V4Stage  # noqa: E402
+from v4train.orchestrator.control.rendezvous import free_port  # noqa: E402
 from v4train.model.config import ModelConfig  # noqa: E402
 from v4train.parallel.distributed_muon import DistributedMuon  # noqa: E402
 from v4train.parallel.muon import V4_NS_STEPS, Muon, hybrid_newton_schulz  # noqa: E402
@@ -106,12 +106,6 @@ def _rank(rank: int, port: int, world: int, steps: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -192,7 +186,7 @@ def main() -> None:
     result = {"dp": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.dp:
-            mp.start_processes(_rank, args=(_free_port(), world, args.steps, tmp), nprocs=world, join=True,
+            mp.start_processes(_rank, args=(free_port(), world, args.steps, tmp), nprocs=world, join=True,
                                start_method="spawn")
             ranks = [json.load(open(f"{tmp}/dp{world}_rank{r}.json")) for r in range(world)]
             result["dp"][world] = r = {

@@ -32,7 +32,6 @@ import argparse
 import datetime
 import faulthandler
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from v4train.orchestrator.control.rendezvous import free_port  # noqa: E402
 from v4train.parallel import groups  # noqa: E402
 from v4train.parallel.groups import ParallelContext  # noqa: E402
 from v4train.parallel.schedules import forward_backward  # noqa: E402
@@ -159,12 +159,6 @@ def _rank_main(rank: int, pp: int, port: int, args: dict, out_path: str) -> None
     faulthandler.cancel_dump_traceback_later()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(pp: int, args: dict) -> list[dict]:
     """Spawn ``pp`` gloo ranks and time every (m, vp) of ``args``; one dict per (m, vp).
 
@@ -182,7 +176,7 @@ def measure(pp: int, args: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = f"{tmp}/rows.json"
         mp.start_processes(
-            _rank_main, args=(pp, _free_port(), args, out_path), nprocs=pp, start_method="spawn"
+            _rank_main, args=(pp, free_port(), args, out_path), nprocs=pp, start_method="spawn"
         )
         rows = json.loads(Path(out_path).read_text())
     microbatch_s = 3 * args["t_fwd_ms"] / 1000  # t_f + t_b of a rank (all its chunks together)
