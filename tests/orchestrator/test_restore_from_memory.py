@@ -113,6 +113,7 @@ def test_an_oldest_copy_that_cannot_be_reused_is_freed_before_the_new_one_is_all
     first = copies.put("/root", "a", 0, {"model.w": torch.ones(4, 3)})
     buffer = weakref.ref(first["model.w"].untyped_storage())
     del first
+    assert buffer() is not None  # held by the store: the weakref follows the buffer, not a passing wrapper
     alive_at_allocation = []
     allocate = saved_copies.host_copy
     monkeypatch.setattr(saved_copies, "host_copy", lambda state: (alive_at_allocation.append(buffer() is not None),
