@@ -90,14 +90,13 @@ _PORT_RANGE = (20000, 32768)
 
 
 class RendezvousListener:
-    """A listening socket holding a free port until rank 0's store takes it over; ``address`` is the
+    """A listening socket holding a free port until rank 0's store takes the socket over; ``address`` is the
     data-plane address the other ranks are given.
 
-    The port is held on every local address, not only ``address``: torch's TCPStore listens on the wildcard
-    (``*:port``), so a port free on ``address`` but held on another interface (an outgoing connection of Ray
-    or gloo from the node's address) would make the store's bind fail with EADDRINUSE. Other nodes probe it in
-    :func:`preflight`; :meth:`release` closes it just before the store binds the same port (SO_REUSEADDR, so
-    accepted probes in TIME_WAIT do not block the bind).
+    The port is held on every local address, not only ``address``, as torch's TCPStore listens on the wildcard
+    (``*:port``). Other nodes probe it in :func:`preflight`. Rank 0's store then serves on this very socket
+    (:meth:`hand_over`, TCPStore's ``master_listen_fd``): the port is never free between the probes and the
+    store, so no other socket (an outgoing connection of Ray or gloo) can take it and fail the store's bind.
     """
 
     def __init__(self, address: str) -> None:
@@ -105,8 +104,17 @@ class RendezvousListener:
         self.address = address
         self.port = self.sock.getsockname()[1]
 
+    def hand_over(self) -> socket.socket:
+        """The listening socket, for a store to serve on (``master_listen_fd=sock.fileno()``, then
+        ``sock.detach()`` once the store owns the descriptor); the listener no longer holds it."""
+        sock, self.sock = self.sock, None
+        return sock
+
     def release(self) -> None:
-        self.sock.close()
+        """Close the socket (the port is free again), unless it was handed over."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def free_port() -> int:

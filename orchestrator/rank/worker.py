@@ -9,16 +9,19 @@ is written. Heartbeats are answered on their own concurrency group while a step 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import psutil
 import ray
+import torch.distributed as dist
 
 from v4train.orchestrator.control import rendezvous
 from v4train.orchestrator.control.rank_group import RankInfo, SetupRequest
@@ -92,7 +95,7 @@ class RankWorker:
         os.environ.update(rendezvous.socket_env(rendezvous.data_plane(request.interface, node)[1]))
         log.info("rank %d of %d on node %s, rendezvous %s", rank, world_size, node, init_method)
         self.close()
-        self._release_rendezvous()
+        store = self._rendezvous_store(rank, world_size, init_method, request.collective_timeout_s)
         inject = [parse_fault(f) for f in request.faults]
         self.node_faults = {(f.kind, f.step) for f in inject if f.rank == rank and f.kind in NODE_KINDS}
         self.own_host = request.supervisor_node not in (None, ray.get_runtime_context().get_node_id())
@@ -100,7 +103,7 @@ class RankWorker:
         self.trainer = RankTrainer(
             request.job, rank=rank, world_size=world_size, init_method=init_method,
             timeout_s=request.collective_timeout_s, threads=request.threads, backend=request.backend,
-            device=request.device, inject=inject, saved=self.saved,
+            device=request.device, inject=inject, saved=self.saved, store=store,
         )
         return dataclasses.replace(self.trainer.describe(), node=node)
 
@@ -111,6 +114,31 @@ class RankWorker:
             return rendezvous.data_plane(interface, node)
         except ValueError as exc:
             raise rendezvous.PreflightError(f"host {node}: {exc}") from None
+
+    def _rendezvous_store(self, rank: int, world_size: int, init_method: str, timeout_s: float) -> dist.TCPStore:
+        """This rank's handle on the rendezvous store at ``init_method`` (``tcp://ADDRESS:PORT``). Rank 0 serves
+        it on the socket :meth:`open_rendezvous` holds, so the port passes from the probe listener to the store
+        without being free in between (it binds the port itself where no listener was opened); the others join.
+
+        Raises:
+            torch.distributed.DistStoreError: the store or a peer did not answer within ``timeout_s``.
+        """
+        url = urllib.parse.urlsplit(init_method)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        listener, self.listener = self.listener, None
+        if rank != 0 or listener is None:
+            if listener is not None:
+                listener.release()
+            return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
+        sock = listener.hand_over()
+        try:
+            store = dist.TCPStore(url.hostname, url.port, world_size, is_master=True, timeout=timeout,
+                                  master_listen_fd=sock.fileno())
+        except BaseException:
+            sock.close()
+            raise
+        sock.detach()  # the store's descriptor now, closed with the store
+        return store
 
     def _release_rendezvous(self) -> None:
         if self.listener is not None:

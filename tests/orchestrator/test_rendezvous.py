@@ -56,15 +56,25 @@ def test_cluster_file_field():
     assert ClusterSpec(name="one", devices_per_node=4).interface is None
 
 
-def test_listener_port_is_taken_over_by_the_store_after_probes(tmp_path):
+def test_the_store_serves_on_the_listeners_socket_after_probes_and_the_port_is_never_free(tmp_path):
     listener = RendezvousListener("127.0.0.1")
     rendezvous.preflight("127.0.0.1", (listener.address, listener.port), str(tmp_path / "ckpt"), 2.0)
-    listener.release()
-    # the probe's accepted connection is in TIME_WAIT on the listener's side; the store must still bind
-    store = dist.TCPStore("127.0.0.1", listener.port, 1, is_master=True, wait_for_workers=False)
-    store.set("k", "v")
+    sock = listener.hand_over()
+    listener.release()  # a no-op once handed over: the store's socket stays open
+    with socket.socket() as other, pytest.raises(OSError) as exc:
+        other.bind(("127.0.0.2", listener.port))  # between the probes and the store: still held
+    assert exc.value.errno == errno.EADDRINUSE
+    store = dist.TCPStore("127.0.0.1", listener.port, 2, is_master=True, wait_for_workers=False,
+                          master_listen_fd=sock.fileno())
+    sock.detach()
+    client = dist.TCPStore("127.0.0.1", listener.port, 2, is_master=False)
+    client.set("k", "v")  # the probe's closed connection in the backlog did not disturb the store
     assert store.get("k") == b"v"
     assert list((tmp_path / "ckpt").iterdir()) == []  # the probe file is gone
+    del client, store  # the store owns the descriptor: the port is free once it is gone
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("0.0.0.0", listener.port))
 
 
 def test_listener_holds_its_port_on_every_local_address():
