@@ -129,7 +129,7 @@ def _run(job, cluster, run_dir: Path, rank: int, world: int, init_method: str, a
 
     cluster = cluster or ClusterSpec(name="torchrun", devices_per_node=world)
     resume_from, from_step = None, 0
-    if args.resume:  # every rank reads the same committed name (the root is shared)
+    if args.resume and rank == 0:  # the others restore what rank 0 finds (Supervisor._resume_target)
         c = job.checkpoint
         storage = Storage(c.root or str(run_dir), endpoint_url=c.endpoint_url, region=c.region)
         resume_from = checkpoint.latest_committed(storage)

@@ -251,6 +251,7 @@ class Supervisor:
                   "launcher": self.workers.launcher, "setup_s": round(time.perf_counter() - started, 2)}
         if getattr(self.workers, "setup_laps", None):  # the Ray group's parts of the set-up
             fields["setup_parts_s"] = {"create": round(created_s, 3), **self.workers.setup_laps}
+        self.resume_from = self.workers.coordinate(self._resume_target)
         if self.resume_from is not None:
             restore_started = time.perf_counter()
             self.state, fields["resumed_from"] = self.checkpoints.restore(self.workers, self.state, self.resume_from)
@@ -261,6 +262,12 @@ class Supervisor:
                 fields["superseded"] = superseded
         self.telemetry.event("start", self.state.step, **fields)
         self.phase = Phase.RUNNING if self.state.step < self.job.train.steps else Phase.FINISHING
+
+    def _resume_target(self) -> str | None:
+        """The committed step this start restores, as the coordinator knows it. Under torchrun every process
+        runs this loop, and each takes rank 0's answer: another rank's view of a shared checkpoint root may lag
+        behind, and ranks restoring different steps would train on silently diverged state."""
+        return self.resume_from
 
     def _record_optimizer_assignment(self, infos: list[RankInfo]) -> None:
         """Write every stage's parameter-to-optimizer-group table to ``RUN_DIR/optimizer.txt`` and print

@@ -138,6 +138,30 @@ def test_resume_refuses_another_model_and_another_format(tmp_path):
     assert phase is Phase.FAILED and "saved for model" in str(sup.failure)
 
 
+class _TorchrunFollower(FakeRankGroup):
+    """A torchrun rank other than 0: what the job coordinates is rank 0's answer, here a resume target this
+    process's own (lagging) view of the shared root did not show."""
+
+    def __init__(self, world_size: int, script: Script, rank0_target: str) -> None:
+        super().__init__(world_size, script)
+        self.rank0_target = rank0_target
+
+    def coordinate(self, fn):
+        return self.rank0_target if fn.__name__ == "_resume_target" else fn()
+
+
+def test_every_torchrun_rank_restores_the_step_rank_0_found(tmp_path):
+    job = _job(tmp_path, train={"steps": 4})
+    assert _run(job, tmp_path, Script())[0] is Phase.FINISHED  # commits at steps 2 and 4
+    follower = _TorchrunFollower(2, Script(), "step_00000002")
+    more = _job(tmp_path, train={"steps": 6})
+    phase, sup, events, metrics = run_supervisor(more, tmp_path, follower, resume_from="step_00000004")
+    assert phase is Phase.FINISHED
+    start = [e for e in events if e["event"] == "start"][-1]
+    assert start["step"] == 2 and start["resumed_from"].endswith("step_00000002")
+    assert "load@2" in follower.calls and [m["step"] for m in metrics][-4:] == [3, 4, 5, 6]
+
+
 def test_decisions_are_pure_functions_of_state_record_and_spec(tmp_path):
     job = _job(tmp_path, train={"steps": 4, "eval_every": 2, "eval_batches": 1, "eval_seq_len": 48})
     state = RunState()
