@@ -125,12 +125,11 @@ class RankWorker:
         """
         url = urllib.parse.urlsplit(init_method)
         timeout = datetime.timedelta(seconds=timeout_s)
-        listener, self.listener = self.listener, None
-        if rank != 0 or listener is None:
-            if listener is not None:
-                listener.release()
+        if rank != 0 or self.listener is None:
+            self._release_rendezvous()
             return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
-        sock = listener.hand_over()
+        sock = self.listener.hand_over()
+        self.listener = None
         try:
             store = dist.TCPStore(url.hostname, url.port, world_size, is_master=True, timeout=timeout,
                                   master_listen_fd=sock.fileno())
